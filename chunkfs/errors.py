@@ -1,0 +1,89 @@
+"""The chunkfs exception tree. Each class carries the errno a caller sees.
+
+The FUSE layer turns any ``ChunkfsError`` into ``FUSEError(exc.errno)``; the
+command line prints ``str(exc)`` on one line and exits non-zero.
+"""
+
+import errno as _errno
+
+
+class ChunkfsError(Exception):
+    """Base class; ``errno`` is what a filesystem call returns for it."""
+
+    errno = _errno.EIO
+
+
+class NotFound(ChunkfsError):
+    errno = _errno.ENOENT
+
+
+class Exists(ChunkfsError):
+    errno = _errno.EEXIST
+
+
+class NotEmpty(ChunkfsError):
+    errno = _errno.ENOTEMPTY
+
+
+class NotADirectory(ChunkfsError):
+    errno = _errno.ENOTDIR
+
+
+class IsADirectory(ChunkfsError):
+    errno = _errno.EISDIR
+
+
+class NameTooLong(ChunkfsError):
+    errno = _errno.ENAMETOOLONG
+
+
+class FileTooLarge(ChunkfsError):
+    errno = _errno.EFBIG
+
+
+class NoSpace(ChunkfsError):
+    errno = _errno.ENOSPC
+
+
+class InvalidArgument(ChunkfsError):
+    errno = _errno.EINVAL
+
+
+class NoAttribute(ChunkfsError):
+    errno = _errno.ENODATA
+
+
+class NotPermitted(ChunkfsError):
+    errno = _errno.EPERM
+
+
+class MetadataUnavailable(ChunkfsError):
+    """PostgreSQL did not answer (down, unreachable, or timed out)."""
+
+    errno = _errno.EIO
+
+
+class StorageError(ChunkfsError):
+    """A storage node failed, or no replica could serve or take a chunk."""
+
+    errno = _errno.EIO
+
+
+class ChunkMissing(StorageError):
+    """The node does not hold the chunk (HTTP 404)."""
+
+
+class DigestMismatch(StorageError):
+    """Bytes do not match their SHA-256 (HTTP 422 from a node, or on read)."""
+
+
+class NodeFull(StorageError):
+    """The node has no room for the chunk (HTTP 507)."""
+
+    errno = _errno.ENOSPC
+
+
+class ConfigError(ChunkfsError):
+    """Bad command-line input or settings: a one-line message for the user."""
+
+    errno = _errno.EINVAL

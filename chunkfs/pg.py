@@ -1,0 +1,157 @@
+"""PostgreSQL access for trio code: the only module that sees asyncio.
+
+asyncpg runs on asyncio; chunkfs runs on trio. ``open_database`` opens a
+trio-asyncio loop and an asyncpg pool inside it, and ``Database`` offers
+trio-facing ``fetch`` / ``execute`` / ``transaction``. A transaction body is a
+coroutine function that receives an asyncpg connection and runs on the
+asyncio side, so a whole transaction costs one trio/asyncio crossing.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from .errors import ChunkfsError, MetadataUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Record = asyncpg.Record
+Connection = asyncpg.Connection
+
+# Errors after which the same transaction, run again, may well succeed.
+_RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# Errors that mean the server is gone or did not answer in time.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return ``dsn`` with any password replaced by ``***`` (for logs, fsname)."""
+    import re
+
+    dsn = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(password=)\S+", r"\1***", dsn)
+
+
+class Database:
+    """A pool of asyncpg connections, used from trio.
+
+    Every method raises ``MetadataUnavailable`` (EIO) when PostgreSQL is
+    down or does not answer within ``command_timeout`` seconds; a
+    ``ChunkfsError`` raised inside a transaction body propagates unchanged
+    after the rollback.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self._pool = pool
+        self.dsn = dsn
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            return await trio_asyncio.aio_as_trio(fn)(*args)
+        except ChunkfsError:
+            raise
+        except _UNAVAILABLE as exc:
+            raise MetadataUnavailable(
+                f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}"
+            ) from exc
+
+    async def fetch(self, sql: str, *args: Any) -> list[Record]:
+        """Run a query; return all its rows."""
+        return await self.transaction(lambda conn: conn.fetch(sql, *args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> Record | None:
+        """Run a query; return its first row or None."""
+        return await self.transaction(lambda conn: conn.fetchrow(sql, *args))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """Run a query; return the first column of its first row, or None."""
+        return await self.transaction(lambda conn: conn.fetchval(sql, *args))
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        """Run a statement; return its status tag (e.g. ``'UPDATE 1'``)."""
+        return await self.transaction(lambda conn: conn.execute(sql, *args))
+
+    async def transaction(
+        self,
+        body: Callable[[Connection], Awaitable[T]],
+        *,
+        retries: int = 8,
+    ) -> T:
+        """Run ``body(conn)`` in one transaction and return its result.
+
+        The body runs on the asyncio side and may be run again (up to
+        ``retries`` times) after a serialization failure or deadlock, so it
+        must have no effect outside the database.
+        """
+
+        async def run() -> T:
+            async with self._pool.acquire() as conn:
+                for attempt in range(retries):
+                    try:
+                        async with conn.transaction():
+                            return await body(conn)
+                    except _RETRYABLE:
+                        if attempt == retries - 1:
+                            raise
+                        log.debug("retrying transaction after conflict (%d)", attempt)
+                raise AssertionError("unreachable")
+
+        return await self._call(run)
+
+    async def close(self) -> None:
+        """Close every connection of the pool."""
+        await trio_asyncio.aio_as_trio(self._pool.close)()
+
+
+@asynccontextmanager
+async def open_database(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    connect_timeout: float = 10.0,
+    command_timeout: float = 30.0,
+) -> AsyncIterator[Database]:
+    """Open a trio-asyncio loop and a connection pool to ``dsn``.
+
+    Timeouts are in seconds. Raises ``MetadataUnavailable`` with a one-line
+    message when the server does not answer or refuses the login.
+    """
+    async with trio_asyncio.open_loop():
+
+        async def create() -> asyncpg.Pool:
+            return await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                command_timeout=command_timeout,
+            )
+
+        try:
+            with trio.fail_after(connect_timeout + 1):
+                pool = await trio_asyncio.aio_as_trio(create)()
+        except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
+            raise MetadataUnavailable(
+                f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {exc or type(exc).__name__}"
+            ) from None
+        db = Database(pool, dsn)
+        try:
+            yield db
+        finally:
+            with trio.CancelScope(shield=True):
+                await db.close()

@@ -1,0 +1,158 @@
+-- chunkfs metadata schema.
+--
+-- Applied by `chunkfs mkfs`; every statement is idempotent, so running mkfs
+-- twice changes nothing. Times are nanoseconds since the Unix epoch (bigint)
+-- where the filesystem reports them, timestamptz where only the cluster uses
+-- them. Names and symlink targets are bytes: a POSIX name is any byte string
+-- without NUL or '/'.
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    -- One row: the version of this schema the database holds.
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version integer NOT NULL
+);
+INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS settings (
+    -- One row: cluster-wide settings, fixed at mkfs.
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- Copies of every chunk object (R); each on a distinct storage node.
+    replicas integer NOT NULL DEFAULT 2 CHECK (replicas BETWEEN 1 AND 16),
+    -- Largest file size in bytes; a larger write or truncate fails with EFBIG.
+    max_file_size bigint NOT NULL DEFAULT 10737418240 CHECK (max_file_size > 0),
+    -- Bearer token every node request but health must carry (hex, 256 bits).
+    cluster_token text NOT NULL CHECK (cluster_token ~ '^[0-9a-f]{64}$'),
+    -- Seconds an upload session may stay open before gc expires it.
+    upload_ttl_s integer NOT NULL DEFAULT 3600 CHECK (upload_ttl_s > 0),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS inodes (
+    -- One row per file, directory, symlink or special file. ino 1 is the root.
+    ino bigint PRIMARY KEY CHECK (ino >= 1),
+    -- st_mode: file type bits and permission bits.
+    mode integer NOT NULL,
+    uid bigint NOT NULL CHECK (uid >= 0),
+    gid bigint NOT NULL CHECK (gid >= 0),
+    -- Number of dentries naming this inode (plus "." and children's ".." for directories).
+    nlink integer NOT NULL CHECK (nlink >= 0),
+    -- Content length in bytes (regular files), target length (symlinks), 0 otherwise.
+    size bigint NOT NULL DEFAULT 0 CHECK (size >= 0),
+    -- Device number of character and block special files.
+    rdev bigint NOT NULL DEFAULT 0,
+    atime_ns bigint NOT NULL,
+    mtime_ns bigint NOT NULL,
+    ctime_ns bigint NOT NULL,
+    -- Bumped by every content commit; caches of the chunk map are keyed by it.
+    version bigint NOT NULL DEFAULT 0,
+    -- SHA-256 of the whole content at this version (NULL until the first commit).
+    sha256 bytea CHECK (sha256 IS NULL OR length(sha256) = 32)
+);
+CREATE SEQUENCE IF NOT EXISTS inode_seq START 2 OWNED BY inodes.ino;
+
+CREATE TABLE IF NOT EXISTS dentries (
+    -- A name in a directory. Hard links are several dentries of one inode.
+    parent bigint NOT NULL REFERENCES inodes (ino),
+    name bytea NOT NULL CHECK (length(name) BETWEEN 1 AND 255
+                               AND position('\x00'::bytea IN name) = 0
+                               AND position('\x2f'::bytea IN name) = 0),
+    ino bigint NOT NULL REFERENCES inodes (ino),
+    -- Stable readdir cookie: entries are listed in this order, so a listing
+    -- that runs while names come and go neither skips nor repeats one.
+    cookie bigserial NOT NULL UNIQUE,
+    PRIMARY KEY (parent, name)
+);
+CREATE INDEX IF NOT EXISTS dentries_ino ON dentries (ino);
+CREATE INDEX IF NOT EXISTS dentries_parent_cookie ON dentries (parent, cookie);
+
+CREATE TABLE IF NOT EXISTS symlinks (
+    -- The target of a symbolic link (at most 4095 bytes, as PATH_MAX - 1).
+    ino bigint PRIMARY KEY REFERENCES inodes (ino) ON DELETE CASCADE,
+    target bytea NOT NULL CHECK (length(target) BETWEEN 1 AND 4095)
+);
+
+CREATE TABLE IF NOT EXISTS xattrs (
+    -- Extended attributes, e.g. "user.comment" -> bytes.
+    ino bigint NOT NULL REFERENCES inodes (ino) ON DELETE CASCADE,
+    name bytea NOT NULL CHECK (length(name) BETWEEN 1 AND 255),
+    value bytea NOT NULL CHECK (length(value) <= 65536),
+    PRIMARY KEY (ino, name)
+);
+
+CREATE TABLE IF NOT EXISTS storage_nodes (
+    -- A storage node process. Its id is kept in its data directory, so a
+    -- restart keeps its identity.
+    node_id text PRIMARY KEY CHECK (node_id ~ '^[0-9a-f]{16}$'),
+    -- Where the node's HTTP API listens, e.g. http://127.0.0.1:7001.
+    base_url text NOT NULL,
+    -- 'active' while it runs; 'stopped' after a clean shutdown.
+    status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'stopped')),
+    capacity_bytes bigint NOT NULL DEFAULT 0 CHECK (capacity_bytes >= 0),
+    used_bytes bigint NOT NULL DEFAULT 0 CHECK (used_bytes >= 0),
+    free_bytes bigint NOT NULL DEFAULT 0 CHECK (free_bytes >= 0),
+    chunk_count bigint NOT NULL DEFAULT 0 CHECK (chunk_count >= 0),
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    -- Moved by every heartbeat; a node is live while this is fresh.
+    last_heartbeat timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS storage_nodes_heartbeat ON storage_nodes (last_heartbeat);
+
+CREATE TABLE IF NOT EXISTS hash_ring_vnodes (
+    -- The consistent-hash ring: 150 virtual nodes per storage node, each at
+    -- a 64-bit position (signed, as PostgreSQL has no unsigned bigint).
+    hash bigint NOT NULL,
+    node_id text NOT NULL REFERENCES storage_nodes (node_id) ON DELETE CASCADE,
+    vnode integer NOT NULL CHECK (vnode >= 0),
+    PRIMARY KEY (node_id, vnode)
+);
+CREATE INDEX IF NOT EXISTS hash_ring_vnodes_hash ON hash_ring_vnodes (hash);
+
+CREATE TABLE IF NOT EXISTS chunk_objects (
+    -- A content-addressed chunk object; its id is the SHA-256 of its bytes,
+    -- so identical chunks are stored once and a PUT is idempotent.
+    chunk_id bytea PRIMARY KEY CHECK (length(chunk_id) = 32),
+    length bigint NOT NULL CHECK (length >= 0),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS chunk_replicas (
+    -- Which storage nodes hold (durably, fsynced) a copy of a chunk object.
+    chunk_id bytea NOT NULL REFERENCES chunk_objects (chunk_id) ON DELETE CASCADE,
+    node_id text NOT NULL REFERENCES storage_nodes (node_id),
+    PRIMARY KEY (chunk_id, node_id)
+);
+CREATE INDEX IF NOT EXISTS chunk_replicas_node ON chunk_replicas (node_id);
+
+CREATE TABLE IF NOT EXISTS chunks (
+    -- The chunk map of a file's committed version: six contiguous extents
+    -- (index 0..5) that tile [0, size).
+    ino bigint NOT NULL REFERENCES inodes (ino) ON DELETE CASCADE,
+    chunk_index smallint NOT NULL CHECK (chunk_index BETWEEN 0 AND 5),
+    -- Byte offset of the extent in the file, and its length in bytes.
+    "offset" bigint NOT NULL CHECK ("offset" >= 0),
+    length bigint NOT NULL CHECK (length >= 0),
+    -- SHA-256 of the extent's bytes: the chunk object holding them.
+    chunk_id bytea NOT NULL REFERENCES chunk_objects (chunk_id),
+    PRIMARY KEY (ino, chunk_index)
+);
+CREATE INDEX IF NOT EXISTS chunks_chunk_id ON chunks (chunk_id);
+
+CREATE TABLE IF NOT EXISTS upload_sessions (
+    -- One commit of a file in flight: the chunk objects it pushes are
+    -- protected from gc until it completes, fails or expires.
+    session_id bigserial PRIMARY KEY,
+    ino bigint NOT NULL,
+    status text NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'uploading', 'completed', 'failed')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS upload_sessions_expires ON upload_sessions (expires_at);
+
+CREATE TABLE IF NOT EXISTS upload_session_chunks (
+    -- The chunk objects an upload session is pushing.
+    session_id bigint NOT NULL REFERENCES upload_sessions (session_id) ON DELETE CASCADE,
+    chunk_id bytea NOT NULL CHECK (length(chunk_id) = 32),
+    PRIMARY KEY (session_id, chunk_id)
+);
+CREATE INDEX IF NOT EXISTS upload_session_chunks_chunk ON upload_session_chunks (chunk_id);
