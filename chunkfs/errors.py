@@ -87,3 +87,16 @@ class ConfigError(ChunkfsError):
     """Bad command-line input or settings: a one-line message for the user."""
 
     errno = _errno.EINVAL
+
+
+def leaf(exc: BaseException) -> BaseException:
+    """The first ``ChunkfsError`` inside (possibly nested) exception groups,
+    which trio's nurseries wrap errors in; else the first leaf; else ``exc``.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        match, _ = exc.split(ChunkfsError)
+        group = match if match is not None else exc
+        while isinstance(group, BaseExceptionGroup):
+            group = group.exceptions[0]
+        return group
+    return exc

@@ -194,3 +194,691 @@ class Meta:
         """Every vnode of the ring as ``(unsigned position, node_id)``."""
         rows = await self.db.fetch("SELECT hash, node_id FROM hash_ring_vnodes")
         return [(ring.to_unsigned(r["hash"]), r["node_id"]) for r in rows]
+
+    # ------------------------------------------------------------ inodes
+
+    async def getattr(self, ino: Ino) -> "Attrs":
+        """The inode's attributes. Raises ``NotFound``."""
+        row = await self.db.fetchrow(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino = $1", ino)
+        if row is None:
+            raise errors.NotFound(f"no inode {ino}")
+        return Attrs.from_row(row)
+
+    async def lookup(self, parent: Ino, name: bytes) -> "Attrs":
+        """The attributes of ``name`` in directory ``parent``.
+
+        Raises ``NameTooLong`` past 255 bytes and ``NotFound``.
+        """
+        _check_name(name)
+        row = await self.db.fetchrow(
+            f"SELECT {_ATTR_COLS_I} FROM dentries d JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent = $1 AND d.name = $2",
+            parent, name,
+        )
+        if row is None:
+            raise errors.NotFound(name.decode(errors="replace"))
+        return Attrs.from_row(row)
+
+    async def create(
+        self,
+        parent: Ino,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> "Attrs":
+        """Create a file, directory, special file or (with ``target``) symlink.
+
+        ``mode`` holds the file type and the permission bits (umask already
+        applied). A setgid parent passes its group on (and its setgid bit, to
+        directories). Raises ``NameTooLong``, ``Exists``, ``NotFound`` (no
+        parent), ``NotADirectory`` and, for a target over 4095 bytes,
+        ``NameTooLong``.
+        """
+        _check_name(name)
+        if target is not None and not 1 <= len(target) <= SYMLINK_MAX:
+            raise errors.NameTooLong("symlink target must be 1..4095 bytes")
+        is_dir = stat.S_ISDIR(mode)
+        t = now_ns()
+
+        async def body(conn: Connection) -> Attrs:
+            pmode, pgid = await _lock_dir(conn, parent)
+            g, m = gid, mode
+            if pmode & stat.S_ISGID:
+                g = pgid
+                if is_dir:
+                    m |= stat.S_ISGID
+            row = await conn.fetchrow(
+                f"""INSERT INTO inodes (ino, mode, uid, gid, nlink, size, rdev,
+                        atime_ns, mtime_ns, ctime_ns)
+                    VALUES (nextval('inode_seq'), $1, $2, $3, $4, $5, $6, $7, $7, $7)
+                    RETURNING {_ATTR_COLS}""",
+                m, uid, g, 2 if is_dir else 1, len(target) if target else 0, rdev, t,
+            )
+            await _insert_dentry(conn, parent, name, row["ino"])
+            if target is not None:
+                await conn.execute(
+                    "INSERT INTO symlinks (ino, target) VALUES ($1, $2)", row["ino"], target
+                )
+            await _touch_dir(conn, parent, t, nlink_delta=1 if is_dir else 0)
+            return Attrs.from_row(row)
+
+        return await self.db.transaction(body)
+
+    async def link(self, ino: Ino, parent: Ino, name: bytes) -> "Attrs":
+        """Add a hard link ``name`` in ``parent`` to ``ino``.
+
+        Raises ``NameTooLong``, ``Exists``, ``NotFound`` and ``NotPermitted``
+        for a directory.
+        """
+        _check_name(name)
+        t = now_ns()
+
+        async def body(conn: Connection) -> Attrs:
+            await _lock_dir(conn, parent)
+            mode = await conn.fetchval("SELECT mode FROM inodes WHERE ino = $1 FOR UPDATE", ino)
+            if mode is None:
+                raise errors.NotFound(f"no inode {ino}")
+            if stat.S_ISDIR(mode):
+                raise errors.NotPermitted("hard links to directories are not allowed")
+            await _insert_dentry(conn, parent, name, ino)
+            row = await conn.fetchrow(
+                f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = $2 WHERE ino = $1 "
+                f"RETURNING {_ATTR_COLS}",
+                ino, t,
+            )
+            await _touch_dir(conn, parent, t)
+            return Attrs.from_row(row)
+
+        return await self.db.transaction(body)
+
+    async def unlink(self, parent: Ino, name: bytes, *, is_dir: bool = False) -> "Attrs":
+        """Remove a name (``rmdir`` when ``is_dir``); return the target's new attributes.
+
+        The inode itself stays until ``purge`` (it may still be open).
+        Raises ``NotFound``, ``IsADirectory`` (unlink of a directory),
+        ``NotADirectory`` (rmdir of a non-directory), ``NotEmpty``.
+        """
+        _check_name(name)
+        t = now_ns()
+
+        async def body(conn: Connection) -> Attrs:
+            await _lock_dir(conn, parent)
+            ino = await conn.fetchval(
+                "SELECT ino FROM dentries WHERE parent = $1 AND name = $2", parent, name
+            )
+            if ino is None:
+                raise errors.NotFound(name.decode(errors="replace"))
+            mode = await conn.fetchval("SELECT mode FROM inodes WHERE ino = $1 FOR UPDATE", ino)
+            if is_dir:
+                if not stat.S_ISDIR(mode):
+                    raise errors.NotADirectory(name.decode(errors="replace"))
+                await _check_empty(conn, ino)
+            elif stat.S_ISDIR(mode):
+                raise errors.IsADirectory(name.decode(errors="replace"))
+            await conn.execute("DELETE FROM dentries WHERE parent = $1 AND name = $2", parent, name)
+            row = await _drop_link(conn, ino, mode, t)
+            await _touch_dir(conn, parent, t, nlink_delta=-1 if is_dir else 0)
+            return Attrs.from_row(row)
+
+        return await self.db.transaction(body)
+
+    async def rename(
+        self,
+        old_parent: Ino,
+        old_name: bytes,
+        new_parent: Ino,
+        new_name: bytes,
+        *,
+        noreplace: bool = False,
+        exchange: bool = False,
+    ) -> "Attrs | None":
+        """Rename atomically, with rename(2)'s rules and errnos.
+
+        Returns the attributes of an inode that lost its last name by being
+        replaced (for the caller to purge when unused), else None. Raises
+        ``NotFound``, ``Exists`` (noreplace), ``InvalidArgument`` (a
+        directory into its own subtree, or both flags), ``IsADirectory``,
+        ``NotADirectory``, ``NotEmpty``, ``NameTooLong``.
+        """
+        _check_name(old_name)
+        _check_name(new_name)
+        if noreplace and exchange:
+            raise errors.InvalidArgument("RENAME_NOREPLACE and RENAME_EXCHANGE together")
+        t = now_ns()
+
+        async def body(conn: Connection) -> Attrs | None:
+            # Lock both parents in ino order, so two renames cannot deadlock.
+            for p in sorted({old_parent, new_parent}):
+                await _lock_dir(conn, p)
+            src = await _dentry(conn, old_parent, old_name)
+            if src is None:
+                raise errors.NotFound(old_name.decode(errors="replace"))
+            dst = await _dentry(conn, new_parent, new_name)
+            src_ino, src_mode = src
+            if dst is not None and dst[0] == src_ino:
+                return None  # same inode: rename(2) does nothing
+            if noreplace and dst is not None:
+                raise errors.Exists(new_name.decode(errors="replace"))
+            if exchange and dst is None:
+                raise errors.NotFound(new_name.decode(errors="replace"))
+            if stat.S_ISDIR(src_mode) and await _is_ancestor(conn, src_ino, new_parent):
+                raise errors.InvalidArgument("cannot move a directory into itself")
+            if exchange:
+                await _exchange(conn, old_parent, old_name, src, new_parent, new_name, dst, t)
+                return None
+            replaced = None
+            if dst is not None:
+                replaced = await _replace_target(conn, src_mode, new_parent, new_name, dst, t)
+            await conn.execute(
+                "UPDATE dentries SET parent = $3, name = $4 WHERE parent = $1 AND name = $2",
+                old_parent, old_name, new_parent, new_name,
+            )
+            moved_dir = stat.S_ISDIR(src_mode) and old_parent != new_parent
+            await _touch_dir(conn, old_parent, t, nlink_delta=-1 if moved_dir else 0)
+            await _touch_dir(conn, new_parent, t, nlink_delta=1 if moved_dir else 0)
+            await conn.execute("UPDATE inodes SET ctime_ns = $2 WHERE ino = $1", src_ino, t)
+            return replaced
+
+        return await self.db.transaction(body)
+
+    async def purge(self, ino: Ino) -> bool:
+        """Delete an inode that has no name left (nlink 0), with its chunk map,
+        xattrs and symlink target. Returns True when it was deleted. The chunk
+        objects it referenced are left to gc.
+        """
+        status = await self.db.execute("DELETE FROM inodes WHERE ino = $1 AND nlink = 0", ino)
+        return status.endswith(" 1")
+
+    async def setattr(
+        self,
+        ino: Ino,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> "Attrs":
+        """Change permission bits, owner or times; ctime moves to now (or
+        ``ctime_ns``). ``mode`` replaces the permission bits only, never the
+        file type. Raises ``NotFound``.
+        """
+        sets = ["ctime_ns = $2"]
+        args: list[object] = [ino, ctime_ns if ctime_ns is not None else now_ns()]
+        for col, value in (("uid", uid), ("gid", gid), ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+            if value is not None:
+                args.append(value)
+                sets.append(f"{col} = ${len(args)}")
+        if mode is not None:
+            args.append(mode & 0o7777)
+            sets.append(f"mode = (mode & ~4095) | ${len(args)}")
+        row = await self.db.fetchrow(
+            f"UPDATE inodes SET {', '.join(sets)} WHERE ino = $1 RETURNING {_ATTR_COLS}", *args
+        )
+        if row is None:
+            raise errors.NotFound(f"no inode {ino}")
+        return Attrs.from_row(row)
+
+    async def readlink(self, ino: Ino) -> bytes:
+        """A symlink's target. Raises ``InvalidArgument`` for a non-symlink."""
+        target = await self.db.fetchval("SELECT target FROM symlinks WHERE ino = $1", ino)
+        if target is None:
+            raise errors.InvalidArgument(f"inode {ino} is not a symlink")
+        return target
+
+    async def readdir(
+        self, parent: Ino, after: int, limit: int
+    ) -> list[tuple[bytes, "Attrs", int]]:
+        """Up to ``limit`` entries of ``parent`` whose cookie is above ``after``,
+        as ``(name, attrs, cookie)`` in cookie order.
+        """
+        rows = await self.db.fetch(
+            f"SELECT d.name, d.cookie, {_ATTR_COLS_I} FROM dentries d "
+            "JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent = $1 AND d.cookie > $2 ORDER BY d.cookie LIMIT $3",
+            parent, after, limit,
+        )
+        return [(r["name"], Attrs.from_row(r), r["cookie"]) for r in rows]
+
+    async def parent_of(self, ino: Ino) -> Ino:
+        """The parent directory of directory ``ino`` (the root is its own)."""
+        if ino == ROOT_INO:
+            return ROOT_INO
+        parent = await self.db.fetchval("SELECT parent FROM dentries WHERE ino = $1 LIMIT 1", ino)
+        if parent is None:
+            raise errors.NotFound(f"no directory {ino}")
+        return Ino(parent)
+
+    # ------------------------------------------------------------ xattrs
+
+    async def getxattr(self, ino: Ino, name: bytes) -> bytes:
+        """An extended attribute's value. Raises ``NoAttribute`` (ENODATA)."""
+        value = await self.db.fetchval(
+            "SELECT value FROM xattrs WHERE ino = $1 AND name = $2", ino, name
+        )
+        if value is None:
+            raise errors.NoAttribute(name.decode(errors="replace"))
+        return value
+
+    async def listxattr(self, ino: Ino) -> list[bytes]:
+        """The names of the inode's extended attributes."""
+        rows = await self.db.fetch("SELECT name FROM xattrs WHERE ino = $1 ORDER BY name", ino)
+        return [r["name"] for r in rows]
+
+    async def setxattr(
+        self, ino: Ino, name: bytes, value: bytes, *, create: bool = False, replace: bool = False
+    ) -> None:
+        """Set an extended attribute (XATTR_CREATE / XATTR_REPLACE semantics).
+
+        Raises ``Exists``, ``NoAttribute``, ``NameTooLong`` (name over 255
+        bytes), ``InvalidArgument`` (value over 64 KiB or empty name).
+        """
+        if not name:
+            raise errors.InvalidArgument("empty xattr name")
+        if len(name) > NAME_MAX:
+            raise errors.NameTooLong("xattr name over 255 bytes")
+        if len(value) > 65536:
+            raise errors.InvalidArgument("xattr value over 64 KiB")
+        t = now_ns()
+
+        async def body(conn: Connection) -> None:
+            exists = await conn.fetchval(
+                "SELECT true FROM xattrs WHERE ino = $1 AND name = $2", ino, name
+            )
+            if create and exists:
+                raise errors.Exists(name.decode(errors="replace"))
+            if replace and not exists:
+                raise errors.NoAttribute(name.decode(errors="replace"))
+            await conn.execute(
+                "INSERT INTO xattrs (ino, name, value) VALUES ($1, $2, $3) "
+                "ON CONFLICT (ino, name) DO UPDATE SET value = $3",
+                ino, name, value,
+            )
+            await conn.execute("UPDATE inodes SET ctime_ns = $2 WHERE ino = $1", ino, t)
+
+        await self.db.transaction(body)
+
+    async def removexattr(self, ino: Ino, name: bytes) -> None:
+        """Remove an extended attribute. Raises ``NoAttribute``."""
+        t = now_ns()
+
+        async def body(conn: Connection) -> None:
+            status = await conn.execute(
+                "DELETE FROM xattrs WHERE ino = $1 AND name = $2", ino, name
+            )
+            if status.endswith(" 0"):
+                raise errors.NoAttribute(name.decode(errors="replace"))
+            await conn.execute("UPDATE inodes SET ctime_ns = $2 WHERE ino = $1", ino, t)
+
+        await self.db.transaction(body)
+
+    # ------------------------------------------------------ file content
+
+    async def chunk_map(self, ino: Ino) -> "ChunkMap":
+        """The committed version of a file: size, digest and its chunks with
+        the nodes holding each. Raises ``NotFound``.
+        """
+        async def body(conn: Connection) -> ChunkMap:
+            head = await conn.fetchrow(
+                "SELECT version, size, sha256 FROM inodes WHERE ino = $1", ino
+            )
+            if head is None:
+                raise errors.NotFound(f"no inode {ino}")
+            rows = await conn.fetch(
+                """SELECT c.chunk_index, c."offset", c.length, c.chunk_id,
+                          coalesce(array_agg(r.node_id ORDER BY r.node_id)
+                                   FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
+                   FROM chunks c LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
+                   WHERE c.ino = $1 GROUP BY c.ino, c.chunk_index ORDER BY c.chunk_index""",
+                ino,
+            )
+            return ChunkMap(
+                ino=ino,
+                version=head["version"],
+                size=head["size"],
+                sha256=head["sha256"],
+                chunks=tuple(
+                    ChunkRef(r["chunk_index"], r["offset"], r["length"], bytes(r["chunk_id"]),
+                             tuple(r["nodes"]))
+                    for r in rows
+                ),
+            )
+
+        return await self.db.transaction(body)
+
+    async def begin_upload(self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int) -> int:
+        """Open an upload session protecting ``chunk_ids`` from gc for
+        ``ttl_s`` seconds; return its id.
+        """
+        async def body(conn: Connection) -> int:
+            sid = await conn.fetchval(
+                "INSERT INTO upload_sessions (ino, status, expires_at) "
+                "VALUES ($1, 'uploading', now() + make_interval(secs => $2)) RETURNING session_id",
+                ino, float(ttl_s),
+            )
+            await conn.executemany(
+                "INSERT INTO upload_session_chunks (session_id, chunk_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                [(sid, c) for c in set(chunk_ids)],
+            )
+            return sid
+
+        return await self.db.transaction(body)
+
+    async def fail_upload(self, session_id: int) -> None:
+        """Mark an upload session failed; gc reclaims what it pushed."""
+        await self.db.execute(
+            "UPDATE upload_sessions SET status = 'failed' WHERE session_id = $1", session_id
+        )
+
+    async def commit_chunks(
+        self,
+        ino: Ino,
+        session_id: int | None,
+        *,
+        size: int,
+        sha256: bytes,
+        chunks: Sequence[tuple[int, int, int, bytes]],
+        replicas: dict[bytes, Sequence[str]],
+        mtime_ns: int,
+        max_file_size: int,
+    ) -> "Attrs":
+        """Switch a file to a new version in one transaction: the chunk map
+        (``(index, offset, length, chunk_id)`` rows), the replicas just
+        written, size, digest and mtime; the version is bumped and the upload
+        session completed. Raises ``NotFound`` and ``FileTooLarge``.
+        """
+        if size > max_file_size:
+            raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
+        lengths = {c[3]: c[2] for c in chunks}
+
+        async def body(conn: Connection) -> Attrs:
+            found = await conn.fetchval("SELECT true FROM inodes WHERE ino = $1 FOR UPDATE", ino)
+            if not found:
+                raise errors.NotFound(f"no inode {ino}")
+            await conn.executemany(
+                "INSERT INTO chunk_objects (chunk_id, length) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                list(lengths.items()),
+            )
+            await conn.executemany(
+                "INSERT INTO chunk_replicas (chunk_id, node_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                [(c, n) for c, nodes in replicas.items() for n in nodes],
+            )
+            await conn.execute("DELETE FROM chunks WHERE ino = $1", ino)
+            await conn.executemany(
+                'INSERT INTO chunks (ino, chunk_index, "offset", length, chunk_id) '
+                "VALUES ($1, $2, $3, $4, $5)",
+                [(ino, *c) for c in chunks],
+            )
+            if session_id is not None:
+                await conn.execute(
+                    "UPDATE upload_sessions SET status = 'completed' WHERE session_id = $1",
+                    session_id,
+                )
+            row = await conn.fetchrow(
+                f"""UPDATE inodes SET size = $2, sha256 = $3, mtime_ns = $4,
+                        ctime_ns = greatest(ctime_ns, $4), version = version + 1
+                    WHERE ino = $1 RETURNING {_ATTR_COLS}""",
+                ino, size, sha256 if size else None, mtime_ns,
+            )
+            return Attrs.from_row(row)
+
+        return await self.db.transaction(body)
+
+    # -------------------------------------------------------- accounting
+
+    async def statfs(self) -> tuple[int, int, int]:
+        """``(capacity_bytes, free_bytes, inode_count)``: space of the live
+        nodes divided by the replica count, and the number of inodes.
+        """
+        row = await self.db.fetchrow(
+            """SELECT coalesce(sum(capacity_bytes), 0)::bigint AS cap,
+                      coalesce(sum(free_bytes), 0)::bigint AS free,
+                      (SELECT count(*) FROM inodes) AS inodes,
+                      (SELECT replicas FROM settings) AS r
+               FROM storage_nodes
+               WHERE status = 'active'
+                 AND last_heartbeat > now() - make_interval(secs => $1)""",
+            HEARTBEAT_TIMEOUT_S,
+        )
+        r = max(1, row["r"] or 1)
+        return row["cap"] // r, row["free"] // r, row["inodes"]
+
+    async def file_totals(self) -> tuple[int, int]:
+        """``(regular files, bytes in them)``."""
+        row = await self.db.fetchrow(
+            "SELECT count(*) AS n, coalesce(sum(size), 0)::bigint AS b FROM inodes "
+            "WHERE mode & 61440 = 32768"
+        )
+        return row["n"], row["b"]
+
+    async def chunk_counts(self) -> dict[str, int]:
+        """Number of chunk replicas recorded per node id."""
+        rows = await self.db.fetch(
+            "SELECT node_id, count(*) AS n FROM chunk_replicas GROUP BY node_id"
+        )
+        return {r["node_id"]: r["n"] for r in rows}
+
+    # --------------------------------------------------------------- gc
+
+    async def expire_sessions(self) -> int:
+        """Delete upload sessions past their expiry or finished; return how many."""
+        status = await self.db.execute(
+            "DELETE FROM upload_sessions WHERE expires_at < now() "
+            "OR status IN ('completed', 'failed')"
+        )
+        return int(status.split()[-1])
+
+    async def unreferenced(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        """Those of ``chunk_ids`` that no committed chunk map and no live
+        upload session references.
+        """
+        rows = await self.db.fetch(
+            """SELECT id FROM unnest($1::bytea[]) AS id
+               WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = id)
+                 AND NOT EXISTS (SELECT 1 FROM upload_session_chunks s
+                                 JOIN upload_sessions u USING (session_id)
+                                 WHERE s.chunk_id = id AND u.status IN ('pending', 'uploading')
+                                   AND u.expires_at >= now())""",
+            list(chunk_ids),
+        )
+        return {bytes(r["id"]) for r in rows}
+
+    async def forget_objects(self, chunk_ids: Sequence[bytes]) -> None:
+        """Drop the records (object and replicas) of unreferenced chunk objects."""
+        await self.db.execute(
+            """DELETE FROM chunk_objects o WHERE o.chunk_id = ANY($1::bytea[])
+               AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = o.chunk_id)""",
+            list(chunk_ids),
+        )
+
+    async def drop_replica(self, chunk_id: bytes, node_id: str) -> None:
+        """Forget that ``node_id`` holds ``chunk_id``."""
+        await self.db.execute(
+            "DELETE FROM chunk_replicas WHERE chunk_id = $1 AND node_id = $2", chunk_id, node_id
+        )
+
+    async def purge_orphans(self) -> int:
+        """Delete inodes with no name left (nlink 0); return how many.
+
+        Only safe while no mount holds such a file open (gc is run by an
+        operator who knows that).
+        """
+        status = await self.db.execute("DELETE FROM inodes WHERE nlink = 0")
+        return int(status.split()[-1])
+
+
+# ------------------------------------------------------------- records
+
+_ATTR_FIELDS = (
+    "ino", "mode", "uid", "gid", "nlink", "size", "rdev",
+    "atime_ns", "mtime_ns", "ctime_ns", "version",
+)
+_ATTR_COLS = ", ".join(_ATTR_FIELDS)
+_ATTR_COLS_I = ", ".join(f"i.{c}" for c in _ATTR_FIELDS)
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """An inode's attributes as stored (sizes in bytes, times in ns)."""
+
+    ino: Ino
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    version: int
+
+    @classmethod
+    def from_row(cls, row: Record) -> "Attrs":
+        return cls(**{f: row[f] for f in _ATTR_FIELDS})
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of a committed file: its extent, object id and holders."""
+
+    index: int
+    offset: int
+    length: int
+    chunk_id: bytes
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChunkMap:
+    """A file's committed version: ``chunks`` is empty for an empty file."""
+
+    ino: Ino
+    version: int
+    size: int
+    sha256: bytes | None
+    chunks: tuple[ChunkRef, ...]
+
+
+# ------------------------------------------------- transaction helpers
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise errors.NameTooLong(f"name over {NAME_MAX} bytes")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise errors.InvalidArgument("invalid name")
+
+
+async def _lock_dir(conn: Connection, ino: Ino) -> tuple[int, int]:
+    """Lock a directory inode's row; return its (mode, gid)."""
+    row = await conn.fetchrow("SELECT mode, gid, nlink FROM inodes WHERE ino = $1 FOR UPDATE", ino)
+    if row is None:
+        raise errors.NotFound(f"no directory {ino}")
+    if not stat.S_ISDIR(row["mode"]):
+        raise errors.NotADirectory(f"inode {ino} is not a directory")
+    if row["nlink"] == 0:
+        raise errors.NotFound(f"directory {ino} was removed")
+    return row["mode"], row["gid"]
+
+
+async def _insert_dentry(conn: Connection, parent: Ino, name: bytes, ino: int) -> None:
+    done = await conn.fetchval(
+        "INSERT INTO dentries (parent, name, ino) VALUES ($1, $2, $3) "
+        "ON CONFLICT DO NOTHING RETURNING true",
+        parent, name, ino,
+    )
+    if not done:
+        raise errors.Exists(name.decode(errors="replace"))
+
+
+async def _touch_dir(conn: Connection, ino: Ino, t: int, nlink_delta: int = 0) -> None:
+    await conn.execute(
+        "UPDATE inodes SET mtime_ns = $2, ctime_ns = $2, nlink = nlink + $3 WHERE ino = $1",
+        ino, t, nlink_delta,
+    )
+
+
+async def _dentry(conn: Connection, parent: Ino, name: bytes) -> tuple[int, int] | None:
+    row = await conn.fetchrow(
+        "SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino "
+        "WHERE d.parent = $1 AND d.name = $2 FOR UPDATE OF i",
+        parent, name,
+    )
+    return (row["ino"], row["mode"]) if row else None
+
+
+async def _check_empty(conn: Connection, ino: int) -> None:
+    if await conn.fetchval("SELECT true FROM dentries WHERE parent = $1 LIMIT 1", ino):
+        raise errors.NotEmpty(f"directory {ino} is not empty")
+
+
+async def _drop_link(conn: Connection, ino: int, mode: int, t: int) -> Record:
+    """One name of ``ino`` is gone: a directory drops to nlink 0, a file by one."""
+    return await conn.fetchrow(
+        f"""UPDATE inodes SET nlink = CASE WHEN $3 THEN 0 ELSE nlink - 1 END, ctime_ns = $2
+            WHERE ino = $1 RETURNING {_ATTR_COLS}""",
+        ino, t, stat.S_ISDIR(mode),
+    )
+
+
+async def _is_ancestor(conn: Connection, ancestor: int, ino: int) -> bool:
+    """Whether directory ``ancestor`` is ``ino`` or one of its ancestors."""
+    return bool(await conn.fetchval(
+        """WITH RECURSIVE up(ino) AS (
+               SELECT $2::bigint
+               UNION SELECT d.parent FROM dentries d JOIN up ON d.ino = up.ino
+               WHERE up.ino <> 1)
+           SELECT true FROM up WHERE ino = $1 LIMIT 1""",
+        ancestor, ino,
+    ))
+
+
+async def _replace_target(
+    conn: Connection, src_mode: int, parent: Ino, name: bytes, dst: tuple[int, int], t: int
+) -> Attrs | None:
+    """Remove the dentry a rename replaces; return the replaced inode if it lost its last name."""
+    dst_ino, dst_mode = dst
+    if stat.S_ISDIR(src_mode) and not stat.S_ISDIR(dst_mode):
+        raise errors.NotADirectory(name.decode(errors="replace"))
+    if not stat.S_ISDIR(src_mode) and stat.S_ISDIR(dst_mode):
+        raise errors.IsADirectory(name.decode(errors="replace"))
+    if stat.S_ISDIR(dst_mode):
+        await _check_empty(conn, dst_ino)
+        # The replaced directory's ".." no longer counts in the parent.
+        await _touch_dir(conn, parent, t, nlink_delta=-1)
+    await conn.execute("DELETE FROM dentries WHERE parent = $1 AND name = $2", parent, name)
+    row = await _drop_link(conn, dst_ino, dst_mode, t)
+    return Attrs.from_row(row) if row["nlink"] == 0 else None
+
+
+async def _exchange(
+    conn: Connection,
+    old_parent: Ino, old_name: bytes, src: tuple[int, int],
+    new_parent: Ino, new_name: bytes, dst: tuple[int, int], t: int,
+) -> None:
+    """RENAME_EXCHANGE: the two names swap inodes."""
+    if stat.S_ISDIR(dst[1]) and await _is_ancestor(conn, dst[0], old_parent):
+        raise errors.InvalidArgument("cannot move a directory into itself")
+    await conn.execute(
+        "UPDATE dentries SET ino = $3 WHERE parent = $1 AND name = $2", old_parent, old_name, dst[0]
+    )
+    await conn.execute(
+        "UPDATE dentries SET ino = $3 WHERE parent = $1 AND name = $2", new_parent, new_name, src[0]
+    )
+    if old_parent != new_parent:
+        delta = stat.S_ISDIR(src[1]) - stat.S_ISDIR(dst[1])
+        await _touch_dir(conn, old_parent, t, nlink_delta=-delta)
+        await _touch_dir(conn, new_parent, t, nlink_delta=delta)
+    else:
+        await _touch_dir(conn, old_parent, t)
+    await conn.execute(
+        "UPDATE inodes SET ctime_ns = $3 WHERE ino = $1 OR ino = $2", src[0], dst[0], t
+    )

@@ -1,0 +1,79 @@
+"""Reports for operators: cluster status and one file's chunk map."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import errors
+from .meta import Ino, Meta
+
+
+async def cluster_status(meta: Meta) -> dict[str, Any]:
+    """``{"settings", "files", "bytes", "nodes": [{"id", "url", "status",
+    "heartbeat_age_s", "used_bytes", "free_bytes", "capacity_bytes", "chunks",
+    "replicas"}]}``. ``chunks`` is what the node reports holding; ``replicas``
+    is how many replicas the metadata records on it.
+    """
+    settings = await meta.settings()
+    recorded = await meta.chunk_counts()
+    files, size = await meta.file_totals()
+    return {
+        "settings": {"replicas": settings.replicas, "max_file_size": settings.max_file_size},
+        "files": files,
+        "bytes": size,
+        "nodes": [
+            {
+                "id": n.node_id,
+                "url": n.base_url,
+                "status": n.status if n.live or n.status != "active" else "stale",
+                "heartbeat_age_s": round(n.heartbeat_age_s, 3),
+                "used_bytes": n.used_bytes,
+                "free_bytes": n.free_bytes,
+                "capacity_bytes": n.capacity_bytes,
+                "chunks": n.chunk_count,
+                "replicas": recorded.get(n.node_id, 0),
+            }
+            for n in await meta.nodes()
+        ],
+    }
+
+
+async def file_info(meta: Meta, ino: int) -> dict[str, Any]:
+    """``{"ino", "size", "version", "sha256", "chunks": [{"index", "offset",
+    "length", "sha256", "nodes"}]}`` for the committed version of ``ino``.
+    Raises ``NotFound``.
+    """
+    cmap = await meta.chunk_map(Ino(ino))
+    return {
+        "ino": cmap.ino,
+        "size": cmap.size,
+        "version": cmap.version,
+        "sha256": cmap.sha256.hex() if cmap.sha256 else None,
+        "chunks": [
+            {"index": c.index, "offset": c.offset, "length": c.length,
+             "sha256": c.chunk_id.hex(), "nodes": list(c.nodes)}
+            for c in cmap.chunks
+        ],
+    }
+
+
+def mount_dsn(path: str) -> str:
+    """The DSN of the chunkfs mount holding ``path``, from /proc/mounts (as
+    the mount shows it: without a password, which then comes from PGPASSFILE
+    or the environment). Raises ``ConfigError`` when no chunkfs mount holds it.
+    """
+    real = os.path.realpath(path)
+    best = None
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            source, target, fstype = line.split()[:3]
+            target = target.replace("\\040", " ")
+            if fstype != "fuse.chunkfs":
+                continue
+            if real == target or real.startswith(target.rstrip("/") + "/"):
+                if best is None or len(target) > len(best[1]):
+                    best = (source, target)
+    if best is None:
+        raise errors.ConfigError(f"{path} is not on a chunkfs mount (give --dsn)")
+    return best[0]

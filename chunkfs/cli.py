@@ -1,0 +1,185 @@
+"""The ``chunkfs`` command line.
+
+Every command prints a one-line ``chunkfs: error: ...`` on standard error
+and exits non-zero (1; 2 for a usage error) on bad input or an unreachable
+cluster. ``chunkfs DSN MOUNTPOINT -o OPTS``
+(the form mount(8) uses through mount.fuse3) means ``chunkfs mount``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Awaitable, Callable, TypeVar
+
+import click
+import trio
+
+from . import errors
+from .meta import Meta
+from .pg import open_database
+
+T = TypeVar("T")
+GIB = 1 << 30
+_COMMANDS = {"mkfs", "node", "mount", "status", "info", "gc", "--help", "-h", "--version"}
+
+
+def _run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run a trio function, turning chunkfs errors into a one-line exit."""
+    try:
+        return trio.run(fn, *args)
+    except (errors.ChunkfsError, BaseExceptionGroup) as exc:
+        cause = errors.leaf(exc)
+        if not isinstance(cause, errors.ChunkfsError):
+            raise
+        raise click.ClickException(str(cause)) from None
+
+
+async def _with_meta(dsn: str, fn: Callable[[Meta], Awaitable[T]]) -> T:
+    async with open_database(dsn, max_size=2) as db:
+        return await fn(Meta(db))
+
+
+def _dsn_option(required: bool = True) -> Callable[[Any], Any]:
+    return click.argument("dsn", envvar="CHUNKFS_DSN", required=required)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chunkfs")
+def cli() -> None:
+    """chunkfs: a FUSE filesystem with metadata in PostgreSQL and file data in
+    six SHA-256 chunks on storage nodes. DSN may also come from CHUNKFS_DSN.
+    """
+
+
+@cli.command()
+@_dsn_option()
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 16),
+              help="Copies of every chunk, each on a distinct node.")
+@click.option("--max-file-size", default=10 * GIB, show_default=True, type=click.IntRange(1),
+              help="Largest file in bytes (EFBIG past it).")
+def mkfs(dsn: str, replicas: int, max_file_size: int) -> None:
+    """Create a filesystem in DSN's database (safe to run twice)."""
+
+    async def body(meta: Meta) -> bool:
+        return await meta.mkfs(replicas=replicas, max_file_size=max_file_size,
+                               uid=os.getuid(), gid=os.getgid())
+
+    made = _run(_with_meta, dsn, body)
+    click.echo("created a new filesystem" if made else "filesystem already exists; settings kept")
+
+
+@cli.command()
+@click.option("--dsn", envvar="CHUNKFS_DSN", required=True, help="PostgreSQL DSN of the cluster.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="Where the node keeps its chunks and id.")
+@click.option("--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to serve on.")
+@click.option("--capacity", type=click.IntRange(1), default=None,
+              help="Cap on stored bytes (default: the disk's size).")
+def node(dsn: str, data_dir: str, listen: str, capacity: int | None) -> None:
+    """Run one storage node until SIGTERM."""
+    from .node.server import run_node
+
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.ClickException(f"--listen needs HOST:PORT, not {listen!r}")
+    try:
+        run_node(dsn, data_dir, host, int(port), capacity_bytes=capacity)
+    except errors.ChunkfsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@_dsn_option()
+@click.argument("mountpoint")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]", help="Mount options.")
+def mount(dsn: str, mountpoint: str, foreground: bool, options: tuple[str, ...]) -> None:
+    """Mount the filesystem at MOUNTPOINT (returns once it is ready, unless -f)."""
+    from .fuse.mount import mount as do_mount, parse_options
+
+    try:
+        opts = parse_options(list(options), is_root=os.geteuid() == 0)
+        do_mount(dsn, mountpoint, opts, foreground=foreground)
+    except errors.ChunkfsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@_dsn_option()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(dsn: str, as_json: bool) -> None:
+    """Show the storage nodes: heartbeat age, space and chunk counts."""
+    from .admin import cluster_status
+
+    report = _run(_with_meta, dsn, cluster_status)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    s = report["settings"]
+    click.echo(f"replicas {s['replicas']}, max file size {s['max_file_size']} bytes, "
+               f"{report['files']} files, {report['bytes']} bytes")
+    click.echo(f"{'node':16}  {'status':7}  {'heartbeat':>9}  {'used':>14}  {'free':>16}  "
+               f"{'chunks':>8}  url")
+    for n in report["nodes"]:
+        click.echo(f"{n['id']:16}  {n['status']:7}  {n['heartbeat_age_s']:8.1f}s  "
+                   f"{n['used_bytes']:>14}  {n['free_bytes']:>16}  {n['chunks']:>8}  {n['url']}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=True))
+@click.option("--dsn", envvar="CHUNKFS_DSN", default=None,
+              help="DSN (default: the one the mount holding PATH was made with).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(path: str, dsn: str | None, as_json: bool) -> None:
+    """Show a file's inode, size, digest and its six chunks with their nodes."""
+    from .admin import file_info, mount_dsn
+
+    try:
+        dsn = dsn or mount_dsn(path)
+    except errors.ChunkfsError as exc:
+        raise click.ClickException(str(exc)) from None
+    ino = os.lstat(path).st_ino
+    report = _run(_with_meta, dsn, lambda meta: file_info(meta, ino))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"inode {report['ino']}  size {report['size']}  version {report['version']}")
+    click.echo(f"sha256 {report['sha256']}")
+    for c in report["chunks"]:
+        click.echo(f"  chunk {c['index']}  offset {c['offset']:>12}  length {c['length']:>12}  "
+                   f"{c['sha256'][:16]}…  on {', '.join(c['nodes'])}")
+
+
+@cli.command()
+@_dsn_option()
+def gc(dsn: str) -> None:
+    """Remove expired upload sessions and chunks nothing references."""
+    from .gc import collect
+
+    report = _run(_with_meta, dsn, collect)
+    click.echo(
+        f"expired sessions {report.sessions}, chunks deleted {report.deleted} "
+        f"({report.deleted_bytes} bytes), kept {report.kept}, nodes unreachable {report.unreachable}"
+    )
+    if report.unreachable:
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``chunkfs`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # mount(8) runs "chunkfs DSN MOUNTPOINT -o OPTS": that is a mount.
+    if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
+        args.insert(0, "mount")
+    try:
+        cli.main(args=args, prog_name="chunkfs", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("chunkfs: error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"chunkfs: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)

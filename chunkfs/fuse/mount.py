@@ -1,0 +1,243 @@
+"""Mounting: option parsing, the checks before a mount, daemonizing, and the
+trio main that runs the FUSE session until unmount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .. import errors
+from ..meta import Meta
+from ..pg import open_database, redact_dsn
+from ..store import ChunkStore
+from ..vfs import VFS
+from .operations import Operations
+
+log = logging.getLogger(__name__)
+
+# mount(8) options handed on to the kernel as they are.
+_KERNEL_FLAGS = frozenset({
+    "rw", "ro", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
+    "dirsync", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
+    "strictatime", "lazytime", "nolazytime",
+})
+# mount(8) and fstab options that only mean something to mount(8) itself.
+_IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"})
+
+
+@dataclass
+class MountOptions:
+    """Parsed ``-o`` options.
+
+    ``fuse`` holds what goes to libfuse; times are seconds.
+    """
+
+    allow_other: bool
+    default_permissions: bool = True
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+    node_timeout: float = 30.0
+    pg_timeout: float = 30.0
+    cache_dir: str | None = None
+    log_file: str | None = None
+    debug: bool = False
+    fuse: set[str] = field(default_factory=set)
+
+    def fuse_options(self, dsn: str) -> set[str]:
+        """The option set for ``pyfuse3.init``; the DSN shows without its password."""
+        opts = {f"fsname={redact_dsn(dsn)}", "subtype=chunkfs", *self.fuse}
+        if self.allow_other:
+            opts.add("allow_other")
+        if self.default_permissions:
+            opts.add("default_permissions")
+        return opts
+
+
+def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
+    """Parse ``-o`` values (each a comma-separated list).
+
+    chunkfs options: ``allow_other`` / ``noallow_other`` (default: on when
+    mounted by root), ``default_permissions`` / ``nodefault_permissions``
+    (default on), ``entry_timeout=S``, ``attr_timeout=S``, ``node_timeout=S``,
+    ``pg_timeout=S``, ``cache_dir=PATH``, ``log=PATH``, ``debug``. mount(8)'s
+    generic flags go to the kernel; fstab-only ones are ignored. Raises
+    ``ConfigError`` naming the first unknown or malformed option.
+    """
+    opts = MountOptions(allow_other=is_root)
+    floats = {"entry_timeout", "attr_timeout", "node_timeout", "pg_timeout"}
+    for value in values:
+        for item in filter(None, value.split(",")):
+            key, sep, arg = item.partition("=")
+            if key in floats and sep:
+                try:
+                    number = float(arg)
+                except ValueError:
+                    number = -1.0
+                if number < 0:
+                    raise errors.ConfigError(f"mount option {key} needs a number of seconds >= 0")
+                setattr(opts, key, number)
+            elif key in ("cache_dir", "log") and sep and arg:
+                setattr(opts, "cache_dir" if key == "cache_dir" else "log_file", arg)
+            elif item in ("allow_other", "noallow_other"):
+                opts.allow_other = item == "allow_other"
+            elif item in ("default_permissions", "nodefault_permissions"):
+                opts.default_permissions = item == "default_permissions"
+            elif item == "debug":
+                opts.debug = True
+            elif item in _KERNEL_FLAGS:
+                opts.fuse.add(item)
+            elif item in _IGNORED or key.startswith("x-") or key in ("comment", "fsname", "subtype"):
+                continue
+            else:
+                raise errors.ConfigError(f"unknown mount option: {item}")
+    return opts
+
+
+def check_mountpoint(path: str) -> str:
+    """Return the absolute path of an empty directory. Raises ``ConfigError``."""
+    p = Path(path)
+    if not p.is_dir():
+        raise errors.ConfigError(f"mount point {path} is not a directory")
+    if any(p.iterdir()):
+        raise errors.ConfigError(f"mount point {path} is not empty")
+    return str(p.resolve())
+
+
+def default_cache_dir() -> str:
+    """Where spool files go: /var/cache/chunkfs for root, else ~/.cache/chunkfs."""
+    if os.geteuid() == 0:
+        return "/var/cache/chunkfs"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "chunkfs")
+
+
+async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled (SIGTERM, SIGINT, SIGHUP).
+
+    ``ready`` is called once the kernel has the mount. Raises
+    ``ChunkfsError`` when the filesystem cannot be mounted.
+    """
+    cache_dir = opts.cache_dir or default_cache_dir()
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    async with open_database(dsn, command_timeout=opts.pg_timeout) as db:
+        meta = Meta(db)
+        settings = await meta.settings()
+        store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout)
+        vfs = VFS(meta, store, settings, cache_dir)
+        ops = Operations(vfs, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
+        try:
+            await store.refresh(force=True)
+            try:
+                pyfuse3.init(ops, mountpoint, opts.fuse_options(dsn))
+            except RuntimeError as exc:
+                raise errors.ConfigError(f"cannot mount on {mountpoint}: {exc}") from None
+            signalled = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    async def on_signal() -> None:
+                        nonlocal signalled
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                            async for sig in sigs:
+                                log.info("signal %d: unmounting", sig)
+                                signalled = True
+                                pyfuse3.terminate()
+                                return
+
+                    nursery.start_soon(on_signal)
+                    ready()
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await vfs.close()
+                pyfuse3.close(unmount=signalled)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+
+def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
+    """Log to ``log=`` (or the cache dir's mount.log) or, in the foreground, stderr."""
+    level = logging.DEBUG if opts.debug else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if to_stderr and not opts.log_file:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        return
+    path = opts.log_file or os.path.join(opts.cache_dir or default_cache_dir(), "mount.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    logging.basicConfig(level=level, format=fmt, filename=path)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def mount(dsn: str, mountpoint: str, opts: MountOptions, *, foreground: bool) -> None:
+    """Mount ``dsn`` on ``mountpoint``. In the background form, return once the
+    mount is ready (the filesystem keeps running in a detached child).
+    Raises ``ChunkfsError`` with a one-line message when it cannot mount.
+    """
+    mountpoint = check_mountpoint(mountpoint)
+    if foreground:
+        setup_logging(opts, to_stderr=True)
+        try:
+            trio.run(serve, dsn, mountpoint, opts, lambda: None)
+        except BaseExceptionGroup as group:
+            cause = errors.leaf(group)
+            if isinstance(cause, errors.ChunkfsError):
+                raise cause from None
+            raise
+        return
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: detach, serve, and report readiness through the pipe
+        os.close(read_fd)
+        _run_daemon(dsn, mountpoint, opts, write_fd)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message != "ok":
+        os.waitpid(pid, 0)
+        raise errors.ChunkfsError(message or "the filesystem process died before the mount was ready")
+
+
+def _run_daemon(dsn: str, mountpoint: str, opts: MountOptions, write_fd: int) -> None:
+    os.setsid()
+    os.chdir("/")
+    status = 1
+
+    def ready() -> None:
+        os.write(write_fd, b"ok")
+        os.close(write_fd)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+    try:
+        setup_logging(opts, to_stderr=False)
+        trio.run(serve, dsn, mountpoint, opts, ready)
+        status = 0
+    except BaseException as exc:  # noqa: BLE001 - the parent must hear of any failure
+        cause = errors.leaf(exc)
+        if isinstance(cause, errors.ChunkfsError):
+            log.error("mount failed: %s", cause)
+            _report(write_fd, str(cause))
+        else:
+            log.exception("mount failed")
+            _report(write_fd, f"mount failed: {cause!r}")
+    finally:
+        os._exit(status)
+
+
+def _report(write_fd: int, message: str) -> None:
+    try:
+        os.write(write_fd, message.encode())
+        os.close(write_fd)
+    except OSError:
+        pass  # the parent already has its answer

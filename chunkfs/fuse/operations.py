@@ -1,0 +1,312 @@
+"""The FUSE adapter: each pyfuse3 request becomes one ``VFS`` call.
+
+No SQL and no HTTP here. One decorator turns every ``ChunkfsError`` into
+``FUSEError(errno)`` and anything unexpected into EIO (logged with its
+traceback), so no exception ever escapes a handler and kills the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+
+from .. import errors
+from ..meta import NAME_MAX, Attrs, Ino
+from ..vfs import VFS
+from .inodes import LookupCounts
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+BLOCK_SIZE = 4096
+# readdir offsets 1 and 2 are "." and ".."; a dentry's offset is its cookie + 2.
+_DOT_OFFSETS = 2
+_READDIR_BATCH = 256
+# renameat2 flags (linux/fs.h).
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def fuse_errors(fn: F) -> F:
+    """Map chunkfs errors to ``FUSEError(errno)`` and the unexpected to EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            cause = errors.leaf(exc)
+            if isinstance(cause, errors.ChunkfsError):
+                log.debug("%s: %s", fn.__name__, cause)
+                raise pyfuse3.FUSEError(cause.errno) from None
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers over a ``VFS``.
+
+    ``entry_timeout`` and ``attr_timeout`` (seconds) say how long the kernel
+    may cache names and attributes.
+    """
+
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: VFS, *, entry_timeout: float = 1.0, attr_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.lookups = LookupCounts()
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+
+    # ----------------------------------------------------------- helpers
+
+    def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attrs.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = attrs.mode
+        e.st_nlink = attrs.nlink
+        e.st_uid = attrs.uid
+        e.st_gid = attrs.gid
+        e.st_rdev = attrs.rdev
+        e.st_size = attrs.size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = (attrs.size + 511) // 512 if stat.S_ISREG(attrs.mode) else 0
+        e.st_atime_ns = attrs.atime_ns
+        e.st_mtime_ns = attrs.mtime_ns
+        e.st_ctime_ns = attrs.ctime_ns
+        return e
+
+    def _looked_up(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        """An entry reply: the kernel now holds one more reference."""
+        self.lookups.add(attrs.ino)
+        return self._entry(attrs)
+
+    # -------------------------------------------------------- attributes
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            attrs = await self.vfs.getattr(Ino(parent_inode))
+        elif name == b"..":
+            attrs = await self.vfs.getattr(await self.vfs.meta.parent_of(Ino(parent_inode)))
+        else:
+            attrs = await self.vfs.lookup(Ino(parent_inode), name)
+        return self._looked_up(attrs)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            for ino in self.lookups.forget(inode_list):
+                await self.vfs.forget(Ino(ino))
+        except Exception:  # forget must never raise
+            log.exception("forget failed")
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.vfs.getattr(Ino(inode)))
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        attrs = await self.vfs.setattr(
+            Ino(inode),
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._entry(attrs)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        capacity, free, inodes = await self.vfs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLOCK_SIZE
+        s.f_blocks = capacity // BLOCK_SIZE
+        s.f_bfree = s.f_bavail = free // BLOCK_SIZE
+        # Inodes are rows in PostgreSQL: report plenty free.
+        s.f_files = inodes + (1 << 32)
+        s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = NAME_MAX
+        return s
+
+    # --------------------------------------------------------- namespace
+
+    async def _make(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
+                    *, rdev: int = 0, target: bytes | None = None) -> pyfuse3.EntryAttributes:
+        attrs = await self.vfs.create_node(
+            Ino(parent), name, mode, ctx.uid, ctx.gid, rdev=rdev, target=target
+        )
+        return self._looked_up(attrs)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._make(parent_inode, name, mode, ctx, rdev=rdev)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.vfs.readlink(Ino(inode))
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._looked_up(await self.vfs.link(Ino(inode), Ino(new_parent_inode), new_name))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.vfs.unlink(Ino(parent_inode), name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.vfs.unlink(Ino(parent_inode), name, is_dir=True)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise errors.InvalidArgument("unsupported rename flags")
+        await self.vfs.rename(
+            Ino(parent_inode_old), name_old, Ino(parent_inode_new), name_new,
+            noreplace=bool(flags & RENAME_NOREPLACE), exchange=bool(flags & RENAME_EXCHANGE),
+        )
+
+    # ------------------------------------------------------- directories
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        attrs = await self.vfs.getattr(Ino(inode))
+        if not stat.S_ISDIR(attrs.mode):
+            raise errors.NotADirectory(f"inode {inode} is not a directory")
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = Ino(fh)
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", self._entry(await self.vfs.getattr(ino)), 1):
+                return
+            start_id = 1
+        if start_id < 2:
+            parent = await self.vfs.getattr(await self.vfs.meta.parent_of(ino))
+            if not pyfuse3.readdir_reply(token, b"..", self._entry(parent), 2):
+                return
+            start_id = 2
+        after = start_id - _DOT_OFFSETS
+        while True:
+            batch = await self.vfs.readdir(ino, after, _READDIR_BATCH)
+            for name, attrs, cookie in batch:
+                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), cookie + _DOT_OFFSETS):
+                    return
+                self.lookups.add(attrs.ino)  # readdirplus: the kernel took a reference
+                after = cookie
+            if len(batch) < _READDIR_BATCH:
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass  # every metadata change is committed when its call returns
+
+    # ------------------------------------------------------------- files
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attrs = await self.vfs.create(Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh), self._looked_up(attrs)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        attrs = await self.vfs.getattr(Ino(inode))
+        if stat.S_ISDIR(attrs.mode):
+            raise errors.IsADirectory(f"inode {inode} is a directory")
+        fh, keep_cache = await self.vfs.open(Ino(inode), flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.vfs.read(fh, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.vfs.write(fh, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self.vfs.flush(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.vfs.fsync(fh)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        ino = await self.vfs.release(fh)
+        if self.lookups[ino] == 0:
+            await self.vfs.forget(ino)
+
+    # ------------------------------------------------------------ xattrs
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.vfs.meta.setxattr(Ino(inode), name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.vfs.meta.getxattr(Ino(inode), name)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self.vfs.meta.listxattr(Ino(inode))
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.vfs.meta.removexattr(Ino(inode), name)
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Only reached without default_permissions: check the mode bits here.
+        attrs = await self.vfs.getattr(Ino(inode))
+        return _may_access(attrs, mode, ctx)
+
+
+def _may_access(attrs: Attrs, want: int, ctx: pyfuse3.RequestContext) -> bool:
+    """access(2) by mode bits, as the kernel does with default_permissions."""
+    if want == os.F_OK:
+        return True
+    if ctx.uid == 0:
+        # root may read and write anything, and execute what someone may execute.
+        return not (want & os.X_OK) or bool(attrs.mode & 0o111) or stat.S_ISDIR(attrs.mode)
+    if ctx.uid == attrs.uid:
+        bits = (attrs.mode >> 6) & 7
+    elif ctx.gid == attrs.gid:
+        bits = (attrs.mode >> 3) & 7
+    else:
+        bits = attrs.mode & 7
+    return want & bits == want

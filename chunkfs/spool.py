@@ -1,0 +1,87 @@
+"""A spool file: the local, on-disk buffer of one open file's content.
+
+Writes land here while a file is open, so memory stays bounded whatever the
+file's size. The file is unlinked at creation; it lives as long as its
+descriptor. Offsets and lengths are bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import AsyncIterator, Sequence
+
+import trio
+
+from .layout import Extent
+
+# Size of the pieces the spool is read in when hashing or uploading.
+PIECE = 1 << 20
+
+
+class Spool:
+    """A sparse temporary file in ``cache_dir``; holes read as zeros."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self._fd = os.open(cache_dir, os.O_TMPFILE | os.O_RDWR, 0o600) if hasattr(
+            os, "O_TMPFILE"
+        ) else _unlinked_tempfile(cache_dir)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (short past the end)."""
+        return os.pread(self._fd, length, offset)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        """Write all of ``data`` at ``offset``; raises OSError (e.g. ENOSPC)."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def truncate(self, size: int) -> None:
+        """Cut or extend (with zeros) the spool to ``size`` bytes."""
+        os.ftruncate(self._fd, size)
+
+    async def stream(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The bytes ``[offset, offset + length)`` in pieces of at most 1 MiB;
+        zeros where the spool is shorter.
+        """
+        end = offset + length
+        while offset < end:
+            n = min(PIECE, end - offset)
+            piece = await trio.to_thread.run_sync(self.pread, offset, n)
+            piece = piece.ljust(n, b"\0")
+            offset += n
+            yield piece
+
+    def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], bytes]:
+        """SHA-256 of each extent and of all of them together, in one pass.
+
+        Blocking: run it in a worker thread (hashlib releases the GIL).
+        """
+        whole = hashlib.sha256()
+        out = []
+        for ext in extents:
+            h = hashlib.sha256()
+            pos, end = ext.offset, ext.end
+            while pos < end:
+                n = min(PIECE, end - pos)
+                piece = self.pread(pos, n).ljust(n, b"\0")
+                h.update(piece)
+                whole.update(piece)
+                pos += n
+            out.append(h.digest())
+        return out, whole.digest()
+
+    def close(self) -> None:
+        """Release the spool's disk space."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _unlinked_tempfile(cache_dir: str) -> int:
+    fd, path = tempfile.mkstemp(dir=cache_dir, prefix="spool-")
+    os.unlink(path)
+    return fd

@@ -1,0 +1,269 @@
+"""Chunk objects on storage nodes: put on R replicas, get with fail-over.
+
+``ChunkStore`` picks nodes with the consistent-hash ring over the live
+nodes, pushes each chunk to R distinct nodes (the next node on the ring takes
+the place of one that fails), reads from the recorded holders in turn, and
+checks every whole chunk it reads against its SHA-256. Content-addressed
+chunks never change, so what it caches is valid for ever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import AsyncIterable, Callable, Sequence
+
+import httpx
+import trio
+
+from . import errors, ring
+from .meta import ChunkRef, Meta, NodeInfo
+from .nodeclient import NodeClient
+
+log = logging.getLogger(__name__)
+
+# Chunks up to this size are fetched whole (and verified) and cached.
+WHOLE_FETCH_MAX = 8 << 20
+# Larger chunks are fetched in aligned windows of this size.
+WINDOW = 4 << 20
+# Chunks up to this size are read into memory for the upload; larger ones stream.
+INLINE_PUT_MAX = 4 << 20
+
+
+@dataclass(frozen=True)
+class PutItem:
+    """A chunk to upload: its SHA-256 id, its length in bytes, and either its
+    bytes or a function returning a fresh async stream of them (called once
+    per replica).
+    """
+
+    chunk_id: bytes
+    length: int
+    data: bytes | None = None
+    stream: Callable[[], AsyncIterable[bytes]] | None = None
+
+
+class _LRU:
+    """A byte-budgeted LRU map of immutable blobs."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._items: OrderedDict[object, bytes] = OrderedDict()
+
+    def get(self, key: object) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: object, data: bytes) -> None:
+        if len(data) > self._budget or key in self._items:
+            return
+        self._items[key] = data
+        self._used += len(data)
+        while self._used > self._budget:
+            _, old = self._items.popitem(last=False)
+            self._used -= len(old)
+
+
+class ChunkStore:
+    """Chunk I/O against the cluster's storage nodes.
+
+    ``replicas`` is R; ``timeout`` (seconds) bounds every node request;
+    ``cache_bytes`` bounds the read cache. Node membership and the ring are
+    re-read from PostgreSQL at most every ``refresh_s`` seconds.
+    """
+
+    def __init__(
+        self,
+        meta: Meta,
+        token: str,
+        replicas: int,
+        *,
+        timeout: float = 30.0,
+        cache_bytes: int = 64 << 20,
+        refresh_s: float = 5.0,
+        max_requests: int = 16,
+    ) -> None:
+        self._meta = meta
+        self._token = token
+        self.replicas = replicas
+        self._timeout = timeout
+        self._refresh_s = refresh_s
+        self._refreshed_at = -1e9
+        self._nodes: dict[str, NodeInfo] = {}
+        self._clients: dict[str, NodeClient] = {}
+        self._ring = ring.Ring([])
+        self._cache = _LRU(cache_bytes)
+        self._inflight: dict[object, trio.Event] = {}
+        self._limiter = trio.CapacityLimiter(max_requests)
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    async def aclose(self) -> None:
+        """Close every node connection."""
+        await self._http.aclose()
+
+    # ---------------------------------------------------------- topology
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Re-read the nodes and the ring when they are older than ``refresh_s``."""
+        if not force and time.monotonic() - self._refreshed_at < self._refresh_s:
+            return
+        nodes = await self._meta.nodes()
+        vnodes = await self._meta.ring_vnodes()
+        self._nodes = {n.node_id: n for n in nodes}
+        for n in nodes:
+            client = self._clients.get(n.node_id)
+            if client is None or client.base_url != n.base_url:
+                self._clients[n.node_id] = NodeClient(
+                    n.base_url, self._token, timeout=self._timeout, client=self._http
+                )
+        self._ring = ring.Ring(vnodes)
+        self._refreshed_at = time.monotonic()
+
+    def live_nodes(self) -> set[str]:
+        """Ids of the nodes with a fresh heartbeat at the last refresh."""
+        return {i for i, n in self._nodes.items() if n.live}
+
+    def client(self, node_id: str) -> NodeClient:
+        """The HTTP client of a registered node. Raises ``StorageError``."""
+        try:
+            return self._clients[node_id]
+        except KeyError:
+            raise errors.StorageError(f"unknown storage node {node_id}") from None
+
+    # --------------------------------------------------------------- put
+
+    async def put(self, items: Sequence[PutItem]) -> dict[bytes, list[str]]:
+        """Store every item durably on R distinct live nodes, concurrently.
+
+        Returns ``{chunk_id: [node_id, ...]}``, the nodes that acknowledged
+        each chunk (fsynced). Raises ``NoSpace`` when nodes refused for lack
+        of room and ``StorageError`` when fewer than R nodes took a chunk.
+        """
+        await self.refresh()
+        placed: dict[bytes, list[str]] = {}
+        unique = {i.chunk_id: i for i in items}
+        try:
+            async with trio.open_nursery() as nursery:
+                for item in unique.values():
+                    nursery.start_soon(self._put_one, item, placed)
+        except BaseExceptionGroup as group:
+            cause = errors.leaf(group)
+            if isinstance(cause, errors.ChunkfsError):
+                raise cause from None
+            raise
+        return placed
+
+    async def _put_one(self, item: PutItem, placed: dict[bytes, list[str]]) -> None:
+        live = self.live_nodes()
+        candidates = [n for n in self._ring.walk(ring.key_position(item.chunk_id)) if n in live]
+        done: list[str] = []
+        failures: list[errors.ChunkfsError] = []
+        while len(done) < self.replicas and candidates:
+            wanted = self.replicas - len(done)
+            batch, candidates = candidates[:wanted], candidates[wanted:]
+            async with trio.open_nursery() as nursery:
+                for node_id in batch:
+                    nursery.start_soon(self._put_replica, node_id, item, done, failures)
+        if len(done) < self.replicas:
+            if failures and all(isinstance(f, errors.NodeFull) for f in failures):
+                raise errors.NoSpace("no storage node has room for the chunk")
+            detail = f"; last error: {failures[-1]}" if failures else ""
+            raise errors.StorageError(
+                f"chunk {item.chunk_id.hex()[:16]} reached {len(done)} of "
+                f"{self.replicas} replicas ({len(live)} live nodes){detail}"
+            )
+        placed[item.chunk_id] = done
+
+    async def _put_replica(
+        self, node_id: str, item: PutItem, done: list[str], failures: list[errors.ChunkfsError]
+    ) -> None:
+        content = item.data if item.data is not None else item.stream()
+        try:
+            async with self._limiter:
+                await self.client(node_id).put(item.chunk_id, content, item.length)
+        except errors.ChunkfsError as exc:
+            log.warning("put of chunk %s on node %s failed: %s", item.chunk_id.hex()[:16], node_id, exc)
+            failures.append(exc)
+        else:
+            done.append(node_id)
+
+    # --------------------------------------------------------------- get
+
+    async def read(self, ref: ChunkRef, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a chunk (offsets within the chunk).
+
+        Tries each node holding the chunk in turn. A whole-chunk fetch is
+        checked against the chunk's SHA-256. Raises ``StorageError`` when no
+        replica serves good bytes.
+        """
+        if end <= start:
+            return b""
+        if ref.length <= WHOLE_FETCH_MAX:
+            data = await self._cached(ref.chunk_id, lambda: self._fetch(ref, 0, ref.length))
+            return data[start:end]
+        out = []
+        first, last = start // WINDOW, (end - 1) // WINDOW
+        for w in range(first, last + 1):
+            w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
+            data = await self._cached(
+                (ref.chunk_id, w), lambda: self._fetch(ref, w_start, w_end)
+            )
+            out.append(data[max(start, w_start) - w_start: min(end, w_end) - w_start])
+        return b"".join(out)
+
+    async def _cached(self, key: object, fetch: Callable[[], "trio.Awaitable[bytes]"]) -> bytes:
+        """One fetch per key at a time; later callers wait and share it."""
+        while True:
+            data = self._cache.get(key)
+            if data is not None:
+                return data
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()
+        event = self._inflight[key] = trio.Event()
+        try:
+            data = await fetch()
+            self._cache.put(key, data)
+            return data
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    async def _fetch(self, ref: ChunkRef, start: int, end: int) -> bytes:
+        await self.refresh()
+        whole = start == 0 and end == ref.length
+        last_error: Exception | None = None
+        for node_id in self._read_order(ref):
+            try:
+                async with self._limiter:
+                    data = await self.client(node_id).get(ref.chunk_id, start, end)
+            except errors.ChunkfsError as exc:
+                last_error = exc
+                log.warning("read of chunk %s from node %s failed: %s", ref.chunk_id.hex()[:16], node_id, exc)
+                continue
+            if len(data) != end - start or (whole and hashlib.sha256(data).digest() != ref.chunk_id):
+                last_error = errors.DigestMismatch(f"node {node_id} returned bad bytes")
+                log.error("chunk %s from node %s does not match its digest", ref.chunk_id.hex()[:16], node_id)
+                continue
+            return data
+        raise errors.StorageError(
+            f"no replica of chunk {ref.chunk_id.hex()[:16]} could be read: {last_error}"
+        )
+
+    def _read_order(self, ref: ChunkRef) -> list[str]:
+        """Holders, live ones first, in ring order from the chunk's position."""
+        holders = set(ref.nodes)
+        live = self.live_nodes()
+        walk = [n for n in self._ring.walk(ring.key_position(ref.chunk_id)) if n in holders]
+        walk += sorted(holders - set(walk))
+        return [n for n in walk if n in live] + [n for n in walk if n not in live]

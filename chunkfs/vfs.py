@@ -1,0 +1,440 @@
+"""The virtual filesystem: handles, spooled writes, reads and flush.
+
+``VFS`` sits between the FUSE adapter and the metadata engine and chunk
+store; it knows nothing of FUSE. Every open inode has one ``OpenFile`` shared
+by all its handles: writes go to its spool, and flush (every close) or fsync
+commits a new version: the spool is cut into six chunks, each is hashed and
+pushed to its replicas, and only then is the chunk map switched in one
+PostgreSQL transaction. A failed commit raises and keeps the spool, so the
+caller sees the error and a later flush can retry.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+import trio
+
+from . import errors, layout
+from .meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, now_ns
+from .spool import Spool
+from .store import INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
+
+log = logging.getLogger(__name__)
+
+_EMPTY = ChunkMap(ino=Ino(0), version=0, size=0, sha256=None, chunks=())
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """The state of one open inode, shared by all its handles.
+
+    ``base`` is the committed version the spool builds on. The spool holds
+    the current content where it differs from ``base``: every base chunk in
+    ``loaded`` has been copied in, and base bytes past ``base_valid`` were cut
+    off by a truncate. ``dirty`` means the content differs from ``base``.
+    """
+
+    ino: Ino
+    base: ChunkMap
+    size: int
+    base_valid: int
+    handles: int = 0
+    spool: Spool | None = None
+    loaded: set[int] = field(default_factory=set)
+    dirty: bool = False
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """An open file description: the inode and the open(2) flags."""
+
+    ino: Ino
+    flags: int
+
+
+class VFS:
+    """Filesystem operations over ``Meta`` (metadata) and ``ChunkStore`` (data).
+
+    ``cache_dir`` holds the spool files. Methods raise ``ChunkfsError``
+    subclasses, each carrying its errno.
+    """
+
+    def __init__(self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str) -> None:
+        self.meta = meta
+        self.store = store
+        self.settings = settings
+        self.cache_dir = cache_dir
+        self._files: dict[Ino, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        # Inodes that lost their last name here; purged when nothing uses them.
+        self._unlinked: set[Ino] = set()
+        # Version of each inode the kernel's page cache holds, for keep_cache.
+        self._cached_version: dict[Ino, int] = {}
+
+    # ------------------------------------------------------- attributes
+
+    def _overlay(self, attrs: Attrs) -> Attrs:
+        """Attributes with the unflushed size and times of an open file."""
+        f = self._files.get(attrs.ino)
+        if f is None or not f.dirty:
+            return attrs
+        return replace(
+            attrs,
+            size=f.size,
+            mtime_ns=f.mtime_ns or attrs.mtime_ns,
+            ctime_ns=max(attrs.ctime_ns, f.ctime_ns or 0),
+        )
+
+    async def getattr(self, ino: Ino) -> Attrs:
+        """Attributes of ``ino``, including unflushed writes. Raises ``NotFound``."""
+        return self._overlay(await self.meta.getattr(ino))
+
+    async def lookup(self, parent: Ino, name: bytes) -> Attrs:
+        """Attributes of ``name`` in ``parent``. Raises ``NotFound``, ``NameTooLong``."""
+        return self._overlay(await self.meta.lookup(parent, name))
+
+    async def setattr(
+        self,
+        ino: Ino,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attrs:
+        """chmod / chown / utimensat / truncate. A truncate of a file that no
+        handle has open is committed at once; otherwise at the next flush.
+        Raises ``FileTooLarge``, ``IsADirectory``, ``NotFound``, ``StorageError``.
+        """
+        if size is not None:
+            await self._truncate(ino, size)
+        f = self._files.get(ino)
+        if mtime_ns is not None and f is not None and f.dirty:
+            f.mtime_ns = mtime_ns  # the commit must keep the explicit mtime
+        attrs = await self.meta.setattr(
+            ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns
+        )
+        return self._overlay(attrs)
+
+    async def _truncate(self, ino: Ino, size: int) -> None:
+        attrs = await self.meta.getattr(ino)
+        if attrs.mode & 0o170000 == 0o040000:
+            raise errors.IsADirectory("cannot truncate a directory")
+        if size > self.settings.max_file_size:
+            raise errors.FileTooLarge(f"{size} bytes is over the maximum file size")
+        f = await self._open_file(ino)
+        try:
+            async with f.lock:
+                spool = self._spool(f)
+                await trio.to_thread.run_sync(spool.truncate, size)
+                f.base_valid = min(f.base_valid, size)
+                f.size = size
+                self._mark_dirty(f)
+            if f.handles == 0:
+                await self._commit(f)
+        finally:
+            self._drop_if_unused(f)
+
+    # -------------------------------------------------------- namespace
+
+    async def create_node(
+        self, parent: Ino, name: bytes, mode: int, uid: int, gid: int,
+        *, rdev: int = 0, target: bytes | None = None,
+    ) -> Attrs:
+        """mkdir / mknod / symlink: see ``Meta.create``."""
+        return await self.meta.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+
+    async def link(self, ino: Ino, parent: Ino, name: bytes) -> Attrs:
+        """A new hard link; see ``Meta.link``."""
+        self._unlinked.discard(ino)
+        return self._overlay(await self.meta.link(ino, parent, name))
+
+    async def unlink(self, parent: Ino, name: bytes, *, is_dir: bool = False) -> None:
+        """unlink / rmdir; the inode is purged once nothing uses it."""
+        attrs = await self.meta.unlink(parent, name, is_dir=is_dir)
+        if attrs.nlink == 0:
+            self._unlinked.add(attrs.ino)
+
+    async def rename(
+        self, old_parent: Ino, old_name: bytes, new_parent: Ino, new_name: bytes,
+        *, noreplace: bool = False, exchange: bool = False,
+    ) -> None:
+        """rename(2) with its flags; see ``Meta.rename``."""
+        replaced = await self.meta.rename(
+            old_parent, old_name, new_parent, new_name, noreplace=noreplace, exchange=exchange
+        )
+        if replaced is not None:
+            self._unlinked.add(replaced.ino)
+
+    async def forget(self, ino: Ino) -> None:
+        """The kernel no longer knows ``ino``: purge it if it has no name and
+        no open handle. Never raises.
+        """
+        if ino not in self._unlinked or ino in self._files:
+            return
+        try:
+            await self.meta.purge(ino)
+            self._unlinked.discard(ino)
+            self._cached_version.pop(ino, None)
+        except errors.ChunkfsError as exc:
+            log.warning("could not purge inode %d: %s", ino, exc)
+
+    # ------------------------------------------------------------ files
+
+    async def create(
+        self, parent: Ino, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attrs]:
+        """Create and open a regular file; return ``(fh, attrs)``."""
+        attrs = await self.meta.create(parent, name, mode, uid, gid)
+        f = OpenFile(ino=attrs.ino, base=replace(_EMPTY, ino=attrs.ino), size=0, base_valid=0)
+        self._files[attrs.ino] = f
+        return self._new_handle(f, flags), attrs
+
+    async def open(self, ino: Ino, flags: int) -> tuple[int, bool]:
+        """Open a file; return ``(fh, keep_cache)``. ``keep_cache`` is True when
+        the kernel's cached pages are of the version now committed, so a file
+        changed by another mount is re-read (close-to-open consistency).
+        """
+        f = await self._open_file(ino)
+        keep = self._cached_version.get(ino) == f.base.version and not f.dirty
+        self._cached_version[ino] = f.base.version
+        return self._new_handle(f, flags), keep
+
+    async def _open_file(self, ino: Ino) -> OpenFile:
+        """The inode's ``OpenFile``, made (with its latest committed chunk map)
+        when none exists, or brought up to date when it is clean.
+        """
+        f = self._files.get(ino)
+        if f is not None and (f.dirty or f.handles):
+            return f
+        cmap = await self.meta.chunk_map(ino)
+        f = self._files.get(ino)  # another task may have made it meanwhile
+        if f is not None and (f.dirty or f.handles):
+            return f
+        if f is not None and f.spool is not None:
+            f.spool.close()
+        f = OpenFile(ino=ino, base=cmap, size=cmap.size, base_valid=cmap.size)
+        self._files[ino] = f
+        return f
+
+    def _new_handle(self, f: OpenFile, flags: int) -> int:
+        f.handles += 1
+        fh = next(self._fh)
+        self._handles[fh] = Handle(f.ino, flags)
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        """The handle ``fh``. Raises ``InvalidArgument`` (EBADF-like) if unknown."""
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise errors.InvalidArgument(f"unknown file handle {fh}") from None
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; short at the end of the file."""
+        f = self._files[self.handle(fh).ino]
+        end = min(offset + length, f.size)
+        if end <= offset:
+            return b""
+        if f.spool is None:
+            return await self._read_base(f.base, offset, end)
+        if self._unloaded(f, offset, end):
+            async with f.lock:  # loads must not race with writes and truncates
+                await self._load(f, offset, end)
+        return await trio.to_thread.run_sync(f.spool.pread, offset, end - offset)
+
+    async def _read_base(self, cmap: ChunkMap, start: int, end: int) -> bytes:
+        parts = []
+        for ref in cmap.chunks:
+            s, e = max(start, ref.offset), min(end, ref.offset + ref.length)
+            if s < e:
+                parts.append(await self.store.read(ref, s - ref.offset, e - ref.offset))
+        return b"".join(parts)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` into the spool; return its length.
+
+        Raises ``FileTooLarge`` past the maximum file size and ``NoSpace`` when
+        the spool's disk is full.
+        """
+        h = self.handle(fh)
+        f = self._files[h.ino]
+        end = offset + len(data)
+        if end > self.settings.max_file_size:
+            raise errors.FileTooLarge(f"a write to {end} bytes is over the maximum file size")
+        async with f.lock:
+            spool = self._spool(f)
+            await self._load(f, offset, end)
+            try:
+                spool.pwrite(offset, data)
+            except OSError as exc:
+                raise _os_error(exc, "spool write failed") from exc
+            f.size = max(f.size, end)
+            self._mark_dirty(f)
+        return len(data)
+
+    async def flush(self, fh: int) -> None:
+        """Commit the file's unflushed writes (every close(2) comes here)."""
+        await self._commit(self._files[self.handle(fh).ino])
+
+    async def fsync(self, fh: int) -> None:
+        """fsync(2): the same commit as flush."""
+        await self.flush(fh)
+
+    async def release(self, fh: int) -> Ino:
+        """The last close of a handle; return its inode. A file whose commit
+        failed keeps its spool in memory for the next open to retry.
+        """
+        h = self._handles.pop(fh)
+        f = self._files[h.ino]
+        f.handles -= 1
+        if f.handles == 0 and f.dirty:
+            try:
+                await self._commit(f)
+            except errors.ChunkfsError as exc:
+                log.error("inode %d: unflushed data kept in its spool: %s", f.ino, exc)
+        self._drop_if_unused(f)
+        return h.ino
+
+    def _drop_if_unused(self, f: OpenFile) -> None:
+        if f.handles == 0 and not f.dirty and self._files.get(f.ino) is f:
+            del self._files[f.ino]
+            if f.spool is not None:
+                f.spool.close()
+
+    # ------------------------------------------------------ spool upkeep
+
+    def _spool(self, f: OpenFile) -> Spool:
+        if f.spool is None:
+            try:
+                f.spool = Spool(self.cache_dir)
+                f.spool.truncate(f.size)
+            except OSError as exc:
+                raise _os_error(exc, "cannot create a spool file") from exc
+        return f.spool
+
+    def _mark_dirty(self, f: OpenFile) -> None:
+        f.dirty = True
+        f.mtime_ns = f.ctime_ns = now_ns()
+
+    def _unloaded(self, f: OpenFile, start: int, end: int) -> list[layout.Extent]:
+        """Base chunks overlapping ``[start, end)`` not yet copied to the spool."""
+        end = min(end, f.base_valid)
+        return [
+            e for e in layout.overlapping(_extents(f.base), start, end) if e.index not in f.loaded
+        ]
+
+    async def _load(self, f: OpenFile, start: int, end: int) -> None:
+        """Copy the committed bytes of every base chunk overlapping
+        ``[start, end)`` into the spool, once, before anything overwrites them.
+        The caller holds ``f.lock``.
+        """
+        for ext in self._unloaded(f, start, end):
+            ref = f.base.chunks[ext.index]
+            stop = min(ext.end, f.base_valid)
+            for pos in range(ext.offset, stop, WINDOW):
+                piece = await self.store.read(
+                    ref, pos - ref.offset, min(pos + WINDOW, stop) - ref.offset
+                )
+                f.spool.pwrite(pos, piece)
+            f.loaded.add(ext.index)
+
+    # ------------------------------------------------------------ commit
+
+    async def _commit(self, f: OpenFile) -> None:
+        """Push the spool's chunks and switch the chunk map; see the module doc."""
+        async with f.lock:
+            if not f.dirty:
+                return
+            await self._load(f, 0, f.size)
+            exts = layout.extents(f.size)
+            ids, digest = await trio.to_thread.run_sync(f.spool.digests, exts)
+            known = {c.chunk_id: c.nodes for c in f.base.chunks}
+            fresh = [(e, i) for e, i in zip(exts, ids) if i not in known]
+            session = await self.meta.begin_upload(
+                f.ino, [i for _, i in fresh], self.settings.upload_ttl_s
+            )
+            try:
+                placed = await self.store.put([await self._put_item(f, e, i) for e, i in fresh])
+            except errors.ChunkfsError:
+                await self._fail_upload(session)
+                raise
+            attrs = await self.meta.commit_chunks(
+                f.ino, session,
+                size=f.size, sha256=digest,
+                chunks=[(e.index, e.offset, e.length, i) for e, i in zip(exts, ids)],
+                replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
+                max_file_size=self.settings.max_file_size,
+            )
+            placed.update(known)
+            f.base = ChunkMap(
+                ino=f.ino, version=attrs.version, size=f.size, sha256=digest,
+                chunks=tuple(
+                    ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]))
+                    for e, i in zip(exts, ids)
+                ),
+            )
+            f.base_valid = f.size
+            f.loaded = {e.index for e in exts}
+            f.dirty = False
+            # The kernel's pages hold what was just committed.
+            self._cached_version[f.ino] = attrs.version
+
+    async def _put_item(self, f: OpenFile, ext: layout.Extent, chunk_id: bytes) -> PutItem:
+        spool = f.spool
+        if ext.length <= INLINE_PUT_MAX:
+            data = await trio.to_thread.run_sync(spool.pread, ext.offset, ext.length)
+            return PutItem(chunk_id, ext.length, data=data)
+        return PutItem(chunk_id, ext.length, stream=lambda: spool.stream(ext.offset, ext.length))
+
+    async def _fail_upload(self, session: int) -> None:
+        try:
+            await self.meta.fail_upload(session)
+        except errors.ChunkfsError as exc:
+            log.warning("could not mark upload session %d failed: %s", session, exc)
+
+    # ----------------------------------------------------- pass-throughs
+
+    async def readlink(self, ino: Ino) -> bytes:
+        """A symlink's target."""
+        return await self.meta.readlink(ino)
+
+    async def readdir(self, ino: Ino, after: int, limit: int) -> list[tuple[bytes, Attrs, int]]:
+        """Directory entries after cookie ``after``; see ``Meta.readdir``."""
+        return [(n, self._overlay(a), c) for n, a, c in await self.meta.readdir(ino, after, limit)]
+
+    async def statfs(self) -> tuple[int, int, int]:
+        """``(capacity_bytes, free_bytes, inode_count)``."""
+        return await self.meta.statfs()
+
+    async def close(self) -> None:
+        """Commit what is still unflushed (best effort) and free the spools."""
+        for f in list(self._files.values()):
+            if f.dirty:
+                try:
+                    await self._commit(f)
+                except errors.ChunkfsError as exc:
+                    log.error("inode %d: unflushed data lost at unmount: %s", f.ino, exc)
+            if f.spool is not None:
+                f.spool.close()
+        self._files.clear()
+
+
+def _extents(cmap: ChunkMap) -> list[layout.Extent]:
+    return [layout.Extent(c.index, c.offset, c.length) for c in cmap.chunks]
+
+
+def _os_error(exc: OSError, what: str) -> errors.ChunkfsError:
+    cls = errors.NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errors.ChunkfsError
+    return cls(f"{what}: {os.strerror(exc.errno or errno.EIO)}")
