@@ -1,0 +1,213 @@
+"""The metadata engine against a real PostgreSQL (one fresh database per test)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import stat
+
+import pytest
+import trio
+
+from chunkfs import errors
+from chunkfs.meta import ROOT_INO, Meta
+from chunkfs.pg import open_database
+
+FILE = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+
+
+@pytest.fixture
+async def meta(pg_dsn):
+    async with open_database(pg_dsn) as db:
+        yield Meta(db)
+
+
+async def count(meta: Meta, table: str) -> int:
+    return await meta.db.fetchval(f"SELECT count(*) FROM {table}")
+
+
+async def test_creating_a_name_that_exists_is_eexist(meta):
+    await meta.create(ROOT_INO, b"a", FILE, 0, 0)
+    with pytest.raises(errors.Exists) as info:
+        await meta.create(ROOT_INO, b"a", DIR, 0, 0)
+    assert info.value.errno == errno.EEXIST
+    assert await count(meta, "inodes") == 2  # root and the first "a" only
+
+
+async def test_missing_inode_or_name_is_enoent(meta):
+    with pytest.raises(errors.NotFound) as info:
+        await meta.lookup(ROOT_INO, b"nope")
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(errors.NotFound):
+        await meta.getattr(999_999)
+    with pytest.raises(errors.NotFound):
+        await meta.unlink(ROOT_INO, b"nope")
+
+
+async def test_a_failed_transaction_leaves_nothing_behind(meta):
+    f = await meta.create(ROOT_INO, b"file", FILE, 0, 0)
+    before = await count(meta, "inodes")
+    # The parent is not a directory: the insert of the inode must roll back.
+    with pytest.raises(errors.NotADirectory):
+        await meta.create(f.ino, b"child", FILE, 0, 0)
+    assert await count(meta, "inodes") == before
+
+    async def body(conn):
+        await conn.execute("INSERT INTO xattrs (ino, name, value) VALUES (1, 'user.x', 'v')")
+        raise errors.InvalidArgument("abort")
+
+    with pytest.raises(errors.InvalidArgument):
+        await meta.db.transaction(body)
+    assert await count(meta, "xattrs") == 0
+
+
+async def test_names_over_255_bytes_are_enametoolong(meta):
+    await meta.create(ROOT_INO, b"n" * 255, FILE, 0, 0)
+    with pytest.raises(errors.NameTooLong) as info:
+        await meta.create(ROOT_INO, b"n" * 256, FILE, 0, 0)
+    assert info.value.errno == errno.ENAMETOOLONG
+
+
+async def test_any_byte_but_nul_and_slash_is_a_name(meta):
+    name = bytes(b for b in range(1, 256) if b != 0x2F)
+    a = await meta.create(ROOT_INO, name, FILE, 0, 0)
+    assert (await meta.lookup(ROOT_INO, name)).ino == a.ino
+
+
+async def test_ten_concurrent_creates_in_one_directory_all_land(meta):
+    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(meta.create, d.ino, f"f{i}".encode(), FILE, 0, 0)
+    names = sorted(n for n, _, _ in await meta.readdir(d.ino, 0, 100))
+    assert names == sorted(f"f{i}".encode() for i in range(10))
+    assert (await meta.getattr(d.ino)).nlink == 2
+
+
+async def test_directory_link_counts(meta):
+    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
+    await meta.create(d.ino, b"sub", DIR, 0, 0)
+    assert (await meta.getattr(d.ino)).nlink == 3
+    assert (await meta.getattr(ROOT_INO)).nlink == 3
+    with pytest.raises(errors.NotEmpty):
+        await meta.unlink(ROOT_INO, b"d", is_dir=True)
+    with pytest.raises(errors.IsADirectory):
+        await meta.unlink(ROOT_INO, b"d")
+    await meta.unlink(d.ino, b"sub", is_dir=True)
+    assert (await meta.getattr(d.ino)).nlink == 2
+
+
+async def test_hard_links_count_and_purge_waits_for_the_last_name(meta):
+    f = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
+    assert (await meta.link(f.ino, ROOT_INO, b"b")).nlink == 2
+    assert (await meta.unlink(ROOT_INO, b"a")).nlink == 1
+    assert not await meta.purge(f.ino)
+    assert (await meta.unlink(ROOT_INO, b"b")).nlink == 0
+    assert await meta.purge(f.ino)
+    with pytest.raises(errors.NotFound):
+        await meta.getattr(f.ino)
+
+
+async def test_rename_cases(meta):
+    a = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
+    b = await meta.create(ROOT_INO, b"b", FILE, 0, 0)
+    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
+    sub = await meta.create(d.ino, b"sub", DIR, 0, 0)
+    with pytest.raises(errors.Exists):
+        await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b", noreplace=True)
+    with pytest.raises(errors.InvalidArgument):
+        await meta.rename(ROOT_INO, b"d", sub.ino, b"x")
+    with pytest.raises(errors.IsADirectory):
+        await meta.rename(ROOT_INO, b"a", ROOT_INO, b"d")
+    with pytest.raises(errors.NotADirectory):
+        await meta.rename(ROOT_INO, b"d", ROOT_INO, b"a")
+    await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b", exchange=True)
+    assert (await meta.lookup(ROOT_INO, b"a")).ino == b.ino
+    assert (await meta.lookup(ROOT_INO, b"b")).ino == a.ino
+    replaced = await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b")
+    assert replaced is not None and replaced.ino == a.ino and replaced.nlink == 0
+    assert (await meta.lookup(ROOT_INO, b"b")).ino == b.ino
+    with pytest.raises(errors.NotFound):
+        await meta.lookup(ROOT_INO, b"a")
+    await meta.rename(d.ino, b"sub", ROOT_INO, b"sub2")
+    assert (await meta.getattr(d.ino)).nlink == 2
+    assert (await meta.getattr(ROOT_INO)).nlink == 4  # ".", "..", d and sub2
+
+
+async def test_readdir_cookies_neither_skip_nor_repeat_while_names_change(meta):
+    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
+    for i in range(20):
+        await meta.create(d.ino, f"f{i:02}".encode(), FILE, 0, 0)
+    seen, after = [], 0
+    unseen = [f"f{i:02}".encode() for i in range(20)]
+    for page_no in range(100):  # bounded: each page adds one name
+        page = await meta.readdir(d.ino, after, 3)
+        if not page:
+            break
+        seen += [n for n, _, _ in page]
+        after = page[-1][2]
+        unseen = [n for n in unseen if n not in seen]
+        # Names come and go between pages: one new, one not yet listed removed.
+        await meta.create(d.ino, f"new{page_no}".encode(), FILE, 0, 0)
+        if unseen:
+            await meta.unlink(d.ino, unseen.pop())
+    assert len(seen) == len(set(seen))
+    originals = [n for n in seen if n.startswith(b"f")]
+    assert originals == sorted(originals)
+
+
+async def test_chunk_map_commit_and_version(meta):
+    settings = await meta.settings()
+    f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
+    await meta.register_node("00000000000000aa", "http://127.0.0.1:1",
+                             capacity_bytes=1, used_bytes=0, free_bytes=1, chunk_count=0)
+    data = [b"ab", b"c", b"d", b"e", b"f", b"g"]
+    ids = [hashlib.sha256(x).digest() for x in data]
+    sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
+    attrs = await meta.commit_chunks(
+        f.ino, sid, size=7, sha256=hashlib.sha256(b"".join(data)).digest(),
+        chunks=[(i, sum(map(len, data[:i])), len(x), ids[i]) for i, x in enumerate(data)],
+        replicas={c: ["00000000000000aa"] for c in ids}, mtime_ns=123,
+        max_file_size=settings.max_file_size,
+    )
+    assert (attrs.size, attrs.version, attrs.mtime_ns) == (7, 1, 123)
+    cmap = await meta.chunk_map(f.ino)
+    assert [c.chunk_id for c in cmap.chunks] == ids
+    assert all(c.nodes == ("00000000000000aa",) for c in cmap.chunks)
+    with pytest.raises(errors.FileTooLarge):
+        await meta.commit_chunks(f.ino, None, size=10, sha256=b"", chunks=[], replicas={},
+                                 mtime_ns=1, max_file_size=9)
+    assert (await meta.getattr(f.ino)).version == 1
+
+
+async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(meta):
+    for node_id in ("00000000000000a1", "00000000000000a2"):
+        await meta.register_node(node_id, "http://127.0.0.1:1", capacity_bytes=10,
+                                 used_bytes=0, free_bytes=10, chunk_count=0)
+    assert await meta.db.fetchval(
+        "SELECT count(*) FROM hash_ring_vnodes WHERE node_id = '00000000000000a1'") == 150
+    await meta.db.execute("UPDATE storage_nodes SET last_heartbeat = now() - interval '1 minute' "
+                          "WHERE node_id = '00000000000000a2'")
+    live = {n.node_id: n.live for n in await meta.nodes()}
+    assert live == {"00000000000000a1": True, "00000000000000a2": False}
+    before = await meta.db.fetchval(
+        "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'")
+    await meta.heartbeat("00000000000000a2", capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1)
+    after = await meta.db.fetchval(
+        "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'")
+    assert after > before
+    assert all(n.live for n in await meta.nodes())
+
+
+async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta):
+    f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
+    held, expired = hashlib.sha256(b"held").digest(), hashlib.sha256(b"gone").digest()
+    await meta.begin_upload(f.ino, [held], 3600)
+    await meta.begin_upload(f.ino, [expired], 1)
+    await meta.db.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' "
+                          "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
+                          "WHERE chunk_id = $1)", expired)
+    assert await meta.unreferenced([held, expired]) == {expired}
+    assert await meta.expire_sessions() == 1
+    assert await count(meta, "upload_sessions") == 1

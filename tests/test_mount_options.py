@@ -1,0 +1,43 @@
+"""Mount option parsing and the checks made before mounting."""
+
+import pytest
+
+from chunkfs import errors
+from chunkfs.fuse.mount import check_mountpoint, parse_options
+
+
+def test_defaults_for_root_serve_every_user():
+    opts = parse_options([], is_root=True)
+    fuse = opts.fuse_options("postgresql://u:secret@h/db")
+    assert {"allow_other", "default_permissions", "subtype=chunkfs"} <= fuse
+    assert "fsname=postgresql://u:***@h/db" in fuse
+    assert not any("secret" in o for o in fuse)
+
+
+def test_overrides_and_values():
+    opts = parse_options(["noallow_other,nodefault_permissions", "attr_timeout=2.5,cache_dir=/c"], is_root=True)
+    assert not opts.allow_other and not opts.default_permissions
+    assert opts.attr_timeout == 2.5 and opts.cache_dir == "/c"
+
+
+def test_mount8_options_pass_or_are_ignored():
+    opts = parse_options(["rw,nosuid,nodev,noatime,_netdev,defaults,x-systemd.automount"], is_root=False)
+    assert opts.fuse == {"rw", "nosuid", "nodev", "noatime"}
+    assert not opts.allow_other
+
+
+@pytest.mark.parametrize("bad", ["bogus", "attr_timeout=abc", "attr_timeout=-1", "cache_dir="])
+def test_bad_options_are_refused(bad):
+    with pytest.raises(errors.ConfigError, match="mount option"):
+        parse_options([bad], is_root=True)
+
+
+def test_mountpoint_must_be_an_empty_directory(tmp_path):
+    assert check_mountpoint(str(tmp_path)) == str(tmp_path.resolve())
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(errors.ConfigError, match="not empty"):
+        check_mountpoint(str(tmp_path))
+    with pytest.raises(errors.ConfigError, match="not a directory"):
+        check_mountpoint(str(tmp_path / "f"))
+    with pytest.raises(errors.ConfigError, match="not a directory"):
+        check_mountpoint(str(tmp_path / "missing"))
