@@ -1,0 +1,314 @@
+"""End to end on a real FUSE mount: real PostgreSQL, six real node processes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from chunkfs import cluster as cl
+
+MiB = 1 << 20
+MOUNT8_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def info(path: Path) -> dict:
+    return cl.chunkfs_json("info", str(path), "--json")
+
+
+def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
+    """The file's chunk map tiles its bytes in six chunks, each on two live nodes."""
+    report = info(path)
+    assert report["size"] == len(data)
+    assert report["sha256"] == hashlib.sha256(data).hexdigest()
+    chunks = report["chunks"]
+    assert [c["index"] for c in chunks] == list(range(6))
+    node_ids = {n.node_id for n in cluster.nodes}
+    offset = 0
+    for c in chunks:
+        piece = data[c["offset"]: c["offset"] + c["length"]]
+        assert c["offset"] == offset and len(piece) == c["length"]
+        assert c["sha256"] == hashlib.sha256(piece).hexdigest()
+        assert len(set(c["nodes"])) == 2 and set(c["nodes"]) <= node_ids
+        offset += c["length"]
+    assert offset == len(data)
+    return report
+
+
+def diff_r(a: Path, b: Path) -> None:
+    proc = subprocess.run(["diff", "-r", "--no-dereference", str(a), str(b)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def make_tree(root: Path) -> Path:
+    """A small tree with nested dirs, empty and binary files, a symlink, an xattr."""
+    src = root / "src"
+    for d in range(4):
+        sub = src / f"dir{d}" / "nested"
+        sub.mkdir(parents=True)
+        for f in range(6):
+            (sub.parent / f"file{f}.txt").write_text(f"{d}-{f}\n" * (f * 50))
+        (sub / "blob.bin").write_bytes(os.urandom(70_000 + d))
+    (src / "empty").write_bytes(b"")
+    (src / "link").symlink_to("dir0/file1.txt")
+    (src / "name with spaces\tand tab").write_text("x")
+    os.setxattr(src / "dir1" / "file2.txt", "user.note", b"kept")
+    return src
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 6, 7, MiB, 64 * MiB + 3])
+def test_files_read_back_byte_for_byte_in_six_chunks(mounted, cluster, size):
+    data = os.urandom(size)
+    path = mounted / f"f{size}"
+    path.write_bytes(data)
+    assert path.stat().st_size == size
+    assert path.read_bytes() == data
+    if size == 0:
+        assert info(path)["chunks"] == []
+        return
+    report = assert_six_chunks(path, data, cluster)
+    if size >= 6:
+        holders = {n for c in report["chunks"] for n in c["nodes"]}
+        assert len(holders) >= 3, holders  # spread over the nodes, not piled on two
+
+
+def test_cp_rsync_and_tar_copies_are_identical(mounted, cluster, tmp_path):
+    src = make_tree(tmp_path)
+    subprocess.run(["cp", "-a", str(src), str(mounted / "cp")], check=True, timeout=300)
+    diff_r(src, mounted / "cp")
+    assert os.getxattr(mounted / "cp" / "dir1" / "file2.txt", "user.note") == b"kept"
+    subprocess.run(["rsync", "-aX", f"{src}/", str(mounted / "rsync")], check=True, timeout=300)
+    diff_r(src, mounted / "rsync")
+    assert os.getxattr(mounted / "rsync" / "dir1" / "file2.txt", "user.note") == b"kept"
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(src, arcname="src")
+    (mounted / "tar").mkdir()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(mounted / "tar")], check=True, timeout=300)
+    diff_r(src, mounted / "tar" / "src")
+    # A second rsync finds nothing to send: sizes and mtimes were kept.
+    out = subprocess.run(["rsync", "-ai", f"{src}/", str(mounted / "rsync")],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    assert out.strip() == "", out
+    blob = (src / "dir3" / "nested" / "blob.bin").read_bytes()
+    assert_six_chunks(mounted / "cp" / "dir3" / "nested" / "blob.bin", blob, cluster)
+
+
+def test_rename_over_an_existing_file_is_atomic(mounted):
+    (mounted / "old").write_bytes(b"old content")
+    (mounted / "new").write_bytes(b"new content")
+    os.rename(mounted / "new", mounted / "old")
+    assert (mounted / "old").read_bytes() == b"new content"
+    assert not (mounted / "new").exists()
+    (mounted / "d1").mkdir()
+    (mounted / "d2").mkdir()
+    (mounted / "d2" / "x").write_text("x")
+    os.rename(mounted / "d2", mounted / "d1")  # over an empty directory
+    assert (mounted / "d1" / "x").read_text() == "x"
+    (mounted / "d3").mkdir()
+    with pytest.raises(OSError) as exc:
+        os.rename(mounted / "d3", mounted / "d1")
+    assert exc.value.errno == errno.ENOTEMPTY
+
+
+def test_hard_links_share_the_inode(mounted):
+    a = mounted / "a"
+    a.write_bytes(b"shared")
+    os.link(a, mounted / "b")
+    assert a.stat().st_ino == (mounted / "b").stat().st_ino
+    assert a.stat().st_nlink == 2
+    (mounted / "b").write_bytes(b"changed through b")
+    assert a.read_bytes() == b"changed through b"
+    a.unlink()
+    assert (mounted / "b").stat().st_nlink == 1
+    assert (mounted / "b").read_bytes() == b"changed through b"
+
+
+def test_symlinks(mounted):
+    (mounted / "target").write_text("pointed at")
+    os.symlink("target", mounted / "link")
+    assert os.readlink(mounted / "link") == "target"
+    assert (mounted / "link").read_text() == "pointed at"
+    long_target = "t" * 4095
+    os.symlink(long_target, mounted / "long")
+    assert os.readlink(mounted / "long") == long_target
+
+
+def test_xattrs(mounted):
+    p = mounted / "x"
+    p.write_text("x")
+    os.setxattr(p, "user.a", b"1")
+    os.setxattr(p, "user.b", b"\x00binary\xff")
+    assert sorted(os.listxattr(p)) == ["user.a", "user.b"]
+    assert os.getxattr(p, "user.b") == b"\x00binary\xff"
+    with pytest.raises(FileExistsError):
+        os.setxattr(p, "user.a", b"2", os.XATTR_CREATE)
+    os.removexattr(p, "user.a")
+    with pytest.raises(OSError) as exc:
+        os.getxattr(p, "user.a")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_truncate_up_and_down(mounted):
+    p = mounted / "t"
+    data = os.urandom(100_000)
+    p.write_bytes(data)
+    os.truncate(p, 40_000)
+    assert p.read_bytes() == data[:40_000]
+    os.truncate(p, 50_000)
+    assert p.read_bytes() == data[:40_000] + bytes(10_000)
+    with open(p, "r+b") as f:  # through a handle, committed at close
+        f.truncate(10)
+        f.seek(20)
+        f.write(b"end")
+    assert p.read_bytes() == data[:10] + bytes(10) + b"end"
+
+
+def test_append_and_partial_overwrite(mounted):
+    p = mounted / "log"
+    p.write_bytes(b"one\n")
+    with open(p, "ab") as f:
+        f.write(b"two\n")
+    with open(p, "ab") as f:
+        f.write(b"three\n")
+    assert p.read_bytes() == b"one\ntwo\nthree\n"
+    big = bytearray(os.urandom(3 * MiB))
+    p.write_bytes(big)
+    with open(p, "r+b") as f:
+        f.seek(MiB + 5)
+        f.write(b"patched")
+    big[MiB + 5: MiB + 12] = b"patched"
+    assert p.read_bytes() == bytes(big)
+
+
+def test_readers_on_the_mount_see_unflushed_writes(mounted):
+    p = mounted / "live"
+    with open(p, "wb") as w:
+        w.write(b"not yet closed")
+        w.flush()
+        with open(p, "rb") as r:
+            assert r.read() == b"not yet closed"
+
+
+def test_a_file_unlinked_while_open_stays_usable_until_closed(mounted):
+    p = mounted / "ghost"
+    p.write_bytes(b"still here")
+    with open(p, "r+b") as f:
+        p.unlink()
+        assert not p.exists()
+        assert f.read() == b"still here"
+        f.write(b", and more")
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        assert f.read() == b"still here, and more"
+    assert not p.exists()
+
+
+def test_directories(mounted):
+    d = mounted / "dir"
+    d.mkdir()
+    with pytest.raises(FileExistsError):
+        d.mkdir()
+    (d / "f").write_text("f")
+    with pytest.raises(OSError) as exc:
+        d.rmdir()
+    assert exc.value.errno == errno.ENOTEMPTY
+    names = {f"n{i}" for i in range(300)}
+    for n in names:
+        (d / n).touch()
+    assert set(os.listdir(d)) == names | {"f"}
+    assert d.stat().st_nlink == 2
+
+
+def test_limits_give_the_right_errno(mounted):
+    with pytest.raises(OSError) as exc:
+        (mounted / ("n" * 256)).write_text("x")
+    assert exc.value.errno == errno.ENAMETOOLONG
+    (mounted / ("n" * 255)).write_text("ok")
+    assert (mounted / ("n" * 255)).read_text() == "ok"
+    odd = os.fsencode(mounted) + b"/\xff\x01 new\nline"
+    with open(odd, "wb") as f:
+        f.write(b"bytes name")
+    assert b"\xff\x01 new\nline" in os.listdir(os.fsencode(mounted))
+    with open(mounted / "huge", "wb") as f:
+        with pytest.raises(OSError) as exc:
+            os.pwrite(f.fileno(), b"x", 10 << 30)  # past the 10 GiB maximum
+        assert exc.value.errno == errno.EFBIG
+    assert os.statvfs(mounted).f_namemax == 255
+    assert os.statvfs(mounted).f_blocks > 0
+
+
+def test_everything_survives_unmount_and_mount(cluster, mount_factory, tmp_path):
+    m = mount_factory(cluster.dsn)
+    src = make_tree(tmp_path)
+    subprocess.run(["cp", "-a", str(src), str(m / "tree")], check=True, timeout=300)
+    m.unmount()
+    assert not any(Path(m.path).iterdir())
+    m.mount()
+    diff_r(src, m / "tree")
+
+
+def test_a_second_mount_sees_files_closed_on_the_first(cluster, mount_factory):
+    first = mount_factory(cluster.dsn)
+    second = mount_factory(cluster.dsn)
+    (first / "shared").write_bytes(b"version 1")
+    assert (second / "shared").read_bytes() == b"version 1"
+    (first / "shared").write_bytes(b"version 2, longer")
+    assert (second / "shared").read_bytes() == b"version 2, longer"
+
+
+def test_mount_through_mount8(cluster, tmp_path):
+    # mount(8) runs helpers with its own PATH; scripts/setup links chunkfs there.
+    if shutil.which("chunkfs", path=MOUNT8_PATH) is None:
+        pytest.fail("chunkfs is not on mount(8)'s PATH (run scripts/setup)")
+    mp = tmp_path / "m8"
+    mp.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "fuse.chunkfs", cluster.dsn, str(mp), "-o",
+         f"cache_dir={tmp_path / 'cache'},log={tmp_path / 'm8.log'}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    try:
+        (mp / "via-mount8").write_text("hello")
+        assert (mp / "via-mount8").read_text() == "hello"
+        assert any(" fuse.chunkfs " in line and str(mp) in line for line in open("/proc/mounts"))
+    finally:
+        subprocess.run(["umount", str(mp)], check=True, timeout=60)
+
+
+def test_bad_input_gives_one_line_errors(cluster, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "f").touch()
+    proc = cl.run_chunkfs("mount", cluster.dsn, str(busy), check=False)
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = cl.run_chunkfs("mount", cluster.dsn, str(empty), "-o", "bogus", check=False)
+    assert proc.returncode != 0 and "unknown mount option: bogus" in proc.stderr
+    proc = cl.run_chunkfs("mount", "postgresql://nobody@127.0.0.1:1/none", str(empty), check=False)
+    assert proc.returncode != 0 and "cannot connect" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = cl.run_chunkfs("status", "postgresql://nobody@127.0.0.1:1/none", check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert not any(" fuse.chunkfs " in line and str(empty) in line for line in open("/proc/mounts"))
+
+
+def test_status_reports_every_node(cluster, mounted):
+    (mounted / "s").write_bytes(os.urandom(60_000))
+    report = cl.chunkfs_json("status", cluster.dsn, "--json")
+    nodes = {n["id"]: n for n in report["nodes"]}
+    assert set(nodes) == {n.node_id for n in cluster.nodes}
+    for n in nodes.values():
+        assert n["status"] == "active" and n["heartbeat_age_s"] < 15
+        assert n["free_bytes"] > 0 and n["url"].startswith("http://127.0.0.1:")
