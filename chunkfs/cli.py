@@ -160,8 +160,8 @@ def gc(dsn: str) -> None:
 
     report = _run(_with_meta, dsn, collect)
     click.echo(
-        f"expired sessions {report.sessions}, chunks deleted {report.deleted} "
-        f"({report.deleted_bytes} bytes), kept {report.kept}, nodes unreachable {report.unreachable}"
+        f"expired sessions {report.sessions}, chunks deleted {report.deleted}, "
+        f"kept {report.kept}, nodes unreachable {report.unreachable}"
     )
     if report.unreachable:
         sys.exit(1)

@@ -31,6 +31,8 @@ WHOLE_FETCH_MAX = 8 << 20
 WINDOW = 4 << 20
 # Chunks up to this size are read into memory for the upload; larger ones stream.
 INLINE_PUT_MAX = 4 << 20
+# Chunks up to this size travel in one batch request per node.
+BATCH_ITEM_MAX = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -144,28 +146,57 @@ class ChunkStore:
     async def put(self, items: Sequence[PutItem]) -> dict[bytes, list[str]]:
         """Store every item durably on R distinct live nodes, concurrently.
 
-        Returns ``{chunk_id: [node_id, ...]}``, the nodes that acknowledged
-        each chunk (fsynced). Raises ``NoSpace`` when nodes refused for lack
-        of room and ``StorageError`` when fewer than R nodes took a chunk.
+        Small chunks bound for the same node travel in one batch request (a
+        small file makes six chunks); a node that fails a batch is replaced,
+        chunk by chunk, by the next nodes on the ring. Returns ``{chunk_id:
+        [node_id, ...]}``, the nodes that acknowledged each chunk (fsynced).
+        Raises ``NoSpace`` when nodes refused for lack of room and
+        ``StorageError`` when fewer than R nodes took a chunk.
         """
         await self.refresh()
-        placed: dict[bytes, list[str]] = {}
-        unique = {i.chunk_id: i for i in items}
+        unique = list({i.chunk_id: i for i in items}.values())
+        done: dict[bytes, list[str]] = {i.chunk_id: [] for i in unique}
+        tried: dict[bytes, set[str]] = {i.chunk_id: set() for i in unique}
+        batches: dict[str, list[PutItem]] = {}
+        for item in unique:
+            if item.data is not None and item.length <= BATCH_ITEM_MAX:
+                for node_id in self._candidates(item)[: self.replicas]:
+                    batches.setdefault(node_id, []).append(item)
+                    tried[item.chunk_id].add(node_id)
         try:
             async with trio.open_nursery() as nursery:
-                for item in unique.values():
-                    nursery.start_soon(self._put_one, item, placed)
+                for node_id, batch in batches.items():
+                    nursery.start_soon(self._put_batch, node_id, batch, done)
+            async with trio.open_nursery() as nursery:
+                for item in unique:
+                    if len(done[item.chunk_id]) < self.replicas:
+                        nursery.start_soon(
+                            self._put_one, item, done[item.chunk_id], tried[item.chunk_id]
+                        )
         except BaseExceptionGroup as group:
             cause = errors.leaf(group)
             if isinstance(cause, errors.ChunkfsError):
                 raise cause from None
             raise
-        return placed
+        return done
 
-    async def _put_one(self, item: PutItem, placed: dict[bytes, list[str]]) -> None:
+    def _candidates(self, item: PutItem) -> list[str]:
         live = self.live_nodes()
-        candidates = [n for n in self._ring.walk(ring.key_position(item.chunk_id)) if n in live]
-        done: list[str] = []
+        return [n for n in self._ring.walk(ring.key_position(item.chunk_id)) if n in live]
+
+    async def _put_batch(self, node_id: str, batch: list[PutItem], done: dict[bytes, list[str]]) -> None:
+        try:
+            async with self._limiter:
+                await self.client(node_id).put_batch([(i.chunk_id, i.data) for i in batch])
+        except errors.ChunkfsError as exc:
+            log.warning("batch put of %d chunks on node %s failed: %s", len(batch), node_id, exc)
+            return  # each chunk falls back to the next nodes on the ring
+        for item in batch:
+            done[item.chunk_id].append(node_id)
+
+    async def _put_one(self, item: PutItem, done: list[str], tried: set[str]) -> None:
+        """Bring one chunk to R replicas, walking the ring past ``tried`` nodes."""
+        candidates = [n for n in self._candidates(item) if n not in tried]
         failures: list[errors.ChunkfsError] = []
         while len(done) < self.replicas and candidates:
             wanted = self.replicas - len(done)
@@ -179,9 +210,8 @@ class ChunkStore:
             detail = f"; last error: {failures[-1]}" if failures else ""
             raise errors.StorageError(
                 f"chunk {item.chunk_id.hex()[:16]} reached {len(done)} of "
-                f"{self.replicas} replicas ({len(live)} live nodes){detail}"
+                f"{self.replicas} replicas ({len(self.live_nodes())} live nodes){detail}"
             )
-        placed[item.chunk_id] = done
 
     async def _put_replica(
         self, node_id: str, item: PutItem, done: list[str], failures: list[errors.ChunkfsError]

@@ -1,0 +1,63 @@
+"""`chunkfs gc` on a real cluster: unreferenced chunks go, referenced ones stay."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import trio
+
+from chunkfs import cluster as cl
+from chunkfs.meta import Meta
+from chunkfs.nodeclient import NodeClient
+from chunkfs.pg import open_database
+
+
+def on_disk(cluster: cl.Cluster, chunk_id: str) -> list[str]:
+    """Ids of the nodes whose data directory holds the chunk file."""
+    return [n.node_id for n in cluster.nodes
+            if (Path(n.data_dir) / "chunks" / chunk_id[:2] / chunk_id).exists()]
+
+
+def chunk_ids(path: Path) -> set[str]:
+    return {c["sha256"] for c in cl.chunkfs_json("info", str(path), "--json")["chunks"]}
+
+
+async def orphan_and_session(dsn: str, orphan: bytes, protected: bytes) -> None:
+    """Push two chunks to a node as a crashed writer would; one stays in a live session."""
+    async with open_database(dsn) as db:
+        meta = Meta(db)
+        settings = await meta.settings()
+        node = (await meta.nodes())[0]
+        await meta.begin_upload(1, [hashlib.sha256(protected).digest()], 3600)
+        client = NodeClient(node.base_url, settings.cluster_token)
+        try:
+            for data in (orphan, protected):
+                await client.put(hashlib.sha256(data).digest(), data, len(data))
+        finally:
+            await client.aclose()
+
+
+def test_gc_removes_only_unreferenced_chunks(cluster, mounted, mount_factory):
+    f = mounted / "versioned"
+    f.write_bytes(os.urandom(30_000))
+    old = chunk_ids(f)
+    content = os.urandom(30_000)
+    f.write_bytes(content)
+    new = chunk_ids(f)
+    assert old.isdisjoint(new)
+    orphan, protected = os.urandom(1000), os.urandom(1000)
+    trio.run(orphan_and_session, cluster.dsn, orphan, protected)
+    orphan_id, protected_id = (hashlib.sha256(x).hexdigest() for x in (orphan, protected))
+    assert on_disk(cluster, orphan_id) and on_disk(cluster, protected_id)
+    assert all(on_disk(cluster, c) for c in old)
+
+    out = cl.run_chunkfs("gc", cluster.dsn).stdout
+    assert "chunks deleted" in out
+
+    assert not any(on_disk(cluster, c) for c in old)
+    assert not on_disk(cluster, orphan_id)
+    assert on_disk(cluster, protected_id)  # its upload session is still live
+    assert all(len(on_disk(cluster, c)) == 2 for c in new)
+    assert (mount_factory(cluster.dsn) / "versioned").read_bytes() == content
