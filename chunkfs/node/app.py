@@ -1,0 +1,409 @@
+"""The storage node's HTTP API, as an ASGI app (Starlette; runs on trio via anyio).
+
+Routes (ids are 64 lowercase hex digits, the SHA-256 of the chunk's bytes):
+
+- ``PUT /v1/chunks/{id}``: streamed body with Content-Length; 201 created,
+  200 already present; 422 digest mismatch; 411 no Content-Length; 413 over
+  the maximum chunk size or the declared length; 400 body shorter than
+  declared; 507 no room.
+- ``GET /v1/chunks/{id}``: 200 whole chunk, or 206 for ``Range: bytes=a-b``,
+  ``bytes=a-`` or ``bytes=-n``; 416 for a range past the end; 400 malformed.
+- ``HEAD /v1/chunks/{id}``: 200 with Content-Length, or 404.
+- ``DELETE /v1/chunks/{id}[?before_ns=N]``: 204; 404 missing; 409 refused by
+  the guard (the chunk was re-used at or after ``before_ns``).
+- ``GET /v1/chunks?after=ID&limit=N``: ``{"chunks": [...], "next": ID|null}``.
+- ``POST /v1/chunks:batch``: body = repeated ``[64 hex id][8-byte big-endian
+  length][bytes]``; 200 ``{"created": [bool, ...]}`` once all are durable;
+  422 if any digest is wrong (none stored); 400 malformed.
+- ``GET /v1/health``: JSON status and space; the only route without a token.
+- ``GET /metrics``: Prometheus text.
+
+Every other request needs ``Authorization: Bearer <cluster token>`` (401).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from .storage import ChunkStore, DeleteRefused, LengthMismatch, valid_id
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_MAX_CHUNK_SIZE = 2 << 30
+DEFAULT_MAX_BATCH_BYTES = 64 << 20
+LIST_DEFAULT_LIMIT = 1000
+LIST_MAX_LIMIT = 10000
+# Ranges this small are read in one piece and sent as a plain body.
+_SMALL_READ = 1 << 20
+_HEALTH_PATH = "/v1/health"
+_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})\Z")
+_LENGTH_RE = re.compile(r"\d{1,19}\Z")
+_BATCH_HEADER = 64 + 8
+
+
+class RangeNotSatisfiable(Exception):
+    """The range starts at or past the end of the chunk (416)."""
+
+
+def parse_range(header: str, size: int) -> tuple[int, int]:
+    """Parse a single byte range against a chunk of ``size`` bytes.
+
+    Returns ``(start, end)`` with ``end`` exclusive, clipped to the size.
+    Raises ``ValueError`` when malformed (400) and ``RangeNotSatisfiable``
+    when it starts past the end (416). Multiple ranges are not supported.
+    """
+    m = _RANGE_RE.match(header.strip())
+    if m is None or m.group(1) == m.group(2) == "":
+        raise ValueError(f"malformed Range header {header!r}")
+    first, last = m.group(1), m.group(2)
+    if first == "":  # suffix range: the last n bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable()
+        return max(0, size - n), size
+    start = int(first)
+    if last != "" and int(last) < start:
+        raise ValueError(f"malformed Range header {header!r}")
+    if start >= size:
+        raise RangeNotSatisfiable()
+    end = size if last == "" else min(size, int(last) + 1)
+    return start, end
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _Metrics:
+    """The node's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "chunkfs_node_requests", "HTTP requests served", ["method", "status"],
+            registry=self.registry,
+        )
+        self.bytes_in = Counter(
+            "chunkfs_node_received_bytes", "Request body bytes received", registry=self.registry
+        )
+        self.bytes_out = Counter(
+            "chunkfs_node_sent_bytes", "Response body bytes sent", registry=self.registry
+        )
+        chunks = Gauge("chunkfs_node_chunks", "Chunks stored", registry=self.registry)
+        chunks.set_function(lambda: store.chunk_count)
+        used = Gauge("chunkfs_node_used_bytes", "Bytes of chunks stored", registry=self.registry)
+        used.set_function(lambda: store.used_bytes)
+
+
+class _Gate:
+    """ASGI middleware: checks the bearer token and counts requests and bytes."""
+
+    def __init__(self, app: ASGIApp, token: str, metrics: _Metrics) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                return hmac.compare_digest(value, self._expected)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        metrics = self._metrics
+        status = [500]
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                metrics.bytes_in.inc(len(message.get("body", b"")))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                metrics.bytes_out.inc(len(message.get("body", b"")))
+                if not message.get("more_body", False):
+                    await _send_last(send, message)
+                    return
+            await send(message)
+
+        try:
+            if scope["path"] == _HEALTH_PATH or self._authorized(scope):
+                await self._app(scope, counting_receive, counting_send)
+            else:
+                response = _error(401, "missing or wrong cluster token", {"WWW-Authenticate": "Bearer"})
+                await response(scope, counting_receive, counting_send)
+        finally:
+            metrics.requests.labels(scope["method"], str(status[0])).inc()
+
+
+async def _send_last(send: Send, message: Message) -> None:
+    """Send the last body message of a response, tolerating a client already gone.
+
+    A client that has the whole response (Content-Length reached) may close
+    the connection at once, e.g. after an early 401 or 413 whose request body
+    it never sent. Hypercorn's trio worker then closes the socket while it
+    still flushes the (empty) end of the message, which raises
+    ``BusyResourceError`` although nothing was lost.
+    """
+    try:
+        await send(message)
+    except trio.BusyResourceError:
+        log.debug("client closed the connection as the response ended")
+
+
+class NodeApp:
+    """The route handlers over one ``ChunkStore``. Sizes are in bytes."""
+
+    def __init__(self, store: ChunkStore, *, max_chunk_size: int, max_batch_bytes: int) -> None:
+        self.store = store
+        self.max_chunk_size = max_chunk_size
+        self.max_batch_bytes = max_batch_bytes
+
+    def routes(self) -> list[Route]:
+        """The Starlette routes; HEAD comes before GET so it gets its own handler."""
+        chunk = "/v1/chunks/{chunk_id}"
+        return [
+            Route(_HEALTH_PATH, self.health, methods=["GET"]),
+            Route("/v1/chunks", self.list_chunks, methods=["GET"]),
+            Route("/v1/chunks:batch", self.put_batch, methods=["POST"]),
+            Route(chunk, self.head_chunk, methods=["HEAD"]),
+            Route(chunk, self.get_chunk, methods=["GET"]),
+            Route(chunk, self.put_chunk, methods=["PUT"]),
+            Route(chunk, self.delete_chunk, methods=["DELETE"]),
+            # Anything else under /v1/chunks/ (e.g. "../x") is a malformed id.
+            Route("/v1/chunks/{rest:path}", self.bad_id, methods=["GET", "HEAD", "PUT", "DELETE", "POST"]),
+        ]
+
+    async def bad_id(self, request: Request) -> Response:
+        """Any other path under /v1/chunks/: a malformed id (400)."""
+        return _error(400, "chunk id must be 64 lowercase hex digits")
+
+    # ------------------------------------------------------------ handlers
+
+    async def health(self, request: Request) -> Response:
+        """GET /v1/health: status, node id, space in bytes, chunk count, clock (ns)."""
+        stats = await self.store.stats()
+        return JSONResponse({
+            "status": "ok",
+            "node_id": self.store.node_id,
+            "capacity_bytes": stats.capacity_bytes,
+            "used_bytes": stats.used_bytes,
+            "free_bytes": stats.free_bytes,
+            "chunk_count": stats.chunk_count,
+            "now_ns": time.time_ns(),
+        })
+
+    async def put_chunk(self, request: Request) -> Response:
+        """PUT /v1/chunks/{id}: store a streamed chunk (201 created, 200 present)."""
+        chunk_id = request.path_params["chunk_id"]
+        if not valid_id(chunk_id):
+            return _error(400, "chunk id must be 64 lowercase hex digits")
+        length, problem = self._declared_length(request, self.max_chunk_size)
+        if problem is not None:
+            return problem
+        try:
+            created = await self.store.put(chunk_id, request.stream(), length)
+        except DigestMismatch as exc:
+            return _error(422, str(exc))
+        except NodeFull as exc:
+            return _error(507, str(exc))
+        except LengthMismatch as exc:
+            return _error(413 if exc.received > exc.expected else 400, str(exc))
+        except ClientDisconnect:
+            return _error(400, "body shorter than its Content-Length")
+        return Response(status_code=201 if created else 200)
+
+    def _declared_length(self, request: Request, limit: int) -> tuple[int, Response | None]:
+        """The Content-Length, or an error response (411 none, 400 bad, 413 too large)."""
+        value = request.headers.get("content-length")
+        if value is None:
+            return 0, _error(411, "Content-Length required")
+        if not _LENGTH_RE.match(value):
+            return 0, _error(400, "malformed Content-Length")
+        length = int(value)
+        if length > limit:
+            return 0, _error(413, f"body of {length} bytes exceeds the limit of {limit}",
+                             {"Connection": "close"})
+        return length, None
+
+    async def get_chunk(self, request: Request) -> Response:
+        """GET /v1/chunks/{id}: the whole chunk (200) or one byte range (206)."""
+        chunk_id = request.path_params["chunk_id"]
+        if not valid_id(chunk_id):
+            return _error(400, "chunk id must be 64 lowercase hex digits")
+        try:
+            f = await self.store.open_chunk(chunk_id)
+        except ChunkMissing:
+            return _error(404, "no such chunk")
+        try:
+            start, end, headers, status = self._plan_read(request.headers.get("range"), f.size)
+        except ValueError as exc:
+            f.close()
+            return _error(400, str(exc))
+        except RangeNotSatisfiable:
+            f.close()
+            return _error(416, "range not satisfiable", {"Content-Range": f"bytes */{f.size}"})
+        if end - start <= _SMALL_READ:
+            try:
+                data = await f.read(start, end)
+            finally:
+                f.close()
+            return Response(data, status_code=status, headers=headers,
+                            media_type="application/octet-stream")
+        return StreamingResponse(f.iter_range(start, end), status_code=status,
+                                 headers=headers, media_type="application/octet-stream")
+
+    @staticmethod
+    def _plan_read(range_header: str | None, size: int) -> tuple[int, int, dict[str, str], int]:
+        """Start, end (exclusive), headers and status for a GET."""
+        headers = {"Accept-Ranges": "bytes"}
+        if range_header is None:
+            headers["Content-Length"] = str(size)
+            return 0, size, headers, 200
+        start, end = parse_range(range_header, size)
+        headers["Content-Length"] = str(end - start)
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        return start, end, headers, 206
+
+    async def head_chunk(self, request: Request) -> Response:
+        """HEAD /v1/chunks/{id}: 200 with the length in Content-Length, or 404."""
+        chunk_id = request.path_params["chunk_id"]
+        if not valid_id(chunk_id):
+            return Response(status_code=400)
+        size = await self.store.size(chunk_id)
+        if size is None:
+            return Response(status_code=404)
+        return Response(status_code=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
+
+    async def delete_chunk(self, request: Request) -> Response:
+        """DELETE /v1/chunks/{id}[?before_ns=N]: 204, 404 missing, 409 guard refused."""
+        chunk_id = request.path_params["chunk_id"]
+        if not valid_id(chunk_id):
+            return _error(400, "chunk id must be 64 lowercase hex digits")
+        raw = request.query_params.get("before_ns")
+        before_ns = None
+        if raw is not None:
+            if not _LENGTH_RE.match(raw):
+                return _error(400, "before_ns must be a non-negative integer")
+            before_ns = int(raw)
+        try:
+            await self.store.delete(chunk_id, before_ns)
+        except ChunkMissing:
+            return _error(404, "no such chunk")
+        except DeleteRefused as exc:
+            return _error(409, str(exc))
+        return Response(status_code=204)
+
+    async def list_chunks(self, request: Request) -> Response:
+        """GET /v1/chunks?after=ID&limit=N: ids in ascending order, and the next ``after``."""
+        after = request.query_params.get("after") or None
+        if after is not None and not valid_id(after):
+            return _error(400, "after must be a chunk id")
+        raw = request.query_params.get("limit", str(LIST_DEFAULT_LIMIT))
+        if not _LENGTH_RE.match(raw) or int(raw) < 1:
+            return _error(400, "limit must be a positive integer")
+        limit = min(int(raw), LIST_MAX_LIMIT)
+        ids = await self.store.list_ids(after, limit)
+        return JSONResponse({"chunks": ids, "next": ids[-1] if len(ids) == limit else None})
+
+    async def put_batch(self, request: Request) -> Response:
+        """POST /v1/chunks:batch: store several small chunks; all or (on 422) none."""
+        length, problem = self._declared_length(request, self.max_batch_bytes)
+        if problem is not None:
+            return problem
+        try:
+            body = await _read_exactly(request.stream(), length)
+        except LengthMismatch as exc:
+            return _error(413 if exc.received > exc.expected else 400, str(exc))
+        except ClientDisconnect:
+            return _error(400, "body shorter than its Content-Length")
+        try:
+            items = parse_batch(body)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            created = await self.store.put_many(items)
+        except DigestMismatch as exc:
+            return _error(422, str(exc))
+        except NodeFull as exc:
+            return _error(507, str(exc))
+        except InvalidArgument as exc:
+            return _error(400, str(exc))
+        return JSONResponse({"created": created})
+
+
+async def _read_exactly(stream: AsyncIterator[bytes], length: int) -> bytes:
+    buf = bytearray()
+    async for data in stream:
+        buf += data
+        if len(buf) > length:
+            raise LengthMismatch(length, len(buf))
+    if len(buf) != length:
+        raise LengthMismatch(length, len(buf))
+    return bytes(buf)
+
+
+def parse_batch(body: bytes) -> list[tuple[str, bytes]]:
+    """Split a batch body into ``(hex id, bytes)`` items. Raises ``ValueError`` if malformed."""
+    items = []
+    pos = 0
+    view = memoryview(body)
+    while pos < len(body):
+        if len(body) - pos < _BATCH_HEADER:
+            raise ValueError(f"truncated batch entry header at byte {pos}")
+        chunk_id = body[pos:pos + 64].decode("ascii", "replace")
+        if not valid_id(chunk_id):
+            raise ValueError(f"bad chunk id in batch at byte {pos}")
+        size = int.from_bytes(body[pos + 64:pos + _BATCH_HEADER], "big")
+        pos += _BATCH_HEADER
+        if size > len(body) - pos:
+            raise ValueError(f"batch entry {chunk_id} runs past the end of the body")
+        items.append((chunk_id, bytes(view[pos:pos + size])))
+        pos += size
+    return items
+
+
+def create_app(
+    store: ChunkStore,
+    token: str,
+    *,
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+) -> ASGIApp:
+    """The node's ASGI app over ``store``; requests but health need ``token``.
+
+    ``max_chunk_size`` bounds a PUT body and ``max_batch_bytes`` a batch
+    body (bytes); larger ones get 413 before any byte is read.
+    """
+    handlers = NodeApp(store, max_chunk_size=max_chunk_size, max_batch_bytes=max_batch_bytes)
+    metrics = _Metrics(store)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = handlers.routes() + [Route("/metrics", metrics_endpoint, methods=["GET"])]
+    return _Gate(Starlette(routes=routes), token, metrics)

@@ -1,0 +1,613 @@
+"""Chunk files on a storage node's disk.
+
+Layout of a data directory (mode 0700)::
+
+    DATA/node_id            16 lowercase hex: the node's identity, kept across restarts
+    DATA/chunks/ab/<id>     one file (mode 0600) per chunk; <id> is the 64-hex SHA-256
+                            of its bytes, fanned out by its first two hex digits
+    DATA/tmp/               uploads in progress; emptied at start, so a chunk file
+                            only ever appears whole (temp file, fsync, rename)
+
+A chunk file's mtime is the last time a writer stored or re-used it. Garbage
+collection deletes with a ``before_ns`` guard and is refused when the chunk
+was touched after its decision, so a writer re-using an old chunk never loses it.
+
+All blocking file I/O runs in worker threads (``trio.to_thread``), in pieces
+of about ``PIECE_SIZE`` bytes. Sizes are in bytes, times in nanoseconds since
+the epoch (the node's clock).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import time
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterable, AsyncIterator
+
+import trio
+
+from ..errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+
+log = logging.getLogger(__name__)
+
+# Bytes handed to a worker thread at a time: large enough that the thread hop
+# is negligible, small enough to keep memory per upload bounded.
+PIECE_SIZE = 1 << 20
+_ID_RE = re.compile(r"[0-9a-f]{64}\Z")
+_NODE_ID_RE = re.compile(r"[0-9a-f]{16}\Z")
+_FANOUT = [f"{i:02x}" for i in range(256)]
+
+
+class LengthMismatch(ChunkfsError):
+    """A body ended before, or ran past, its declared length."""
+
+    errno = errno.EINVAL
+
+    def __init__(self, expected: int, received: int) -> None:
+        what = "more" if received > expected else "fewer"
+        super().__init__(f"body has {what} bytes than the declared {expected}")
+        self.expected = expected
+        self.received = received
+
+
+class DeleteRefused(ChunkfsError):
+    """A guarded delete found the chunk touched at or after ``before_ns``."""
+
+    errno = errno.EBUSY
+
+
+def valid_id(chunk_id: str) -> bool:
+    """True when ``chunk_id`` is exactly 64 lowercase hex digits."""
+    return isinstance(chunk_id, str) and _ID_RE.match(chunk_id) is not None
+
+
+def _check_id(chunk_id: str) -> None:
+    if not valid_id(chunk_id):
+        raise InvalidArgument("chunk id must be 64 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Space and content of a node, in bytes and chunks (what heartbeats carry)."""
+
+    capacity_bytes: int
+    used_bytes: int
+    free_bytes: int
+    chunk_count: int
+
+
+class ChunkFile:
+    """An open chunk for reading. The open descriptor survives a concurrent delete."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd: int | None = fd
+        self.size = size
+
+    async def read(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the chunk (fewer if the range passes its end)."""
+        fd = self._require_fd()
+        return await trio.to_thread.run_sync(_pread_all, fd, start, end)
+
+    async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Yield bytes ``[start, end)`` in pieces; closes the file when done."""
+        try:
+            pos = start
+            while pos < end:
+                data = await self.read(pos, min(end, pos + PIECE_SIZE))
+                if not data:
+                    break
+                pos += len(data)
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the descriptor; safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError("chunk file is closed")
+        return self._fd
+
+
+def _pread_all(fd: int, start: int, end: int) -> bytes:
+    parts = []
+    while start < end:
+        data = os.pread(fd, end - start, start)
+        if not data:
+            break
+        parts.append(data)
+        start += len(data)
+    return b"".join(parts)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _touch(path: Path) -> bool:
+    """Set mtime to now; False when the file does not exist.
+
+    The time is passed explicitly: the kernel's own file timestamps come from
+    a coarse clock that can lag ``time.time_ns()`` by milliseconds, which would
+    let a touch land before a ``before_ns`` taken just earlier.
+    """
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _no_room(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class ChunkStore:
+    """The chunks of one data directory. Create with ``await ChunkStore.open(...)``.
+
+    Used bytes and chunk count are kept in memory (scanned at open). Puts and
+    deletes of one id are serialized by a per-id lock, so the counts stay exact.
+    """
+
+    def __init__(self, root: Path, node_id: str, capacity_bytes: int | None) -> None:
+        self.root = root
+        self.node_id = node_id
+        self._capacity = capacity_bytes
+        self._chunks = root / "chunks"
+        self._tmp = root / "tmp"
+        self.used_bytes = 0
+        self.chunk_count = 0
+        self._reserved = 0
+        self._locks: dict[str, tuple[trio.Lock, list[int]]] = {}
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(cls, data_dir: str | os.PathLike[str], *, capacity_bytes: int | None = None) -> "ChunkStore":
+        """Create or open a data directory: make its layout, empty tmp/, scan chunks.
+
+        ``capacity_bytes`` caps the bytes stored (None: the disk's size).
+        Raises ``ChunkfsError`` with a one-line message when the directory
+        cannot be used (permissions, a corrupt node_id file, ...).
+        """
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise InvalidArgument("capacity must not be negative")
+        root = Path(data_dir).absolute()
+        try:
+            node_id = await trio.to_thread.run_sync(_prepare_layout, root)
+            store = cls(root, node_id, capacity_bytes)
+            store.used_bytes, store.chunk_count = await trio.to_thread.run_sync(_scan, root / "chunks")
+        except OSError as exc:
+            raise ChunkfsError(f"cannot use data directory {root}: {exc.strerror or exc}") from exc
+        log.info(
+            "data directory %s: node %s, %d chunks, %d bytes",
+            root, node_id, store.chunk_count, store.used_bytes,
+        )
+        return store
+
+    # -------------------------------------------------------------- space
+
+    def _disk(self) -> tuple[int, int]:
+        """Size and free space (available to us) of the disk, in bytes."""
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def _disk_free(self) -> int:
+        return self._disk()[1]
+
+    def _free(self, disk_free: int) -> int:
+        room = disk_free
+        if self._capacity is not None:
+            room = min(room, self._capacity - self.used_bytes)
+        return max(0, room - self._reserved)
+
+    async def stats(self) -> Stats:
+        """Capacity, used and free bytes, and chunk count, as of now."""
+        disk_size, disk_free = await trio.to_thread.run_sync(self._disk)
+        capacity = disk_size if self._capacity is None else self._capacity
+        return Stats(capacity, self.used_bytes, self._free(disk_free), self.chunk_count)
+
+    @asynccontextmanager
+    async def _reservation(self, length: int) -> AsyncIterator[None]:
+        """Hold ``length`` bytes of room while they are written; raise ``NodeFull`` if none."""
+        disk_free = await trio.to_thread.run_sync(self._disk_free)
+        # No checkpoint between the check and the reservation: concurrent
+        # puts see each other's reservations.
+        if length > self._free(disk_free):
+            raise NodeFull(f"no room for {length} bytes on node {self.node_id}")
+        self._reserved += length
+        try:
+            yield
+        finally:
+            self._reserved -= length
+
+    # -------------------------------------------------------------- locks
+
+    @asynccontextmanager
+    async def _locked(self, chunk_id: str) -> AsyncIterator[None]:
+        entry = self._locks.get(chunk_id)
+        if entry is None:
+            entry = self._locks[chunk_id] = (trio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[chunk_id]
+
+    # -------------------------------------------------------------- paths
+
+    def path(self, chunk_id: str) -> Path:
+        """Where chunk ``chunk_id`` lives. Raises ``InvalidArgument`` for a bad id."""
+        _check_id(chunk_id)
+        return self._chunks / chunk_id[:2] / chunk_id
+
+    def _temp_path(self, chunk_id: str) -> Path:
+        return self._tmp / f"{chunk_id}.{secrets.token_hex(8)}"
+
+    # ---------------------------------------------------------------- put
+
+    async def put(self, chunk_id: str, body: AsyncIterable[bytes], length: int) -> bool:
+        """Store a chunk streamed from ``body``, which must yield exactly ``length`` bytes.
+
+        Returns True when the chunk was created, False when it was already
+        there (then it is not rewritten, only its mtime is moved to now, but
+        the body is still read and checked). The chunk is durable (file and
+        directory fsynced) when this returns.
+
+        Raises ``InvalidArgument`` (bad id), ``LengthMismatch``,
+        ``DigestMismatch`` (nothing stored), ``NodeFull`` (507: over the
+        capacity or the disk's free space).
+        """
+        final = self.path(chunk_id)
+        if length < 0:
+            raise InvalidArgument("length must not be negative")
+        async with self._locked(chunk_id):
+            # Touch first: from here on a guarded delete decided earlier is refused.
+            if await trio.to_thread.run_sync(_touch, final):
+                await self._check_body(chunk_id, body, length)
+                return False
+            async with self._reservation(length):
+                await self._write_new(chunk_id, body, length, final)
+            self.used_bytes += length
+            self.chunk_count += 1
+            return True
+
+    async def _check_body(self, chunk_id: str, body: AsyncIterable[bytes], length: int) -> None:
+        """Read and hash a body without storing it (the chunk already exists)."""
+        digest = hashlib.sha256()
+        async with aclosing(_regroup(body, length)) as pieces:
+            async for piece in pieces:
+                await trio.to_thread.run_sync(digest.update, piece)
+        if digest.hexdigest() != chunk_id:
+            raise DigestMismatch(f"body does not match chunk id {chunk_id}")
+
+    async def _write_new(
+        self, chunk_id: str, body: AsyncIterable[bytes], length: int, final: Path
+    ) -> None:
+        tmp = self._temp_path(chunk_id)
+        fd = await trio.to_thread.run_sync(_create_temp, tmp)
+        try:
+            digest = hashlib.sha256()
+            async with aclosing(_regroup(body, length)) as pieces:
+                async for piece in pieces:
+                    await trio.to_thread.run_sync(_write_hashed, fd, digest, piece)
+            if digest.hexdigest() != chunk_id:
+                raise DigestMismatch(f"body does not match chunk id {chunk_id}")
+            # _commit closes the descriptor whatever happens.
+            owned, fd = fd, -1
+            await trio.to_thread.run_sync(_commit, owned, tmp, final)
+        except BaseException:
+            # Shielded: a cancelled upload (client gone) must still clean up.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_discard, fd, tmp)
+            raise
+
+    async def put_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        """Store several chunks held in memory, as ``put`` would store each.
+
+        Every digest is checked before anything is written, so a bad chunk
+        (``DigestMismatch``, ``InvalidArgument``) stores none. Returns, per
+        item, True if created and False if it already existed; all are
+        durable when this returns. Raises ``NodeFull`` when the new ones do
+        not fit (chunks written before the failure stay: they are valid).
+        """
+        for chunk_id, _ in items:
+            _check_id(chunk_id)
+        await trio.to_thread.run_sync(_verify_all, items)
+        async with AsyncExitStack() as stack:
+            # Sorted, so two batches never wait on each other's locks in a cycle.
+            for chunk_id in sorted({cid for cid, _ in items}):
+                await stack.enter_async_context(self._locked(chunk_id))
+            return await self._store_verified(items)
+        raise AssertionError("unreachable")
+
+    async def _store_verified(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        created: list[bool] = []
+        new: dict[str, bytes] = {}
+        for chunk_id, data in items:
+            fresh = chunk_id not in new and not await trio.to_thread.run_sync(
+                _touch, self.path(chunk_id)
+            )
+            if fresh:
+                new[chunk_id] = data
+            created.append(fresh)
+        total = sum(len(d) for d in new.values())
+        async with self._reservation(total):
+            dirs: set[Path] = set()
+            try:
+                for chunk_id, data in new.items():
+                    final = self.path(chunk_id)
+                    await trio.to_thread.run_sync(_store_bytes, self._temp_path(chunk_id), final, data)
+                    self.used_bytes += len(data)
+                    self.chunk_count += 1
+                    dirs.add(final.parent)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for d in dirs:
+                        await trio.to_thread.run_sync(_fsync_dir, d)
+        return created
+
+    # --------------------------------------------------------------- read
+
+    async def open_chunk(self, chunk_id: str) -> ChunkFile:
+        """Open a chunk for reading. Raises ``ChunkMissing``, ``InvalidArgument``."""
+        path = self.path(chunk_id)
+        try:
+            fd, size = await trio.to_thread.run_sync(_open_read, path)
+        except FileNotFoundError:
+            raise ChunkMissing(f"chunk {chunk_id} not on node {self.node_id}") from None
+        return ChunkFile(fd, size)
+
+    async def read(self, chunk_id: str, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a chunk (``end`` None: to its end), clipped to its size."""
+        f = await self.open_chunk(chunk_id)
+        try:
+            return await f.read(start, f.size if end is None else min(end, f.size))
+        finally:
+            f.close()
+
+    async def size(self, chunk_id: str) -> int | None:
+        """The chunk's length in bytes, or None when it is not here."""
+        path = self.path(chunk_id)
+        try:
+            st = await trio.to_thread.run_sync(os.stat, path)
+        except FileNotFoundError:
+            return None
+        return st.st_size
+
+    async def mtime_ns(self, chunk_id: str) -> int | None:
+        """When the chunk was last stored or re-used (ns), or None when absent."""
+        path = self.path(chunk_id)
+        try:
+            st = await trio.to_thread.run_sync(os.stat, path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns
+
+    # ------------------------------------------------------------- delete
+
+    async def delete(self, chunk_id: str, before_ns: int | None = None) -> None:
+        """Delete a chunk; with ``before_ns``, only if its mtime is older than that.
+
+        Raises ``ChunkMissing`` when absent, ``DeleteRefused`` when the guard
+        finds it touched at or after ``before_ns`` (a writer re-used it).
+        """
+        path = self.path(chunk_id)
+        async with self._locked(chunk_id):
+            try:
+                size = await trio.to_thread.run_sync(_unlink_guarded, path, before_ns)
+            except FileNotFoundError:
+                raise ChunkMissing(f"chunk {chunk_id} not on node {self.node_id}") from None
+            self.used_bytes -= size
+            self.chunk_count -= 1
+
+    # --------------------------------------------------------------- list
+
+    async def list_ids(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` chunk ids greater than ``after``, in ascending order."""
+        if after is not None:
+            _check_id(after)
+        if limit < 1:
+            raise InvalidArgument("limit must be at least 1")
+        return await trio.to_thread.run_sync(_list_ids, self._chunks, after, limit)
+
+
+# ------------------------------------------------------------------ helpers
+# These run in worker threads.
+
+
+def _prepare_layout(root: Path) -> str:
+    """Make the directories, empty tmp/, and return the node id (made if new)."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    chunks, tmp = root / "chunks", root / "tmp"
+    chunks.mkdir(mode=0o700, exist_ok=True)
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    for sub in _FANOUT:
+        (chunks / sub).mkdir(mode=0o700, exist_ok=True)
+    _fsync_dir(chunks)
+    removed = 0
+    for entry in os.scandir(tmp):
+        # Anything here is an upload that never finished: it was never acknowledged.
+        if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+            os.unlink(entry.path)
+            removed += 1
+    if removed:
+        log.info("removed %d unfinished uploads from %s", removed, tmp)
+    node_id = _read_or_make_node_id(root)
+    _fsync_dir(root)
+    return node_id
+
+
+def _read_or_make_node_id(root: Path) -> str:
+    path = root / "node_id"
+    try:
+        node_id = path.read_text().strip()
+    except FileNotFoundError:
+        node_id = secrets.token_hex(8)
+        tmp = root / "node_id.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{node_id}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        return node_id
+    if not _NODE_ID_RE.match(node_id):
+        raise ChunkfsError(f"{path} does not hold a node id (16 lowercase hex digits)")
+    return node_id
+
+
+def _scan(chunks: Path) -> tuple[int, int]:
+    used = count = 0
+    for sub in _FANOUT:
+        for entry in os.scandir(chunks / sub):
+            if not (valid_id(entry.name) and entry.name.startswith(sub)):
+                log.warning("ignoring stray file %s", entry.path)
+                continue
+            used += entry.stat(follow_symlinks=False).st_size
+            count += 1
+    return used, count
+
+
+def _create_temp(tmp: Path) -> int:
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            if _no_room(exc):
+                raise NodeFull("disk full") from exc
+            raise
+        view = view[n:]
+
+
+def _write_hashed(fd: int, digest: "hashlib._Hash", data: bytes | bytearray) -> None:
+    digest.update(data)
+    _write_all(fd, data)
+
+
+def _commit(fd: int, tmp: Path, final: Path) -> None:
+    """Make a written temp file the chunk: mtime now, fsync, rename, fsync the directory."""
+    try:
+        now = time.time_ns()
+        os.utime(fd, ns=(now, now))
+        os.fsync(fd)
+    except OSError as exc:
+        if _no_room(exc):
+            raise NodeFull("disk full") from exc
+        raise
+    finally:
+        os.close(fd)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _discard(fd: int, tmp: Path) -> None:
+    if fd >= 0:
+        os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _store_bytes(tmp: Path, final: Path, data: bytes) -> None:
+    """Write one whole chunk: temp file, fsync, rename (the caller fsyncs the directory)."""
+    fd = _create_temp(tmp)
+    try:
+        _write_all(fd, data)
+        now = time.time_ns()
+        os.utime(fd, ns=(now, now))
+        os.fsync(fd)
+    except BaseException:
+        _discard(fd, tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, final)
+
+
+def _verify_all(items: list[tuple[str, bytes]]) -> None:
+    for chunk_id, data in items:
+        if hashlib.sha256(data).hexdigest() != chunk_id:
+            raise DigestMismatch(f"body does not match chunk id {chunk_id}")
+
+
+def _open_read(path: Path) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd, os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unlink_guarded(path: Path, before_ns: int | None) -> int:
+    """Unlink ``path`` and return its size; refuse if touched at/after ``before_ns``."""
+    st = os.stat(path)
+    if before_ns is not None and st.st_mtime_ns >= before_ns:
+        raise DeleteRefused(
+            f"chunk {path.name} was used at {st.st_mtime_ns} ns, not before {before_ns}"
+        )
+    os.unlink(path)
+    _fsync_dir(path.parent)
+    return st.st_size
+
+
+def _list_ids(chunks: Path, after: str | None, limit: int) -> list[str]:
+    found: list[str] = []
+    first = after[:2] if after else "00"
+    for sub in _FANOUT:
+        if sub < first:
+            continue
+        names = sorted(
+            n for n in os.listdir(chunks / sub)
+            if valid_id(n) and n.startswith(sub) and (after is None or n > after)
+        )
+        found.extend(names[: limit - len(found)])
+        if len(found) >= limit:
+            break
+    return found
+
+
+async def _regroup(body: AsyncIterable[bytes], length: int) -> AsyncIterator[bytearray]:
+    """Re-cut a body into pieces of about ``PIECE_SIZE``; enforce its declared length."""
+    buf = bytearray()
+    received = 0
+    async for data in body:
+        received += len(data)
+        if received > length:
+            raise LengthMismatch(length, received)
+        buf += data
+        if len(buf) >= PIECE_SIZE:
+            yield buf
+            buf = bytearray()
+    if received != length:
+        raise LengthMismatch(length, received)
+    if buf:
+        yield buf

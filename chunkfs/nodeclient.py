@@ -1,0 +1,255 @@
+"""An HTTP client for one storage node (httpx, which runs on trio).
+
+Chunk ids are 32-byte SHA-256 digests here and lowercase hex on the wire.
+HTTP failures become chunkfs errors: 404 ``ChunkMissing``, 422
+``DigestMismatch``, 507 ``NodeFull``, anything else (other statuses,
+connection errors, timeouts) ``StorageError``; each message names the node.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterable, AsyncIterator, NoReturn
+
+import httpx
+
+from .errors import ChunkMissing, DigestMismatch, NodeFull, StorageError
+
+log = logging.getLogger(__name__)
+
+# One pool per node. Idle connections are dropped before the server's own
+# keep-alive timeout (75 s), so a request never lands on a closing socket.
+DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=16, keepalive_expiry=30.0)
+_STATUS_ERRORS: dict[int, type[StorageError]] = {
+    404: ChunkMissing,
+    422: DigestMismatch,
+    507: NodeFull,
+}
+
+
+def _hex(chunk_id: bytes) -> str:
+    if len(chunk_id) != 32:
+        raise ValueError("chunk id must be a 32-byte SHA-256 digest")
+    return chunk_id.hex()
+
+
+class NodeClient:
+    """Talks to the node at ``base_url`` with the cluster ``token``.
+
+    ``timeout`` (seconds) bounds connecting and each read or write on the
+    socket, not a whole transfer. Pass ``client`` to share an
+    ``httpx.AsyncClient``; otherwise one is made (HTTP/1.1, keep-alive) and
+    closed by ``aclose``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {token}"}
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout), limits=DEFAULT_LIMITS, http1=True, http2=False
+        )
+
+    def __repr__(self) -> str:
+        return f"NodeClient({self.base_url!r})"
+
+    async def __aenter__(self) -> "NodeClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool, if this client made it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def _fail(self, what: str, response: httpx.Response) -> NoReturn:
+        detail = _error_text(response)
+        cls = _STATUS_ERRORS.get(response.status_code, StorageError)
+        raise cls(f"node {self.base_url}: {what}: HTTP {response.status_code}{detail}")
+
+    def _json(self, what: str, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise StorageError(f"node {self.base_url}: {what}: malformed JSON answer") from exc
+
+    async def _request(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self._auth, **kwargs.pop("headers", {})}
+        try:
+            return await self._client.request(method, self._url(path), headers=headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
+
+    # ---------------------------------------------------------------- API
+
+    async def put(
+        self, chunk_id: bytes, content: bytes | AsyncIterable[bytes], length: int
+    ) -> bool:
+        """Store a chunk of ``length`` bytes; True if created, False if it was there.
+
+        ``content`` is the bytes or an async iterable of pieces (streamed).
+        Raises ``DigestMismatch`` (the bytes are not ``chunk_id``'s),
+        ``NodeFull``, ``StorageError``.
+        """
+        cid = _hex(chunk_id)
+        what = f"PUT chunk {cid}"
+        headers = {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
+        response = await self._request(what, "PUT", f"/v1/chunks/{cid}", content=content, headers=headers)
+        if response.status_code in (200, 201):
+            return response.status_code == 201
+        self._fail(what, response)
+
+    async def put_batch(self, items: list[tuple[bytes, bytes]]) -> list[bool]:
+        """Store several small chunks ``(chunk_id, bytes)`` in one request.
+
+        All are durable when this returns; returns, per item, True if created.
+        Raises ``DigestMismatch`` if any is wrong (then none was stored),
+        ``NodeFull``, ``StorageError``.
+        """
+        if not items:
+            return []
+        parts = []
+        for chunk_id, data in items:
+            parts.append(_hex(chunk_id).encode("ascii"))
+            parts.append(len(data).to_bytes(8, "big"))
+            parts.append(data)
+        body = b"".join(parts)
+        what = f"batch PUT of {len(items)} chunks"
+        response = await self._request(
+            what, "POST", "/v1/chunks:batch", content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if response.status_code != 200:
+            self._fail(what, response)
+        return [bool(c) for c in self._json(what, response)["created"]]
+
+    async def get(self, chunk_id: bytes, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a chunk (``end`` None: to its end; exclusive).
+
+        An ``end`` past the chunk's end is clipped by the node. Raises
+        ``ChunkMissing``, ``StorageError`` (also for a range starting past
+        the end).
+        """
+        cid = _hex(chunk_id)
+        if end is not None and end <= start:
+            return b""
+        what = f"GET chunk {cid} [{start}, {'' if end is None else end})"
+        headers = _range_header(start, end)
+        response = await self._request(what, "GET", f"/v1/chunks/{cid}", headers=headers)
+        if response.status_code == 206 or (response.status_code == 200 and not headers):
+            return response.content
+        if response.status_code == 200:  # the node ignored the range
+            return response.content[start:end]
+        self._fail(what, response)
+
+    @asynccontextmanager
+    async def stream(
+        self, chunk_id: bytes, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Like ``get``, but yields an async iterator over the bytes as they arrive.
+
+        Use as ``async with client.stream(cid) as pieces: async for b in pieces``.
+        Errors are raised on entry (status) or while iterating (connection).
+        """
+        cid = _hex(chunk_id)
+        what = f"GET chunk {cid}"
+        headers = {**self._auth, **_range_header(start, end)}
+        try:
+            async with self._client.stream("GET", self._url(f"/v1/chunks/{cid}"), headers=headers) as response:
+                if response.status_code not in (200, 206) or (
+                    response.status_code == 200 and (start or end is not None)
+                ):
+                    await response.aread()
+                    self._fail(what, response)
+                yield self._pieces(what, response)
+        except httpx.HTTPError as exc:
+            raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def _pieces(self, what: str, response: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for data in response.aiter_bytes():
+                yield data
+        except httpx.HTTPError as exc:
+            raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def head(self, chunk_id: bytes) -> int | None:
+        """The chunk's length in bytes, or None when the node does not hold it."""
+        cid = _hex(chunk_id)
+        what = f"HEAD chunk {cid}"
+        response = await self._request(what, "HEAD", f"/v1/chunks/{cid}")
+        if response.status_code == 200:
+            return int(response.headers["content-length"])
+        if response.status_code == 404:
+            return None
+        self._fail(what, response)
+
+    async def delete(self, chunk_id: bytes, before_ns: int | None = None) -> bool:
+        """Delete a chunk; with ``before_ns`` (node clock, ns) only if unused since.
+
+        Returns True when the node no longer holds the chunk (deleted now, or
+        already absent), False when the guard refused because a writer used
+        the chunk at or after ``before_ns`` (it is kept). Raises ``StorageError``.
+        """
+        cid = _hex(chunk_id)
+        what = f"DELETE chunk {cid}"
+        params = {} if before_ns is None else {"before_ns": str(before_ns)}
+        response = await self._request(what, "DELETE", f"/v1/chunks/{cid}", params=params)
+        if response.status_code in (204, 404):
+            return True
+        if response.status_code == 409:
+            return False
+        self._fail(what, response)
+
+    async def list(
+        self, after: bytes | None = None, limit: int = 1000
+    ) -> tuple[list[bytes], bytes | None]:
+        """Up to ``limit`` chunk ids greater than ``after``, ascending, and the
+        ``after`` for the next page (None when this was the last one).
+        """
+        params = {"limit": str(limit)}
+        if after is not None:
+            params["after"] = _hex(after)
+        what = "list chunks"
+        response = await self._request(what, "GET", "/v1/chunks", params=params)
+        if response.status_code != 200:
+            self._fail(what, response)
+        payload = self._json(what, response)
+        nxt = payload.get("next")
+        return [bytes.fromhex(c) for c in payload["chunks"]], (bytes.fromhex(nxt) if nxt else None)
+
+    async def health(self) -> dict[str, Any]:
+        """The node's health: status, node_id, capacity/used/free bytes, chunk_count, now_ns."""
+        what = "health"
+        response = await self._request(what, "GET", "/v1/health")
+        if response.status_code != 200:
+            self._fail(what, response)
+        return dict(self._json(what, response))
+
+
+def _range_header(start: int, end: int | None) -> dict[str, str]:
+    if start == 0 and end is None:
+        return {}
+    return {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        message = response.json().get("error")
+    except Exception:  # not JSON, or a streamed body not read
+        message = None
+    return f" ({message})" if message else ""

@@ -1,0 +1,286 @@
+"""Tests of chunkfs.node.storage: chunk files on a real directory (tmp_path)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import trio
+
+from chunkfs.errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from chunkfs.node.storage import PIECE_SIZE, ChunkStore, DeleteRefused, LengthMismatch
+
+
+def cid(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def pieces(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+        await trio.lowlevel.checkpoint()
+
+
+async def put(store: ChunkStore, data: bytes, chunk_id: str | None = None) -> bool:
+    return await store.put(chunk_id or cid(data), pieces(data), len(data))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def chunk_files(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "chunks").glob("*/*"))
+
+
+async def test_open_creates_private_layout_and_node_id(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    store = await ChunkStore.open(root)
+    assert mode(root) == 0o700
+    assert mode(root / "chunks") == 0o700 and mode(root / "tmp") == 0o700
+    assert len(list((root / "chunks").iterdir())) == 256
+    assert len(store.node_id) == 16 and int(store.node_id, 16) >= 0
+    assert store.node_id == store.node_id.lower()
+    assert (root / "node_id").read_text().strip() == store.node_id
+
+
+async def test_reopen_keeps_node_id_and_counts_chunks(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    blobs = [os.urandom(n) for n in (0, 1, 1000, 70000)]
+    for b in blobs:
+        await put(store, b)
+    again = await ChunkStore.open(tmp_path)
+    assert again.node_id == store.node_id
+    assert again.chunk_count == 4
+    assert again.used_bytes == sum(len(b) for b in blobs)
+
+
+async def test_corrupt_node_id_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "node_id").write_text("not-an-id\n")
+    with pytest.raises(ChunkfsError, match="node id"):
+        await ChunkStore.open(tmp_path)
+
+
+async def test_open_empties_tmp(tmp_path: Path) -> None:
+    await ChunkStore.open(tmp_path)
+    leftover = tmp_path / "tmp" / ("ab" * 32 + ".deadbeef")
+    leftover.write_bytes(b"half an upload")
+    await ChunkStore.open(tmp_path)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_put_creates_0600_file_in_fanout_dir(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = os.urandom(5000)
+    assert await put(store, data) is True
+    path = tmp_path / "chunks" / cid(data)[:2] / cid(data)
+    assert path.read_bytes() == data
+    assert mode(path) == 0o600
+    assert (store.chunk_count, store.used_bytes) == (1, 5000)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_put_streams_large_body_in_pieces(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = os.urandom(3 * PIECE_SIZE + 12345)
+    assert await store.put(cid(data), pieces(data, 7777), len(data)) is True
+    assert await store.read(cid(data)) == data
+
+
+async def test_put_existing_keeps_file_and_moves_mtime(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"same bytes"
+    await put(store, data)
+    path = store.path(cid(data))
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(old, old))
+    inode = path.stat().st_ino
+    assert await put(store, data) is False
+    st = path.stat()
+    assert st.st_ino == inode  # not rewritten
+    assert st.st_mtime_ns > old + 3000 * 10**9
+    assert (store.chunk_count, store.used_bytes) == (1, len(data))
+
+
+async def test_put_existing_still_checks_digest(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"original"
+    await put(store, data)
+    with pytest.raises(DigestMismatch):
+        await store.put(cid(data), pieces(b"imposter"), 8)
+    assert await store.read(cid(data)) == data
+
+
+async def test_digest_mismatch_stores_nothing(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    with pytest.raises(DigestMismatch):
+        await store.put(cid(b"expected"), pieces(b"something else"), 14)
+    assert chunk_files(tmp_path) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert (store.chunk_count, store.used_bytes) == (0, 0)
+
+
+@pytest.mark.parametrize("declared", [3, 20])
+async def test_length_mismatch_stores_nothing(tmp_path: Path, declared: int) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"ten bytes!"
+    with pytest.raises(LengthMismatch) as info:
+        await store.put(cid(data), pieces(data, 2), declared)
+    assert info.value.expected == declared
+    assert chunk_files(tmp_path) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert store.chunk_count == 0
+
+
+@pytest.mark.parametrize("bad", ["../../node_id", "AB" * 32, "ab" * 31, "ab" * 33, "zz" * 32, ""])
+async def test_malformed_ids_are_refused(tmp_path: Path, bad: str) -> None:
+    store = await ChunkStore.open(tmp_path)
+    with pytest.raises(InvalidArgument):
+        await store.put(bad, pieces(b"x"), 1)
+    with pytest.raises(InvalidArgument):
+        await store.open_chunk(bad)
+    with pytest.raises(InvalidArgument):
+        await store.delete(bad)
+
+
+async def test_read_ranges(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = os.urandom(2 * PIECE_SIZE + 99)
+    await put(store, data)
+    c = cid(data)
+    assert await store.read(c, 10, 20) == data[10:20]
+    assert await store.read(c, len(data) - 5) == data[-5:]
+    assert await store.read(c, 100, 10**12) == data[100:]
+    f = await store.open_chunk(c)
+    assert f.size == len(data)
+    got = [piece async for piece in f.iter_range(7, len(data) - 7)]
+    assert len(got) == 3 and all(len(p) <= PIECE_SIZE for p in got)
+    assert b"".join(got) == data[7:-7]
+    assert await store.size(c) == len(data)
+
+
+async def test_read_missing_chunk(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    with pytest.raises(ChunkMissing):
+        await store.read("00" * 32)
+    assert await store.size("00" * 32) is None
+
+
+async def test_open_chunk_survives_delete(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"read me while gc runs"
+    await put(store, data)
+    f = await store.open_chunk(cid(data))
+    await store.delete(cid(data))
+    assert await f.read(0, f.size) == data
+    f.close()
+
+
+async def test_delete_updates_counts_and_missing_raises(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"doomed"
+    await put(store, data)
+    await store.delete(cid(data))
+    assert chunk_files(tmp_path) == []
+    assert (store.chunk_count, store.used_bytes) == (0, 0)
+    with pytest.raises(ChunkMissing):
+        await store.delete(cid(data))
+
+
+async def test_delete_before_ns_guard(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"guarded"
+    await put(store, data)
+    written = await store.mtime_ns(cid(data))
+    assert written is not None
+    with pytest.raises(DeleteRefused):
+        await store.delete(cid(data), before_ns=written)  # not strictly older
+    assert await store.size(cid(data)) == len(data)
+    await store.delete(cid(data), before_ns=written + 1)
+    assert await store.size(cid(data)) is None
+
+
+async def test_reuse_after_gc_decision_refuses_delete(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = b"old but wanted again"
+    await put(store, data)
+    old = time.time_ns() - 10**9
+    os.utime(store.path(cid(data)), ns=(old, old))
+    decided = time.time_ns()  # gc decides the chunk is garbage...
+    assert await put(store, data) is False  # ...then a writer re-uses it
+    with pytest.raises(DeleteRefused):
+        await store.delete(cid(data), before_ns=decided)
+    assert await store.read(cid(data)) == data
+
+
+async def test_list_ids_sorted_and_paged(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    ids = []
+    for i in range(25):
+        data = f"chunk {i}".encode()
+        await put(store, data)
+        ids.append(cid(data))
+    ids.sort()
+    assert await store.list_ids() == ids
+    pages, after = [], None
+    while True:
+        page = await store.list_ids(after, limit=7)
+        pages.append(page)
+        if len(page) < 7:
+            break
+        after = page[-1]
+    assert [len(p) for p in pages] == [7, 7, 7, 4]
+    assert sum(pages, []) == ids
+    assert await store.list_ids(ids[-1]) == []
+
+
+async def test_capacity_cap_refuses_put(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path, capacity_bytes=100)
+    await put(store, os.urandom(60))
+    with pytest.raises(NodeFull):
+        await put(store, os.urandom(60))
+    assert store.chunk_count == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
+    stats = await store.stats()
+    assert (stats.capacity_bytes, stats.used_bytes, stats.free_bytes, stats.chunk_count) == (100, 60, 40, 1)
+
+
+async def test_concurrent_puts_of_one_chunk_count_once(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    data = os.urandom(200_000)
+    results: list[bool] = []
+
+    async def one() -> None:
+        results.append(await put(store, data))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+    assert sorted(results) == [False] * 4 + [True]
+    assert (store.chunk_count, store.used_bytes) == (1, len(data))
+    assert chunk_files(tmp_path) == [cid(data)]
+
+
+async def test_put_many_stores_all_and_reports_created(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    await put(store, b"b")
+    items = [(cid(x), x) for x in (b"a", b"b", b"c", b"a")]
+    assert await store.put_many(items) == [True, False, True, False]
+    assert chunk_files(tmp_path) == sorted({cid(b"a"), cid(b"b"), cid(b"c")})
+    assert (store.chunk_count, store.used_bytes) == (3, 3)
+    for path in (tmp_path / "chunks").glob("*/*"):
+        assert mode(path) == 0o600
+
+
+async def test_put_many_with_one_bad_digest_stores_none(tmp_path: Path) -> None:
+    store = await ChunkStore.open(tmp_path)
+    items = [(cid(b"good"), b"good"), (cid(b"bad"), b"BAD"), (cid(b"fine"), b"fine")]
+    with pytest.raises(DigestMismatch):
+        await store.put_many(items)
+    assert chunk_files(tmp_path) == []
+    assert store.chunk_count == 0
