@@ -69,21 +69,23 @@ class Database:
                 f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}"
             ) from exc
 
+    # A single statement is atomic on its own: it needs no BEGIN / COMMIT.
+
     async def fetch(self, sql: str, *args: Any) -> list[Record]:
         """Run a query; return all its rows."""
-        return await self.transaction(lambda conn: conn.fetch(sql, *args))
+        return await self._call(self._pool.fetch, sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> Record | None:
         """Run a query; return its first row or None."""
-        return await self.transaction(lambda conn: conn.fetchrow(sql, *args))
+        return await self._call(self._pool.fetchrow, sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Run a query; return the first column of its first row, or None."""
-        return await self.transaction(lambda conn: conn.fetchval(sql, *args))
+        return await self._call(self._pool.fetchval, sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run a statement; return its status tag (e.g. ``'UPDATE 1'``)."""
-        return await self.transaction(lambda conn: conn.execute(sql, *args))
+        return await self._call(self._pool.execute, sql, *args)
 
     async def transaction(
         self,
@@ -117,6 +119,13 @@ class Database:
         await trio_asyncio.aio_as_trio(self._pool.close)()
 
 
+async def _no_reset(conn: Connection) -> None:
+    """chunkfs keeps no session state (no SET, LISTEN or session locks) and
+    every transaction ends inside ``Database.transaction``, so a connection
+    returned to the pool needs no reset round trips.
+    """
+
+
 @asynccontextmanager
 async def open_database(
     dsn: str,
@@ -140,6 +149,7 @@ async def open_database(
                 max_size=max_size,
                 timeout=connect_timeout,
                 command_timeout=command_timeout,
+                reset=_no_reset,
             )
 
         try:
