@@ -553,22 +553,19 @@ class Meta:
 
     async def begin_upload(self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int) -> int:
         """Open an upload session protecting ``chunk_ids`` from gc for
-        ``ttl_s`` seconds; return its id.
+        ``ttl_s`` seconds; return its id. One statement, so one round trip.
         """
-        async def body(conn: Connection) -> int:
-            sid = await conn.fetchval(
-                "INSERT INTO upload_sessions (ino, status, expires_at) "
-                "VALUES ($1, 'uploading', now() + make_interval(secs => $2)) RETURNING session_id",
-                ino, float(ttl_s),
-            )
-            await conn.executemany(
-                "INSERT INTO upload_session_chunks (session_id, chunk_id) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING",
-                [(sid, c) for c in set(chunk_ids)],
-            )
-            return sid
-
-        return await self.db.transaction(body)
+        return await self.db.fetchval(
+            """WITH s AS (
+                   INSERT INTO upload_sessions (ino, status, expires_at)
+                   VALUES ($1, 'uploading', now() + make_interval(secs => $2))
+                   RETURNING session_id),
+               c AS (
+                   INSERT INTO upload_session_chunks (session_id, chunk_id)
+                   SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u)
+               SELECT session_id FROM s""",
+            ino, float(ttl_s), sorted(set(chunk_ids)),
+        )
 
     async def fail_upload(self, session_id: int) -> None:
         """Mark an upload session failed; gc reclaims what it pushed."""
@@ -596,41 +593,45 @@ class Meta:
         if size > max_file_size:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
         lengths = {c[3]: c[2] for c in chunks}
-
-        async def body(conn: Connection) -> Attrs:
-            found = await conn.fetchval("SELECT true FROM inodes WHERE ino = $1 FOR UPDATE", ino)
-            if not found:
-                raise errors.NotFound(f"no inode {ino}")
-            await conn.executemany(
-                "INSERT INTO chunk_objects (chunk_id, length) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING",
-                list(lengths.items()),
-            )
-            await conn.executemany(
-                "INSERT INTO chunk_replicas (chunk_id, node_id) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING",
-                [(c, n) for c, nodes in replicas.items() for n in nodes],
-            )
-            await conn.execute("DELETE FROM chunks WHERE ino = $1", ino)
-            await conn.executemany(
-                'INSERT INTO chunks (ino, chunk_index, "offset", length, chunk_id) '
-                "VALUES ($1, $2, $3, $4, $5)",
-                [(ino, *c) for c in chunks],
-            )
-            if session_id is not None:
-                await conn.execute(
-                    "UPDATE upload_sessions SET status = 'completed' WHERE session_id = $1",
-                    session_id,
-                )
-            row = await conn.fetchrow(
-                f"""UPDATE inodes SET size = $2, sha256 = $3, mtime_ns = $4,
+        pairs = [(c, n) for c, nodes in replicas.items() for n in nodes]
+        # One statement (one round trip, atomic): the inode row is updated
+        # first, which locks it against a concurrent commit of the same file;
+        # foreign keys are checked at the end of the statement.
+        row = await self.db.fetchrow(
+            f"""WITH i AS (
+                    UPDATE inodes SET size = $2, sha256 = $3, mtime_ns = $4,
                         ctime_ns = greatest(ctime_ns, $4), version = version + 1
-                    WHERE ino = $1 RETURNING {_ATTR_COLS}""",
-                ino, size, sha256 if size else None, mtime_ns,
-            )
-            return Attrs.from_row(row)
-
-        return await self.db.transaction(body)
+                    WHERE ino = $1 RETURNING {_ATTR_COLS}),
+                s AS (
+                    UPDATE upload_sessions SET status = 'completed'
+                    WHERE session_id = $5 AND EXISTS (SELECT 1 FROM i)),
+                o AS (
+                    INSERT INTO chunk_objects (chunk_id, length)
+                    SELECT * FROM unnest($6::bytea[], $7::bigint[]) WHERE EXISTS (SELECT 1 FROM i)
+                    ON CONFLICT DO NOTHING),
+                r AS (
+                    INSERT INTO chunk_replicas (chunk_id, node_id)
+                    SELECT * FROM unnest($8::bytea[], $9::text[]) WHERE EXISTS (SELECT 1 FROM i)
+                    ON CONFLICT DO NOTHING),
+                d AS (
+                    DELETE FROM chunks WHERE ino = $1 AND chunk_index <> ALL ($10::smallint[])
+                    AND EXISTS (SELECT 1 FROM i)),
+                c AS (
+                    INSERT INTO chunks (ino, chunk_index, "offset", length, chunk_id)
+                    SELECT $1, * FROM unnest($10::smallint[], $11::bigint[], $12::bigint[], $13::bytea[])
+                    WHERE EXISTS (SELECT 1 FROM i)
+                    ON CONFLICT (ino, chunk_index) DO UPDATE SET "offset" = excluded."offset",
+                        length = excluded.length, chunk_id = excluded.chunk_id)
+                SELECT * FROM i""",
+            ino, size, sha256 if size else None, mtime_ns, session_id,
+            list(lengths), list(lengths.values()),
+            [c for c, _ in pairs], [n for _, n in pairs],
+            [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
+            [c[3] for c in chunks],
+        )
+        if row is None:
+            raise errors.NotFound(f"no inode {ino}")
+        return Attrs.from_row(row)
 
     # -------------------------------------------------------- accounting
 

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -38,6 +39,7 @@ def fuse_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -49,6 +51,8 @@ def fuse_errors(fn: F) -> F:
                 raise pyfuse3.FUSEError(cause.errno) from None
             log.exception("unexpected error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            log.debug("%s took %.2f ms", fn.__name__, (time.perf_counter() - start) * 1e3)
 
     return wrapper  # type: ignore[return-value]
 

@@ -226,7 +226,7 @@ class ChunkStore:
     @asynccontextmanager
     async def _reservation(self, length: int) -> AsyncIterator[None]:
         """Hold ``length`` bytes of room while they are written; raise ``NodeFull`` if none."""
-        disk_free = await trio.to_thread.run_sync(self._disk_free)
+        disk_free = self._disk_free()  # one statvfs: cheaper than a thread trip
         # No checkpoint between the check and the reservation: concurrent
         # puts see each other's reservations.
         if length > self._free(disk_free):
@@ -333,7 +333,6 @@ class ChunkStore:
         """
         for chunk_id, _ in items:
             _check_id(chunk_id)
-        await trio.to_thread.run_sync(_verify_all, items)
         async with AsyncExitStack() as stack:
             # Sorted, so two batches never wait on each other's locks in a cycle.
             for chunk_id in sorted({cid for cid, _ in items}):
@@ -342,29 +341,22 @@ class ChunkStore:
         raise AssertionError("unreachable")
 
     async def _store_verified(self, items: list[tuple[str, bytes]]) -> list[bool]:
-        created: list[bool] = []
-        new: dict[str, bytes] = {}
-        for chunk_id, data in items:
-            fresh = chunk_id not in new and not await trio.to_thread.run_sync(
-                _touch, self.path(chunk_id)
-            )
-            if fresh:
-                new[chunk_id] = data
-            created.append(fresh)
-        total = sum(len(d) for d in new.values())
+        # Two trips to a worker thread for the whole batch: a small file's
+        # chunks are many and tiny, so per-chunk trips would dominate.
+        paths = [self.path(cid) for cid, _ in items]
+        created = await trio.to_thread.run_sync(_verify_and_touch, items, paths)
+        new: dict[str, tuple[bytes, Path]] = {}
+        for i, ((cid, data), path) in enumerate(zip(items, paths)):
+            if created[i] and cid in new:
+                created[i] = False  # named twice in the batch: stored once
+            elif created[i]:
+                new[cid] = (data, path)
+        total = sum(len(d) for d, _ in new.values())
         async with self._reservation(total):
-            dirs: set[Path] = set()
-            try:
-                for chunk_id, data in new.items():
-                    final = self.path(chunk_id)
-                    await trio.to_thread.run_sync(_store_bytes, self._temp_path(chunk_id), final, data)
-                    self.used_bytes += len(data)
-                    self.chunk_count += 1
-                    dirs.add(final.parent)
-            finally:
-                with trio.CancelScope(shield=True):
-                    for d in dirs:
-                        await trio.to_thread.run_sync(_fsync_dir, d)
+            stored = [(self._temp_path(cid), path, data) for cid, (data, path) in new.items()]
+            await trio.to_thread.run_sync(_store_all, stored)
+            self.used_bytes += total
+            self.chunk_count += len(stored)
         return created
 
     # --------------------------------------------------------------- read
@@ -552,10 +544,26 @@ def _store_bytes(tmp: Path, final: Path, data: bytes) -> None:
     os.rename(tmp, final)
 
 
-def _verify_all(items: list[tuple[str, bytes]]) -> None:
+def _verify_and_touch(items: list[tuple[str, bytes]], paths: list[Path]) -> list[bool]:
+    """Check every digest first (a bad one stores nothing); then touch the
+    chunks already here. Returns, per item, whether it is new.
+    """
     for chunk_id, data in items:
         if hashlib.sha256(data).hexdigest() != chunk_id:
             raise DigestMismatch(f"body does not match chunk id {chunk_id}")
+    return [not _touch(path) for path in paths]
+
+
+def _store_all(stored: list[tuple[Path, Path, bytes]]) -> None:
+    """Store whole chunks ``(temp, final, bytes)``, then fsync each directory once."""
+    dirs = set()
+    try:
+        for tmp, final, data in stored:
+            _store_bytes(tmp, final, data)
+            dirs.add(final.parent)
+    finally:
+        for d in dirs:
+            _fsync_dir(d)
 
 
 def _open_read(path: Path) -> tuple[int, int]:
