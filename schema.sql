@@ -9,12 +9,14 @@
 CREATE TABLE IF NOT EXISTS schema_version (
     -- One row: the version of this schema the database holds.
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- Bumped by every schema change that needs a migration.
     version integer NOT NULL
 );
 INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
 
 CREATE TABLE IF NOT EXISTS settings (
     -- One row: cluster-wide settings, fixed at mkfs.
+    -- (singleton: always true, so the table holds one row.)
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     -- Copies of every chunk object (R); each on a distinct storage node.
     replicas integer NOT NULL DEFAULT 2 CHECK (replicas BETWEEN 1 AND 16),
@@ -24,6 +26,7 @@ CREATE TABLE IF NOT EXISTS settings (
     cluster_token text NOT NULL CHECK (cluster_token ~ '^[0-9a-f]{64}$'),
     -- Seconds an upload session may stay open before gc expires it.
     upload_ttl_s integer NOT NULL DEFAULT 3600 CHECK (upload_ttl_s > 0),
+    -- When mkfs made the filesystem.
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -32,6 +35,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     ino bigint PRIMARY KEY CHECK (ino >= 1),
     -- st_mode: file type bits and permission bits.
     mode integer NOT NULL,
+    -- Owner and group ids.
     uid bigint NOT NULL CHECK (uid >= 0),
     gid bigint NOT NULL CHECK (gid >= 0),
     -- Number of dentries naming this inode (plus "." and children's ".." for directories).
@@ -40,6 +44,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     size bigint NOT NULL DEFAULT 0 CHECK (size >= 0),
     -- Device number of character and block special files.
     rdev bigint NOT NULL DEFAULT 0,
+    -- Last access, content change and inode change, in ns since the epoch.
     atime_ns bigint NOT NULL,
     mtime_ns bigint NOT NULL,
     ctime_ns bigint NOT NULL,
@@ -52,6 +57,7 @@ CREATE SEQUENCE IF NOT EXISTS inode_seq START 2 OWNED BY inodes.ino;
 
 CREATE TABLE IF NOT EXISTS dentries (
     -- A name in a directory. Hard links are several dentries of one inode.
+    -- The directory holding the name, and the inode it names.
     parent bigint NOT NULL REFERENCES inodes (ino),
     name bytea NOT NULL CHECK (length(name) BETWEEN 1 AND 255
                                AND position('\x00'::bytea IN name) = 0
@@ -68,11 +74,13 @@ CREATE INDEX IF NOT EXISTS dentries_parent_cookie ON dentries (parent, cookie);
 CREATE TABLE IF NOT EXISTS symlinks (
     -- The target of a symbolic link (at most 4095 bytes, as PATH_MAX - 1).
     ino bigint PRIMARY KEY REFERENCES inodes (ino) ON DELETE CASCADE,
+    -- The path the link points at, as bytes.
     target bytea NOT NULL CHECK (length(target) BETWEEN 1 AND 4095)
 );
 
 CREATE TABLE IF NOT EXISTS xattrs (
     -- Extended attributes, e.g. "user.comment" -> bytes.
+    -- The inode, the attribute's full name (namespace included) and value.
     ino bigint NOT NULL REFERENCES inodes (ino) ON DELETE CASCADE,
     name bytea NOT NULL CHECK (length(name) BETWEEN 1 AND 255),
     value bytea NOT NULL CHECK (length(value) <= 65536),
@@ -87,10 +95,13 @@ CREATE TABLE IF NOT EXISTS storage_nodes (
     base_url text NOT NULL,
     -- 'active' while it runs; 'stopped' after a clean shutdown.
     status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'stopped')),
+    -- Space as the node last reported it (bytes): its capacity, what its
+    -- chunks use, what is still free; and how many chunk objects it holds.
     capacity_bytes bigint NOT NULL DEFAULT 0 CHECK (capacity_bytes >= 0),
     used_bytes bigint NOT NULL DEFAULT 0 CHECK (used_bytes >= 0),
     free_bytes bigint NOT NULL DEFAULT 0 CHECK (free_bytes >= 0),
     chunk_count bigint NOT NULL DEFAULT 0 CHECK (chunk_count >= 0),
+    -- When the node first registered.
     registered_at timestamptz NOT NULL DEFAULT now(),
     -- Moved by every heartbeat; a node is live while this is fresh.
     last_heartbeat timestamptz NOT NULL DEFAULT now()
@@ -101,6 +112,7 @@ CREATE TABLE IF NOT EXISTS hash_ring_vnodes (
     -- The consistent-hash ring: 150 virtual nodes per storage node, each at
     -- a 64-bit position (signed, as PostgreSQL has no unsigned bigint).
     hash bigint NOT NULL,
+    -- The owning node, and the vnode's number (0..149) within it.
     node_id text NOT NULL REFERENCES storage_nodes (node_id) ON DELETE CASCADE,
     vnode integer NOT NULL CHECK (vnode >= 0),
     PRIMARY KEY (node_id, vnode)
@@ -111,12 +123,14 @@ CREATE TABLE IF NOT EXISTS chunk_objects (
     -- A content-addressed chunk object; its id is the SHA-256 of its bytes,
     -- so identical chunks are stored once and a PUT is idempotent.
     chunk_id bytea PRIMARY KEY CHECK (length(chunk_id) = 32),
+    -- Its length in bytes, and when it was first committed.
     length bigint NOT NULL CHECK (length >= 0),
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE TABLE IF NOT EXISTS chunk_replicas (
     -- Which storage nodes hold (durably, fsynced) a copy of a chunk object.
+    -- The chunk object, and a node holding a copy.
     chunk_id bytea NOT NULL REFERENCES chunk_objects (chunk_id) ON DELETE CASCADE,
     node_id text NOT NULL REFERENCES storage_nodes (node_id),
     PRIMARY KEY (chunk_id, node_id)
@@ -126,6 +140,7 @@ CREATE INDEX IF NOT EXISTS chunk_replicas_node ON chunk_replicas (node_id);
 CREATE TABLE IF NOT EXISTS chunks (
     -- The chunk map of a file's committed version: six contiguous extents
     -- (index 0..5) that tile [0, size).
+    -- The file, and the chunk's place among its six.
     ino bigint NOT NULL REFERENCES inodes (ino) ON DELETE CASCADE,
     chunk_index smallint NOT NULL CHECK (chunk_index BETWEEN 0 AND 5),
     -- Byte offset of the extent in the file, and its length in bytes.
@@ -141,9 +156,12 @@ CREATE TABLE IF NOT EXISTS upload_sessions (
     -- One commit of a file in flight: the chunk objects it pushes are
     -- protected from gc until it completes, fails or expires.
     session_id bigserial PRIMARY KEY,
+    -- The file being committed (no foreign key: the file may be removed meanwhile).
     ino bigint NOT NULL,
+    -- pending -> uploading -> completed, or failed.
     status text NOT NULL DEFAULT 'pending'
         CHECK (status IN ('pending', 'uploading', 'completed', 'failed')),
+    -- When it opened, and when gc may treat it as dead.
     created_at timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL
 );
@@ -151,6 +169,7 @@ CREATE INDEX IF NOT EXISTS upload_sessions_expires ON upload_sessions (expires_a
 
 CREATE TABLE IF NOT EXISTS upload_session_chunks (
     -- The chunk objects an upload session is pushing.
+    -- The session, and one chunk object it pushes.
     session_id bigint NOT NULL REFERENCES upload_sessions (session_id) ON DELETE CASCADE,
     chunk_id bytea NOT NULL CHECK (length(chunk_id) = 32),
     PRIMARY KEY (session_id, chunk_id)
