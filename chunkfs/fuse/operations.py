@@ -29,6 +29,7 @@ BLOCK_SIZE = 4096
 # readdir offsets 1 and 2 are "." and ".."; a dentry's offset is its cookie + 2.
 _DOT_OFFSETS = 2
 _READDIR_BATCH = 256
+_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # renameat2 flags (linux/fs.h).
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -279,6 +280,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name.startswith(_ACL_XATTRS):
+            # POSIX ACLs are not supported (as on ext4 mounted noacl): tools
+            # such as cp -a then fall back to chmod, which keeps the mode.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         await self.vfs.meta.setxattr(Ino(inode), name, value)
 
     @fuse_errors
