@@ -456,19 +456,10 @@ class Meta:
 
     # ------------------------------------------------------------ xattrs
 
-    async def getxattr(self, ino: Ino, name: bytes) -> bytes:
-        """An extended attribute's value. Raises ``NoAttribute`` (ENODATA)."""
-        value = await self.db.fetchval(
-            "SELECT value FROM xattrs WHERE ino = $1 AND name = $2", ino, name
-        )
-        if value is None:
-            raise errors.NoAttribute(name.decode(errors="replace"))
-        return value
-
-    async def listxattr(self, ino: Ino) -> list[bytes]:
-        """The names of the inode's extended attributes."""
-        rows = await self.db.fetch("SELECT name FROM xattrs WHERE ino = $1 ORDER BY name", ino)
-        return [r["name"] for r in rows]
+    async def xattrs(self, ino: Ino) -> dict[bytes, bytes]:
+        """All extended attributes of ``ino``, name -> value."""
+        rows = await self.db.fetch("SELECT name, value FROM xattrs WHERE ino = $1", ino)
+        return {r["name"]: r["value"] for r in rows}
 
     async def setxattr(
         self, ino: Ino, name: bytes, value: bytes, *, create: bool = False, replace: bool = False

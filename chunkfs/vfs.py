@@ -27,6 +27,7 @@ from .store import INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
 
 log = logging.getLogger(__name__)
 
+_XATTR_CACHE_MAX = 10_000
 _EMPTY = ChunkMap(ino=Ino(0), version=0, size=0, sha256=None, chunks=())
 
 
@@ -68,7 +69,10 @@ class VFS:
     subclasses, each carrying its errno.
     """
 
-    def __init__(self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str) -> None:
+    def __init__(
+        self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str,
+        *, xattr_ttl: float = 1.0,
+    ) -> None:
         self.meta = meta
         self.store = store
         self.settings = settings
@@ -80,6 +84,10 @@ class VFS:
         self._unlinked: set[Ino] = set()
         # Version of each inode the kernel's page cache holds, for keep_cache.
         self._cached_version: dict[Ino, int] = {}
+        # Extended attributes per inode, trusted for xattr_ttl seconds: the
+        # kernel asks for security.capability before every write.
+        self._xattrs: dict[Ino, tuple[float, dict[bytes, bytes]]] = {}
+        self._xattr_ttl = xattr_ttl
 
     # ------------------------------------------------------- attributes
 
@@ -428,6 +436,40 @@ class VFS:
             await self.meta.fail_upload(session)
         except errors.ChunkfsError as exc:
             log.warning("could not mark upload session %d failed: %s", session, exc)
+
+    # ------------------------------------------------------------ xattrs
+
+    async def _xattr_map(self, ino: Ino) -> dict[bytes, bytes]:
+        cached = self._xattrs.get(ino)
+        now = trio.current_time()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        values = await self.meta.xattrs(ino)
+        if len(self._xattrs) > _XATTR_CACHE_MAX:
+            self._xattrs.clear()
+        self._xattrs[ino] = (now + self._xattr_ttl, values)
+        return values
+
+    async def getxattr(self, ino: Ino, name: bytes) -> bytes:
+        """An extended attribute's value. Raises ``NoAttribute`` (ENODATA)."""
+        try:
+            return (await self._xattr_map(ino))[name]
+        except KeyError:
+            raise errors.NoAttribute(name.decode(errors="replace")) from None
+
+    async def listxattr(self, ino: Ino) -> list[bytes]:
+        """The names of the inode's extended attributes."""
+        return sorted(await self._xattr_map(ino))
+
+    async def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
+        """Set an extended attribute; see ``Meta.setxattr``."""
+        self._xattrs.pop(ino, None)
+        await self.meta.setxattr(ino, name, value)
+
+    async def removexattr(self, ino: Ino, name: bytes) -> None:
+        """Remove an extended attribute; see ``Meta.removexattr``."""
+        self._xattrs.pop(ino, None)
+        await self.meta.removexattr(ino, name)
 
     # ----------------------------------------------------- pass-throughs
 

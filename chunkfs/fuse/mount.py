@@ -132,7 +132,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
         meta = Meta(db)
         settings = await meta.settings()
         store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout)
-        vfs = VFS(meta, store, settings, cache_dir)
+        vfs = VFS(meta, store, settings, cache_dir, xattr_ttl=opts.attr_timeout)
         ops = Operations(vfs, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
         try:
             await store.refresh(force=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -58,6 +59,31 @@ def fuse_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _DirHandle:
+    """An open directory and the last page of entries read from PostgreSQL.
+
+    The kernel asks for a few dozen entries per readdir (its buffer is
+    small); the page fetched for one call serves the next ones too.
+    """
+
+    def __init__(self, ino: Ino) -> None:
+        self.ino = ino
+        self._page: list[tuple[bytes, Attrs, int]] = []
+        self._last = False
+
+    async def entries_after(self, vfs: VFS, after: int) -> tuple[list[tuple[bytes, Attrs, int]], bool]:
+        """Entries with a cookie above ``after`` (from the cached page when it
+        holds ``after``, else from a fresh one), and whether they run to the
+        end of the directory.
+        """
+        for i, (_, _, cookie) in enumerate(self._page):
+            if cookie == after and i + 1 < len(self._page):
+                return self._page[i + 1:], self._last
+        self._page = await vfs.readdir(self.ino, after, _READDIR_BATCH)
+        self._last = len(self._page) < _READDIR_BATCH
+        return self._page, self._last
+
+
 class Operations(pyfuse3.Operations):
     """pyfuse3 request handlers over a ``VFS``.
 
@@ -72,6 +98,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
         self.lookups = LookupCounts()
+        self._dirs: dict[int, _DirHandle] = {}
+        self._dir_fh = itertools.count(1)
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
 
@@ -207,33 +235,35 @@ class Operations(pyfuse3.Operations):
         attrs = await self.vfs.getattr(Ino(inode))
         if not stat.S_ISDIR(attrs.mode):
             raise errors.NotADirectory(f"inode {inode} is not a directory")
-        return inode
+        fh = next(self._dir_fh)
+        self._dirs[fh] = _DirHandle(Ino(inode))
+        return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        ino = Ino(fh)
+        d = self._dirs[fh]
         if start_id < 1:
-            if not pyfuse3.readdir_reply(token, b".", self._entry(await self.vfs.getattr(ino)), 1):
+            if not pyfuse3.readdir_reply(token, b".", self._entry(await self.vfs.getattr(d.ino)), 1):
                 return
             start_id = 1
         if start_id < 2:
-            parent = await self.vfs.getattr(await self.vfs.meta.parent_of(ino))
+            parent = await self.vfs.getattr(await self.vfs.meta.parent_of(d.ino))
             if not pyfuse3.readdir_reply(token, b"..", self._entry(parent), 2):
                 return
             start_id = 2
         after = start_id - _DOT_OFFSETS
         while True:
-            batch = await self.vfs.readdir(ino, after, _READDIR_BATCH)
-            for name, attrs, cookie in batch:
+            page, last = await d.entries_after(self.vfs, after)
+            for name, attrs, cookie in page:
                 if not pyfuse3.readdir_reply(token, name, self._entry(attrs), cookie + _DOT_OFFSETS):
                     return
                 self.lookups.add(attrs.ino)  # readdirplus: the kernel took a reference
                 after = cookie
-            if len(batch) < _READDIR_BATCH:
+            if last:
                 return
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self._dirs.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass  # every metadata change is committed when its call returns
@@ -284,19 +314,19 @@ class Operations(pyfuse3.Operations):
             # POSIX ACLs are not supported (as on ext4 mounted noacl): tools
             # such as cp -a then fall back to chmod, which keeps the mode.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        await self.vfs.meta.setxattr(Ino(inode), name, value)
+        await self.vfs.setxattr(Ino(inode), name, value)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self.vfs.meta.getxattr(Ino(inode), name)
+        return await self.vfs.getxattr(Ino(inode), name)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return await self.vfs.meta.listxattr(Ino(inode))
+        return await self.vfs.listxattr(Ino(inode))
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.vfs.meta.removexattr(Ino(inode), name)
+        await self.vfs.removexattr(Ino(inode), name)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
