@@ -187,6 +187,26 @@ class NodeClient:
         except httpx.HTTPError as exc:
             raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
 
+    async def get_batch(self, chunk_ids: list[bytes]) -> dict[bytes, bytes]:
+        """Several whole chunks in one request: ``{chunk_id: bytes}``.
+
+        Raises ``ChunkMissing`` if the node lacks any of them, ``StorageError``
+        otherwise. The caller checks the digests.
+        """
+        what = f"batch GET of {len(chunk_ids)} chunks"
+        response = await self._request(
+            what, "GET", "/v1/chunks:batch", params={"ids": ",".join(map(_hex, chunk_ids))}
+        )
+        if response.status_code != 200:
+            self._fail(what, response)
+        out, body, pos = {}, response.content, 0
+        while pos + 72 <= len(body):
+            cid = bytes.fromhex(body[pos:pos + 64].decode("ascii"))
+            size = int.from_bytes(body[pos + 64:pos + 72], "big")
+            out[cid] = body[pos + 72:pos + 72 + size]
+            pos += 72 + size
+        return out
+
     async def head(self, chunk_id: bytes) -> int | None:
         """The chunk's length in bytes, or None when the node does not hold it."""
         cid = _hex(chunk_id)

@@ -250,6 +250,52 @@ class ChunkStore:
             out.append(data[max(start, w_start) - w_start: min(end, w_end) - w_start])
         return b"".join(out)
 
+    async def prefetch(self, refs: Sequence[ChunkRef]) -> None:
+        """Bring small chunks into the cache with as few requests as possible:
+        one batch request per node, the nodes chosen so that few cover all
+        the chunks (greedy set cover). Chunks a batch does not bring back
+        good are left for ``read`` to fetch one by one, from any replica.
+        """
+        await self.refresh()
+        todo = {
+            r.chunk_id: r for r in refs
+            if 0 < r.length <= WHOLE_FETCH_MAX and self._cache.get(r.chunk_id) is None
+            and r.chunk_id not in self._inflight
+        }
+        live = self.live_nodes()
+        plan: dict[str, list[ChunkRef]] = {}
+        while todo:
+            counts: dict[str, int] = {}
+            for ref in todo.values():
+                for n in ref.nodes:
+                    if n in live:
+                        counts[n] = counts.get(n, 0) + 1
+            if not counts:
+                break
+            best = max(sorted(counts), key=counts.__getitem__)
+            plan[best] = [r for r in todo.values() if best in r.nodes]
+            for ref in plan[best]:
+                del todo[ref.chunk_id]
+        if len(plan) < 1 or sum(map(len, plan.values())) < 2:
+            return  # a single chunk: read() fetches it as cheaply
+        async with trio.open_nursery() as nursery:
+            for node_id, batch in plan.items():
+                nursery.start_soon(self._get_batch, node_id, batch)
+
+    async def _get_batch(self, node_id: str, batch: list[ChunkRef]) -> None:
+        try:
+            async with self._limiter:
+                found = await self.client(node_id).get_batch([r.chunk_id for r in batch])
+        except errors.ChunkfsError as exc:
+            log.warning("batch read from node %s failed: %s", node_id, exc)
+            return
+        for ref in batch:
+            data = found.get(ref.chunk_id)
+            if data is not None and hashlib.sha256(data).digest() == ref.chunk_id:
+                self._cache.put(ref.chunk_id, data)
+            else:
+                log.error("chunk %s from node %s does not match its digest", ref.chunk_id.hex()[:16], node_id)
+
     async def _cached(self, key: object, fetch: Callable[[], "trio.Awaitable[bytes]"]) -> bytes:
         """One fetch per key at a time; later callers wait and share it."""
         while True:

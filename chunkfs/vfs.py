@@ -274,6 +274,7 @@ class VFS:
         ]
         if len(wanted) == 1:
             return await self.store.read(*wanted[0])
+        await self.store.prefetch([ref for ref, _, _ in wanted])
         parts: list[bytes] = [b""] * len(wanted)
 
         async def fetch(i: int) -> None:

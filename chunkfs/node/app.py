@@ -15,6 +15,9 @@ Routes (ids are 64 lowercase hex digits, the SHA-256 of the chunk's bytes):
 - ``POST /v1/chunks:batch``: body = repeated ``[64 hex id][8-byte big-endian
   length][bytes]``; 200 ``{"created": [bool, ...]}`` once all are durable;
   422 if any digest is wrong (none stored); 400 malformed.
+- ``GET /v1/chunks:batch?ids=ID,ID,...``: several whole chunks (at most 64,
+  adding up to the batch limit) in the batch framing above; 404 if any is
+  missing, 400 malformed or too large.
 - ``GET /v1/health``: JSON status and space; the only route without a token.
 - ``GET /metrics``: Prometheus text.
 
@@ -190,6 +193,7 @@ class NodeApp:
             Route(_HEALTH_PATH, self.health, methods=["GET"]),
             Route("/v1/chunks", self.list_chunks, methods=["GET"]),
             Route("/v1/chunks:batch", self.put_batch, methods=["POST"]),
+            Route("/v1/chunks:batch", self.get_batch, methods=["GET"]),
             Route(chunk, self.head_chunk, methods=["HEAD"]),
             Route(chunk, self.get_chunk, methods=["GET"]),
             Route(chunk, self.put_chunk, methods=["PUT"]),
@@ -356,6 +360,23 @@ class NodeApp:
         return JSONResponse({"created": created})
 
 
+    async def get_batch(self, request: Request) -> Response:
+        """GET /v1/chunks:batch?ids=...: several whole chunks in one answer."""
+        ids = [i for i in request.query_params.get("ids", "").split(",") if i]
+        if not ids or len(ids) > _BATCH_GET_MAX:
+            return _error(400, f"ids must name 1 to {_BATCH_GET_MAX} chunks")
+        try:
+            chunks = await self.store.read_many(ids, self.max_batch_bytes)
+        except ChunkMissing as exc:
+            return _error(404, str(exc))
+        except InvalidArgument as exc:
+            return _error(400, str(exc))
+        body = b"".join(
+            c.encode("ascii") + len(data).to_bytes(8, "big") + data for c, data in zip(ids, chunks)
+        )
+        return Response(body, media_type="application/octet-stream")
+
+
 async def _read_exactly(stream: AsyncIterator[bytes], length: int) -> bytes:
     buf = bytearray()
     async for data in stream:
@@ -365,6 +386,9 @@ async def _read_exactly(stream: AsyncIterator[bytes], length: int) -> bytes:
     if len(buf) != length:
         raise LengthMismatch(length, len(buf))
     return bytes(buf)
+
+
+_BATCH_GET_MAX = 64
 
 
 def parse_batch(body: bytes) -> list[tuple[str, bytes]]:

@@ -378,6 +378,20 @@ class ChunkStore:
         finally:
             f.close()
 
+    async def read_many(self, chunk_ids: list[str], max_bytes: int) -> list[bytes]:
+        """Several whole chunks in one trip to a worker thread (for small
+        files). Raises ``ChunkMissing`` if any is absent, ``InvalidArgument``
+        for a bad id or when they add up to more than ``max_bytes``.
+        """
+        for chunk_id in chunk_ids:
+            _check_id(chunk_id)
+        try:
+            return await trio.to_thread.run_sync(
+                _read_whole, [self.path(c) for c in chunk_ids], max_bytes
+            )
+        except FileNotFoundError as exc:
+            raise ChunkMissing(f"chunk {Path(exc.filename).name} not on node {self.node_id}") from None
+
     async def size(self, chunk_id: str) -> int | None:
         """The chunk's length in bytes, or None when it is not here."""
         path = self.path(chunk_id)
@@ -564,6 +578,17 @@ def _store_all(stored: list[tuple[Path, Path, bytes]]) -> None:
     finally:
         for d in dirs:
             _fsync_dir(d)
+
+
+def _read_whole(paths: list[Path], max_bytes: int) -> list[bytes]:
+    out, total = [], 0
+    for path in paths:
+        data = path.read_bytes()
+        total += len(data)
+        if total > max_bytes:
+            raise InvalidArgument(f"chunks add up to more than {max_bytes} bytes")
+        out.append(data)
+    return out
 
 
 def _open_read(path: Path) -> tuple[int, int]:
