@@ -254,6 +254,19 @@ async def test_batch_with_bad_chunk_is_422_and_stores_none(
     assert chunk_files(node.data_dir) == []
 
 
+async def test_batch_get(http: httpx.AsyncClient, client: NodeClient) -> None:
+    blobs = [os.urandom(n) for n in (1, 700, 70_000)]
+    await http.post("/v1/chunks:batch", content=batch_body(blobs))
+    ids = [bytes.fromhex(sha(b)) for b in blobs]
+    assert await client.get_batch(ids) == dict(zip(ids, blobs))
+    with pytest.raises(ChunkMissing):
+        await client.get_batch(ids + [bytes.fromhex(sha(b"absent"))])
+    r = await http.get("/v1/chunks:batch", params={"ids": "../etc"})
+    assert r.status_code == 400
+    r = await http.get("/v1/chunks:batch", params={"ids": ",".join([sha(b"x")] * 65)})
+    assert r.status_code == 400
+
+
 async def test_put_length_errors(http: httpx.AsyncClient, node: cl.NodeProcess, token: str) -> None:
     data = b"0123456789"
     url = f"/v1/chunks/{sha(data)}"
