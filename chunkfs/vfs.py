@@ -144,16 +144,20 @@ class VFS:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum file size")
         f = await self._open_file(ino)
         try:
-            async with f.lock:
-                spool = self._spool(f)
-                await trio.to_thread.run_sync(spool.truncate, size)
-                f.base_valid = min(f.base_valid, size)
-                f.size = size
-                self._mark_dirty(f)
+            await self._truncate_file(f, size)
             if f.handles == 0:
                 await self._commit(f)
         finally:
             self._drop_if_unused(f)
+
+    async def _truncate_file(self, f: OpenFile, size: int) -> None:
+        """Cut or extend the spooled content to ``size`` bytes (committed later)."""
+        async with f.lock:
+            spool = self._spool(f)
+            await trio.to_thread.run_sync(spool.truncate, size)
+            f.base_valid = min(f.base_valid, size)
+            f.size = size
+            self._mark_dirty(f)
 
     # -------------------------------------------------------- namespace
 
@@ -218,7 +222,16 @@ class VFS:
         f = await self._open_file(ino)
         keep = self._cached_version.get(ino) == f.base.version and not f.dirty
         self._cached_version[ino] = f.base.version
-        return self._new_handle(f, flags), keep
+        fh = self._new_handle(f, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # The kernel leaves O_TRUNC to the filesystem (atomic_o_trunc).
+            try:
+                await self._truncate_file(f, 0)
+            except BaseException:
+                await self.release(fh)
+                raise
+            keep = False
+        return fh, keep
 
     async def _open_file(self, ino: Ino) -> OpenFile:
         """The inode's ``OpenFile``, made (with its latest committed chunk map)

@@ -171,6 +171,30 @@ def test_truncate_up_and_down(mounted):
     assert p.read_bytes() == data[:10] + bytes(10) + b"end"
 
 
+def test_open_with_o_trunc_empties_the_file(mounted):
+    p = mounted / "shrink"
+    p.write_bytes(b"a longer first version")
+    fd = os.open(p, os.O_RDWR | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0
+        assert os.read(fd, 100) == b""
+        os.write(fd, b"short")
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"short"
+    p.write_bytes(b"x")  # O_WRONLY | O_CREAT | O_TRUNC, shorter again
+    assert p.read_bytes() == b"x"
+
+
+def test_unknown_xattr_namespaces_are_not_supported(mounted):
+    p = mounted / "ns"
+    p.write_text("x")
+    for name in ("bogus.name", "os2.name"):
+        with pytest.raises(OSError) as exc:
+            os.setxattr(p, name, b"v")
+        assert exc.value.errno == errno.EOPNOTSUPP
+
+
 def test_append_and_partial_overwrite(mounted):
     p = mounted / "log"
     p.write_bytes(b"one\n")

@@ -30,7 +30,9 @@ BLOCK_SIZE = 4096
 # readdir offsets 1 and 2 are "." and ".."; a dentry's offset is its cookie + 2.
 _DOT_OFFSETS = 2
 _READDIR_BATCH = 256
-_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+# The xattr namespaces kept, as ext4 keeps them. POSIX ACLs (system.*) are
+# not supported, as on ext4 mounted noacl: cp -a then falls back to chmod.
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # renameat2 flags (linux/fs.h).
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -310,14 +312,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if name.startswith(_ACL_XATTRS):
-            # POSIX ACLs are not supported (as on ext4 mounted noacl): tools
-            # such as cp -a then fall back to chmod, which keeps the mode.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        _check_xattr_name(name)
         await self.vfs.setxattr(Ino(inode), name, value)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        _check_xattr_name(name)
         return await self.vfs.getxattr(Ino(inode), name)
 
     @fuse_errors
@@ -326,6 +326,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _check_xattr_name(name)
         await self.vfs.removexattr(Ino(inode), name)
 
     @fuse_errors
@@ -333,6 +334,11 @@ class Operations(pyfuse3.Operations):
         # Only reached without default_permissions: check the mode bits here.
         attrs = await self.vfs.getattr(Ino(inode))
         return _may_access(attrs, mode, ctx)
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name.startswith(_XATTR_NAMESPACES):
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
 
 def _may_access(attrs: Attrs, want: int, ctx: pyfuse3.RequestContext) -> bool:
