@@ -697,15 +697,6 @@ class Meta:
             "DELETE FROM chunk_replicas WHERE chunk_id = $1 AND node_id = $2", chunk_id, node_id
         )
 
-    async def purge_orphans(self) -> int:
-        """Delete inodes with no name left (nlink 0); return how many.
-
-        Only safe while no mount holds such a file open (gc is run by an
-        operator who knows that).
-        """
-        status = await self.db.execute("DELETE FROM inodes WHERE nlink = 0")
-        return int(status.split()[-1])
-
 
 # ------------------------------------------------------------- records
 
