@@ -223,8 +223,9 @@ class VFS:
         keep = self._cached_version.get(ino) == f.base.version and not f.dirty
         self._cached_version[ino] = f.base.version
         fh = self._new_handle(f, flags)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            # The kernel leaves O_TRUNC to the filesystem (atomic_o_trunc).
+        if flags & os.O_TRUNC:
+            # The kernel leaves O_TRUNC to the filesystem (atomic_o_trunc);
+            # Linux truncates even with O_RDONLY (the kernel checked write access).
             try:
                 await self._truncate_file(f, 0)
             except BaseException:

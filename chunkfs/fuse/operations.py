@@ -337,6 +337,8 @@ class Operations(pyfuse3.Operations):
 
 
 def _check_xattr_name(name: bytes) -> None:
+    if name in _XATTR_NAMESPACES:
+        raise pyfuse3.FUSEError(errno.EINVAL)  # a namespace with no name in it
     if not name.startswith(_XATTR_NAMESPACES):
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
