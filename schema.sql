@@ -125,7 +125,11 @@ CREATE TABLE IF NOT EXISTS chunk_objects (
     chunk_id bytea PRIMARY KEY CHECK (length(chunk_id) = 32),
     -- Its length in bytes, and when it was first committed.
     length bigint NOT NULL CHECK (length >= 0),
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- For a chunk longer than one 1 MiB block: the SHA-256 of each block,
+    -- concatenated, so that range reads are verified too. NULL otherwise.
+    block_sha256 bytea CHECK (block_sha256 IS NULL OR (length(block_sha256) % 32 = 0
+                              AND length(block_sha256) = 32 * ((length + 1048575) / 1048576)))
 );
 
 CREATE TABLE IF NOT EXISTS chunk_replicas (

@@ -53,6 +53,10 @@ class NoAttribute(ChunkfsError):
     errno = _errno.ENODATA
 
 
+class TooManyLinks(ChunkfsError):
+    errno = _errno.EMLINK
+
+
 class NotPermitted(ChunkfsError):
     errno = _errno.EPERM
 

@@ -13,6 +13,11 @@ from typing import NamedTuple
 
 CHUNKS_PER_FILE = 6
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
+# Chunks longer than one block also carry the SHA-256 of each BLOCK_SIZE
+# block (the last one may be shorter), so that a range read can be verified
+# without fetching the whole chunk.
+BLOCK_SIZE = 1 << 20
+DIGEST_SIZE = 32
 
 
 class Extent(NamedTuple):
@@ -44,6 +49,15 @@ def extents(size: int) -> list[Extent]:
         out.append(Extent(index, offset, length))
         offset += length
     return out
+
+
+def block_digests(data: bytes) -> bytes:
+    """The SHA-256 of each ``BLOCK_SIZE`` block of ``data``, concatenated
+    (``DIGEST_SIZE`` bytes per block; empty for empty data).
+    """
+    return b"".join(
+        hashlib.sha256(data[i: i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)
+    )
 
 
 def overlapping(exts: list[Extent], start: int, end: int) -> list[Extent]:

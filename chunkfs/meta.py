@@ -26,6 +26,7 @@ Ino = NewType("Ino", int)
 ROOT_INO = Ino(1)
 NAME_MAX = 255
 SYMLINK_MAX = 4095
+LINK_MAX = 65000  # hard links per inode, as on ext4
 SCHEMA_VERSION = 1
 # A node is live while its last heartbeat is younger than this (seconds).
 HEARTBEAT_TIMEOUT_S = 15.0
@@ -271,19 +272,23 @@ class Meta:
     async def link(self, ino: Ino, parent: Ino, name: bytes) -> "Attrs":
         """Add a hard link ``name`` in ``parent`` to ``ino``.
 
-        Raises ``NameTooLong``, ``Exists``, ``NotFound`` and ``NotPermitted``
-        for a directory.
+        Raises ``NameTooLong``, ``Exists``, ``NotFound``, ``NotPermitted``
+        for a directory and ``TooManyLinks`` past ``LINK_MAX`` links.
         """
         _check_name(name)
         t = now_ns()
 
         async def body(conn: Connection) -> Attrs:
             await _lock_dir(conn, parent)
-            mode = await conn.fetchval("SELECT mode FROM inodes WHERE ino = $1 FOR UPDATE", ino)
-            if mode is None:
+            row = await conn.fetchrow(
+                "SELECT mode, nlink FROM inodes WHERE ino = $1 FOR UPDATE", ino
+            )
+            if row is None:
                 raise errors.NotFound(f"no inode {ino}")
-            if stat.S_ISDIR(mode):
+            if stat.S_ISDIR(row["mode"]):
                 raise errors.NotPermitted("hard links to directories are not allowed")
+            if row["nlink"] >= LINK_MAX:
+                raise errors.TooManyLinks(f"inode {ino} has {LINK_MAX} links")
             await _insert_dentry(conn, parent, name, ino)
             row = await conn.fetchrow(
                 f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = $2 WHERE ino = $1 "
@@ -478,13 +483,15 @@ class Meta:
         t = now_ns()
 
         async def body(conn: Connection) -> None:
-            exists = await conn.fetchval(
-                "SELECT true FROM xattrs WHERE ino = $1 AND name = $2", ino, name
+            old = await conn.fetchval(
+                "SELECT value FROM xattrs WHERE ino = $1 AND name = $2", ino, name
             )
-            if create and exists:
+            if create and old is not None:
                 raise errors.Exists(name.decode(errors="replace"))
-            if replace and not exists:
+            if replace and old is None:
                 raise errors.NoAttribute(name.decode(errors="replace"))
+            if old == value:
+                return  # as on ext4: rewriting the same value changes nothing, ctime included
             await conn.execute(
                 "INSERT INTO xattrs (ino, name, value) VALUES ($1, $2, $3) "
                 "ON CONFLICT (ino, name) DO UPDATE SET value = $3",
@@ -521,11 +528,13 @@ class Meta:
             if head is None:
                 raise errors.NotFound(f"no inode {ino}")
             rows = await conn.fetch(
-                """SELECT c.chunk_index, c."offset", c.length, c.chunk_id,
+                """SELECT c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256,
                           coalesce(array_agg(r.node_id ORDER BY r.node_id)
                                    FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
-                   FROM chunks c LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
-                   WHERE c.ino = $1 GROUP BY c.ino, c.chunk_index ORDER BY c.chunk_index""",
+                   FROM chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id
+                   LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
+                   WHERE c.ino = $1 GROUP BY c.ino, c.chunk_index, o.chunk_id
+                   ORDER BY c.chunk_index""",
                 ino,
             )
             return ChunkMap(
@@ -535,7 +544,7 @@ class Meta:
                 sha256=head["sha256"],
                 chunks=tuple(
                     ChunkRef(r["chunk_index"], r["offset"], r["length"], bytes(r["chunk_id"]),
-                             tuple(r["nodes"]))
+                             tuple(r["nodes"]), r["block_sha256"])
                     for r in rows
                 ),
             )
@@ -571,19 +580,19 @@ class Meta:
         *,
         size: int,
         sha256: bytes,
-        chunks: Sequence[tuple[int, int, int, bytes]],
+        chunks: Sequence[tuple[int, int, int, bytes, bytes | None]],
         replicas: dict[bytes, Sequence[str]],
         mtime_ns: int,
         max_file_size: int,
     ) -> "Attrs":
         """Switch a file to a new version in one transaction: the chunk map
-        (``(index, offset, length, chunk_id)`` rows), the replicas just
+        (``(index, offset, length, chunk_id, block_digests)`` rows), the replicas just
         written, size, digest and mtime; the version is bumped and the upload
         session completed. Raises ``NotFound`` and ``FileTooLarge``.
         """
         if size > max_file_size:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
-        lengths = {c[3]: c[2] for c in chunks}
+        objects = {c[3]: (c[2], c[4]) for c in chunks}
         pairs = [(c, n) for c, nodes in replicas.items() for n in nodes]
         # One statement (one round trip, atomic): the inode row is updated
         # first, which locks it against a concurrent commit of the same file;
@@ -597,8 +606,9 @@ class Meta:
                     UPDATE upload_sessions SET status = 'completed'
                     WHERE session_id = $5 AND EXISTS (SELECT 1 FROM i)),
                 o AS (
-                    INSERT INTO chunk_objects (chunk_id, length)
-                    SELECT * FROM unnest($6::bytea[], $7::bigint[]) WHERE EXISTS (SELECT 1 FROM i)
+                    INSERT INTO chunk_objects (chunk_id, length, block_sha256)
+                    SELECT * FROM unnest($6::bytea[], $7::bigint[], $14::bytea[])
+                    WHERE EXISTS (SELECT 1 FROM i)
                     ON CONFLICT DO NOTHING),
                 r AS (
                     INSERT INTO chunk_replicas (chunk_id, node_id)
@@ -615,10 +625,10 @@ class Meta:
                         length = excluded.length, chunk_id = excluded.chunk_id)
                 SELECT * FROM i""",
             ino, size, sha256 if size else None, mtime_ns, session_id,
-            list(lengths), list(lengths.values()),
+            list(objects), [o[0] for o in objects.values()],
             [c for c, _ in pairs], [n for _, n in pairs],
             [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
-            [c[3] for c in chunks],
+            [c[3] for c in chunks], [o[1] for o in objects.values()],
         )
         if row is None:
             raise errors.NotFound(f"no inode {ino}")
@@ -738,6 +748,8 @@ class ChunkRef:
     length: int
     chunk_id: bytes
     nodes: tuple[str, ...]
+    # SHA-256 of each 1 MiB block, concatenated (chunks over one block only).
+    blocks: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
-from .layout import Extent
+from .layout import BLOCK_SIZE, Extent
 
 # Size of the pieces the spool is read in when hashing or uploading.
 PIECE = 1 << 20
@@ -55,24 +55,30 @@ class Spool:
             offset += n
             yield piece
 
-    def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], bytes]:
-        """SHA-256 of each extent and of all of them together, in one pass.
+    def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], list[bytes | None], bytes]:
+        """In one pass: the SHA-256 of each extent, its block digests
+        (``layout.block_digests``; None for an extent of one block or less)
+        and the SHA-256 of all of them together.
 
         Blocking: run it in a worker thread (hashlib releases the GIL).
         """
         whole = hashlib.sha256()
-        out = []
+        ids: list[bytes] = []
+        blocks: list[bytes | None] = []
         for ext in extents:
             h = hashlib.sha256()
+            per_block = []
             pos, end = ext.offset, ext.end
             while pos < end:
-                n = min(PIECE, end - pos)
+                n = min(BLOCK_SIZE, end - pos)
                 piece = self.pread(pos, n).ljust(n, b"\0")
                 h.update(piece)
                 whole.update(piece)
+                per_block.append(hashlib.sha256(piece).digest())
                 pos += n
-            out.append(h.digest())
-        return out, whole.digest()
+            ids.append(h.digest())
+            blocks.append(b"".join(per_block) if len(per_block) > 1 else None)
+        return ids, blocks, whole.digest()
 
     def close(self) -> None:
         """Release the spool's disk space."""

@@ -3,8 +3,9 @@
 ``ChunkStore`` picks nodes with the consistent-hash ring over the live
 nodes, pushes each chunk to R distinct nodes (the next node on the ring takes
 the place of one that fails), reads from the recorded holders in turn, and
-checks every whole chunk it reads against its SHA-256. Content-addressed
-chunks never change, so what it caches is valid for ever.
+checks every byte it reads: a whole chunk against its SHA-256, a window of a
+large chunk against the digests of the 1 MiB blocks it covers.
+Content-addressed chunks never change, so what it caches is valid for ever.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import AsyncIterable, Callable, Sequence
 import httpx
 import trio
 
-from . import errors, ring
+from . import errors, layout, ring
 from .meta import ChunkRef, Meta, NodeInfo
 from .nodeclient import NodeClient
 
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 
 # Chunks up to this size are fetched whole (and verified) and cached.
 WHOLE_FETCH_MAX = 8 << 20
-# Larger chunks are fetched in aligned windows of this size.
+# Larger chunks are fetched in aligned windows of this size (whole blocks).
 WINDOW = 4 << 20
+assert WINDOW % layout.BLOCK_SIZE == 0
 # Chunks up to this size are read into memory for the upload; larger ones stream.
 INLINE_PUT_MAX = 4 << 20
 # Chunks up to this size travel in one batch request per node.
@@ -231,9 +233,9 @@ class ChunkStore:
     async def read(self, ref: ChunkRef, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a chunk (offsets within the chunk).
 
-        Tries each node holding the chunk in turn. A whole-chunk fetch is
-        checked against the chunk's SHA-256. Raises ``StorageError`` when no
-        replica serves good bytes.
+        Tries each node holding the chunk in turn, and skips one whose bytes
+        do not match their digests. Raises ``StorageError`` when no replica
+        serves good bytes.
         """
         if end <= start:
             return b""
@@ -327,7 +329,7 @@ class ChunkStore:
                 last_error = exc
                 log.warning("read of chunk %s from node %s failed: %s", ref.chunk_id.hex()[:16], node_id, exc)
                 continue
-            if len(data) != end - start or (whole and hashlib.sha256(data).digest() != ref.chunk_id):
+            if len(data) != end - start or not _verified(ref, start, data, whole):
                 last_error = errors.DigestMismatch(f"node {node_id} returned bad bytes")
                 log.error("chunk %s from node %s does not match its digest", ref.chunk_id.hex()[:16], node_id)
                 continue
@@ -343,3 +345,23 @@ class ChunkStore:
         walk = [n for n in self._ring.walk(ring.key_position(ref.chunk_id)) if n in holders]
         walk += sorted(holders - set(walk))
         return [n for n in walk if n in live] + [n for n in walk if n not in live]
+
+
+def _verified(ref: ChunkRef, start: int, data: bytes, whole: bool) -> bool:
+    """Whether ``data``, read at ``start`` in the chunk, matches its digests:
+    the chunk's SHA-256 for a whole chunk, else the digest of every 1 MiB
+    block it covers (a read starts at a block boundary and ends at one or at
+    the end of the chunk).
+    """
+    if whole:
+        return hashlib.sha256(data).digest() == ref.chunk_id
+    end = start + len(data)
+    if ref.blocks is None or start % layout.BLOCK_SIZE or (
+        end != ref.length and end % layout.BLOCK_SIZE
+    ):
+        return False  # nothing to check these bytes against
+    size = layout.DIGEST_SIZE
+    for n, pos in enumerate(range(0, len(data), layout.BLOCK_SIZE), start=start // layout.BLOCK_SIZE):
+        if hashlib.sha256(data[pos: pos + layout.BLOCK_SIZE]).digest() != ref.blocks[n * size: (n + 1) * size]:
+            return False
+    return True

@@ -400,7 +400,7 @@ class VFS:
             t0 = time.perf_counter()
             await self._load(f, 0, f.size)
             exts = layout.extents(f.size)
-            ids, digest = await trio.to_thread.run_sync(f.spool.digests, exts)
+            ids, blocks, digest = await trio.to_thread.run_sync(f.spool.digests, exts)
             t1 = time.perf_counter()
             known = {c.chunk_id: c.nodes for c in f.base.chunks}
             fresh = [(e, i) for e, i in zip(exts, ids) if i not in known]
@@ -417,7 +417,7 @@ class VFS:
             attrs = await self.meta.commit_chunks(
                 f.ino, session,
                 size=f.size, sha256=digest,
-                chunks=[(e.index, e.offset, e.length, i) for e, i in zip(exts, ids)],
+                chunks=[(e.index, e.offset, e.length, i, b) for e, i, b in zip(exts, ids, blocks)],
                 replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
                 max_file_size=self.settings.max_file_size,
             )
@@ -429,8 +429,8 @@ class VFS:
             f.base = ChunkMap(
                 ino=f.ino, version=attrs.version, size=f.size, sha256=digest,
                 chunks=tuple(
-                    ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]))
-                    for e, i in zip(exts, ids)
+                    ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]), b)
+                    for e, i, b in zip(exts, ids, blocks)
                 ),
             )
             f.base_valid = f.size

@@ -109,6 +109,20 @@ async def test_hard_links_count_and_purge_waits_for_the_last_name(meta):
         await meta.getattr(f.ino)
 
 
+async def test_more_than_link_max_hard_links_is_emlink(meta):
+    from chunkfs.meta import LINK_MAX
+
+    f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
+    # Reaching the limit one link at a time would take minutes: start near it.
+    await meta.db.execute("UPDATE inodes SET nlink = $2 WHERE ino = $1", f.ino, LINK_MAX - 1)
+    assert (await meta.link(f.ino, ROOT_INO, b"last")).nlink == LINK_MAX
+    with pytest.raises(errors.TooManyLinks) as info:
+        await meta.link(f.ino, ROOT_INO, b"one-too-many")
+    assert info.value.errno == errno.EMLINK
+    with pytest.raises(errors.NotFound):
+        await meta.lookup(ROOT_INO, b"one-too-many")
+
+
 async def test_rename_cases(meta):
     a = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
     b = await meta.create(ROOT_INO, b"b", FILE, 0, 0)
@@ -167,7 +181,7 @@ async def test_chunk_map_commit_and_version(meta):
     sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
     attrs = await meta.commit_chunks(
         f.ino, sid, size=7, sha256=hashlib.sha256(b"".join(data)).digest(),
-        chunks=[(i, sum(map(len, data[:i])), len(x), ids[i]) for i, x in enumerate(data)],
+        chunks=[(i, sum(map(len, data[:i])), len(x), ids[i], None) for i, x in enumerate(data)],
         replicas={c: ["00000000000000aa"] for c in ids}, mtime_ns=123,
         max_file_size=settings.max_file_size,
     )

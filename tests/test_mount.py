@@ -336,3 +336,70 @@ def test_status_reports_every_node(cluster, mounted):
     for n in nodes.values():
         assert n["status"] == "active" and n["heartbeat_age_s"] < 15
         assert n["free_bytes"] > 0 and n["url"].startswith("http://127.0.0.1:")
+
+
+BIG_DIR_ENTRIES = 100_000
+
+
+def _bulk_create_files(dsn: str, parent: int, count: int) -> None:
+    """``count`` empty files f0 .. f{count-1} in directory inode ``parent``,
+    inserted in one statement: making them through FUSE one by one would take
+    minutes, and what is under test here is the listing, not the creation.
+    """
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                """WITH new AS (
+                       SELECT nextval('inode_seq') AS ino, g FROM generate_series(0, $2 - 1) g),
+                   ins AS (
+                       INSERT INTO inodes (ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns)
+                       SELECT ino, 33188, 0, 0, 1, 0, 0, 0 FROM new)
+                   INSERT INTO dentries (parent, name, ino)
+                   SELECT $1, convert_to('f' || g, 'UTF8'), ino FROM new""",
+                parent, count,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_a_directory_of_100k_entries_lists_completely_while_names_change(cluster, mounted):
+    import threading
+
+    big = mounted / "big"
+    big.mkdir()
+    _bulk_create_files(cluster.dsn, big.stat().st_ino, BIG_DIR_ENTRIES)
+    stop = threading.Event()
+    churned = 0
+
+    def churn() -> None:  # add and remove other names while the listing runs
+        nonlocal churned
+        while not stop.is_set() and churned < 5000:
+            p = big / f"churn{churned}"
+            p.touch()
+            if churned % 2:
+                p.unlink()
+            churned += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        names = [e.name for e in os.scandir(big)]
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert churned > 0
+    assert len(names) == len(set(names)), "a name was listed twice"
+    listed = {n for n in names if n.startswith("f")}
+    assert listed == {f"f{i}" for i in range(BIG_DIR_ENTRIES)}
+    assert {n for n in names if not n.startswith("f")} <= {f"churn{i}" for i in range(churned)}
+    assert big.stat().st_nlink == 2
+    kept = {f"churn{i}" for i in range(0, churned, 2)}  # the odd ones were removed
+    assert set(os.listdir(big)) == {f"f{i}" for i in range(BIG_DIR_ENTRIES)} | kept

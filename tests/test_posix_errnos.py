@@ -1081,6 +1081,23 @@ def test_setting_an_xattr_changes_ctime(sides):
     on_both(sides, scenario, expect=(True, True))
 
 
+def test_setting_an_xattr_to_the_value_it_has(sides):
+    # ext4 treats it as no change (ctime stays); tmpfs stamps ctime anyway:
+    # chunkfs must do what the local reference does.
+    def scenario(d: Path):
+        f = _file(d / "f", b"x")
+        os.setxattr(f, "user.k", b"same")
+        c0 = os.stat(f).st_ctime_ns
+        tick()
+        os.setxattr(f, "user.k", b"same")
+        c1 = os.stat(f).st_ctime_ns
+        tick()
+        os.setxattr(f, "user.k", b"same", os.XATTR_REPLACE)
+        return c1 != c0, os.stat(f).st_ctime_ns != c1
+
+    on_both(sides, scenario)
+
+
 # --------------------------------------------------------- special files
 
 

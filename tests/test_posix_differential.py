@@ -1,7 +1,3 @@
-# Not yet part of the CI suite (the file name keeps pytest from collecting
-# it): it still reports timestamp "changed / unchanged" differences that come
-# from the local filesystem's coarse clock, and needs that comparison made
-# robust first. Run it by name: .venv/bin/python -m pytest tests/posix_differential.py
 """Differential POSIX tests: the same random operations on a local directory and on the mount.
 
 A hypothesis ``RuleBasedStateMachine`` draws a sequence of system calls
@@ -584,7 +580,8 @@ timestamps = st.sampled_from([
 time_specs = st.one_of(st.just(("now",)), st.just(("omit",)), st.tuples(st.just("set"), timestamps))
 xattr_names = st.sampled_from(
     [b"user.a", b"user.b"] * 4
-    + [b"user." + b"n" * 250, b"user." + b"n" * 251, b"bogus.ns", b"user."]
+    + [b"user." + b"n" * 250, b"user." + b"n" * 251, b"bogus.ns", b"user.", b"trusted.t",
+       b"security.s"]
 )
 xattr_values = st.one_of(st.binary(max_size=16), st.just(b"v" * 1000))
 uids = st.sampled_from([-1, 0, 65534, 1000])
@@ -687,6 +684,7 @@ class PosixDifferential(RuleBasedStateMachine):
         # ext4 stamps files from the coarse clock: wait until it has moved past
         # the last ctime we saw, so that "did mtime/ctime change" is observable.
         last = self.prev["local"].max_ctime() if self.prev else 0
+        last = max([last] + [local[2] for local, _ in self.prev_fdstat.values()])
         deadline = time.monotonic() + 0.1
         while time.clock_gettime_ns(5) <= last and time.monotonic() < deadline:  # REALTIME_COARSE
             time.sleep(0.001)
