@@ -95,6 +95,9 @@ CREATE TABLE IF NOT EXISTS storage_nodes (
     base_url text NOT NULL,
     -- 'active' while it runs; 'stopped' after a clean shutdown.
     status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'stopped')),
+    -- Set by `chunkfs node drain`: takes no new replicas, and rebalance moves
+    -- its replicas away, so that it can be removed.
+    draining boolean NOT NULL DEFAULT false,
     -- Space as the node last reported it (bytes): its capacity, what its
     -- chunks use, what is still free; and how many chunk objects it holds.
     capacity_bytes bigint NOT NULL DEFAULT 0 CHECK (capacity_bytes >= 0),

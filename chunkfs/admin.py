@@ -27,6 +27,7 @@ async def cluster_status(meta: Meta) -> dict[str, Any]:
                 "id": n.node_id,
                 "url": n.base_url,
                 "status": n.status if n.live or n.status != "active" else "stale",
+                "draining": n.draining,
                 "heartbeat_age_s": round(n.heartbeat_age_s, 3),
                 "used_bytes": n.used_bytes,
                 "free_bytes": n.free_bytes,

@@ -18,11 +18,12 @@ import trio
 
 from . import errors
 from .meta import Meta
-from .pg import open_database
+from .pg import open_database, redact_dsn
 
 T = TypeVar("T")
 GIB = 1 << 30
-_COMMANDS = {"mkfs", "node", "mount", "status", "info", "gc", "--help", "-h", "--version"}
+_COMMANDS = {"mkfs", "node", "mount", "status", "info", "gc", "fsck", "repair", "rebalance",
+             "--help", "-h", "--version"}
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -70,17 +71,26 @@ def mkfs(dsn: str, replicas: int, max_file_size: int) -> None:
     click.echo("created a new filesystem" if made else "filesystem already exists; settings kept")
 
 
-@cli.command()
-@click.option("--dsn", envvar="CHUNKFS_DSN", required=True, help="PostgreSQL DSN of the cluster.")
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+@cli.group(invoke_without_command=True)
+@click.option("--dsn", envvar="CHUNKFS_DSN", help="PostgreSQL DSN of the cluster.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where the node keeps its chunks and id.")
 @click.option("--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to serve on.")
 @click.option("--capacity", type=click.IntRange(1), default=None,
               help="Cap on stored bytes (default: the disk's size).")
-def node(dsn: str, data_dir: str, listen: str, capacity: int | None) -> None:
-    """Run one storage node until SIGTERM."""
+@click.pass_context
+def node(
+    ctx: click.Context, dsn: str | None, data_dir: str | None, listen: str, capacity: int | None
+) -> None:
+    """Run one storage node until SIGTERM (node --dsn DSN --data-dir DIR), or
+    manage the nodes (node drain / node remove).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from .node.server import run_node
 
+    if not dsn or not data_dir:
+        raise click.UsageError("a storage node needs --dsn and --data-dir")
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.ClickException(f"--listen needs HOST:PORT, not {listen!r}")
@@ -123,7 +133,8 @@ def status(dsn: str, as_json: bool) -> None:
     click.echo(f"{'node':16}  {'status':7}  {'heartbeat':>9}  {'used':>14}  {'free':>16}  "
                f"{'chunks':>8}  url")
     for n in report["nodes"]:
-        click.echo(f"{n['id']:16}  {n['status']:7}  {n['heartbeat_age_s']:8.1f}s  "
+        state = n["status"] + (",draining" if n["draining"] else "")
+        click.echo(f"{n['id']:16}  {state:7}  {n['heartbeat_age_s']:8.1f}s  "
                    f"{n['used_bytes']:>14}  {n['free_bytes']:>16}  {n['chunks']:>8}  {n['url']}")
 
 
@@ -167,9 +178,112 @@ def gc(dsn: str) -> None:
         sys.exit(1)
 
 
+def _progress(label: str) -> Any:
+    """A progress bar on standard error when it is a terminal (tqdm), else none."""
+    from tqdm import tqdm
+
+    return tqdm(desc=label, unit=" chunks", disable=None, leave=False, file=sys.stderr)
+
+
+@cli.command()
+@_dsn_option()
+@click.option("--verify", is_flag=True, help="Also read and hash every replica.")
+@click.option("--limit", default=50, show_default=True, help="Problems printed at most.")
+def fsck(dsn: str, verify: bool, limit: int) -> None:
+    """Check the metadata invariants and every replica; exit 1 on a problem."""
+    from .fsck import check
+
+    with _progress("fsck") as bar:
+        report = _run(_with_meta, dsn, lambda meta: check(meta, verify=verify, progress=bar.update))
+    for line in report.warnings[:limit]:
+        click.echo(f"warning: {line}")
+    for line in report.problems[:limit]:
+        click.echo(f"problem: {line}")
+    if len(report.problems) > limit:
+        click.echo(f"... and {len(report.problems) - limit} more problems")
+    click.echo(
+        f"{report.inodes} files, {report.objects} chunk objects, {report.replicas} good replicas"
+        f"{' (hashed)' if verify else ''}; {report.under_replicated} under-replicated, "
+        f"{report.lost} lost; {len(report.problems)} problems, {len(report.warnings)} warnings: "
+        + ("clean" if report.clean else "NOT clean (see chunkfs repair)")
+    )
+    if not report.clean:
+        sys.exit(1)
+
+
+def _move_summary(verb: str, report: Any) -> None:
+    click.echo(
+        f"{verb}: {report.objects} chunk objects, {report.copied} replicas copied, "
+        f"{report.dropped} dropped; {report.short} still under-replicated, {report.lost} lost, "
+        f"{report.unlisted} nodes unreachable"
+    )
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@_dsn_option()
+def repair(dsn: str) -> None:
+    """Bring every chunk back to R good replicas (reads and hashes every replica)."""
+    from .replicas import repair as do_repair
+
+    with _progress("repair") as bar:
+        report = _run(_with_meta, dsn, lambda meta: do_repair(meta, progress=bar.update))
+    _move_summary("repair", report)
+
+
+@cli.command()
+@_dsn_option()
+def rebalance(dsn: str) -> None:
+    """Move replicas to their ring owners after nodes joined or left."""
+    from .replicas import rebalance as do_rebalance
+
+    with _progress("rebalance") as bar:
+        report = _run(_with_meta, dsn, lambda meta: do_rebalance(meta, progress=bar.update))
+    _move_summary("rebalance", report)
+
+
+@node.command()
+@_dsn_option()
+@click.argument("node_id")
+def drain(dsn: str, node_id: str) -> None:
+    """Move every replica off NODE_ID so that it can be removed."""
+    from .replicas import drain as do_drain
+
+    with _progress("drain") as bar:
+        report, left = _run(_with_meta, dsn, lambda meta: do_drain(meta, node_id, progress=bar.update))
+    if left:
+        click.echo(f"node {node_id} still holds {left} chunks files use")
+    _move_summary("drain", report)
+    if left:
+        sys.exit(1)
+    click.echo(f"node {node_id} is drained: `chunkfs node remove` may remove it")
+
+
+@node.command()
+@_dsn_option()
+@click.argument("node_id")
+def remove(dsn: str, node_id: str) -> None:
+    """Unregister NODE_ID (refused while it holds the only copy of a chunk)."""
+    dropped = _run(_with_meta, dsn, lambda meta: meta.remove_node(node_id))
+    click.echo(f"node {node_id} removed ({dropped} replica records dropped)")
+
+
+def _hide_passwords(args: list[str]) -> None:
+    """Keep a password given in a DSN out of the process title (``ps``,
+    /proc/PID/cmdline): better still, give it in PGPASSFILE or PGPASSWORD.
+    """
+    shown = [redact_dsn(a) for a in args]
+    if shown != args:
+        from setproctitle import setproctitle
+
+        setproctitle(" ".join(["chunkfs", *shown]))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``chunkfs`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _hide_passwords(args)
     # mount(8) runs "chunkfs DSN MOUNTPOINT -o OPTS": that is a mount.
     if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
         args.insert(0, "mount")

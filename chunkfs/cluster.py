@@ -484,6 +484,18 @@ class Postgres:
             raise ClusterError("PostgreSQL is not started")
         self._pg_ctl("restart", "-m", "fast")
 
+    def pause(self) -> None:
+        """Fast-shutdown the server but keep its data: ``resume`` starts it again."""
+        if self.dir is None:
+            raise ClusterError("PostgreSQL is not started")
+        self._pg_ctl("stop", "-m", "fast")
+
+    def resume(self) -> None:
+        """Start a paused server again, on the same port."""
+        if self.dir is None:
+            raise ClusterError("PostgreSQL is not started")
+        self._pg_ctl("start")
+
     def stop(self) -> None:
         """Fast shutdown, then remove the temp dir. Safe to call twice; never leaves the server up."""
         if self.dir is None:
@@ -821,6 +833,11 @@ class Mount:
 
     def __truediv__(self, other: str | os.PathLike[str]) -> Path:
         return self.path / other
+
+    @property
+    def pids(self) -> list[int]:
+        """The daemon's process ids (found when it mounted)."""
+        return list(self._pids)
 
     @property
     def mounted(self) -> bool:

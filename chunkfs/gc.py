@@ -1,7 +1,8 @@
 """Garbage collection: expired upload sessions and unreferenced chunk objects.
 
-A chunk object on a node is deleted only when no committed chunk map and no
-live upload session references it. A writer may reuse an identical object
+A chunk file on a node is deleted only when no live upload session protects
+it and either no committed chunk map uses it or no replica record names that
+node for it (a copy a failed or superseded move left behind). A writer may reuse an identical object
 while gc runs; the node bumps an existing object's mtime on every PUT, and gc
 deletes with ``before_ns`` = the node's clock read before the reference check,
 so an object put again after that check survives.
@@ -57,7 +58,7 @@ async def _collect_node(meta: Meta, store: ChunkStore, node_id: str, report: GcR
     after = None
     for _ in range(MAX_PAGES):
         ids, after = await client.list(after=after, limit=PAGE)
-        dead = await meta.unreferenced(ids)
+        dead = await meta.unneeded(node_id, ids)
         for chunk_id in sorted(dead):
             if await client.delete(chunk_id, before_ns=before_ns):
                 report.deleted += 1

@@ -59,11 +59,17 @@ class NodeInfo:
     free_bytes: int
     chunk_count: int
     heartbeat_age_s: float
+    draining: bool = False
 
     @property
     def live(self) -> bool:
         """True while the node runs and its heartbeat is fresh."""
         return self.status == "active" and self.heartbeat_age_s < HEARTBEAT_TIMEOUT_S
+
+    @property
+    def writable(self) -> bool:
+        """True when new replicas may go to the node: live and not draining."""
+        return self.live and not self.draining
 
 
 class Meta:
@@ -185,11 +191,50 @@ class Meta:
         """Every registered node, ordered by id."""
         rows = await self.db.fetch(
             """SELECT node_id, base_url, status, capacity_bytes, used_bytes, free_bytes,
-                      chunk_count,
+                      chunk_count, draining,
                       extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s
                FROM storage_nodes ORDER BY node_id"""
         )
         return [NodeInfo(**dict(r)) for r in rows]
+
+    async def set_draining(self, node_id: str, draining: bool) -> None:
+        """Mark a node as draining (no new replicas) or not. Raises ``NotFound``."""
+        status = await self.db.execute(
+            "UPDATE storage_nodes SET draining = $2 WHERE node_id = $1", node_id, draining
+        )
+        if status.endswith(" 0"):
+            raise errors.NotFound(f"no storage node {node_id}")
+
+    async def remove_node(self, node_id: str) -> int:
+        """Unregister a node: its vnodes and its replica records go. Returns
+        how many replica records were dropped.
+
+        Raises ``NotFound``, and ``NotPermitted`` while the node holds the
+        only recorded copy of a chunk that a file uses.
+        """
+        async def body(conn: Connection) -> int:
+            if not await conn.fetchval(
+                "SELECT true FROM storage_nodes WHERE node_id = $1 FOR UPDATE", node_id
+            ):
+                raise errors.NotFound(f"no storage node {node_id}")
+            only = await conn.fetchval(
+                """SELECT count(*) FROM chunk_replicas r
+                   WHERE r.node_id = $1
+                     AND EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = r.chunk_id)
+                     AND NOT EXISTS (SELECT 1 FROM chunk_replicas o
+                                     WHERE o.chunk_id = r.chunk_id AND o.node_id <> $1)""",
+                node_id,
+            )
+            if only:
+                raise errors.NotPermitted(
+                    f"node {node_id} holds the only copy of {only} chunks: "
+                    f"drain it first (chunkfs node drain)"
+                )
+            status = await conn.execute("DELETE FROM chunk_replicas WHERE node_id = $1", node_id)
+            await conn.execute("DELETE FROM storage_nodes WHERE node_id = $1", node_id)
+            return int(status.split()[-1])
+
+        return await self.db.transaction(body)
 
     async def ring_vnodes(self) -> list[tuple[int, str]]:
         """Every vnode of the ring as ``(unsigned position, node_id)``."""
@@ -569,8 +614,12 @@ class Meta:
 
     async def fail_upload(self, session_id: int) -> None:
         """Mark an upload session failed; gc reclaims what it pushed."""
+        await self.end_upload(session_id, "failed")
+
+    async def end_upload(self, session_id: int, status: str = "completed") -> None:
+        """Close an upload session as 'completed' or 'failed'."""
         await self.db.execute(
-            "UPDATE upload_sessions SET status = 'failed' WHERE session_id = $1", session_id
+            "UPDATE upload_sessions SET status = $2 WHERE session_id = $1", session_id, status
         )
 
     async def commit_chunks(
@@ -678,18 +727,22 @@ class Meta:
         )
         return int(status.split()[-1])
 
-    async def unreferenced(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
-        """Those of ``chunk_ids`` that no committed chunk map and no live
-        upload session references.
+    async def unneeded(self, node_id: str, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        """Those of ``chunk_ids``, held by ``node_id``, that no live upload
+        session protects and that are either used by no committed chunk map
+        or not recorded as a replica on that node (a copy left behind by a
+        failed or superseded move).
         """
         rows = await self.db.fetch(
             """SELECT id FROM unnest($1::bytea[]) AS id
-               WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = id)
+               WHERE (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = id)
+                      OR NOT EXISTS (SELECT 1 FROM chunk_replicas r
+                                     WHERE r.chunk_id = id AND r.node_id = $2))
                  AND NOT EXISTS (SELECT 1 FROM upload_session_chunks s
                                  JOIN upload_sessions u USING (session_id)
                                  WHERE s.chunk_id = id AND u.status IN ('pending', 'uploading')
                                    AND u.expires_at >= now())""",
-            list(chunk_ids),
+            list(chunk_ids), node_id,
         )
         return {bytes(r["id"]) for r in rows}
 
@@ -701,11 +754,94 @@ class Meta:
             list(chunk_ids),
         )
 
+    async def used_replicas_on(self, node_id: str) -> int:
+        """How many chunk objects that files use are recorded on ``node_id``."""
+        return await self.db.fetchval(
+            """SELECT count(*) FROM chunk_replicas r WHERE r.node_id = $1
+               AND EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = r.chunk_id)""",
+            node_id,
+        )
+
+    async def add_replica(self, chunk_id: bytes, node_id: str) -> None:
+        """Record that ``node_id`` holds a durable copy of ``chunk_id``."""
+        await self.db.execute(
+            "INSERT INTO chunk_replicas (chunk_id, node_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            chunk_id, node_id,
+        )
+
     async def drop_replica(self, chunk_id: bytes, node_id: str) -> None:
         """Forget that ``node_id`` holds ``chunk_id``."""
         await self.db.execute(
             "DELETE FROM chunk_replicas WHERE chunk_id = $1 AND node_id = $2", chunk_id, node_id
         )
+
+    # ------------------------------------------------------ fsck, repair
+
+    async def used_objects(
+        self, after: bytes, limit: int
+    ) -> list[tuple[bytes, int, bytes | None, tuple[str, ...]]]:
+        """Chunk objects some file uses, with id above ``after``, in id order:
+        ``(chunk_id, length, block_digests, recorded holders)``, at most ``limit``.
+        """
+        rows = await self.db.fetch(
+            """SELECT o.chunk_id, o.length, o.block_sha256,
+                      coalesce(array_agg(r.node_id ORDER BY r.node_id)
+                               FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
+               FROM chunk_objects o LEFT JOIN chunk_replicas r ON r.chunk_id = o.chunk_id
+               WHERE o.chunk_id > $1
+                 AND EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = o.chunk_id)
+               GROUP BY o.chunk_id ORDER BY o.chunk_id LIMIT $2""",
+            after, limit,
+        )
+        return [(bytes(r["chunk_id"]), r["length"], r["block_sha256"], tuple(r["nodes"]))
+                for r in rows]
+
+    async def inode_problems(self) -> list[tuple[int, str, bool]]:
+        """Metadata invariants that do not hold, as ``(ino, what, serious)``: link
+        counts that disagree with the dentries, files whose chunk rows are
+        not six extents tiling their size (``layout.extents``), chunks of
+        what is not a regular file, large chunks without block digests, and
+        inodes no name reaches (not serious: unlinked while open on a mount,
+        or left by a mount that crashed).
+        """
+        rows = await self.db.fetch(
+            """WITH names AS (SELECT ino, count(*) AS n FROM dentries GROUP BY ino),
+                    subdirs AS (SELECT d.parent AS ino, count(*) AS n FROM dentries d
+                                JOIN inodes c ON c.ino = d.ino
+                                WHERE c.mode & 61440 = 16384 GROUP BY d.parent)
+               SELECT i.ino, 'nlink ' || i.nlink || ', expected ' ||
+                      CASE WHEN i.mode & 61440 = 16384 THEN 2 + coalesce(s.n, 0)
+                           ELSE coalesce(n.n, 0) END AS what, true AS serious
+               FROM inodes i LEFT JOIN names n ON n.ino = i.ino
+                             LEFT JOIN subdirs s ON s.ino = i.ino
+               WHERE i.nlink <> CASE WHEN i.mode & 61440 = 16384 THEN 2 + coalesce(s.n, 0)
+                                     ELSE coalesce(n.n, 0) END
+                 AND (coalesce(n.n, 0) > 0 OR i.ino = 1)
+               UNION ALL
+               SELECT i.ino, 'no name reaches it (nlink ' || i.nlink || ')', false
+               FROM inodes i WHERE i.ino <> 1
+                 AND NOT EXISTS (SELECT 1 FROM dentries d WHERE d.ino = i.ino)
+               UNION ALL
+               SELECT i.ino, 'chunk map does not tile its ' || i.size || ' bytes in six chunks', true
+               FROM inodes i LEFT JOIN chunks c ON c.ino = i.ino
+               WHERE i.mode & 61440 = 32768
+               GROUP BY i.ino
+               HAVING (i.size = 0 AND count(c.ino) > 0)
+                   OR (i.size > 0 AND (count(c.ino) <> 6 OR bool_or(
+                          c."offset" <> c.chunk_index * (i.size / 6) + least(c.chunk_index, i.size % 6)
+                          OR c.length <> i.size / 6 + CASE WHEN c.chunk_index < i.size % 6
+                                                           THEN 1 ELSE 0 END)))
+               UNION ALL
+               SELECT DISTINCT i.ino, 'chunks on what is not a regular file', true
+               FROM inodes i JOIN chunks c ON c.ino = i.ino WHERE i.mode & 61440 <> 32768
+               UNION ALL
+               SELECT DISTINCT c.ino, 'chunk ' || encode(o.chunk_id, 'hex') || ' has no block digests',
+                      true
+               FROM chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id
+               WHERE o.length > 1048576 AND o.block_sha256 IS NULL
+               ORDER BY 1"""
+        )
+        return [(r["ino"], r["what"], r["serious"]) for r in rows]
 
 
 # ------------------------------------------------------------- records

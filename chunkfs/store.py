@@ -132,9 +132,20 @@ class ChunkStore:
         self._ring = ring.Ring(vnodes)
         self._refreshed_at = time.monotonic()
 
+    def nodes(self) -> list[NodeInfo]:
+        """Every registered node as of the last refresh."""
+        return list(self._nodes.values())
+
     def live_nodes(self) -> set[str]:
         """Ids of the nodes with a fresh heartbeat at the last refresh."""
         return {i for i, n in self._nodes.items() if n.live}
+
+    def placement(self, chunk_id: bytes) -> list[str]:
+        """The writable nodes (live, not draining) in ring order from the
+        chunk's position: its first R are the chunk's owners.
+        """
+        writable = {i for i, n in self._nodes.items() if n.writable}
+        return [n for n in self._ring.walk(ring.key_position(chunk_id)) if n in writable]
 
     def client(self, node_id: str) -> NodeClient:
         """The HTTP client of a registered node. Raises ``StorageError``."""
@@ -162,7 +173,7 @@ class ChunkStore:
         batches: dict[str, list[PutItem]] = {}
         for item in unique:
             if item.data is not None and item.length <= BATCH_ITEM_MAX:
-                for node_id in self._candidates(item)[: self.replicas]:
+                for node_id in self.placement(item.chunk_id)[: self.replicas]:
                     batches.setdefault(node_id, []).append(item)
                     tried[item.chunk_id].add(node_id)
         try:
@@ -182,10 +193,6 @@ class ChunkStore:
             raise
         return done
 
-    def _candidates(self, item: PutItem) -> list[str]:
-        live = self.live_nodes()
-        return [n for n in self._ring.walk(ring.key_position(item.chunk_id)) if n in live]
-
     async def _put_batch(self, node_id: str, batch: list[PutItem], done: dict[bytes, list[str]]) -> None:
         try:
             async with self._limiter:
@@ -198,7 +205,7 @@ class ChunkStore:
 
     async def _put_one(self, item: PutItem, done: list[str], tried: set[str]) -> None:
         """Bring one chunk to R replicas, walking the ring past ``tried`` nodes."""
-        candidates = [n for n in self._candidates(item) if n not in tried]
+        candidates = [n for n in self.placement(item.chunk_id) if n not in tried]
         failures: list[errors.ChunkfsError] = []
         while len(done) < self.replicas and candidates:
             wanted = self.replicas - len(done)

@@ -222,6 +222,6 @@ async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta
     await meta.db.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' "
                           "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
                           "WHERE chunk_id = $1)", expired)
-    assert await meta.unreferenced([held, expired]) == {expired}
+    assert await meta.unneeded("00000000000000aa", [held, expired]) == {expired}
     assert await meta.expire_sessions() == 1
     assert await count(meta, "upload_sessions") == 1

@@ -403,3 +403,25 @@ def test_a_directory_of_100k_entries_lists_completely_while_names_change(cluster
     assert big.stat().st_nlink == 2
     kept = {f"churn{i}" for i in range(0, churned, 2)}  # the odd ones were removed
     assert set(os.listdir(big)) == {f"f{i}" for i in range(BIG_DIR_ENTRIES)} | kept
+
+
+def test_a_password_in_the_dsn_never_shows(cluster, mount_factory):
+    # The test server trusts loopback, so any password is accepted and ignored.
+    user, rest = cluster.dsn.split("://", 1)[1].split("@", 1)
+    secret = "s3cret-pw-4711"
+    dsn = f"postgresql://{user.split(':')[0]}:{secret}@{rest}"
+    m = mount_factory(dsn)
+    (m / "f").write_bytes(b"x")
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert secret.encode() not in cmdline, f"process {pid} shows the password"
+    assert secret not in Path("/proc/mounts").read_text()
+    assert secret not in m.log_path.read_text()
+    status = cl.run_chunkfs("status", dsn)
+    assert secret not in status.stdout + status.stderr
+    bad = cl.run_chunkfs("status", dsn.replace(rest, "127.0.0.1:1/none"), check=False)
+    assert bad.returncode != 0 and secret not in bad.stdout + bad.stderr

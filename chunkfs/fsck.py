@@ -1,0 +1,199 @@
+"""Checking a filesystem: metadata invariants, and every replica on its node.
+
+``scan`` walks every chunk object a file uses, in id order, and sorts its
+recorded replicas into good ones (on a live node that lists it and, with
+``verify``, whose bytes hash to the chunk id) and bad ones, with the reason.
+``check`` (``chunkfs fsck``) reports from it; ``chunkfs repair`` and
+``chunkfs rebalance`` (``replicas.py``) act on it. A replica recorded on a
+node that is down is neither: it is not counted, so a chunk needs R good
+replicas elsewhere to be healthy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import trio
+
+from . import errors
+from .meta import Meta
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+PAGE = 1000  # chunk objects per metadata query, and ids per node listing request
+MAX_PAGES = 10_000_000  # bounds every paged walk
+VERIFY_CONCURRENCY = 8  # replicas hashed at once
+
+# Why a recorded replica is bad.
+MISSING = "missing"  # the node is up but does not hold the chunk
+CORRUPT = "corrupt"  # the node's bytes do not hash to the chunk id
+UNREADABLE = "unreadable"  # the node failed the read
+
+
+@dataclass
+class ObjectState:
+    """One chunk object as found: ``good`` and ``bad`` (node id -> reason)
+    replicas, and the recorded holders that are down (not checked).
+    """
+
+    chunk_id: bytes
+    length: int
+    good: list[str] = field(default_factory=list)
+    bad: dict[str, str] = field(default_factory=dict)
+    down: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FsckReport:
+    """What ``check`` found: counts, serious problems (each one line) and
+    warnings. The filesystem is clean when there are no problems.
+    """
+
+    inodes: int = 0
+    objects: int = 0
+    replicas: int = 0
+    under_replicated: int = 0
+    lost: int = 0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+async def open_store(meta: Meta) -> ChunkStore:
+    """A ``ChunkStore`` for maintenance work, with the nodes read fresh."""
+    settings = await meta.settings()
+    store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=60.0)
+    await store.refresh(force=True)
+    return store
+
+
+async def node_listings(store: ChunkStore) -> tuple[dict[str, set[bytes]], dict[str, str]]:
+    """The chunk ids every live node holds, and the live nodes that could not
+    be listed (node id -> error).
+    """
+    held: dict[str, set[bytes]] = {}
+    failed: dict[str, str] = {}
+    for node_id in sorted(store.live_nodes()):
+        ids: set[bytes] = set()
+        after = None
+        try:
+            for _ in range(MAX_PAGES):
+                page, after = await store.client(node_id).list(after=after, limit=PAGE)
+                ids.update(page)
+                if after is None:
+                    break
+        except errors.StorageError as exc:
+            failed[node_id] = str(exc)
+            continue
+        held[node_id] = ids
+    return held, failed
+
+
+async def scan(
+    meta: Meta, store: ChunkStore, held: dict[str, set[bytes]], *, verify: bool,
+    progress: Callable[[int], None] = lambda n: None,
+) -> AsyncIterator[ObjectState]:
+    """Yield the state of every chunk object a file uses (see the module doc).
+    ``held`` is ``node_listings``' first result; ``progress`` is called with
+    the number of objects done after each page.
+    """
+    after = b""
+    for _ in range(MAX_PAGES):
+        page = await meta.used_objects(after, PAGE)
+        if not page:
+            return
+        states = []
+        for chunk_id, length, _blocks, nodes in page:
+            state = ObjectState(chunk_id, length)
+            for node_id in nodes:
+                if node_id not in held:
+                    state.down.append(node_id)
+                elif chunk_id in held[node_id]:
+                    state.good.append(node_id)
+                else:
+                    state.bad[node_id] = MISSING
+            states.append(state)
+        if verify:
+            await _verify(store, states)
+        for state in states:
+            yield state
+        progress(len(page))
+        after = page[-1][0]
+
+
+async def _verify(store: ChunkStore, states: list[ObjectState]) -> None:
+    """Hash every good replica of ``states``; move the bad ones to ``bad``."""
+    limiter = trio.CapacityLimiter(VERIFY_CONCURRENCY)
+
+    async def one(state: ObjectState, node_id: str) -> None:
+        async with limiter:
+            reason = await replica_fault(store, state.chunk_id, node_id)
+        if reason is not None:
+            state.good.remove(node_id)
+            state.bad[node_id] = reason
+
+    async with trio.open_nursery() as nursery:
+        for state in states:
+            for node_id in list(state.good):
+                nursery.start_soon(one, state, node_id)
+
+
+async def replica_fault(store: ChunkStore, chunk_id: bytes, node_id: str) -> str | None:
+    """Read one replica whole and hash it: None when good, else the reason."""
+    digest = hashlib.sha256()
+    try:
+        async with store.client(node_id).stream(chunk_id) as pieces:
+            async for piece in pieces:
+                digest.update(piece)
+    except errors.ChunkMissing:
+        return MISSING
+    except errors.StorageError as exc:
+        log.warning("chunk %s on node %s: %s", chunk_id.hex()[:16], node_id, exc)
+        return UNREADABLE
+    return None if digest.digest() == chunk_id else CORRUPT
+
+
+async def check(
+    meta: Meta, *, verify: bool = False, progress: Callable[[int], None] = lambda n: None
+) -> FsckReport:
+    """Check the metadata invariants and every replica (see the module doc).
+
+    ``progress`` is called with the number of chunk objects done.
+    Raises ``ChunkfsError`` only when PostgreSQL fails.
+    """
+    report = FsckReport()
+    for ino, what, serious in await meta.inode_problems():
+        (report.problems if serious else report.warnings).append(f"inode {ino}: {what}")
+    report.inodes = (await meta.file_totals())[0]
+    store = await open_store(meta)
+    try:
+        replicas = store.replicas
+        for node in store.nodes():
+            if not node.live:
+                report.warnings.append(f"node {node.node_id} is down: its replicas are not counted")
+        held, failed = await node_listings(store)
+        for node_id, why in failed.items():
+            report.problems.append(f"node {node_id} could not be listed: {why}")
+        async for state in scan(meta, store, held, verify=verify, progress=progress):
+            report.objects += 1
+            report.replicas += len(state.good)
+            cid = state.chunk_id.hex()
+            for node_id, reason in sorted(state.bad.items()):
+                report.problems.append(f"chunk {cid}: replica on node {node_id} is {reason}")
+            if not state.good:
+                report.lost += 1
+                report.problems.append(f"chunk {cid}: no good replica"
+                                       + (f" (holders down: {', '.join(state.down)})" if state.down else ""))
+            elif len(state.good) < replicas:
+                report.under_replicated += 1
+                report.problems.append(
+                    f"chunk {cid}: {len(state.good)} of {replicas} replicas good")
+    finally:
+        await store.aclose()
+    return report
