@@ -60,12 +60,14 @@ def cli() -> None:
               help="Copies of every chunk, each on a distinct node.")
 @click.option("--max-file-size", default=10 * GIB, show_default=True, type=click.IntRange(1),
               help="Largest file in bytes (EFBIG past it).")
-def mkfs(dsn: str, replicas: int, max_file_size: int) -> None:
+@click.option("--upload-ttl", default=3600, show_default=True, type=click.IntRange(1),
+              help="Seconds before gc may collect what an unfinished upload pushed.")
+def mkfs(dsn: str, replicas: int, max_file_size: int, upload_ttl: int) -> None:
     """Create a filesystem in DSN's database (safe to run twice)."""
 
     async def body(meta: Meta) -> bool:
         return await meta.mkfs(replicas=replicas, max_file_size=max_file_size,
-                               uid=os.getuid(), gid=os.getgid())
+                               upload_ttl_s=upload_ttl, uid=os.getuid(), gid=os.getgid())
 
     made = _run(_with_meta, dsn, body)
     click.echo("created a new filesystem" if made else "filesystem already exists; settings kept")

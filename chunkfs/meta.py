@@ -81,7 +81,7 @@ class Meta:
     # ----------------------------------------------------------- cluster
 
     async def mkfs(
-        self, *, replicas: int, max_file_size: int, uid: int, gid: int
+        self, *, replicas: int, max_file_size: int, uid: int, gid: int, upload_ttl_s: int = 3600
     ) -> bool:
         """Apply schema.sql and create the settings row and the root inode.
 
@@ -93,6 +93,8 @@ class Meta:
             raise errors.InvalidArgument("replicas must be between 1 and 16")
         if max_file_size <= 0:
             raise errors.InvalidArgument("max file size must be positive")
+        if upload_ttl_s <= 0:
+            raise errors.InvalidArgument("upload TTL must be positive")
         ddl = resources.files("chunkfs").joinpath("schema.sql").read_text()
 
         async def body(conn: Connection) -> bool:
@@ -100,9 +102,9 @@ class Meta:
             await conn.execute("SELECT pg_advisory_xact_lock(727274)")
             await conn.execute(ddl)
             made = await conn.fetchval(
-                "INSERT INTO settings (replicas, max_file_size, cluster_token) "
-                "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
-                replicas, max_file_size, secrets.token_hex(32),
+                "INSERT INTO settings (replicas, max_file_size, cluster_token, upload_ttl_s) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                replicas, max_file_size, secrets.token_hex(32), upload_ttl_s,
             )
             t = now_ns()
             await conn.execute(

@@ -61,3 +61,13 @@ def test_gc_removes_only_unreferenced_chunks(cluster, mounted, mount_factory):
     assert on_disk(cluster, protected_id)  # its upload session is still live
     assert all(len(on_disk(cluster, c)) == 2 for c in new)
     assert (mount_factory(cluster.dsn) / "versioned").read_bytes() == content
+
+
+def test_mkfs_sets_the_upload_ttl_and_keeps_settings_when_run_again(empty_dsn):
+    cl.run_chunkfs("mkfs", empty_dsn, "--replicas", "1", "--upload-ttl", "5")
+    out = cl.run_chunkfs("mkfs", empty_dsn, "--upload-ttl", "99").stdout
+    assert "settings kept" in out
+    row = cl.run_sql(empty_dsn, "SELECT replicas, upload_ttl_s FROM settings")[0][0]
+    assert (row["replicas"], row["upload_ttl_s"]) == (1, 5)
+    bad = cl.run_chunkfs("mkfs", empty_dsn, "--upload-ttl", "0", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

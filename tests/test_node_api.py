@@ -406,6 +406,17 @@ async def test_chunk_files_are_0600(http: httpx.AsyncClient, node: cl.NodeProces
     assert stat.S_IMODE(node.data_dir.stat().st_mode) == 0o700
 
 
+async def test_a_rotten_chunk_is_never_served_whole(http: httpx.AsyncClient, node: cl.NodeProcess) -> None:
+    data = b"will rot on disk"
+    await http.put(f"/v1/chunks/{sha(data)}", content=data)
+    path = next(f for f in chunk_files(node.data_dir) if f.name == sha(data))
+    path.write_bytes(b"will r0t on disk")
+    r = await http.get(f"/v1/chunks/{sha(data)}")
+    assert r.status_code == 404 and "quarantined" in r.text
+    assert (await http.get(f"/v1/chunks/{sha(data)}")).status_code == 404
+    assert sha(data) not in (await http.get("/v1/chunks")).json()["chunks"]
+
+
 def run_node_command(dsn: str, data_dir: Path, port: int) -> tuple[int, list[str]]:
     """Run ``chunkfs node`` to its exit; return its exit code and its stderr
     lines that are not log records (those start with a date)."""

@@ -284,3 +284,20 @@ async def test_put_many_with_one_bad_digest_stores_none(tmp_path: Path) -> None:
         await store.put_many(items)
     assert chunk_files(tmp_path) == []
     assert store.chunk_count == 0
+
+
+async def test_a_chunk_that_no_longer_matches_its_id_is_quarantined_when_read_whole(
+    tmp_path: Path,
+) -> None:
+    store = await ChunkStore.open(tmp_path)
+    good, bad = b"good chunk", b"chunk whose file will rot"
+    await put(store, good)
+    await put(store, bad)
+    store.path(cid(bad)).write_bytes(b"chunk whose file will r0t")  # bit rot on disk
+    assert await store.read_many([cid(good), cid(bad)], 1 << 20) == [good, None]
+    assert chunk_files(tmp_path) == [cid(good)]
+    assert (tmp_path / "quarantine" / cid(bad)).exists()
+    assert (store.chunk_count, store.used_bytes) == (1, len(good))
+    assert await store.list_ids() == [cid(good)]
+    with pytest.raises(ChunkMissing):
+        await store.read(cid(bad))

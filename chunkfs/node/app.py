@@ -26,6 +26,7 @@ Every other request needs ``Authorization: Bearer <cluster token>`` (401).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -276,6 +277,9 @@ class NodeApp:
                 data = await f.read(start, end)
             finally:
                 f.close()
+            if status == 200 and hashlib.sha256(data).hexdigest() != chunk_id:
+                await self.store.quarantine(chunk_id)
+                return _error(404, "no such chunk (quarantined: its bytes did not match its id)")
             return Response(data, status_code=status, headers=headers,
                             media_type="application/octet-stream")
         return StreamingResponse(f.iter_range(start, end), status_code=status,
@@ -371,8 +375,9 @@ class NodeApp:
             return _error(404, str(exc))
         except InvalidArgument as exc:
             return _error(400, str(exc))
-        body = b"".join(
-            c.encode("ascii") + len(data).to_bytes(8, "big") + data for c, data in zip(ids, chunks)
+        body = b"".join(  # a quarantined chunk is left out: the reader tries another replica
+            c.encode("ascii") + len(data).to_bytes(8, "big") + data
+            for c, data in zip(ids, chunks) if data is not None
         )
         return Response(body, media_type="application/octet-stream")
 

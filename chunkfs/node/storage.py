@@ -378,19 +378,42 @@ class ChunkStore:
         finally:
             f.close()
 
-    async def read_many(self, chunk_ids: list[str], max_bytes: int) -> list[bytes]:
+    async def read_many(self, chunk_ids: list[str], max_bytes: int) -> list[bytes | None]:
         """Several whole chunks in one trip to a worker thread (for small
-        files). Raises ``ChunkMissing`` if any is absent, ``InvalidArgument``
-        for a bad id or when they add up to more than ``max_bytes``.
+        files), each checked against its id: one that does not match is
+        quarantined and comes back as None. Raises ``ChunkMissing`` if any is
+        absent, ``InvalidArgument`` for a bad id or when they add up to more
+        than ``max_bytes``.
         """
         for chunk_id in chunk_ids:
             _check_id(chunk_id)
         try:
-            return await trio.to_thread.run_sync(
+            chunks = await trio.to_thread.run_sync(
                 _read_whole, [self.path(c) for c in chunk_ids], max_bytes
             )
         except FileNotFoundError as exc:
             raise ChunkMissing(f"chunk {Path(exc.filename).name} not on node {self.node_id}") from None
+        out: list[bytes | None] = []
+        for chunk_id, data in zip(chunk_ids, chunks):
+            if hashlib.sha256(data).hexdigest() == chunk_id:
+                out.append(data)
+            else:
+                await self.quarantine(chunk_id)
+                out.append(None)
+        return out
+
+    async def quarantine(self, chunk_id: str) -> None:
+        """Move a chunk whose bytes do not match its id out of service, into
+        ``DATA/quarantine/`` (kept for inspection, no longer listed or served).
+        """
+        async with self._locked(chunk_id):
+            try:
+                size = await trio.to_thread.run_sync(_quarantine, self.path(chunk_id), self.root)
+            except FileNotFoundError:
+                return
+            self.used_bytes -= size
+            self.chunk_count -= 1
+        log.error("chunk %s does not match its digest: quarantined", chunk_id)
 
     async def size(self, chunk_id: str) -> int | None:
         """The chunk's length in bytes, or None when it is not here."""
@@ -644,3 +667,11 @@ async def _regroup(body: AsyncIterable[bytes], length: int) -> AsyncIterator[byt
         raise LengthMismatch(length, received)
     if buf:
         yield buf
+
+
+def _quarantine(path: Path, root: Path) -> int:
+    where = root / "quarantine"
+    where.mkdir(mode=0o700, exist_ok=True)
+    size = path.stat().st_size
+    os.rename(path, where / path.name)
+    return size
