@@ -129,6 +129,10 @@ CREATE TABLE IF NOT EXISTS chunk_objects (
     -- Its length in bytes, and when it was first committed.
     length bigint NOT NULL CHECK (length >= 0),
     created_at timestamptz NOT NULL DEFAULT now(),
+    -- Its ring position (signed 64-bit): where the ring places its replicas.
+    -- The first 8 bytes of its id, or for the small chunks of a small file
+    -- the file's own position, so that they share nodes (ring.py).
+    ring_key bigint NOT NULL,
     -- For a chunk longer than one 1 MiB block: the SHA-256 of each block,
     -- concatenated, so that range reads are verified too. NULL otherwise.
     block_sha256 bytea CHECK (block_sha256 IS NULL OR (length(block_sha256) % 32 = 0

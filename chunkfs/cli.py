@@ -173,7 +173,7 @@ def gc(dsn: str) -> None:
 
     report = _run(_with_meta, dsn, collect)
     click.echo(
-        f"expired sessions {report.sessions}, chunks deleted {report.deleted}, "
+        f"upload sessions closed or expired {report.sessions}, chunks deleted {report.deleted}, "
         f"kept {report.kept}, nodes unreachable {report.unreachable}"
     )
     if report.unreachable:
@@ -266,9 +266,14 @@ def drain(dsn: str, node_id: str) -> None:
 @_dsn_option()
 @click.argument("node_id")
 def remove(dsn: str, node_id: str) -> None:
-    """Unregister NODE_ID (refused while it holds the only copy of a chunk)."""
+    """Unregister NODE_ID (refused while it holds the only copy of a chunk).
+    Stop its process afterwards: a restart would register it again.
+    """
     dropped = _run(_with_meta, dsn, lambda meta: meta.remove_node(node_id))
-    click.echo(f"node {node_id} removed ({dropped} replica records dropped)")
+    click.echo(f"node {node_id} removed ({dropped} replica records dropped); stop its process")
+    if dropped:
+        click.echo(f"warning: {dropped} chunks lost a replica: run `chunkfs repair` "
+                   f"(or `chunkfs node drain` before removing a node)")
 
 
 def _hide_passwords(args: list[str]) -> None:

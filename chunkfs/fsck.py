@@ -41,6 +41,7 @@ class ObjectState:
 
     chunk_id: bytes
     length: int
+    position: int  # on the ring (unsigned): where its replicas belong
     good: list[str] = field(default_factory=list)
     bad: dict[str, str] = field(default_factory=dict)
     down: list[str] = field(default_factory=list)
@@ -109,8 +110,8 @@ async def scan(
         if not page:
             return
         states = []
-        for chunk_id, length, _blocks, nodes in page:
-            state = ObjectState(chunk_id, length)
+        for chunk_id, length, position, nodes in page:
+            state = ObjectState(chunk_id, length, position)
             for node_id in nodes:
                 if node_id not in held:
                     state.down.append(node_id)

@@ -575,7 +575,7 @@ class Meta:
             if head is None:
                 raise errors.NotFound(f"no inode {ino}")
             rows = await conn.fetch(
-                """SELECT c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256,
+                """SELECT c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256, o.ring_key,
                           coalesce(array_agg(r.node_id ORDER BY r.node_id)
                                    FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
                    FROM chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id
@@ -591,7 +591,7 @@ class Meta:
                 sha256=head["sha256"],
                 chunks=tuple(
                     ChunkRef(r["chunk_index"], r["offset"], r["length"], bytes(r["chunk_id"]),
-                             tuple(r["nodes"]), r["block_sha256"])
+                             tuple(r["nodes"]), r["block_sha256"], ring.to_unsigned(r["ring_key"]))
                     for r in rows
                 ),
             )
@@ -614,6 +614,33 @@ class Meta:
             ino, float(ttl_s), sorted(set(chunk_ids)),
         )
 
+    async def begin_commit(
+        self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int, replicas: int
+    ) -> tuple[int, dict[bytes, tuple[str, ...]]]:
+        """``begin_upload``, and in the same statement the chunks among
+        ``chunk_ids`` that a committed file already uses with at least
+        ``replicas`` recorded holders: ``(session_id, {chunk_id: holders})``.
+        Those need no upload (the session keeps gc off them until the commit).
+        """
+        rows = await self.db.fetch(
+            """WITH s AS (
+                   INSERT INTO upload_sessions (ino, status, expires_at)
+                   VALUES ($1, 'uploading', now() + make_interval(secs => $2))
+                   RETURNING session_id),
+               c AS (
+                   INSERT INTO upload_session_chunks (session_id, chunk_id)
+                   SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u)
+               SELECT s.session_id, x.chunk_id, x.nodes FROM s LEFT JOIN (
+                   SELECT r.chunk_id, array_agg(r.node_id ORDER BY r.node_id) AS nodes
+                   FROM chunk_replicas r
+                   WHERE r.chunk_id = ANY ($3::bytea[])
+                     AND EXISTS (SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)
+                   GROUP BY r.chunk_id HAVING count(*) >= $4) x ON true""",
+            ino, float(ttl_s), sorted(set(chunk_ids)), replicas,
+        )
+        reusable = {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows if r["chunk_id"]}
+        return rows[0]["session_id"], reusable
+
     async def fail_upload(self, session_id: int) -> None:
         """Mark an upload session failed; gc reclaims what it pushed."""
         await self.end_upload(session_id, "failed")
@@ -631,19 +658,20 @@ class Meta:
         *,
         size: int,
         sha256: bytes,
-        chunks: Sequence[tuple[int, int, int, bytes, bytes | None]],
+        chunks: Sequence[tuple[int, int, int, bytes, bytes | None, int]],
         replicas: dict[bytes, Sequence[str]],
         mtime_ns: int,
         max_file_size: int,
     ) -> "Attrs":
         """Switch a file to a new version in one transaction: the chunk map
-        (``(index, offset, length, chunk_id, block_digests)`` rows), the replicas just
+        (``(index, offset, length, chunk_id, block_digests, ring_position)``
+        rows), the replicas just
         written, size, digest and mtime; the version is bumped and the upload
         session completed. Raises ``NotFound`` and ``FileTooLarge``.
         """
         if size > max_file_size:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
-        objects = {c[3]: (c[2], c[4]) for c in chunks}
+        objects = {c[3]: (c[2], c[4], ring.to_signed(c[5])) for c in chunks}
         pairs = [(c, n) for c, nodes in replicas.items() for n in nodes]
         # One statement (one round trip, atomic): the inode row is updated
         # first, which locks it against a concurrent commit of the same file;
@@ -657,8 +685,8 @@ class Meta:
                     UPDATE upload_sessions SET status = 'completed'
                     WHERE session_id = $5 AND EXISTS (SELECT 1 FROM i)),
                 o AS (
-                    INSERT INTO chunk_objects (chunk_id, length, block_sha256)
-                    SELECT * FROM unnest($6::bytea[], $7::bigint[], $14::bytea[])
+                    INSERT INTO chunk_objects (chunk_id, length, block_sha256, ring_key)
+                    SELECT * FROM unnest($6::bytea[], $7::bigint[], $14::bytea[], $15::bigint[])
                     WHERE EXISTS (SELECT 1 FROM i)
                     ON CONFLICT DO NOTHING),
                 r AS (
@@ -680,6 +708,7 @@ class Meta:
             [c for c, _ in pairs], [n for _, n in pairs],
             [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
             [c[3] for c in chunks], [o[1] for o in objects.values()],
+            [o[2] for o in objects.values()],
         )
         if row is None:
             raise errors.NotFound(f"no inode {ino}")
@@ -781,12 +810,12 @@ class Meta:
 
     async def used_objects(
         self, after: bytes, limit: int
-    ) -> list[tuple[bytes, int, bytes | None, tuple[str, ...]]]:
+    ) -> list[tuple[bytes, int, int, tuple[str, ...]]]:
         """Chunk objects some file uses, with id above ``after``, in id order:
-        ``(chunk_id, length, block_digests, recorded holders)``, at most ``limit``.
+        ``(chunk_id, length, ring position, recorded holders)``, at most ``limit``.
         """
         rows = await self.db.fetch(
-            """SELECT o.chunk_id, o.length, o.block_sha256,
+            """SELECT o.chunk_id, o.length, o.ring_key,
                       coalesce(array_agg(r.node_id ORDER BY r.node_id)
                                FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
                FROM chunk_objects o LEFT JOIN chunk_replicas r ON r.chunk_id = o.chunk_id
@@ -795,8 +824,8 @@ class Meta:
                GROUP BY o.chunk_id ORDER BY o.chunk_id LIMIT $2""",
             after, limit,
         )
-        return [(bytes(r["chunk_id"]), r["length"], r["block_sha256"], tuple(r["nodes"]))
-                for r in rows]
+        return [(bytes(r["chunk_id"]), r["length"], ring.to_unsigned(r["ring_key"]),
+                 tuple(r["nodes"])) for r in rows]
 
     async def inode_problems(self) -> list[tuple[int, str, bool]]:
         """Metadata invariants that do not hold, as ``(ino, what, serious)``: link
@@ -888,6 +917,8 @@ class ChunkRef:
     nodes: tuple[str, ...]
     # SHA-256 of each 1 MiB block, concatenated (chunks over one block only).
     blocks: bytes | None = None
+    # Ring position (unsigned 64-bit) the replicas were placed from.
+    position: int = 0
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ async def repair(meta: Meta, *, progress: Callable[[int], None] = lambda n: None
                 await meta.drop_replica(state.chunk_id, node_id)
             report.dropped += 1
         # To the ring owners first, then the next nodes, until R good replicas.
-        for target in store.placement(state.chunk_id):
+        for target in store.placement(state.position):
             if len(state.good) >= store.replicas:
                 break
             if target not in state.good and await copy_replica(meta, store, state, target, ttl_s):
@@ -129,7 +129,7 @@ async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: N
     elsewhere. About 1/N of the replicas move when an N-th node joins.
     """
     async def act(store: ChunkStore, state: ObjectState, report: MoveReport, ttl_s: int) -> None:
-        owners = store.placement(state.chunk_id)[: store.replicas]
+        owners = store.placement(state.position)[: store.replicas]
         for target in owners:
             if target not in state.good and await copy_replica(meta, store, state, target, ttl_s):
                 report.copied += 1

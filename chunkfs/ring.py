@@ -31,6 +31,14 @@ def key_position(chunk_id: bytes) -> int:
     return int.from_bytes(chunk_id[:8], "big")
 
 
+def file_position(ino: int) -> int:
+    """Ring position of the small chunks of file ``ino``: they are placed
+    together, so that writing or reading a small file takes one request per
+    replica node rather than one per chunk.
+    """
+    return position(b"inode:%d" % ino)
+
+
 def vnode_positions(node_id: str, count: int = VNODES_PER_NODE) -> list[int]:
     """The ``count`` ring positions (unsigned 64-bit ints) owned by ``node_id``."""
     return [position(f"{node_id}#{i}".encode()) for i in range(count)]
@@ -83,16 +91,16 @@ class Ring:
                     return
 
     def owners(
-        self, chunk_id: bytes, count: int, active: Collection[str] | None = None
+        self, pos: int, count: int, active: Collection[str] | None = None
     ) -> list[str]:
-        """The first ``count`` distinct nodes clockwise from the chunk's position.
+        """The first ``count`` distinct nodes clockwise from ring position ``pos``.
 
         Nodes not in ``active`` (when given) are passed over, so the next node
         on the ring takes their place. Returns fewer than ``count`` ids when
         fewer nodes qualify.
         """
         chosen = []
-        for node in self.walk(key_position(chunk_id)):
+        for node in self.walk(pos):
             if active is None or node in active:
                 chosen.append(node)
                 if len(chosen) == count:

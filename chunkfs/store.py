@@ -39,13 +39,14 @@ BATCH_ITEM_MAX = 256 << 10
 
 @dataclass(frozen=True)
 class PutItem:
-    """A chunk to upload: its SHA-256 id, its length in bytes, and either its
-    bytes or a function returning a fresh async stream of them (called once
-    per replica).
+    """A chunk to upload: its SHA-256 id, its length in bytes, its ring
+    position (unsigned), and either its bytes or a function returning a
+    fresh async stream of them (called once per replica).
     """
 
     chunk_id: bytes
     length: int
+    position: int
     data: bytes | None = None
     stream: Callable[[], AsyncIterable[bytes]] | None = None
 
@@ -140,12 +141,12 @@ class ChunkStore:
         """Ids of the nodes with a fresh heartbeat at the last refresh."""
         return {i for i, n in self._nodes.items() if n.live}
 
-    def placement(self, chunk_id: bytes) -> list[str]:
-        """The writable nodes (live, not draining) in ring order from the
-        chunk's position: its first R are the chunk's owners.
+    def placement(self, pos: int) -> list[str]:
+        """The writable nodes (live, not draining) in ring order from ring
+        position ``pos``: the first R own a chunk placed there.
         """
         writable = {i for i, n in self._nodes.items() if n.writable}
-        return [n for n in self._ring.walk(ring.key_position(chunk_id)) if n in writable]
+        return [n for n in self._ring.walk(pos) if n in writable]
 
     def client(self, node_id: str) -> NodeClient:
         """The HTTP client of a registered node. Raises ``StorageError``."""
@@ -173,7 +174,7 @@ class ChunkStore:
         batches: dict[str, list[PutItem]] = {}
         for item in unique:
             if item.data is not None and item.length <= BATCH_ITEM_MAX:
-                for node_id in self.placement(item.chunk_id)[: self.replicas]:
+                for node_id in self.placement(item.position)[: self.replicas]:
                     batches.setdefault(node_id, []).append(item)
                     tried[item.chunk_id].add(node_id)
         try:
@@ -205,7 +206,7 @@ class ChunkStore:
 
     async def _put_one(self, item: PutItem, done: list[str], tried: set[str]) -> None:
         """Bring one chunk to R replicas, walking the ring past ``tried`` nodes."""
-        candidates = [n for n in self.placement(item.chunk_id) if n not in tried]
+        candidates = [n for n in self.placement(item.position) if n not in tried]
         failures: list[errors.ChunkfsError] = []
         while len(done) < self.replicas and candidates:
             wanted = self.replicas - len(done)
@@ -349,7 +350,7 @@ class ChunkStore:
         """Holders, live ones first, in ring order from the chunk's position."""
         holders = set(ref.nodes)
         live = self.live_nodes()
-        walk = [n for n in self._ring.walk(ring.key_position(ref.chunk_id)) if n in holders]
+        walk = [n for n in self._ring.walk(ref.position) if n in holders]
         walk += sorted(holders - set(walk))
         return [n for n in walk if n in live] + [n for n in walk if n not in live]
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from . import errors, layout
+from . import errors, layout, ring
 from .meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, now_ns
 from .spool import Spool
-from .store import INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
+from .store import BATCH_ITEM_MAX, INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
 
 log = logging.getLogger(__name__)
 
@@ -404,23 +404,37 @@ class VFS:
             t1 = time.perf_counter()
             known = {c.chunk_id: c.nodes for c in f.base.chunks}
             fresh = [(e, i) for e, i in zip(exts, ids) if i not in known]
-            session = await self.meta.begin_upload(
-                f.ino, [i for _, i in fresh], self.settings.upload_ttl_s
+            session, reusable = await self.meta.begin_commit(
+                f.ino, [i for _, i in fresh], self.settings.upload_ttl_s, self.store.replicas
             )
+            known.update(reusable)  # identical chunks other files hold: stored once
+            fresh = [(e, i) for e, i in fresh if i not in known]
             t2 = time.perf_counter()
             try:
-                placed = await self.store.put([await self._put_item(f, e, i) for e, i in fresh])
+                placed = await self.store.put(
+                    [await self._put_item(f, e, i, _position(f.ino, e, i)) for e, i in fresh]
+                )
             except errors.ChunkfsError:
                 await self._fail_upload(session)
                 raise
             t3 = time.perf_counter()
-            attrs = await self.meta.commit_chunks(
-                f.ino, session,
-                size=f.size, sha256=digest,
-                chunks=[(e.index, e.offset, e.length, i, b) for e, i, b in zip(exts, ids, blocks)],
-                replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
-                max_file_size=self.settings.max_file_size,
-            )
+            try:
+                attrs = await self.meta.commit_chunks(
+                    f.ino, session,
+                    size=f.size, sha256=digest,
+                    chunks=[(e.index, e.offset, e.length, i, b, _position(f.ino, e, i))
+                            for e, i, b in zip(exts, ids, blocks)],
+                    replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
+                    max_file_size=self.settings.max_file_size,
+                )
+            except errors.NotFound:
+                # Another mount removed the file while it was open here: as
+                # on a local filesystem, what is written to a file no name
+                # reaches any more is dropped, without an error.
+                await self._fail_upload(session)
+                f.dirty = False
+                log.info("inode %d was removed elsewhere: its unflushed writes are dropped", f.ino)
+                return
             t4 = time.perf_counter()
             log.debug("commit of inode %d: hash %.2f ms, session %.2f ms, put %.2f ms, "
                       "metadata %.2f ms", f.ino, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
@@ -429,7 +443,8 @@ class VFS:
             f.base = ChunkMap(
                 ino=f.ino, version=attrs.version, size=f.size, sha256=digest,
                 chunks=tuple(
-                    ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]), b)
+                    ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]), b,
+                             _position(f.ino, e, i))
                     for e, i, b in zip(exts, ids, blocks)
                 ),
             )
@@ -439,12 +454,15 @@ class VFS:
             # The kernel's pages hold what was just committed.
             self._cached_version[f.ino] = attrs.version
 
-    async def _put_item(self, f: OpenFile, ext: layout.Extent, chunk_id: bytes) -> PutItem:
+    async def _put_item(
+        self, f: OpenFile, ext: layout.Extent, chunk_id: bytes, position: int
+    ) -> PutItem:
         spool = f.spool
         if ext.length <= INLINE_PUT_MAX:
             data = await trio.to_thread.run_sync(spool.pread, ext.offset, ext.length)
-            return PutItem(chunk_id, ext.length, data=data)
-        return PutItem(chunk_id, ext.length, stream=lambda: spool.stream(ext.offset, ext.length))
+            return PutItem(chunk_id, ext.length, position, data=data)
+        return PutItem(chunk_id, ext.length, position,
+                       stream=lambda: spool.stream(ext.offset, ext.length))
 
     async def _fail_upload(self, session: int) -> None:
         try:
@@ -520,3 +538,13 @@ def _extents(cmap: ChunkMap) -> list[layout.Extent]:
 def _os_error(exc: OSError, what: str) -> errors.ChunkfsError:
     cls = errors.NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errors.ChunkfsError
     return cls(f"{what}: {os.strerror(exc.errno or errno.EIO)}")
+
+
+def _position(ino: Ino, ext: layout.Extent, chunk_id: bytes) -> int:
+    """Where the ring places a chunk: small chunks at their file's position
+    (one batch request per replica node for the whole file), others at
+    their own (a large file's chunks spread over the nodes).
+    """
+    if ext.length <= BATCH_ITEM_MAX:
+        return ring.file_position(ino)
+    return ring.key_position(chunk_id)

@@ -181,7 +181,7 @@ async def test_chunk_map_commit_and_version(meta):
     sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
     attrs = await meta.commit_chunks(
         f.ino, sid, size=7, sha256=hashlib.sha256(b"".join(data)).digest(),
-        chunks=[(i, sum(map(len, data[:i])), len(x), ids[i], None) for i, x in enumerate(data)],
+        chunks=[(i, sum(map(len, data[:i])), len(x), ids[i], None, 0) for i, x in enumerate(data)],
         replicas={c: ["00000000000000aa"] for c in ids}, mtime_ns=123,
         max_file_size=settings.max_file_size,
     )

@@ -804,6 +804,38 @@ def test_write_by_a_non_owner_clears_setuid_and_setgid(sides):
     on_both(sides, scenario, expect=(None, oct(stat.S_IFREG | 0o777), b"#!/bin/sh\necho\n"))
 
 
+def test_open_with_o_trunc_by_a_non_owner_clears_setuid_and_setgid(sides):
+    def scenario(d: Path):
+        _file(d / "prog", b"#!/bin/sh\n", mode=0o6777, owner=(0, 0))
+        os.chmod(d / "prog", 0o6777)
+
+        def truncate():
+            os.close(os.open("prog", os.O_WRONLY | os.O_TRUNC))
+
+        return as_user(d, truncate), mode_of(d / "prog"), (d / "prog").read_bytes()
+
+    on_both(sides, scenario, expect=(None, oct(stat.S_IFREG | 0o777), b""))
+
+
+def test_timestamps_past_2262_are_clamped_not_an_error(sides):
+    def scenario(d: Path):
+        f = _file(d / "f", b"x")
+        os.utime(f, ns=(0, 10_000_000_000 * 10**9))  # the year 2286
+        return os.stat(f).st_mtime_ns > 9_000_000_000 * 10**9
+
+    assert scenario(sides["chunkfs"])
+
+
+def test_trusted_xattr_names_are_listed_to_root_only(sides):
+    def scenario(d: Path):
+        f = _file(d / "f", b"x", mode=0o644)
+        os.setxattr(f, "trusted.t", b"1")
+        os.setxattr(f, "user.u", b"2")
+        return sorted(os.listxattr(f)), as_user(d, lambda: sorted(os.listxattr("f")))
+
+    on_both(sides, scenario, expect=(["trusted.t", "user.u"], ["user.u"]))
+
+
 def test_truncate_by_a_non_owner_clears_setuid(sides):
     def scenario(d: Path):
         _file(d / "prog", b"#!/bin/sh\n", mode=0o4777, owner=(0, 0))

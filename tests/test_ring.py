@@ -21,7 +21,7 @@ def test_keys_spread_evenly_over_six_nodes():
     r = ring.Ring.for_nodes(SIX)
     counts = {n: 0 for n in SIX}
     for key in KEYS:
-        counts[r.owners(key, 1)[0]] += 1
+        counts[r.owners(ring.key_position(key), 1)[0]] += 1
     share = len(KEYS) / 6
     for node, n in counts.items():
         assert 0.75 * share <= n <= 1.25 * share, (node, n, share)
@@ -33,7 +33,8 @@ def test_adding_a_seventh_node_moves_about_a_seventh_and_only_to_it():
     after = ring.Ring.for_nodes(SIX + [new])
     moved = 0
     for key in KEYS:
-        old_owner, new_owner = before.owners(key, 1)[0], after.owners(key, 1)[0]
+        pos = ring.key_position(key)
+        old_owner, new_owner = before.owners(pos, 1)[0], after.owners(pos, 1)[0]
         if old_owner != new_owner:
             assert new_owner == new
             moved += 1
@@ -44,19 +45,19 @@ def test_adding_a_seventh_node_moves_about_a_seventh_and_only_to_it():
 @given(key=st.binary(min_size=32, max_size=32), count=st.integers(1, 8))
 def test_owners_are_distinct_and_deterministic(key, count):
     r = ring.Ring.for_nodes(SIX)
-    owners = r.owners(key, count)
+    owners = r.owners(ring.key_position(key), count)
     assert len(owners) == min(count, 6)
     assert len(set(owners)) == len(owners)
-    assert owners == ring.Ring.for_nodes(list(reversed(SIX))).owners(key, count)
+    assert owners == ring.Ring.for_nodes(list(reversed(SIX))).owners(ring.key_position(key), count)
 
 
 @given(key=st.binary(min_size=32, max_size=32))
 def test_inactive_nodes_are_passed_over_by_the_next_on_the_ring(key):
     r = ring.Ring.for_nodes(SIX)
-    full = r.owners(key, 6)
+    full = r.owners(ring.key_position(key), 6)
     down = full[0]
     active = set(SIX) - {down}
-    assert r.owners(key, 2, active) == full[1:3]
+    assert r.owners(ring.key_position(key), 2, active) == full[1:3]
 
 
 def test_signed_round_trip():
@@ -71,3 +72,13 @@ def test_key_must_be_a_sha256():
     except ValueError:
         return
     raise AssertionError("a 31-byte key was accepted")
+
+
+def test_files_spread_evenly_and_each_file_has_one_position():
+    r = ring.Ring.for_nodes(SIX)
+    counts = {n: 0 for n in SIX}
+    for ino in range(2, 30_002):
+        counts[r.owners(ring.file_position(ino), 1)[0]] += 1
+    for node, n in counts.items():
+        assert 0.75 * 5000 <= n <= 1.25 * 5000, (node, n)
+    assert ring.file_position(7) == ring.file_position(7) != ring.file_position(8)

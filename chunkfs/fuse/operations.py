@@ -101,6 +101,9 @@ class Operations(pyfuse3.Operations):
         self.vfs = vfs
         self.lookups = LookupCounts()
         self._dirs: dict[int, _DirHandle] = {}
+        # The content version of the attributes last given to the kernel, per
+        # inode: an open that finds a newer one drops the kernel's copy.
+        self._attr_version: dict[int, int] = {}
         self._dir_fh = itertools.count(1)
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -108,6 +111,7 @@ class Operations(pyfuse3.Operations):
     # ----------------------------------------------------------- helpers
 
     def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        self._attr_version[attrs.ino] = attrs.version
         e = pyfuse3.EntryAttributes()
         e.st_ino = attrs.ino
         e.generation = 0
@@ -146,6 +150,7 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for ino in self.lookups.forget(inode_list):
+                self._attr_version.pop(ino, None)
                 await self.vfs.forget(Ino(ino))
         except Exception:  # forget must never raise
             log.exception("forget failed")
@@ -165,8 +170,8 @@ class Operations(pyfuse3.Operations):
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=_clamp_ns(attr.st_atime_ns) if fields.update_atime else None,
+            mtime_ns=_clamp_ns(attr.st_mtime_ns) if fields.update_mtime else None,
         )
         return self._entry(attrs)
 
@@ -283,7 +288,17 @@ class Operations(pyfuse3.Operations):
         attrs = await self.vfs.getattr(Ino(inode))
         if stat.S_ISDIR(attrs.mode):
             raise errors.IsADirectory(f"inode {inode} is a directory")
+        if self._attr_version.get(inode, attrs.version) != attrs.version:
+            # Another mount committed a new version since the kernel cached
+            # the size: make it ask again, or reads would stop at the old size
+            # (close-to-open consistency).
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+            self._attr_version[inode] = attrs.version
         fh, keep_cache = await self.vfs.open(Ino(inode), flags)
+        if flags & os.O_TRUNC and ctx.uid != 0 and _privileged_bits(attrs.mode):
+            # The kernel leaves O_TRUNC to us: drop setuid/setgid as a
+            # truncate by an unprivileged caller does on ext4.
+            await self.vfs.setattr(Ino(inode), mode=attrs.mode & ~_privileged_bits(attrs.mode))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @fuse_errors
@@ -322,7 +337,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return await self.vfs.listxattr(Ino(inode))
+        names = await self.vfs.listxattr(Ino(inode))
+        if ctx.uid != 0:  # as ext4: trusted.* names only for the privileged
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -334,6 +352,26 @@ class Operations(pyfuse3.Operations):
         # Only reached without default_permissions: check the mode bits here.
         attrs = await self.vfs.getattr(Ino(inode))
         return _may_access(attrs, mode, ctx)
+
+
+def _privileged_bits(mode: int) -> int:
+    """The setuid / setgid bits a write or truncate by an unprivileged
+    caller clears (setgid only with group execute, as the kernel does).
+    """
+    bits = mode & stat.S_ISUID
+    if mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+        bits |= stat.S_ISGID
+    return bits
+
+
+_NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _clamp_ns(ns: int) -> int:
+    """Timestamps are kept as 64-bit nanoseconds (years 1677 to 2262): clamp
+    beyond, as ext4 clamps beyond its own range.
+    """
+    return min(max(ns, _NS_MIN), _NS_MAX)
 
 
 def _check_xattr_name(name: bytes) -> None:

@@ -7,7 +7,9 @@ Routes (ids are 64 lowercase hex digits, the SHA-256 of the chunk's bytes):
   the maximum chunk size or the declared length; 400 body shorter than
   declared; 507 no room.
 - ``GET /v1/chunks/{id}``: 200 whole chunk, or 206 for ``Range: bytes=a-b``,
-  ``bytes=a-`` or ``bytes=-n``; 416 for a range past the end; 400 malformed.
+  ``bytes=a-`` or ``bytes=-n``; 416 for a range past the end; 400 malformed;
+  404 missing, or quarantined when a whole read finds that its bytes no
+  longer match the id.
 - ``HEAD /v1/chunks/{id}``: 200 with Content-Length, or 404.
 - ``DELETE /v1/chunks/{id}[?before_ns=N]``: 204; 404 missing; 409 refused by
   the guard (the chunk was re-used at or after ``before_ns``).

@@ -19,6 +19,7 @@ the epoch (the node's clock).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -29,7 +30,7 @@ import time
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Callable
 
 import trio
 
@@ -129,6 +130,17 @@ def _pread_all(fd: int, start: int, end: int) -> bytes:
         parts.append(data)
         start += len(data)
     return b"".join(parts)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -354,7 +366,7 @@ class ChunkStore:
         total = sum(len(d) for d, _ in new.values())
         async with self._reservation(total):
             stored = [(self._temp_path(cid), path, data) for cid, (data, path) in new.items()]
-            await trio.to_thread.run_sync(_store_all, stored)
+            await trio.to_thread.run_sync(_store_all, self.root, stored)
             self.used_bytes += total
             self.chunk_count += len(stored)
         return created
@@ -566,14 +578,17 @@ def _discard(fd: int, tmp: Path) -> None:
         pass
 
 
-def _store_bytes(tmp: Path, final: Path, data: bytes) -> None:
-    """Write one whole chunk: temp file, fsync, rename (the caller fsyncs the directory)."""
+def _store_bytes(tmp: Path, final: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write one whole chunk: temp file, fsync (unless the caller syncs the
+    whole filesystem), rename (the caller makes the rename durable).
+    """
     fd = _create_temp(tmp)
     try:
         _write_all(fd, data)
         now = time.time_ns()
         os.utime(fd, ns=(now, now))
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     except BaseException:
         _discard(fd, tmp)
         raise
@@ -591,16 +606,35 @@ def _verify_and_touch(items: list[tuple[str, bytes]], paths: list[Path]) -> list
     return [not _touch(path) for path in paths]
 
 
-def _store_all(stored: list[tuple[Path, Path, bytes]]) -> None:
-    """Store whole chunks ``(temp, final, bytes)``, then fsync each directory once."""
-    dirs = set()
+def _store_all(root: Path, stored: list[tuple[Path, Path, bytes]]) -> None:
+    """Store whole chunks ``(temp, final, bytes)`` and make them durable.
+
+    With syncfs(2) (Linux), the files are written and renamed without a sync
+    each, then the filesystem holding ``root`` is synced once: one journal
+    commit for the batch instead of two flushes per chunk, which is what a
+    small file's chunks cost. Elsewhere: fsync each file, then each directory.
+    """
+    if _syncfs is None:
+        dirs = set()
+        try:
+            for tmp, final, data in stored:
+                _store_bytes(tmp, final, data)
+                dirs.add(final.parent)
+        finally:
+            for d in dirs:
+                _fsync_dir(d)
+        return
     try:
         for tmp, final, data in stored:
-            _store_bytes(tmp, final, data)
-            dirs.add(final.parent)
+            _store_bytes(tmp, final, data, fsync=False)
     finally:
-        for d in dirs:
-            _fsync_dir(d)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+        finally:
+            os.close(fd)
 
 
 def _read_whole(paths: list[Path], max_bytes: int) -> list[bytes]:
