@@ -213,6 +213,13 @@ def fsck(dsn: str, verify: bool, limit: int) -> None:
         sys.exit(1)
 
 
+def _move(verb: str, dsn: str, fn: Callable[..., Awaitable[Any]]) -> None:
+    """Run repair / rebalance with a progress bar, print the summary, exit 1 if not ok."""
+    with _progress(verb) as bar:
+        report = _run(_with_meta, dsn, lambda meta: fn(meta, progress=bar.update))
+    _move_summary(verb, report)
+
+
 def _move_summary(verb: str, report: Any) -> None:
     click.echo(
         f"{verb}: {report.objects} chunk objects, {report.copied} replicas copied, "
@@ -229,9 +236,7 @@ def repair(dsn: str) -> None:
     """Bring every chunk back to R good replicas (reads and hashes every replica)."""
     from .replicas import repair as do_repair
 
-    with _progress("repair") as bar:
-        report = _run(_with_meta, dsn, lambda meta: do_repair(meta, progress=bar.update))
-    _move_summary("repair", report)
+    _move("repair", dsn, do_repair)
 
 
 @cli.command()
@@ -240,9 +245,7 @@ def rebalance(dsn: str) -> None:
     """Move replicas to their ring owners after nodes joined or left."""
     from .replicas import rebalance as do_rebalance
 
-    with _progress("rebalance") as bar:
-        report = _run(_with_meta, dsn, lambda meta: do_rebalance(meta, progress=bar.update))
-    _move_summary("rebalance", report)
+    _move("rebalance", dsn, do_rebalance)
 
 
 @node.command()

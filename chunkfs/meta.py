@@ -602,17 +602,8 @@ class Meta:
         """Open an upload session protecting ``chunk_ids`` from gc for
         ``ttl_s`` seconds; return its id. One statement, so one round trip.
         """
-        return await self.db.fetchval(
-            """WITH s AS (
-                   INSERT INTO upload_sessions (ino, status, expires_at)
-                   VALUES ($1, 'uploading', now() + make_interval(secs => $2))
-                   RETURNING session_id),
-               c AS (
-                   INSERT INTO upload_session_chunks (session_id, chunk_id)
-                   SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u)
-               SELECT session_id FROM s""",
-            ino, float(ttl_s), sorted(set(chunk_ids)),
-        )
+        no_reuse = 1 << 30  # no chunk has that many replicas
+        return (await self.begin_commit(ino, chunk_ids, ttl_s, no_reuse))[0]
 
     async def begin_commit(
         self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int, replicas: int
