@@ -484,11 +484,14 @@ class Postgres:
             raise ClusterError("PostgreSQL is not started")
         self._pg_ctl("restart", "-m", "fast")
 
-    def pause(self) -> None:
-        """Fast-shutdown the server but keep its data: ``resume`` starts it again."""
+    def pause(self, *, crash: bool = False) -> None:
+        """Shut the server down but keep its data: ``resume`` starts it again.
+        With ``crash``, stop it as a power cut would (immediate mode: no
+        checkpoint; only what the write-ahead log has on disk survives).
+        """
         if self.dir is None:
             raise ClusterError("PostgreSQL is not started")
-        self._pg_ctl("stop", "-m", "fast")
+        self._pg_ctl("stop", "-m", "immediate" if crash else "fast")
 
     def resume(self) -> None:
         """Start a paused server again, on the same port."""

@@ -598,6 +598,10 @@ class Meta:
 
         return await self.db.transaction(body)
 
+    async def sync(self) -> None:
+        """Make every metadata change committed so far durable (fsync)."""
+        await self.db.sync()
+
     async def begin_upload(self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int) -> int:
         """Open an upload session protecting ``chunk_ids`` from gc for
         ``ttl_s`` seconds; return its id. One statement, so one round trip.
@@ -700,6 +704,7 @@ class Meta:
             [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
             [c[3] for c in chunks], [o[1] for o in objects.values()],
             [o[2] for o in objects.values()],
+            durable=True,  # close() and fsync() return once this is on disk
         )
         if row is None:
             raise errors.NotFound(f"no inode {ino}")

@@ -55,8 +55,9 @@ class Database:
     after the rollback.
     """
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, durable: asyncpg.Pool | None = None) -> None:
         self._pool = pool
+        self._durable = durable or pool
         self.dsn = dsn
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -75,9 +76,18 @@ class Database:
         """Run a query; return all its rows."""
         return await self._call(self._pool.fetch, sql, *args)
 
-    async def fetchrow(self, sql: str, *args: Any) -> Record | None:
-        """Run a query; return its first row or None."""
-        return await self._call(self._pool.fetchrow, sql, *args)
+    async def fetchrow(self, sql: str, *args: Any, durable: bool = False) -> Record | None:
+        """Run a query; return its first row or None. With ``durable``, its
+        commit is on disk when this returns, whatever the pool's commit mode.
+        """
+        return await self._call((self._durable if durable else self._pool).fetchrow, sql, *args)
+
+    async def sync(self) -> None:
+        """Make every transaction committed so far durable: a synchronous
+        commit flushes the write-ahead log up to itself, so everything
+        committed before it too (txid_current() gives it a commit record).
+        """
+        await self._call(self._durable.fetchval, "SELECT txid_current()")
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Run a query; return the first column of its first row, or None."""
@@ -115,8 +125,10 @@ class Database:
         return await self._call(run)
 
     async def close(self) -> None:
-        """Close every connection of the pool."""
+        """Close every connection of the pools."""
         await trio_asyncio.aio_as_trio(self._pool.close)()
+        if self._durable is not self._pool:
+            await trio_asyncio.aio_as_trio(self._durable.close)()
 
 
 async def _no_reset(conn: Connection) -> None:
@@ -134,32 +146,43 @@ async def open_database(
     max_size: int = 8,
     connect_timeout: float = 10.0,
     command_timeout: float = 30.0,
+    async_commit: bool = False,
 ) -> AsyncIterator[Database]:
     """Open a trio-asyncio loop and a connection pool to ``dsn``.
 
-    Timeouts are in seconds. Raises ``MetadataUnavailable`` with a one-line
-    message when the server does not answer or refuses the login.
+    With ``async_commit``, transactions commit without waiting for the
+    write-ahead log to reach the disk (PostgreSQL's synchronous_commit=off:
+    a crash of the server may lose the last few hundred milliseconds, never
+    tear a transaction), except those run with ``durable=True`` and
+    ``Database.sync``, which use a second, small pool of synchronous
+    connections. Timeouts are in seconds. Raises ``MetadataUnavailable``
+    with a one-line message when the server does not answer or refuses the login.
     """
     async with trio_asyncio.open_loop():
 
-        async def create() -> asyncpg.Pool:
+        async def create(size: int, settings: dict[str, str]) -> asyncpg.Pool:
             return await asyncpg.create_pool(
                 dsn,
-                min_size=min_size,
-                max_size=max_size,
+                min_size=min(min_size, size),
+                max_size=size,
                 timeout=connect_timeout,
                 command_timeout=command_timeout,
                 reset=_no_reset,
+                server_settings=settings,
             )
 
         try:
-            with trio.fail_after(connect_timeout + 1):
-                pool = await trio_asyncio.aio_as_trio(create)()
+            with trio.fail_after(2 * connect_timeout + 1):
+                if async_commit:
+                    pool = await trio_asyncio.aio_as_trio(create)(max_size, {"synchronous_commit": "off"})
+                    durable = await trio_asyncio.aio_as_trio(create)(2, {"synchronous_commit": "on"})
+                else:
+                    pool = durable = await trio_asyncio.aio_as_trio(create)(max_size, {})
         except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
             raise MetadataUnavailable(
                 f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {exc or type(exc).__name__}"
             ) from None
-        db = Database(pool, dsn)
+        db = Database(pool, dsn, durable)
         try:
             yield db
         finally:

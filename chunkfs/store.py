@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 
 # Chunks up to this size are fetched whole (and verified) and cached.
 WHOLE_FETCH_MAX = 8 << 20
-# Larger chunks are fetched in aligned windows of this size (whole blocks).
+# Larger chunks are fetched in aligned windows of this size (whole blocks),
+# and a window missing from the cache is fetched with the next READ_AHEAD ones.
 WINDOW = 4 << 20
+READ_AHEAD = 3
+# Fetched bytes up to this size are hashed on the event loop; more, in a thread.
+HASH_INLINE_MAX = 1 << 20
 assert WINDOW % layout.BLOCK_SIZE == 0
 # Chunks up to this size are read into memory for the upload; larger ones stream.
 INLINE_PUT_MAX = 4 << 20
@@ -254,11 +258,31 @@ class ChunkStore:
         first, last = start // WINDOW, (end - 1) // WINDOW
         for w in range(first, last + 1):
             w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
-            data = await self._cached(
-                (ref.chunk_id, w), lambda: self._fetch(ref, w_start, w_end)
-            )
+            if self._cache.get((ref.chunk_id, w)) is None:
+                await self._read_ahead(ref, w)
+            data = await self._window(ref, w)
             out.append(data[max(start, w_start) - w_start: min(end, w_end) - w_start])
         return b"".join(out)
+
+    async def _window(self, ref: ChunkRef, w: int) -> bytes:
+        w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
+        return await self._cached((ref.chunk_id, w), lambda: self._fetch(ref, w_start, w_end))
+
+    async def _read_ahead(self, ref: ChunkRef, w: int) -> None:
+        """Fetch window ``w`` and the next ``READ_AHEAD`` ones concurrently
+        (a sequential reader needs them next); a failure shows when read.
+        """
+        last = min(w + READ_AHEAD, (ref.length - 1) // WINDOW)
+
+        async def one(n: int) -> None:
+            try:
+                await self._window(ref, n)
+            except errors.ChunkfsError:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for n in range(w, last + 1):
+                nursery.start_soon(one, n)
 
     async def prefetch(self, refs: Sequence[ChunkRef]) -> None:
         """Bring small chunks into the cache with as few requests as possible:
@@ -337,7 +361,10 @@ class ChunkStore:
                 last_error = exc
                 log.warning("read of chunk %s from node %s failed: %s", ref.chunk_id.hex()[:16], node_id, exc)
                 continue
-            if len(data) != end - start or not _verified(ref, start, data, whole):
+            if len(data) != end - start or not (
+                _verified(ref, start, data, whole) if len(data) <= HASH_INLINE_MAX
+                else await trio.to_thread.run_sync(_verified, ref, start, data, whole)
+            ):
                 last_error = errors.DigestMismatch(f"node {node_id} returned bad bytes")
                 log.error("chunk %s from node %s does not match its digest", ref.chunk_id.hex()[:16], node_id)
                 continue

@@ -329,8 +329,18 @@ class VFS:
         await self._commit(self._files[self.handle(fh).ino])
 
     async def fsync(self, fh: int) -> None:
-        """fsync(2): the same commit as flush."""
-        await self.flush(fh)
+        """fsync(2): the same commit as flush; for a file with nothing to
+        commit, the metadata changes made so far are made durable.
+        """
+        f = self._files[self.handle(fh).ino]
+        if f.dirty:
+            await self._commit(f)
+        else:
+            await self.meta.sync()
+
+    async def sync(self) -> None:
+        """Make every metadata change so far durable (fsync of a directory)."""
+        await self.meta.sync()
 
     async def release(self, fh: int) -> Ino:
         """The last close of a handle; return its inode. A file whose commit

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -368,6 +369,18 @@ def test_postgresql_restarted_under_a_mount(tmp_path, fuse_ready):
         cl.wait_until(lambda: _works(m), 60, "the mount to work again", 0.5)
         assert (m / "before").read_bytes() == b"x" * 1000
         (m / "after").write_bytes(b"y" * 1000)
+        assert (m / "after").read_bytes() == b"y" * 1000
+        # Metadata commits asynchronously, but what close() and fsync (of a
+        # file or of a directory) returned for survives a crash of PostgreSQL.
+        os.mkdir(m / "made")
+        os.mknod(m / "made" / "fifo", 0o600 | stat.S_IFIFO)
+        dfd = os.open(m / "made", os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dfd)
+        os.close(dfd)
+        c.postgres.pause(crash=True)
+        c.postgres.resume()
+        cl.wait_until(lambda: _works(m), 60, "the mount to work again", 0.5)
+        assert stat.S_ISFIFO(os.lstat(m / "made" / "fifo").st_mode)
         assert (m / "after").read_bytes() == b"y" * 1000
         proc = chunkfs("fsck", c.dsn, "--verify")
         assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout

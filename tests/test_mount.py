@@ -78,7 +78,7 @@ def test_files_read_back_byte_for_byte_in_six_chunks(mounted, cluster, size):
     holders = {n for c in report["chunks"] if c["length"] for n in c["nodes"]}
     if size > 6 * 256 * 1024:
         assert len(holders) >= 3, holders  # a large file's chunks spread over the nodes
-    else:
+    elif size >= 6 * 16:  # (chunks of a few bytes may be objects other files made)
         assert len(holders) == 2, holders  # a small file's chunks share their R nodes
 
 

@@ -128,7 +128,10 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
     """
     cache_dir = opts.cache_dir or default_cache_dir()
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    async with open_database(dsn, command_timeout=opts.pg_timeout) as db:
+    # Namespace and attribute changes commit asynchronously, as a local
+    # filesystem's journal does; close(), fsync() and fsync of a directory
+    # wait for the disk (see pg.open_database).
+    async with open_database(dsn, command_timeout=opts.pg_timeout, async_commit=True) as db:
         meta = Meta(db)
         settings = await meta.settings()
         store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout)

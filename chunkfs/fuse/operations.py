@@ -272,8 +272,9 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass  # every metadata change is committed when its call returns
+        await self.vfs.sync()
 
     # ------------------------------------------------------------- files
 
