@@ -513,6 +513,18 @@ class Meta:
         rows = await self.db.fetch("SELECT name, value FROM xattrs WHERE ino = $1", ino)
         return {r["name"]: r["value"] for r in rows}
 
+    async def xattrs_of(self, inos: Sequence[Ino]) -> dict[Ino, dict[bytes, bytes]]:
+        """The extended attributes of several inodes: ino -> name -> value
+        (inodes without any are left out).
+        """
+        rows = await self.db.fetch(
+            "SELECT ino, name, value FROM xattrs WHERE ino = ANY($1::bigint[])", list(inos)
+        )
+        out: dict[Ino, dict[bytes, bytes]] = {}
+        for r in rows:
+            out.setdefault(Ino(r["ino"]), {})[r["name"]] = r["value"]
+        return out
+
     async def setxattr(
         self, ino: Ino, name: bytes, value: bytes, *, create: bool = False, replace: bool = False
     ) -> None:

@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 # Chunks up to this size are fetched whole (and verified) and cached.
 WHOLE_FETCH_MAX = 8 << 20
-# Larger chunks are fetched in aligned windows of this size (whole blocks),
-# and a window missing from the cache is fetched with the next READ_AHEAD ones.
-WINDOW = 4 << 20
-READ_AHEAD = 3
+# Larger chunks are fetched in aligned windows of this size (whole blocks):
+# a random read costs one. When a chunk is read window after window, a
+# missing window is fetched with the next READ_AHEAD ones, concurrently.
+WINDOW = 1 << 20
+READ_AHEAD = 8
 # Fetched bytes up to this size are hashed on the event loop; more, in a thread.
 HASH_INLINE_MAX = 1 << 20
 assert WINDOW % layout.BLOCK_SIZE == 0
@@ -109,6 +110,7 @@ class ChunkStore:
         self._ring = ring.Ring([])
         self._cache = _LRU(cache_bytes)
         self._inflight: dict[object, trio.Event] = {}
+        self._next_window: dict[bytes, int] = {}  # per chunk: the window a sequential reader wants next
         self._limiter = trio.CapacityLimiter(max_requests)
         self._http = httpx.AsyncClient(
             timeout=timeout,
@@ -258,9 +260,13 @@ class ChunkStore:
         first, last = start // WINDOW, (end - 1) // WINDOW
         for w in range(first, last + 1):
             w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
-            if self._cache.get((ref.chunk_id, w)) is None:
+            sequential = self._next_window.get(ref.chunk_id) in (w, w + 1)
+            if sequential and self._cache.get((ref.chunk_id, w)) is None:
                 await self._read_ahead(ref, w)
             data = await self._window(ref, w)
+            if len(self._next_window) > 4096:
+                self._next_window.clear()
+            self._next_window[ref.chunk_id] = w + 1
             out.append(data[max(start, w_start) - w_start: min(end, w_end) - w_start])
         return b"".join(out)
 

@@ -521,8 +521,19 @@ class VFS:
         return await self.meta.readlink(ino)
 
     async def readdir(self, ino: Ino, after: int, limit: int) -> list[tuple[bytes, Attrs, int]]:
-        """Directory entries after cookie ``after``; see ``Meta.readdir``."""
-        return [(n, self._overlay(a), c) for n, a, c in await self.meta.readdir(ino, after, limit)]
+        """Directory entries after cookie ``after``; see ``Meta.readdir``.
+        The entries' extended attributes are cached on the way, in one query:
+        ``ls -l`` asks for some of every file it lists.
+        """
+        page = await self.meta.readdir(ino, after, limit)
+        if page:
+            found = await self.meta.xattrs_of([a.ino for _, a, _ in page])
+            expiry = trio.current_time() + self._xattr_ttl
+            if len(self._xattrs) > _XATTR_CACHE_MAX:
+                self._xattrs.clear()
+            for _, a, _ in page:
+                self._xattrs[a.ino] = (expiry, found.get(a.ino, {}))
+        return [(n, self._overlay(a), c) for n, a, c in page]
 
     async def statfs(self) -> tuple[int, int, int]:
         """``(capacity_bytes, free_bytes, inode_count)``."""

@@ -233,7 +233,7 @@ class Juicefs(Target):
                 with contextlib.suppress(OSError):
                     argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
                     exe = os.readlink(f"/proc/{entry}/exe")
-                    if exe.endswith("juicefs") and str(self.root).encode() in argv:
+                    if "juicefs" in exe and any(str(self.root).encode() in a for a in argv):
                         out.append(int(entry))
         return out
 

@@ -1,0 +1,41 @@
+"""scripts/bench end to end, at a tiny size: it sets up a real cluster and a
+mount, runs every workload on a local directory and on chunkfs, and prints
+and writes every figure and ratio (the figures themselves are not judged).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
+    tree = tmp_path / "tree"
+    for d in range(3):
+        (tree / f"d{d}").mkdir(parents=True)
+        for i in range(5):
+            (tree / f"d{d}" / f"f{i}.h").write_text(f"/* {d} {i} */\n" * (i + 1))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--runs", "1", "--size-mib", "8", "--fio-mib", "8",
+         "--dirs", "2", "--files", "10", "--tree", str(tree), "--workdir", str(tmp_path),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    workloads = {"write", "read", "randread_iops", "randread_p50", "randread_p99", "cp_small",
+                 "rsync_small", "ls_lR", "find", "rm_rf", "cp_tree", "diff_tree"}
+    for target in ("local", "chunkfs"):
+        figures = report["figures"][target]
+        assert workloads <= set(figures), set(figures)
+        assert all(figures[w] > 0 for w in workloads), figures
+    assert report["figures"]["chunkfs"]["write_rss"] > 0  # the mount was sampled
+    assert set(report["ratios"]) >= workloads
+    lines = [l.split() for l in proc.stdout.splitlines() if l.startswith("chunkfs ")]
+    assert {l[1] for l in lines} >= workloads
+    assert not list(tmp_path.glob("chunkfs-bench-*")), "the bench left its temp dir"
