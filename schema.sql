@@ -135,8 +135,7 @@ CREATE TABLE IF NOT EXISTS chunk_objects (
     ring_key bigint NOT NULL,
     -- For a chunk longer than one 1 MiB block: the SHA-256 of each block,
     -- concatenated, so that range reads are verified too. NULL otherwise.
-    block_sha256 bytea CHECK (block_sha256 IS NULL OR (length(block_sha256) % 32 = 0
-                              AND length(block_sha256) = 32 * ((length + 1048575) / 1048576)))
+    block_sha256 bytea CHECK (length(block_sha256) = 32 * ((length + 1048575) / 1048576))
 );
 
 CREATE TABLE IF NOT EXISTS chunk_replicas (

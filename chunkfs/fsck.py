@@ -66,14 +66,6 @@ class FsckReport:
         return not self.problems
 
 
-async def open_store(meta: Meta) -> ChunkStore:
-    """A ``ChunkStore`` for maintenance work, with the nodes read fresh."""
-    settings = await meta.settings()
-    store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=60.0)
-    await store.refresh(force=True)
-    return store
-
-
 async def node_listings(store: ChunkStore) -> tuple[dict[str, set[bytes]], dict[str, str]]:
     """The chunk ids every live node holds, and the live nodes that could not
     be listed (node id -> error).
@@ -172,7 +164,7 @@ async def check(
     for ino, what, serious in await meta.inode_problems():
         (report.problems if serious else report.warnings).append(f"inode {ino}: {what}")
     report.inodes = (await meta.file_totals())[0]
-    store = await open_store(meta)
+    store = await ChunkStore.for_maintenance(meta)
     try:
         replicas = store.replicas
         for node in store.nodes():

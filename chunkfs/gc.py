@@ -36,11 +36,9 @@ class GcReport:
 
 async def collect(meta: Meta) -> GcReport:
     """Run one gc pass over every active node; see the module doc."""
-    settings = await meta.settings()
     report = GcReport(sessions=await meta.expire_sessions())
-    store = ChunkStore(meta, settings.cluster_token, settings.replicas)
+    store = await ChunkStore.for_maintenance(meta)
     try:
-        await store.refresh(force=True)
         for node_id in sorted(store.live_nodes()):
             try:
                 await _collect_node(meta, store, node_id, report)

@@ -51,15 +51,6 @@ def extents(size: int) -> list[Extent]:
     return out
 
 
-def block_digests(data: bytes) -> bytes:
-    """The SHA-256 of each ``BLOCK_SIZE`` block of ``data``, concatenated
-    (``DIGEST_SIZE`` bytes per block; empty for empty data).
-    """
-    return b"".join(
-        hashlib.sha256(data[i: i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)
-    )
-
-
 def overlapping(exts: list[Extent], start: int, end: int) -> list[Extent]:
     """The non-empty extents that share at least one byte with ``[start, end)``."""
     return [e for e in exts if e.length and e.offset < end and start < e.end]

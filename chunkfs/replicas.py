@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from . import errors
-from .fsck import CORRUPT, ObjectState, node_listings, open_store, scan
+from .fsck import CORRUPT, ObjectState, node_listings, scan
 from .meta import Ino, Meta
 from .store import ChunkStore
 
@@ -84,7 +84,7 @@ async def _walk(meta: Meta, act: Act, *, verify: bool, progress: Callable[[int],
     """Scan every used chunk object and ``act`` on each that has a good replica."""
     report = MoveReport()
     ttl_s = (await meta.settings()).upload_ttl_s
-    store = await open_store(meta)
+    store = await ChunkStore.for_maintenance(meta)
     try:
         held, failed = await node_listings(store)
         report.unlisted = len(failed)

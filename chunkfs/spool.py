@@ -57,7 +57,8 @@ class Spool:
 
     def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], list[bytes | None], bytes]:
         """In one pass: the SHA-256 of each extent, its block digests
-        (``layout.block_digests``; None for an extent of one block or less)
+        (the SHA-256 of each ``BLOCK_SIZE`` block, concatenated; None for an
+        extent of one block or less)
         and the SHA-256 of all of them together.
 
         Blocking: run it in a worker thread (hashlib releases the GIL).

@@ -117,6 +117,16 @@ class ChunkStore:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
 
+    @classmethod
+    async def for_maintenance(cls, meta: Meta) -> "ChunkStore":
+        """A store for gc, fsck and replica moves: settings and nodes read
+        fresh from PostgreSQL, 60 s per node request. Close it with ``aclose``.
+        """
+        settings = await meta.settings()
+        store = cls(meta, settings.cluster_token, settings.replicas, timeout=60.0)
+        await store.refresh(force=True)
+        return store
+
     async def aclose(self) -> None:
         """Close every node connection."""
         await self._http.aclose()

@@ -419,10 +419,11 @@ class VFS:
             )
             known.update(reusable)  # identical chunks other files hold: stored once
             fresh = [(e, i) for e, i in fresh if i not in known]
+            positions = {e.index: _position(f.ino, e, i) for e, i in zip(exts, ids)}
             t2 = time.perf_counter()
             try:
                 placed = await self.store.put(
-                    [await self._put_item(f, e, i, _position(f.ino, e, i)) for e, i in fresh]
+                    [await self._put_item(f, e, i, positions[e.index]) for e, i in fresh]
                 )
             except errors.ChunkfsError:
                 await self._fail_upload(session)
@@ -432,7 +433,7 @@ class VFS:
                 attrs = await self.meta.commit_chunks(
                     f.ino, session,
                     size=f.size, sha256=digest,
-                    chunks=[(e.index, e.offset, e.length, i, b, _position(f.ino, e, i))
+                    chunks=[(e.index, e.offset, e.length, i, b, positions[e.index])
                             for e, i, b in zip(exts, ids, blocks)],
                     replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
                     max_file_size=self.settings.max_file_size,
@@ -454,7 +455,7 @@ class VFS:
                 ino=f.ino, version=attrs.version, size=f.size, sha256=digest,
                 chunks=tuple(
                     ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]), b,
-                             _position(f.ino, e, i))
+                             positions[e.index])
                     for e, i, b in zip(exts, ids, blocks)
                 ),
             )
