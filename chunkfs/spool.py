@@ -28,6 +28,10 @@ class Spool:
             os, "O_TMPFILE"
         ) else _unlinked_tempfile(cache_dir)
 
+    def fileno(self) -> int:
+        """The spool's file descriptor."""
+        return self._fd
+
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` (short past the end)."""
         return os.pread(self._fd, length, offset)

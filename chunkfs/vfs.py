@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from . import errors, layout, ring
+from .cache import ContentCache
 from .meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, now_ns
 from .spool import Spool
 from .store import BATCH_ITEM_MAX, INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
@@ -65,18 +66,20 @@ class Handle:
 class VFS:
     """Filesystem operations over ``Meta`` (metadata) and ``ChunkStore`` (data).
 
-    ``cache_dir`` holds the spool files. Methods raise ``ChunkfsError``
+    ``cache_dir`` holds the spool files; ``cache`` keeps committed contents
+    for later reads (see ``chunkfs.cache``). Methods raise ``ChunkfsError``
     subclasses, each carrying its errno.
     """
 
     def __init__(
         self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str,
-        *, xattr_ttl: float = 1.0,
+        *, xattr_ttl: float = 1.0, cache: ContentCache | None = None,
     ) -> None:
         self.meta = meta
         self.store = store
         self.settings = settings
         self.cache_dir = cache_dir
+        self.cache = cache or ContentCache.disabled()
         self._files: dict[Ino, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
@@ -245,8 +248,8 @@ class VFS:
         f = self._files.get(ino)  # another task may have made it meanwhile
         if f is not None and (f.dirty or f.handles):
             return f
-        if f is not None and f.spool is not None:
-            f.spool.close()
+        if f is not None:
+            self._close_spool(f)
         f = OpenFile(ino=ino, base=cmap, size=cmap.size, base_valid=cmap.size)
         self._files[ino] = f
         return f
@@ -279,8 +282,12 @@ class VFS:
 
     async def _read_base(self, cmap: ChunkMap, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a committed version; the chunks it spans
-        are fetched concurrently.
+        are fetched concurrently, unless the local content cache holds it.
         """
+        if cmap.sha256 in self.cache:
+            data = self.cache.pread(cmap.sha256, start, end - start)
+            if data is not None and len(data) == end - start:
+                return data
         wanted = [
             (ref, max(start, ref.offset) - ref.offset, min(end, ref.offset + ref.length) - ref.offset)
             for ref in cmap.chunks
@@ -360,8 +367,19 @@ class VFS:
     def _drop_if_unused(self, f: OpenFile) -> None:
         if f.handles == 0 and not f.dirty and self._files.get(f.ino) is f:
             del self._files[f.ino]
-            if f.spool is not None:
-                f.spool.close()
+            self._close_spool(f)
+
+    def _close_spool(self, f: OpenFile) -> None:
+        """Free the spool, keeping it in the content cache when it holds
+        exactly the committed version.
+        """
+        if f.spool is None:
+            return
+        if (not f.dirty and f.base.sha256 is not None and f.base_valid == f.base.size == f.size
+                and len(f.loaded) == len(f.base.chunks)):
+            self.cache.adopt(f.spool.fileno(), f.base.sha256, f.size)
+        f.spool.close()
+        f.spool = None
 
     # ------------------------------------------------------ spool upkeep
 
@@ -391,12 +409,9 @@ class VFS:
         The caller holds ``f.lock``.
         """
         for ext in self._unloaded(f, start, end):
-            ref = f.base.chunks[ext.index]
             stop = min(ext.end, f.base_valid)
             for pos in range(ext.offset, stop, WINDOW):
-                piece = await self.store.read(
-                    ref, pos - ref.offset, min(pos + WINDOW, stop) - ref.offset
-                )
+                piece = await self._read_base(f.base, pos, min(pos + WINDOW, stop))
                 f.spool.pwrite(pos, piece)
             f.loaded.add(ext.index)
 
@@ -548,8 +563,7 @@ class VFS:
                     await self._commit(f)
                 except errors.ChunkfsError as exc:
                     log.error("inode %d: unflushed data lost at unmount: %s", f.ino, exc)
-            if f.spool is not None:
-                f.spool.close()
+            self._close_spool(f)
         self._files.clear()
 
 

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from .. import errors
+from ..cache import ContentCache
 from ..meta import Meta
 from ..pg import open_database, redact_dsn
 from ..store import ChunkStore
@@ -48,6 +49,7 @@ class MountOptions:
     node_timeout: float = 30.0
     pg_timeout: float = 30.0
     cache_dir: str | None = None
+    cache_size_mib: int = 10240
     log_file: str | None = None
     debug: bool = False
     fuse: set[str] = field(default_factory=set)
@@ -68,7 +70,8 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
     chunkfs options: ``allow_other`` / ``noallow_other`` (default: on when
     mounted by root), ``default_permissions`` / ``nodefault_permissions``
     (default on), ``entry_timeout=S``, ``attr_timeout=S``, ``node_timeout=S``,
-    ``pg_timeout=S``, ``cache_dir=PATH``, ``log=PATH``, ``debug``. mount(8)'s
+    ``pg_timeout=S``, ``cache_dir=PATH``, ``cache_size=MiB`` (0: no content
+    cache), ``log=PATH``, ``debug``. mount(8)'s
     generic flags go to the kernel; fstab-only ones are ignored. Raises
     ``ConfigError`` naming the first unknown or malformed option.
     """
@@ -85,6 +88,10 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
                 if number < 0:
                     raise errors.ConfigError(f"mount option {key} needs a number of seconds >= 0")
                 setattr(opts, key, number)
+            elif key == "cache_size" and sep:
+                if not arg.isdigit():
+                    raise errors.ConfigError("mount option cache_size needs a whole number of MiB >= 0")
+                opts.cache_size_mib = int(arg)
             elif key in ("cache_dir", "log") and sep and arg:
                 setattr(opts, "cache_dir" if key == "cache_dir" else "log_file", arg)
             elif item in ("allow_other", "noallow_other"):
@@ -135,7 +142,8 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
         meta = Meta(db)
         settings = await meta.settings()
         store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout)
-        vfs = VFS(meta, store, settings, cache_dir, xattr_ttl=opts.attr_timeout)
+        cache = ContentCache(os.path.join(cache_dir, "content"), opts.cache_size_mib << 20)
+        vfs = VFS(meta, store, settings, cache_dir, xattr_ttl=opts.attr_timeout, cache=cache)
         ops = Operations(vfs, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
         try:
             await store.refresh(force=True)
@@ -166,6 +174,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+            cache.close()
 
 
 def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:

@@ -1,0 +1,221 @@
+"""The local content cache: committed file contents kept on the mount's disk.
+
+After a file's new version is committed, its spool holds exactly the bytes
+of that version; instead of being thrown away it is linked into this cache
+under the version's content digest (the SHA-256 of the whole file). Reads of
+a version whose digest is here are served from local disk, without a node
+request; a version's digest names its bytes, so an entry is never stale,
+whichever mount committed what since.
+
+One mount owns a cache directory at a time (an flock). Entries are trusted
+only when the previous owner shut down cleanly: it flushes the directory's
+filesystem (syncfs) and leaves a ``clean`` marker, removed again (durably)
+before any new entry is made. After a crash the entries are deleted, since
+the last pages written before it may never have reached the disk.
+The oldest entries go when the cache is over its budget or its filesystem
+has less than ``MIN_FREE`` of its space free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+from collections import OrderedDict
+
+log = logging.getLogger(__name__)
+
+# Keep at least this share of the cache's filesystem free (as JuiceFS does).
+MIN_FREE = 0.1
+_OPEN_FDS = 32
+_MARKER = "clean"
+_LOCK = ".lock"
+
+
+class ContentCache:
+    """Whole-file contents by SHA-256 in ``directory`` (made if missing),
+    at most ``budget`` bytes of them. ``ContentCache.disabled()`` is one that
+    keeps nothing (``budget`` 0, or a directory another mount owns).
+    """
+
+    def __init__(self, directory: str | None, budget: int) -> None:
+        self.directory = directory
+        self.budget = budget if directory else 0
+        self._sizes: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self._used = 0
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self._lock_fd = -1
+        if not self.budget or directory is None:
+            return
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("content cache %s is in use by another mount: not caching", directory)
+            os.close(self._lock_fd)
+            self._lock_fd, self.budget = -1, 0
+            return
+        self._load()
+
+    @classmethod
+    def disabled(cls) -> "ContentCache":
+        """A cache that keeps nothing."""
+        return cls(None, 0)
+
+    def _load(self) -> None:
+        assert self.directory is not None
+        marker = os.path.join(self.directory, _MARKER)
+        clean = os.path.exists(marker)
+        entries = []
+        for e in os.scandir(self.directory):
+            digest = _digest_of(e.name)
+            if digest is None:
+                continue
+            if not clean:
+                os.unlink(e.path)
+                continue
+            st = e.stat()
+            entries.append((st.st_mtime_ns, digest, st.st_size))
+        if clean:
+            os.unlink(marker)
+            _fsync_dir(self.directory)
+        for _, digest, size in sorted(entries):
+            self._sizes[digest] = size
+            self._used += size
+        log.info("content cache %s: %d entries, %d bytes%s", self.directory, len(self._sizes),
+                 self._used, "" if clean else " (emptied after an unclean shutdown)")
+
+    @property
+    def used(self) -> int:
+        """Bytes held."""
+        return self._used
+
+    def __contains__(self, digest: bytes | None) -> bool:
+        return digest is not None and digest in self._sizes
+
+    def _path(self, digest: bytes) -> str:
+        assert self.directory is not None
+        return os.path.join(self.directory, digest.hex())
+
+    def adopt(self, fd: int, digest: bytes, size: int) -> bool:
+        """Link the open file ``fd`` (an O_TMPFILE spool holding exactly the
+        ``size`` bytes whose SHA-256 is ``digest``) into the cache. The
+        caller must not write to it afterwards. Returns whether it was kept.
+        """
+        if not self.budget or size > self.budget or digest in self._sizes:
+            return False
+        try:
+            _link_open_file(fd, self._path(digest))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            log.debug("content cache: cannot keep %s: %s", digest.hex()[:16], exc)
+            return False
+        self._sizes[digest] = size
+        self._used += size
+        self._evict()
+        return digest in self._sizes
+
+    def pread(self, digest: bytes, offset: int, length: int) -> bytes | None:
+        """Bytes of the cached content ``digest``, or None when it is not held."""
+        if digest not in self._sizes:
+            return None
+        self._sizes.move_to_end(digest)
+        fd = self._fds.get(digest)
+        if fd is None:
+            try:
+                fd = os.open(self._path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._forget(digest)
+                return None
+            self._fds[digest] = fd
+            if len(self._fds) > _OPEN_FDS:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(digest)
+        return os.pread(fd, length, offset)
+
+    def _evict(self) -> None:
+        assert self.directory is not None
+        while self._sizes and (self._used > self.budget or _low_on_space(self.directory)):
+            digest = next(iter(self._sizes))
+            self._forget(digest)
+            try:
+                os.unlink(self._path(digest))
+            except FileNotFoundError:
+                pass
+
+    def _forget(self, digest: bytes) -> None:
+        self._used -= self._sizes.pop(digest, 0)
+        fd = self._fds.pop(digest, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Flush the cache's filesystem and mark the entries trustworthy
+        for the next mount; release the directory.
+        """
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._lock_fd < 0:
+            return
+        assert self.directory is not None
+        try:
+            _syncfs(self._lock_fd)  # the entries' pages, written since the mount
+            with open(os.path.join(self.directory, _MARKER), "wb") as f:
+                os.fsync(f.fileno())
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            log.warning("content cache %s not marked clean: %s", self.directory, exc)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+
+def _digest_of(name: str) -> bytes | None:
+    if len(name) != 64:
+        return None
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None
+
+
+def _low_on_space(directory: str) -> bool:
+    st = os.statvfs(directory)
+    return st.f_bavail < st.f_blocks * MIN_FREE
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+
+
+def _link_open_file(fd: int, path: str) -> None:
+    """Give the (O_TMPFILE) file open as ``fd`` the name ``path``: linkat(2)
+    with AT_EMPTY_PATH, else through /proc/self/fd. Raises OSError.
+    """
+    if _libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), path)
+    os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): write back everything dirty on ``fd``'s filesystem."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

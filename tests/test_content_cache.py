@@ -1,0 +1,72 @@
+"""The mount's local content cache on a real cluster: what one mount closed
+it reads back from its own disk (nodes not needed), never a stale version,
+nothing trusted after a crash, nothing kept with ``cache_size=0``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from chunkfs import cluster as cl
+
+MiB = 1 << 20
+
+
+def content_entries(m: cl.Mount) -> list[str]:
+    """The cached contents (by SHA-256) in the mount's cache directory."""
+    d = m.cache_dir / "content"
+    return sorted(n for n in os.listdir(d) if len(n) == 64) if d.exists() else []
+
+
+def read_within(path, seconds: float) -> bytes | None:
+    """The file's bytes, or None when reading took longer than ``seconds``."""
+    out: list[bytes] = []
+    t = threading.Thread(target=lambda: out.append(path.read_bytes()), daemon=True)
+    t.start()
+    t.join(seconds)
+    return out[0] if out else None
+
+
+def test_a_remount_reads_its_closed_files_from_local_disk(cluster, mount_factory):
+    m = mount_factory(cluster.dsn)
+    files = {"small": os.urandom(5000), "big": os.urandom(20 * MiB + 3), "empty": b""}
+    for name, data in files.items():
+        (m / name).write_bytes(data)
+    # Kept at release (after close returns); the empty file has nothing to keep.
+    cl.wait_until(lambda: len(content_entries(m)) == 2, 10, "two cached contents", 0.05)
+    m.unmount()
+    m.mount()  # a clean unmount: the entries are trusted again
+    other = mount_factory(cluster.dsn)
+    (other / "small").write_bytes(b"changed elsewhere")
+    assert (m / "small").read_bytes() == b"changed elsewhere"  # not the cached old version
+    for node in cluster.nodes:
+        os.kill(node.pid, signal.SIGSTOP)
+    try:
+        assert read_within(m / "big", 20) == files["big"]
+        assert (m / "empty").read_bytes() == b""
+    finally:
+        for node in cluster.nodes:
+            os.kill(node.pid, signal.SIGCONT)
+
+
+def test_nothing_cached_is_trusted_after_a_crash(cluster, mount_factory):
+    m = mount_factory(cluster.dsn)
+    data = os.urandom(3 * MiB)
+    (m / "crashed").write_bytes(data)
+    # The spool is kept at release, which the kernel sends after close returns.
+    cl.wait_until(lambda: content_entries(m), 10, "the content to be cached", 0.05)
+    for pid in m.pids:
+        os.kill(pid, signal.SIGKILL)
+    m.unmount()
+    m.mount()
+    assert content_entries(m) == []
+    assert (m / "crashed").read_bytes() == data  # from the nodes
+
+
+def test_cache_size_zero_keeps_nothing(cluster, mount_factory):
+    m = mount_factory(cluster.dsn, ["cache_size=0"])
+    (m / "f").write_bytes(os.urandom(MiB))
+    assert content_entries(m) == []
+    assert (m / "f").stat().st_size == MiB
