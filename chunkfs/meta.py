@@ -18,7 +18,7 @@ from importlib import resources
 from typing import NewType, Sequence
 
 from . import errors, ring
-from .pg import Connection, Database, Record
+from .pg import Connection, Database, Record, UniqueViolationError
 
 log = logging.getLogger(__name__)
 
@@ -290,31 +290,56 @@ class Meta:
         if target is not None and not 1 <= len(target) <= SYMLINK_MAX:
             raise errors.NameTooLong("symlink target must be 1..4095 bytes")
         is_dir = stat.S_ISDIR(mode)
-        t = now_ns()
-
-        async def body(conn: Connection) -> Attrs:
-            pmode, pgid = await _lock_dir(conn, parent)
-            g, m = gid, mode
-            if pmode & stat.S_ISGID:
-                g = pgid
-                if is_dir:
-                    m |= stat.S_ISGID
-            row = await conn.fetchrow(
-                f"""INSERT INTO inodes (ino, mode, uid, gid, nlink, size, rdev,
-                        atime_ns, mtime_ns, ctime_ns)
-                    VALUES (nextval('inode_seq'), $1, $2, $3, $4, $5, $6, $7, $7, $7)
-                    RETURNING {_ATTR_COLS}""",
-                m, uid, g, 2 if is_dir else 1, len(target) if target else 0, rdev, t,
+        # One statement (one round trip, atomic on its own): lock the live
+        # parent directory, make the inode (the setgid rules as above), its
+        # dentry (a taken name aborts the whole statement) and any symlink
+        # target, and touch the parent.
+        try:
+            row = await self.db.fetchrow(
+                f"""WITH p AS (
+                        SELECT mode, gid FROM inodes
+                        WHERE ino = $1 AND nlink > 0 AND mode & {_S_IFMT} = {stat.S_IFDIR}
+                        FOR UPDATE
+                    ), i AS (
+                        INSERT INTO inodes (ino, mode, uid, gid, nlink, size, rdev,
+                                            atime_ns, mtime_ns, ctime_ns)
+                        SELECT nextval('inode_seq'),
+                               CASE WHEN p.mode & {stat.S_ISGID} <> 0 AND $10::boolean
+                                    THEN $3::integer | {stat.S_ISGID} ELSE $3::integer END,
+                               $4::bigint,
+                               CASE WHEN p.mode & {stat.S_ISGID} <> 0 THEN p.gid ELSE $5::bigint END,
+                               CASE WHEN $10::boolean THEN 2 ELSE 1 END,
+                               $6::bigint, $7::bigint, $8::bigint, $8::bigint, $8::bigint
+                        FROM p
+                        RETURNING {_ATTR_COLS}
+                    ), d AS (
+                        INSERT INTO dentries (parent, name, ino) SELECT $1, $2, ino FROM i
+                    ), s AS (
+                        INSERT INTO symlinks (ino, target)
+                        SELECT ino, $9::bytea FROM i WHERE $9::bytea IS NOT NULL
+                    ), u AS (
+                        UPDATE inodes SET mtime_ns = $8, ctime_ns = $8,
+                                          nlink = nlink + CASE WHEN $10 THEN 1 ELSE 0 END
+                        WHERE ino = $1 AND EXISTS (SELECT 1 FROM i)
+                    )
+                    SELECT * FROM i""",
+                parent, name, mode, uid, gid, len(target) if target else 0, rdev, now_ns(),
+                target, is_dir,
             )
-            await _insert_dentry(conn, parent, name, row["ino"])
-            if target is not None:
-                await conn.execute(
-                    "INSERT INTO symlinks (ino, target) VALUES ($1, $2)", row["ino"], target
-                )
-            await _touch_dir(conn, parent, t, nlink_delta=1 if is_dir else 0)
-            return Attrs.from_row(row)
+        except UniqueViolationError:
+            raise errors.Exists(name.decode(errors="replace")) from None
+        if row is None:
+            await self._check_dir(parent)
+            raise errors.NotFound(f"directory {parent} was removed")
+        return Attrs.from_row(row)
 
-        return await self.db.transaction(body)
+    async def _check_dir(self, ino: Ino) -> None:
+        """Raise ``NotFound`` or ``NotADirectory`` unless ``ino`` is a directory."""
+        row = await self.db.fetchrow("SELECT mode FROM inodes WHERE ino = $1", ino)
+        if row is None:
+            raise errors.NotFound(f"no directory {ino}")
+        if not stat.S_ISDIR(row["mode"]):
+            raise errors.NotADirectory(f"inode {ino} is not a directory")
 
     async def link(self, ino: Ino, parent: Ino, name: bytes) -> "Attrs":
         """Add a hard link ``name`` in ``parent`` to ``ino``.
@@ -359,21 +384,43 @@ class Meta:
 
         async def body(conn: Connection) -> Attrs:
             await _lock_dir(conn, parent)
+            if not is_dir:
+                # The parent is locked: one statement (with a snapshot taken
+                # now) removes the name of anything but a directory.
+                row = await conn.fetchrow(
+                    f"""WITH d AS (
+                            SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
+                            WHERE d.parent = $1 AND d.name = $2 FOR UPDATE OF i
+                        ), gone AS (
+                            DELETE FROM dentries WHERE parent = $1 AND name = $2
+                            AND (SELECT mode FROM d) & {_S_IFMT} <> {stat.S_IFDIR} RETURNING ino
+                        ), i AS (
+                            UPDATE inodes SET nlink = nlink - 1, ctime_ns = $3
+                            WHERE ino = (SELECT ino FROM gone) RETURNING {_ATTR_COLS}
+                        ), p AS (
+                            UPDATE inodes SET mtime_ns = $3, ctime_ns = $3
+                            WHERE ino = $1 AND EXISTS (SELECT 1 FROM gone)
+                        )
+                        SELECT d.mode AS found_mode, i.* FROM d LEFT JOIN i ON true""",
+                    parent, name, t,
+                )
+                if row is None:
+                    raise errors.NotFound(name.decode(errors="replace"))
+                if stat.S_ISDIR(row["found_mode"]):
+                    raise errors.IsADirectory(name.decode(errors="replace"))
+                return Attrs.from_row(row)
             ino = await conn.fetchval(
                 "SELECT ino FROM dentries WHERE parent = $1 AND name = $2", parent, name
             )
             if ino is None:
                 raise errors.NotFound(name.decode(errors="replace"))
             mode = await conn.fetchval("SELECT mode FROM inodes WHERE ino = $1 FOR UPDATE", ino)
-            if is_dir:
-                if not stat.S_ISDIR(mode):
-                    raise errors.NotADirectory(name.decode(errors="replace"))
-                await _check_empty(conn, ino)
-            elif stat.S_ISDIR(mode):
-                raise errors.IsADirectory(name.decode(errors="replace"))
+            if not stat.S_ISDIR(mode):
+                raise errors.NotADirectory(name.decode(errors="replace"))
+            await _check_empty(conn, ino)
             await conn.execute("DELETE FROM dentries WHERE parent = $1 AND name = $2", parent, name)
             row = await _drop_link(conn, ino, mode, t)
-            await _touch_dir(conn, parent, t, nlink_delta=-1 if is_dir else 0)
+            await _touch_dir(conn, parent, t, nlink_delta=-1)
             return Attrs.from_row(row)
 
         return await self.db.transaction(body)
@@ -890,6 +937,7 @@ _ATTR_FIELDS = (
     "atime_ns", "mtime_ns", "ctime_ns", "version",
 )
 _ATTR_COLS = ", ".join(_ATTR_FIELDS)
+_S_IFMT = 0o170000  # the file type bits of a mode
 _ATTR_COLS_I = ", ".join(f"i.{c}" for c in _ATTR_FIELDS)
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Record = asyncpg.Record
 Connection = asyncpg.Connection
+UniqueViolationError = asyncpg.UniqueViolationError
 
 # Errors after which the same transaction, run again, may well succeed.
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
@@ -46,6 +47,70 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(password=)\S+", r"\1***", dsn)
 
 
+class _Connections:
+    """Connections of an asyncpg pool, handed out on the trio side.
+
+    Going through ``Pool.acquire`` / ``release`` for every statement costs
+    more than the statement itself (measured: ~0.9 ms against ~0.6 ms per
+    primary-key SELECT across trio-asyncio), so a connection, once taken from
+    the pool, stays here between statements; at most ``size`` are in use at
+    once. A connection that failed or was interrupted mid-statement goes back
+    to the pool, which closes and replaces it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+        self.pool = pool
+        self._idle: list[Connection] = []
+        self._slots = trio.Semaphore(size)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        async with self._slots:
+            conn = None
+            while self._idle and conn is None:
+                conn = self._idle.pop()
+                if not _usable(conn):
+                    await self._give_back(conn)
+                    conn = None
+            if conn is None:
+                conn = await trio_asyncio.aio_as_trio(self.pool.acquire)()
+            try:
+                yield conn
+            except BaseException as exc:
+                # A refusal by the server leaves the connection fine; a lost
+                # connection, a timeout or a cancellation may not.
+                if isinstance(exc, _UNAVAILABLE) or not isinstance(
+                    exc, (ChunkfsError, asyncpg.PostgresError)
+                ):
+                    await self._give_back(conn)
+                else:
+                    self._idle.append(conn)
+                raise
+            if _usable(conn):
+                self._idle.append(conn)
+            else:
+                await self._give_back(conn)
+
+    async def _give_back(self, conn: Connection) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio_asyncio.aio_as_trio(self.pool.release)(conn)
+            except Exception as exc:  # noqa: BLE001 - the pool replaces it either way
+                log.debug("releasing a broken connection: %s", exc)
+
+    async def close(self) -> None:
+        while self._idle:
+            await self._give_back(self._idle.pop())
+        await trio_asyncio.aio_as_trio(self.pool.close)()
+
+
+def _usable(conn: Connection) -> bool:
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False  # the pool took it back itself when the server closed it
+
+
 class Database:
     """A pool of asyncpg connections, used from trio.
 
@@ -55,47 +120,52 @@ class Database:
     after the rollback.
     """
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, durable: asyncpg.Pool | None = None) -> None:
-        self._pool = pool
-        self._durable = durable or pool
+    def __init__(self, pool: asyncpg.Pool, dsn: str, durable: asyncpg.Pool | None = None,
+                 *, size: int = 8, durable_size: int = 2) -> None:
+        self._pool = _Connections(pool, size)
+        self._durable = _Connections(durable, durable_size) if durable is not None else self._pool
         self.dsn = dsn
 
-    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def _on_connection(self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False) -> T:
+        """``fn(conn)``, run on the asyncio side with a connection of the chosen pool."""
         try:
-            return await trio_asyncio.aio_as_trio(fn)(*args)
-        except ChunkfsError:
-            raise
+            async with (self._durable if durable else self._pool).connection() as conn:
+                return await trio_asyncio.aio_as_trio(fn)(conn)
         except _UNAVAILABLE as exc:
             raise MetadataUnavailable(
                 f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}"
             ) from exc
 
+    async def _call(self, method: str, *args: Any, durable: bool = False) -> Any:
+        """``Connection.<method>(*args)``."""
+        return await self._on_connection(lambda conn: getattr(conn, method)(*args), durable=durable)
+
     # A single statement is atomic on its own: it needs no BEGIN / COMMIT.
 
     async def fetch(self, sql: str, *args: Any) -> list[Record]:
         """Run a query; return all its rows."""
-        return await self._call(self._pool.fetch, sql, *args)
+        return await self._call("fetch", sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any, durable: bool = False) -> Record | None:
         """Run a query; return its first row or None. With ``durable``, its
         commit is on disk when this returns, whatever the pool's commit mode.
         """
-        return await self._call((self._durable if durable else self._pool).fetchrow, sql, *args)
+        return await self._call("fetchrow", sql, *args, durable=durable)
 
     async def sync(self) -> None:
         """Make every transaction committed so far durable: a synchronous
         commit flushes the write-ahead log up to itself, so everything
         committed before it too (txid_current() gives it a commit record).
         """
-        await self._call(self._durable.fetchval, "SELECT txid_current()")
+        await self._call("fetchval", "SELECT txid_current()", durable=True)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Run a query; return the first column of its first row, or None."""
-        return await self._call(self._pool.fetchval, sql, *args)
+        return await self._call("fetchval", sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run a statement; return its status tag (e.g. ``'UPDATE 1'``)."""
-        return await self._call(self._pool.execute, sql, *args)
+        return await self._call("execute", sql, *args)
 
     async def transaction(
         self,
@@ -110,25 +180,24 @@ class Database:
         must have no effect outside the database.
         """
 
-        async def run() -> T:
-            async with self._pool.acquire() as conn:
-                for attempt in range(retries):
-                    try:
-                        async with conn.transaction():
-                            return await body(conn)
-                    except _RETRYABLE:
-                        if attempt == retries - 1:
-                            raise
-                        log.debug("retrying transaction after conflict (%d)", attempt)
-                raise AssertionError("unreachable")
+        async def run(conn: Connection) -> T:
+            for attempt in range(retries):
+                try:
+                    async with conn.transaction():
+                        return await body(conn)
+                except _RETRYABLE:
+                    if attempt == retries - 1:
+                        raise
+                    log.debug("retrying transaction after conflict (%d)", attempt)
+            raise AssertionError("unreachable")
 
-        return await self._call(run)
+        return await self._on_connection(run)
 
     async def close(self) -> None:
         """Close every connection of the pools."""
-        await trio_asyncio.aio_as_trio(self._pool.close)()
+        await self._pool.close()
         if self._durable is not self._pool:
-            await trio_asyncio.aio_as_trio(self._durable.close)()
+            await self._durable.close()
 
 
 async def _no_reset(conn: Connection) -> None:
@@ -182,7 +251,8 @@ async def open_database(
             raise MetadataUnavailable(
                 f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {exc or type(exc).__name__}"
             ) from None
-        db = Database(pool, dsn, durable)
+        db = Database(pool, dsn, durable if durable is not pool else None,
+                      size=max_size, durable_size=2)
         try:
             yield db
         finally:

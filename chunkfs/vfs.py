@@ -169,7 +169,9 @@ class VFS:
         *, rdev: int = 0, target: bytes | None = None,
     ) -> Attrs:
         """mkdir / mknod / symlink: see ``Meta.create``."""
-        return await self.meta.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        attrs = await self.meta.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        self._cache_xattrs({attrs.ino: {}})  # a new inode has none
+        return attrs
 
     async def link(self, ino: Ino, parent: Ino, name: bytes) -> Attrs:
         """A new hard link; see ``Meta.link``."""
@@ -213,6 +215,7 @@ class VFS:
     ) -> tuple[int, Attrs]:
         """Create and open a regular file; return ``(fh, attrs)``."""
         attrs = await self.meta.create(parent, name, mode, uid, gid)
+        self._cache_xattrs({attrs.ino: {}})  # the kernel asks at the first write
         f = OpenFile(ino=attrs.ino, base=replace(_EMPTY, ino=attrs.ino), size=0, base_valid=0)
         self._files[attrs.ino] = f
         return self._new_handle(f, flags), attrs
@@ -500,14 +503,19 @@ class VFS:
 
     async def _xattr_map(self, ino: Ino) -> dict[bytes, bytes]:
         cached = self._xattrs.get(ino)
-        now = trio.current_time()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > trio.current_time():
             return cached[1]
         values = await self.meta.xattrs(ino)
-        if len(self._xattrs) > _XATTR_CACHE_MAX:
-            self._xattrs.clear()
-        self._xattrs[ino] = (now + self._xattr_ttl, values)
+        self._cache_xattrs({ino: values})
         return values
+
+    def _cache_xattrs(self, found: dict[Ino, dict[bytes, bytes]]) -> None:
+        """Trust these inodes' extended attributes for the next ``xattr_ttl`` seconds."""
+        expiry = trio.current_time() + self._xattr_ttl
+        if len(self._xattrs) + len(found) > _XATTR_CACHE_MAX:
+            self._xattrs.clear()
+        for ino, values in found.items():
+            self._xattrs[ino] = (expiry, values)
 
     async def getxattr(self, ino: Ino, name: bytes) -> bytes:
         """An extended attribute's value. Raises ``NoAttribute`` (ENODATA)."""
@@ -544,11 +552,7 @@ class VFS:
         page = await self.meta.readdir(ino, after, limit)
         if page:
             found = await self.meta.xattrs_of([a.ino for _, a, _ in page])
-            expiry = trio.current_time() + self._xattr_ttl
-            if len(self._xattrs) > _XATTR_CACHE_MAX:
-                self._xattrs.clear()
-            for _, a, _ in page:
-                self._xattrs[a.ino] = (expiry, found.get(a.ino, {}))
+            self._cache_xattrs({a.ino: found.get(a.ino, {}) for _, a, _ in page})
         return [(n, self._overlay(a), c) for n, a, c in page]
 
     async def statfs(self) -> tuple[int, int, int]:
