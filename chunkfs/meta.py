@@ -627,35 +627,33 @@ class Meta:
         """The committed version of a file: size, digest and its chunks with
         the nodes holding each. Raises ``NotFound``.
         """
-        async def body(conn: Connection) -> ChunkMap:
-            head = await conn.fetchrow(
-                "SELECT version, size, sha256 FROM inodes WHERE ino = $1", ino
-            )
-            if head is None:
-                raise errors.NotFound(f"no inode {ino}")
-            rows = await conn.fetch(
-                """SELECT c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256, o.ring_key,
-                          coalesce(array_agg(r.node_id ORDER BY r.node_id)
-                                   FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
-                   FROM chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id
-                   LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
-                   WHERE c.ino = $1 GROUP BY c.ino, c.chunk_index, o.chunk_id
-                   ORDER BY c.chunk_index""",
-                ino,
-            )
-            return ChunkMap(
-                ino=ino,
-                version=head["version"],
-                size=head["size"],
-                sha256=head["sha256"],
-                chunks=tuple(
-                    ChunkRef(r["chunk_index"], r["offset"], r["length"], bytes(r["chunk_id"]),
-                             tuple(r["nodes"]), r["block_sha256"], ring.to_unsigned(r["ring_key"]))
-                    for r in rows
-                ),
-            )
-
-        return await self.db.transaction(body)
+        # One statement, so the inode row and its chunk rows come from one snapshot.
+        rows = await self.db.fetch(
+            """SELECT i.version, i.size, i.sha256,
+                      c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256, o.ring_key,
+                      coalesce(array_agg(r.node_id ORDER BY r.node_id)
+                               FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
+               FROM inodes i
+               LEFT JOIN (chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id) ON c.ino = i.ino
+               LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
+               WHERE i.ino = $1 GROUP BY i.ino, c.ino, c.chunk_index, o.chunk_id
+               ORDER BY c.chunk_index""",
+            ino,
+        )
+        if not rows:
+            raise errors.NotFound(f"no inode {ino}")
+        head = rows[0]
+        return ChunkMap(
+            ino=ino,
+            version=head["version"],
+            size=head["size"],
+            sha256=head["sha256"],
+            chunks=tuple(
+                ChunkRef(r["chunk_index"], r["offset"], r["length"], bytes(r["chunk_id"]),
+                         tuple(r["nodes"]), r["block_sha256"], ring.to_unsigned(r["ring_key"]))
+                for r in rows if r["chunk_index"] is not None
+            ),
+        )
 
     async def sync(self) -> None:
         """Make every metadata change committed so far durable (fsync)."""

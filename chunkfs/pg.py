@@ -79,17 +79,16 @@ class _Connections:
             except BaseException as exc:
                 # A refusal by the server leaves the connection fine; a lost
                 # connection, a timeout or a cancellation may not.
-                if isinstance(exc, _UNAVAILABLE) or not isinstance(
-                    exc, (ChunkfsError, asyncpg.PostgresError)
-                ):
-                    await self._give_back(conn)
-                else:
-                    self._idle.append(conn)
+                refused = isinstance(exc, (ChunkfsError, asyncpg.PostgresError))
+                await self._put_back(conn, keep=refused and not isinstance(exc, _UNAVAILABLE))
                 raise
-            if _usable(conn):
-                self._idle.append(conn)
-            else:
-                await self._give_back(conn)
+            await self._put_back(conn, keep=True)
+
+    async def _put_back(self, conn: Connection, *, keep: bool) -> None:
+        if keep and _usable(conn):
+            self._idle.append(conn)
+        else:
+            await self._give_back(conn)
 
     async def _give_back(self, conn: Connection) -> None:
         with trio.CancelScope(shield=True):

@@ -220,10 +220,11 @@ class VFS:
         self._files[attrs.ino] = f
         return self._new_handle(f, flags), attrs
 
-    async def open(self, ino: Ino, flags: int) -> tuple[int, bool]:
-        """Open a file; return ``(fh, keep_cache)``. ``keep_cache`` is True when
-        the kernel's cached pages are of the version now committed, so a file
-        changed by another mount is re-read (close-to-open consistency).
+    async def open(self, ino: Ino, flags: int) -> tuple[int, bool, int]:
+        """Open a file; return ``(fh, keep_cache, version)``: ``keep_cache`` is
+        True when the kernel's cached pages are of the version now committed,
+        so a file changed by another mount is re-read (close-to-open
+        consistency); ``version`` is the committed content version.
         """
         f = await self._open_file(ino)
         keep = self._cached_version.get(ino) == f.base.version and not f.dirty
@@ -238,7 +239,7 @@ class VFS:
                 await self.release(fh)
                 raise
             keep = False
-        return fh, keep
+        return fh, keep, f.base.version
 
     async def _open_file(self, ino: Ino) -> OpenFile:
         """The inode's ``OpenFile``, made (with its latest committed chunk map)

@@ -239,9 +239,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        attrs = await self.vfs.getattr(Ino(inode))
-        if not stat.S_ISDIR(attrs.mode):
-            raise errors.NotADirectory(f"inode {inode} is not a directory")
+        # The kernel sends opendir only for an inode it knows as a directory.
         fh = next(self._dir_fh)
         self._dirs[fh] = _DirHandle(Ino(inode))
         return fh
@@ -249,13 +247,15 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
+        # The kernel takes no attributes from the "." and ".." entries of a
+        # readdirplus reply: only their inode numbers matter.
         if start_id < 1:
-            if not pyfuse3.readdir_reply(token, b".", self._entry(await self.vfs.getattr(d.ino)), 1):
+            if not pyfuse3.readdir_reply(token, b".", _dir_entry(d.ino), 1):
                 return
             start_id = 1
         if start_id < 2:
-            parent = await self.vfs.getattr(await self.vfs.meta.parent_of(d.ino))
-            if not pyfuse3.readdir_reply(token, b"..", self._entry(parent), 2):
+            parent = await self.vfs.meta.parent_of(d.ino)
+            if not pyfuse3.readdir_reply(token, b"..", _dir_entry(parent), 2):
                 return
             start_id = 2
         after = start_id - _DOT_OFFSETS
@@ -286,20 +286,20 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        attrs = await self.vfs.getattr(Ino(inode))
-        if stat.S_ISDIR(attrs.mode):
-            raise errors.IsADirectory(f"inode {inode} is a directory")
-        if self._attr_version.get(inode, attrs.version) != attrs.version:
+        # The kernel opens directories with opendir, never here.
+        fh, keep_cache, version = await self.vfs.open(Ino(inode), flags)
+        if self._attr_version.get(inode, version) != version:
             # Another mount committed a new version since the kernel cached
             # the size: make it ask again, or reads would stop at the old size
             # (close-to-open consistency).
             pyfuse3.invalidate_inode(inode, attr_only=True)
-            self._attr_version[inode] = attrs.version
-        fh, keep_cache = await self.vfs.open(Ino(inode), flags)
-        if flags & os.O_TRUNC and ctx.uid != 0 and _privileged_bits(attrs.mode):
+            self._attr_version[inode] = version
+        if flags & os.O_TRUNC and ctx.uid != 0:
             # The kernel leaves O_TRUNC to us: drop setuid/setgid as a
             # truncate by an unprivileged caller does on ext4.
-            await self.vfs.setattr(Ino(inode), mode=attrs.mode & ~_privileged_bits(attrs.mode))
+            attrs = await self.vfs.getattr(Ino(inode))
+            if _privileged_bits(attrs.mode):
+                await self.vfs.setattr(Ino(inode), mode=attrs.mode & ~_privileged_bits(attrs.mode))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @fuse_errors
@@ -353,6 +353,14 @@ class Operations(pyfuse3.Operations):
         # Only reached without default_permissions: check the mode bits here.
         attrs = await self.vfs.getattr(Ino(inode))
         return _may_access(attrs, mode, ctx)
+
+
+def _dir_entry(ino: int) -> pyfuse3.EntryAttributes:
+    """The entry of "." or ".." in a readdir reply: a directory's inode number."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.st_mode = stat.S_IFDIR
+    return e
 
 
 def _privileged_bits(mode: int) -> int:
