@@ -18,12 +18,12 @@ has less than ``MIN_FREE`` of its space free.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import logging
 import os
 from collections import OrderedDict
+
+from .diskio import fsync_dir, link_open_file, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ContentCache:
             entries.append((st.st_mtime_ns, digest, st.st_size))
         if clean:
             os.unlink(marker)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         for _, digest, size in sorted(entries):
             self._sizes[digest] = size
             self._used += size
@@ -108,7 +108,7 @@ class ContentCache:
         if not self.budget or size > self.budget or digest in self._sizes:
             return False
         try:
-            _link_open_file(fd, self._path(digest))
+            link_open_file(fd, self._path(digest))
         except FileExistsError:
             pass
         except OSError as exc:
@@ -165,10 +165,14 @@ class ContentCache:
             return
         assert self.directory is not None
         try:
-            _syncfs(self._lock_fd)  # the entries' pages, written since the mount
+            # The entries' pages, written since the mount.
+            if syncfs is not None:
+                syncfs(self._lock_fd)
+            else:
+                os.sync()
             with open(os.path.join(self.directory, _MARKER), "wb") as f:
                 os.fsync(f.fileno())
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             log.warning("content cache %s not marked clean: %s", self.directory, exc)
         os.close(self._lock_fd)
@@ -188,34 +192,3 @@ def _low_on_space(directory: str) -> bool:
     st = os.statvfs(directory)
     return st.f_bavail < st.f_blocks * MIN_FREE
 
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
-_AT_EMPTY_PATH = 0x1000
-
-
-def _link_open_file(fd: int, path: str) -> None:
-    """Give the (O_TMPFILE) file open as ``fd`` the name ``path``: linkat(2)
-    with AT_EMPTY_PATH, else through /proc/self/fd. Raises OSError.
-    """
-    if _libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) == 0:
-        return
-    err = ctypes.get_errno()
-    if err == errno.EEXIST:
-        raise FileExistsError(err, os.strerror(err), path)
-    os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2): write back everything dirty on ``fd``'s filesystem."""
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

@@ -19,7 +19,6 @@ the epoch (the node's clock).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -30,10 +29,11 @@ import time
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterable, AsyncIterator, Callable
+from typing import AsyncIterable, AsyncIterator
 
 import trio
 
+from ..diskio import fsync_dir, syncfs
 from ..errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
 
 log = logging.getLogger(__name__)
@@ -130,25 +130,6 @@ def _pread_all(fd: int, start: int, end: int) -> bytes:
         parts.append(data)
         start += len(data)
     return b"".join(parts)
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_syncfs = _load_syncfs()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _touch(path: Path) -> bool:
@@ -486,7 +467,7 @@ def _prepare_layout(root: Path) -> str:
     tmp.mkdir(mode=0o700, exist_ok=True)
     for sub in _FANOUT:
         (chunks / sub).mkdir(mode=0o700, exist_ok=True)
-    _fsync_dir(chunks)
+    fsync_dir(chunks)
     removed = 0
     for entry in os.scandir(tmp):
         # Anything here is an upload that never finished: it was never acknowledged.
@@ -496,7 +477,7 @@ def _prepare_layout(root: Path) -> str:
     if removed:
         log.info("removed %d unfinished uploads from %s", removed, tmp)
     node_id = _read_or_make_node_id(root)
-    _fsync_dir(root)
+    fsync_dir(root)
     return node_id
 
 
@@ -566,7 +547,7 @@ def _commit(fd: int, tmp: Path, final: Path) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _discard(fd: int, tmp: Path) -> None:
@@ -614,7 +595,7 @@ def _store_all(root: Path, stored: list[tuple[Path, Path, bytes]]) -> None:
     commit for the batch instead of two flushes per chunk, which is what a
     small file's chunks cost. Elsewhere: fsync each file, then each directory.
     """
-    if _syncfs is None:
+    if syncfs is None:
         dirs = set()
         try:
             for tmp, final, data in stored:
@@ -622,7 +603,7 @@ def _store_all(root: Path, stored: list[tuple[Path, Path, bytes]]) -> None:
                 dirs.add(final.parent)
         finally:
             for d in dirs:
-                _fsync_dir(d)
+                fsync_dir(d)
         return
     try:
         for tmp, final, data in stored:
@@ -630,9 +611,7 @@ def _store_all(root: Path, stored: list[tuple[Path, Path, bytes]]) -> None:
     finally:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if _syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs: {os.strerror(err)}")
+            syncfs(fd)
         finally:
             os.close(fd)
 
@@ -665,7 +644,7 @@ def _unlink_guarded(path: Path, before_ns: int | None) -> int:
             f"chunk {path.name} was used at {st.st_mtime_ns} ns, not before {before_ns}"
         )
     os.unlink(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return st.st_size
 
 
