@@ -119,9 +119,11 @@ class ContentCache:
         self._evict()
         return digest in self._sizes
 
-    def pread(self, digest: bytes, offset: int, length: int) -> bytes | None:
-        """Bytes of the cached content ``digest``, or None when it is not held."""
-        if digest not in self._sizes:
+    def pread(self, digest: bytes | None, offset: int, length: int) -> bytes | None:
+        """Up to ``length`` bytes at ``offset`` (both in bytes) of the cached
+        content ``digest``, or None when it is not held. Raises OSError.
+        """
+        if digest is None or digest not in self._sizes:
             return None
         self._sizes.move_to_end(digest)
         fd = self._fds.get(digest)

@@ -288,10 +288,9 @@ class VFS:
         """Bytes ``[start, end)`` of a committed version; the chunks it spans
         are fetched concurrently, unless the local content cache holds it.
         """
-        if cmap.sha256 in self.cache:
-            data = self.cache.pread(cmap.sha256, start, end - start)
-            if data is not None and len(data) == end - start:
-                return data
+        data = self.cache.pread(cmap.sha256, start, end - start)
+        if data is not None and len(data) == end - start:
+            return data
         wanted = [
             (ref, max(start, ref.offset) - ref.offset, min(end, ref.offset + ref.length) - ref.offset)
             for ref in cmap.chunks
@@ -540,6 +539,10 @@ class VFS:
         await self.meta.removexattr(ino, name)
 
     # ----------------------------------------------------- pass-throughs
+
+    async def parent_of(self, ino: Ino) -> Ino:
+        """The directory holding directory ``ino`` (the root is its own). Raises ``NotFound``."""
+        return await self.meta.parent_of(ino)
 
     async def readlink(self, ino: Ino) -> bytes:
         """A symlink's target."""

@@ -18,6 +18,8 @@ def test_overrides_and_values():
     opts = parse_options(["noallow_other,nodefault_permissions", "attr_timeout=2.5,cache_dir=/c"], is_root=True)
     assert not opts.allow_other and not opts.default_permissions
     assert opts.attr_timeout == 2.5 and opts.cache_dir == "/c"
+    assert parse_options([], is_root=True).cache_size_mib == 10240
+    assert parse_options(["cache_size=0"], is_root=True).cache_size_mib == 0
 
 
 def test_mount8_options_pass_or_are_ignored():
@@ -26,7 +28,8 @@ def test_mount8_options_pass_or_are_ignored():
     assert not opts.allow_other
 
 
-@pytest.mark.parametrize("bad", ["bogus", "attr_timeout=abc", "attr_timeout=-1", "cache_dir="])
+@pytest.mark.parametrize("bad", ["bogus", "attr_timeout=abc", "attr_timeout=-1", "cache_dir=",
+                                 "cache_size=", "cache_size=-5", "cache_size=1.5"])
 def test_bad_options_are_refused(bad):
     with pytest.raises(errors.ConfigError, match="mount option"):
         parse_options([bad], is_root=True)

@@ -142,7 +142,7 @@ class Operations(pyfuse3.Operations):
         if name == b".":
             attrs = await self.vfs.getattr(Ino(parent_inode))
         elif name == b"..":
-            attrs = await self.vfs.getattr(await self.vfs.meta.parent_of(Ino(parent_inode)))
+            attrs = await self.vfs.getattr(await self.vfs.parent_of(Ino(parent_inode)))
         else:
             attrs = await self.vfs.lookup(Ino(parent_inode), name)
         return self._looked_up(attrs)
@@ -254,7 +254,7 @@ class Operations(pyfuse3.Operations):
                 return
             start_id = 1
         if start_id < 2:
-            parent = await self.vfs.meta.parent_of(d.ino)
+            parent = await self.vfs.parent_of(d.ino)
             if not pyfuse3.readdir_reply(token, b"..", _dir_entry(parent), 2):
                 return
             start_id = 2
