@@ -453,6 +453,16 @@ class Meta:
             # Lock both parents in ino order, so two renames cannot deadlock.
             for p in sorted({old_parent, new_parent}):
                 await _lock_dir(conn, p)
+            if not exchange:
+                # The parents are locked: one statement (with a snapshot taken
+                # now) renames anything but a directory, over anything but one.
+                row = await conn.fetchrow(
+                    _RENAME_NON_DIR, old_parent, old_name, new_parent, new_name, t, noreplace
+                )
+                if row is None:
+                    raise errors.NotFound(old_name.decode(errors="replace"))
+                if row["done"]:
+                    return Attrs.from_row(row) if row["nlink"] == 0 else None
             src = await _dentry(conn, old_parent, old_name)
             if src is None:
                 raise errors.NotFound(old_name.decode(errors="replace"))
@@ -993,6 +1003,44 @@ def _check_name(name: bytes) -> None:
         raise errors.NameTooLong(f"name over {NAME_MAX} bytes")
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
         raise errors.InvalidArgument("invalid name")
+
+
+# rename of a non-directory over nothing or a non-directory, for a caller
+# holding both parents' locks: $1/$2 old parent and name, $3/$4 new ones,
+# $5 the time (ns), $6 noreplace. Returns no row when the source is missing;
+# else ``done`` and, when a name was replaced, the replaced inode's new
+# attributes. A replaced dentry is pointed at the source inode, so no two
+# rows ever hold the same name.
+_RENAME_NON_DIR = f"""
+    WITH src AS (
+        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
+        WHERE d.parent = $1 AND d.name = $2 FOR UPDATE OF i
+    ), dst AS (
+        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
+        WHERE d.parent = $3 AND d.name = $4 FOR UPDATE OF i
+    ), go AS (
+        SELECT src.ino AS src_ino, dst.ino AS dst_ino FROM src LEFT JOIN dst ON true
+        WHERE src.mode & {_S_IFMT} <> {stat.S_IFDIR} AND (dst.ino IS NULL OR (
+            dst.ino <> src.ino AND NOT $6 AND dst.mode & {_S_IFMT} <> {stat.S_IFDIR}))
+    ), moved AS (
+        UPDATE dentries SET parent = $3, name = $4 WHERE parent = $1 AND name = $2
+        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NULL)
+    ), repointed AS (
+        UPDATE dentries SET ino = (SELECT src_ino FROM go) WHERE parent = $3 AND name = $4
+        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NOT NULL)
+    ), dropped AS (
+        DELETE FROM dentries WHERE parent = $1 AND name = $2
+        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NOT NULL)
+    ), replaced AS (
+        UPDATE inodes SET nlink = nlink - 1, ctime_ns = $5
+        WHERE ino = (SELECT dst_ino FROM go) RETURNING {_ATTR_COLS}
+    ), touched AS (
+        UPDATE inodes SET ctime_ns = $5, mtime_ns = CASE WHEN ino = (SELECT src_ino FROM go)
+            THEN mtime_ns ELSE $5 END
+        WHERE EXISTS (SELECT 1 FROM go) AND ino IN ($1, $3, (SELECT src_ino FROM go))
+    )
+    SELECT EXISTS (SELECT 1 FROM go) AS done, replaced.*
+    FROM src LEFT JOIN replaced ON true"""
 
 
 async def _lock_dir(conn: Connection, ino: Ino) -> tuple[int, int]:

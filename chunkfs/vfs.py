@@ -15,6 +15,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +29,8 @@ from .store import BATCH_ITEM_MAX, INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
 
 log = logging.getLogger(__name__)
 
-_XATTR_CACHE_MAX = 10_000
+# Entries of the attribute and the extended attribute caches, each.
+_CACHE_MAX = 10_000
 _EMPTY = ChunkMap(ino=Ino(0), version=0, size=0, sha256=None, chunks=())
 
 
@@ -73,7 +75,7 @@ class VFS:
 
     def __init__(
         self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str,
-        *, xattr_ttl: float = 1.0, cache: ContentCache | None = None,
+        *, attr_ttl: float = 1.0, cache: ContentCache | None = None,
     ) -> None:
         self.meta = meta
         self.store = store
@@ -87,10 +89,14 @@ class VFS:
         self._unlinked: set[Ino] = set()
         # Version of each inode the kernel's page cache holds, for keep_cache.
         self._cached_version: dict[Ino, int] = {}
-        # Extended attributes per inode, trusted for xattr_ttl seconds: the
+        # Attributes that this mount's own changes returned, trusted for
+        # attr_ttl seconds (as long as the kernel may cache them): the kernel
+        # drops its copy at every write and asks again after the close.
+        self._attrs: dict[Ino, tuple[float, Attrs]] = {}
+        # Extended attributes per inode, trusted for attr_ttl seconds: the
         # kernel asks for security.capability before every write.
         self._xattrs: dict[Ino, tuple[float, dict[bytes, bytes]]] = {}
-        self._xattr_ttl = xattr_ttl
+        self._attr_ttl = attr_ttl
 
     # ------------------------------------------------------- attributes
 
@@ -108,7 +114,21 @@ class VFS:
 
     async def getattr(self, ino: Ino) -> Attrs:
         """Attributes of ``ino``, including unflushed writes. Raises ``NotFound``."""
+        cached = self._attrs.get(ino)
+        if cached is not None and cached[0] > trio.current_time():
+            return self._overlay(cached[1])
         return self._overlay(await self.meta.getattr(ino))
+
+    def _remember(self, attrs: Attrs) -> Attrs:
+        """Trust ``attrs``, just returned by a change made here, for ``attr_ttl``
+        seconds; not a directory's, which any name change inside it moves.
+        """
+        if stat.S_ISDIR(attrs.mode):
+            return attrs
+        if len(self._attrs) >= _CACHE_MAX:
+            self._attrs.clear()
+        self._attrs[attrs.ino] = (trio.current_time() + self._attr_ttl, attrs)
+        return attrs
 
     async def lookup(self, parent: Ino, name: bytes) -> Attrs:
         """Attributes of ``name`` in ``parent``. Raises ``NotFound``, ``NameTooLong``."""
@@ -137,7 +157,7 @@ class VFS:
         attrs = await self.meta.setattr(
             ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns
         )
-        return self._overlay(attrs)
+        return self._overlay(self._remember(attrs))
 
     async def _truncate(self, ino: Ino, size: int) -> None:
         attrs = await self.meta.getattr(ino)
@@ -176,11 +196,13 @@ class VFS:
     async def link(self, ino: Ino, parent: Ino, name: bytes) -> Attrs:
         """A new hard link; see ``Meta.link``."""
         self._unlinked.discard(ino)
+        self._attrs.pop(ino, None)
         return self._overlay(await self.meta.link(ino, parent, name))
 
     async def unlink(self, parent: Ino, name: bytes, *, is_dir: bool = False) -> None:
         """unlink / rmdir; the inode is purged once nothing uses it."""
         attrs = await self.meta.unlink(parent, name, is_dir=is_dir)
+        self._attrs.pop(attrs.ino, None)
         if attrs.nlink == 0:
             self._unlinked.add(attrs.ino)
 
@@ -189,6 +211,8 @@ class VFS:
         *, noreplace: bool = False, exchange: bool = False,
     ) -> None:
         """rename(2) with its flags; see ``Meta.rename``."""
+        # The moved inode's ctime changes, and this layer does not know which it is.
+        self._attrs.clear()
         replaced = await self.meta.rename(
             old_parent, old_name, new_parent, new_name, noreplace=noreplace, exchange=exchange
         )
@@ -204,6 +228,7 @@ class VFS:
         try:
             await self.meta.purge(ino)
             self._unlinked.discard(ino)
+            self._attrs.pop(ino, None)
             self._cached_version.pop(ino, None)
         except errors.ChunkfsError as exc:
             log.warning("could not purge inode %d: %s", ino, exc)
@@ -214,7 +239,7 @@ class VFS:
         self, parent: Ino, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Attrs]:
         """Create and open a regular file; return ``(fh, attrs)``."""
-        attrs = await self.meta.create(parent, name, mode, uid, gid)
+        attrs = self._remember(await self.meta.create(parent, name, mode, uid, gid))
         self._cache_xattrs({attrs.ino: {}})  # the kernel asks at the first write
         f = OpenFile(ino=attrs.ino, base=replace(_EMPTY, ino=attrs.ino), size=0, base_valid=0)
         self._files[attrs.ino] = f
@@ -227,6 +252,9 @@ class VFS:
         consistency); ``version`` is the committed content version.
         """
         f = await self._open_file(ino)
+        cached = self._attrs.get(ino)
+        if cached is not None and cached[1].version != f.base.version:
+            del self._attrs[ino]  # another mount committed since: close-to-open
         keep = self._cached_version.get(ino) == f.base.version and not f.dirty
         self._cached_version[ino] = f.base.version
         fh = self._new_handle(f, flags)
@@ -464,6 +492,7 @@ class VFS:
                 f.dirty = False
                 log.info("inode %d was removed elsewhere: its unflushed writes are dropped", f.ino)
                 return
+            self._remember(attrs)
             t4 = time.perf_counter()
             log.debug("commit of inode %d: hash %.2f ms, session %.2f ms, put %.2f ms, "
                       "metadata %.2f ms", f.ino, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
@@ -510,9 +539,9 @@ class VFS:
         return values
 
     def _cache_xattrs(self, found: dict[Ino, dict[bytes, bytes]]) -> None:
-        """Trust these inodes' extended attributes for the next ``xattr_ttl`` seconds."""
-        expiry = trio.current_time() + self._xattr_ttl
-        if len(self._xattrs) + len(found) > _XATTR_CACHE_MAX:
+        """Trust these inodes' extended attributes for the next ``attr_ttl`` seconds."""
+        expiry = trio.current_time() + self._attr_ttl
+        if len(self._xattrs) + len(found) > _CACHE_MAX:
             self._xattrs.clear()
         for ino, values in found.items():
             self._xattrs[ino] = (expiry, values)
@@ -531,11 +560,13 @@ class VFS:
     async def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
         """Set an extended attribute; see ``Meta.setxattr``."""
         self._xattrs.pop(ino, None)
+        self._attrs.pop(ino, None)  # its ctime moves
         await self.meta.setxattr(ino, name, value)
 
     async def removexattr(self, ino: Ino, name: bytes) -> None:
         """Remove an extended attribute; see ``Meta.removexattr``."""
         self._xattrs.pop(ino, None)
+        self._attrs.pop(ino, None)  # its ctime moves
         await self.meta.removexattr(ino, name)
 
     # ----------------------------------------------------- pass-throughs

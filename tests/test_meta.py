@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from chunkfs import errors
-from chunkfs.meta import ROOT_INO, Meta
+from chunkfs.meta import ROOT_INO, Meta, now_ns
 from chunkfs.pg import open_database
 
 FILE = stat.S_IFREG | 0o644
@@ -147,6 +147,36 @@ async def test_rename_cases(meta):
     await meta.rename(d.ino, b"sub", ROOT_INO, b"sub2")
     assert (await meta.getattr(d.ino)).nlink == 2
     assert (await meta.getattr(ROOT_INO)).nlink == 4  # ".", "..", d and sub2
+
+
+async def test_rename_of_a_file_moves_times_and_links_as_a_local_filesystem(meta):
+    d1 = await meta.create(ROOT_INO, b"d1", DIR, 0, 0)
+    d2 = await meta.create(ROOT_INO, b"d2", DIR, 0, 0)
+    f = await meta.create(d1.ino, b"f", FILE, 0, 0)
+    g = await meta.create(d2.ino, b"g", FILE, 0, 0)
+    await meta.link(g.ino, d2.ino, b"g2")
+    g = await meta.getattr(g.ino)
+    t0 = now_ns()
+    # Over a name whose inode keeps another link: nothing to purge.
+    assert await meta.rename(d1.ino, b"f", d2.ino, b"g") is None
+    assert (await meta.lookup(d2.ino, b"g")).ino == f.ino
+    assert (await meta.getattr(g.ino)).nlink == 1
+    with pytest.raises(errors.NotFound):
+        await meta.lookup(d1.ino, b"f")
+    moved = await meta.getattr(f.ino)
+    assert moved.ctime_ns >= t0 and moved.mtime_ns == f.mtime_ns
+    for parent in (d1, d2):
+        after = await meta.getattr(parent.ino)
+        assert after.mtime_ns >= t0 and after.ctime_ns >= t0
+    # Onto another name of the same inode: rename(2) does nothing.
+    await meta.link(f.ino, d2.ino, b"f2")
+    assert await meta.rename(d2.ino, b"g", d2.ino, b"f2") is None
+    assert (await meta.lookup(d2.ino, b"g")).ino == f.ino
+    assert (await meta.getattr(f.ino)).nlink == 2
+    with pytest.raises(errors.NotFound):
+        await meta.rename(d1.ino, b"missing", d2.ino, b"x")
+    names = [n for n, _, _ in await meta.readdir(d2.ino, 0, 10)]
+    assert sorted(names) == [b"f2", b"g", b"g2"]
 
 
 async def test_readdir_cookies_neither_skip_nor_repeat_while_names_change(meta):

@@ -303,6 +303,19 @@ def test_an_open_after_a_commit_elsewhere_reads_the_new_size_at_once(cluster, mo
     assert out == b"0123456789abcdefghij"
 
 
+def test_attributes_a_mount_remembers_from_its_own_write_yield_to_a_newer_commit(
+    cluster, mount_factory
+):
+    first = mount_factory(cluster.dsn)
+    second = mount_factory(cluster.dsn)
+    (second / "mine").write_bytes(b"short")
+    assert (second / "mine").stat().st_size == 5  # answered from what the commit returned
+    (first / "mine").write_bytes(b"a longer content from the first mount")
+    with open(second / "mine", "rb") as f:  # close-to-open: the open sees the new version
+        assert os.fstat(f.fileno()).st_size == 37
+        assert f.read() == b"a longer content from the first mount"
+
+
 def test_closing_a_file_another_mount_removed_is_not_an_error(cluster, mount_factory):
     first = mount_factory(cluster.dsn)
     second = mount_factory(cluster.dsn)
