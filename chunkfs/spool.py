@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -60,36 +60,44 @@ class Spool:
             yield piece
 
     def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], list[bytes | None], bytes]:
-        """In one pass: the SHA-256 of each extent, its block digests
-        (the SHA-256 of each ``BLOCK_SIZE`` block, concatenated; None for an
-        extent of one block or less)
-        and the SHA-256 of all of them together.
+        """``digests`` of the spool's content (see there).
 
         Blocking: run it in a worker thread (hashlib releases the GIL).
         """
-        whole = hashlib.sha256()
-        ids: list[bytes] = []
-        blocks: list[bytes | None] = []
-        for ext in extents:
-            h = hashlib.sha256()
-            per_block = []
-            pos, end = ext.offset, ext.end
-            while pos < end:
-                n = min(BLOCK_SIZE, end - pos)
-                piece = self.pread(pos, n).ljust(n, b"\0")
-                h.update(piece)
-                whole.update(piece)
-                per_block.append(hashlib.sha256(piece).digest())
-                pos += n
-            ids.append(h.digest())
-            blocks.append(b"".join(per_block) if len(per_block) > 1 else None)
-        return ids, blocks, whole.digest()
+        return digests(self.pread, extents)
 
     def close(self) -> None:
         """Release the spool's disk space."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def digests(
+    read: Callable[[int, int], bytes], extents: Sequence[Extent]
+) -> tuple[list[bytes], list[bytes | None], bytes]:
+    """In one pass over the bytes ``read(offset, length)`` returns (zeros
+    where it returns short): the SHA-256 of each extent, its block digests
+    (the SHA-256 of each ``BLOCK_SIZE`` block, concatenated; None for an
+    extent of one block or less) and the SHA-256 of all of them together.
+    """
+    whole = hashlib.sha256()
+    ids: list[bytes] = []
+    blocks: list[bytes | None] = []
+    for ext in extents:
+        h = hashlib.sha256()
+        per_block = []
+        pos, end = ext.offset, ext.end
+        while pos < end:
+            n = min(BLOCK_SIZE, end - pos)
+            piece = read(pos, n).ljust(n, b"\0")
+            h.update(piece)
+            whole.update(piece)
+            per_block.append(hashlib.sha256(piece).digest())
+            pos += n
+        ids.append(h.digest())
+        blocks.append(b"".join(per_block) if len(per_block) > 1 else None)
+    return ids, blocks, whole.digest()
 
 
 def _unlinked_tempfile(cache_dir: str) -> int:

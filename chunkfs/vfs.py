@@ -24,13 +24,15 @@ import trio
 from . import errors, layout, ring
 from .cache import ContentCache
 from .meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, now_ns
-from .spool import Spool
+from .spool import Spool, digests
 from .store import BATCH_ITEM_MAX, INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
 
 log = logging.getLogger(__name__)
 
 # Entries of the attribute and the extended attribute caches, each.
 _CACHE_MAX = 10_000
+# Files up to this size (bytes) are read and hashed at once on the commit.
+SMALL_COMMIT_MAX = 256 << 10
 _EMPTY = ChunkMap(ino=Ino(0), version=0, size=0, sha256=None, chunks=())
 
 
@@ -456,7 +458,15 @@ class VFS:
             t0 = time.perf_counter()
             await self._load(f, 0, f.size)
             exts = layout.extents(f.size)
-            ids, blocks, digest = await trio.to_thread.run_sync(f.spool.digests, exts)
+            if f.size <= SMALL_COMMIT_MAX:
+                # Read and hashed on the event loop: cheaper than thread trips.
+                content = f.spool.pread(0, f.size).ljust(f.size, b"\0")
+                ids, blocks, digest = digests(
+                    lambda offset, length: content[offset: offset + length], exts
+                )
+            else:
+                content = None
+                ids, blocks, digest = await trio.to_thread.run_sync(f.spool.digests, exts)
             t1 = time.perf_counter()
             known = {c.chunk_id: c.nodes for c in f.base.chunks}
             fresh = [(e, i) for e, i in zip(exts, ids) if i not in known]
@@ -469,7 +479,7 @@ class VFS:
             t2 = time.perf_counter()
             try:
                 placed = await self.store.put(
-                    [await self._put_item(f, e, i, positions[e.index]) for e, i in fresh]
+                    [await self._put_item(f, e, i, positions[e.index], content) for e, i in fresh]
                 )
             except errors.ChunkfsError:
                 await self._fail_upload(session)
@@ -513,8 +523,15 @@ class VFS:
             self._cached_version[f.ino] = attrs.version
 
     async def _put_item(
-        self, f: OpenFile, ext: layout.Extent, chunk_id: bytes, position: int
+        self, f: OpenFile, ext: layout.Extent, chunk_id: bytes, position: int,
+        content: bytes | None,
     ) -> PutItem:
+        """What to upload for one chunk: its bytes sliced from ``content`` (the
+        whole file, when it was read at once), read from the spool, or a
+        stream of them for a large chunk.
+        """
+        if content is not None:
+            return PutItem(chunk_id, ext.length, position, data=content[ext.offset: ext.end])
         spool = f.spool
         if ext.length <= INLINE_PUT_MAX:
             data = await trio.to_thread.run_sync(spool.pread, ext.offset, ext.length)

@@ -334,22 +334,14 @@ class ChunkStore:
         raise AssertionError("unreachable")
 
     async def _store_verified(self, items: list[tuple[str, bytes]]) -> list[bool]:
-        # Two trips to a worker thread for the whole batch: a small file's
-        # chunks are many and tiny, so per-chunk trips would dominate.
-        paths = [self.path(cid) for cid, _ in items]
-        created = await trio.to_thread.run_sync(_verify_and_touch, items, paths)
-        new: dict[str, tuple[bytes, Path]] = {}
-        for i, ((cid, data), path) in enumerate(zip(items, paths)):
-            if created[i] and cid in new:
-                created[i] = False  # named twice in the batch: stored once
-            elif created[i]:
-                new[cid] = (data, path)
-        total = sum(len(d) for d, _ in new.values())
-        async with self._reservation(total):
-            stored = [(self._temp_path(cid), path, data) for cid, (data, path) in new.items()]
-            await trio.to_thread.run_sync(_store_all, self.root, stored)
-            self.used_bytes += total
-            self.chunk_count += len(stored)
+        # One trip to a worker thread for the whole batch: a small file's
+        # chunks are many and tiny, so per-chunk trips would dominate. Room is
+        # held for every byte of the batch, including chunks already here.
+        paths = [(self._temp_path(cid), self.path(cid)) for cid, _ in items]
+        async with self._reservation(sum(len(data) for _, data in items)):
+            created = await trio.to_thread.run_sync(_store_batch, self.root, items, paths)
+        self.used_bytes += sum(len(data) for (_, data), new in zip(items, created) if new)
+        self.chunk_count += sum(created)
         return created
 
     # --------------------------------------------------------------- read
@@ -577,14 +569,24 @@ def _store_bytes(tmp: Path, final: Path, data: bytes, *, fsync: bool = True) -> 
     os.rename(tmp, final)
 
 
-def _verify_and_touch(items: list[tuple[str, bytes]], paths: list[Path]) -> list[bool]:
-    """Check every digest first (a bad one stores nothing); then touch the
-    chunks already here. Returns, per item, whether it is new.
+def _store_batch(root: Path, items: list[tuple[str, bytes]], paths: list[tuple[Path, Path]]) -> list[bool]:
+    """Store whole chunks ``(id, bytes)`` at ``(temp, final)`` paths: every
+    digest is checked first (a bad one stores nothing, ``DigestMismatch``),
+    chunks already here are touched, the others written and made durable.
+    Returns, per item, whether it was created (an id named twice is created once).
     """
     for chunk_id, data in items:
         if hashlib.sha256(data).hexdigest() != chunk_id:
             raise DigestMismatch(f"body does not match chunk id {chunk_id}")
-    return [not _touch(path) for path in paths]
+    created, new = [], {}
+    for (chunk_id, data), (tmp, final) in zip(items, paths):
+        fresh = chunk_id not in new and not _touch(final)
+        if fresh:
+            new[chunk_id] = (tmp, final, data)
+        created.append(fresh)
+    if new:
+        _store_all(root, list(new.values()))
+    return created
 
 
 def _store_all(root: Path, stored: list[tuple[Path, Path, bytes]]) -> None:
