@@ -12,6 +12,7 @@ caller sees the error and a later flush can retry.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ import trio
 from . import errors, layout, ring
 from .cache import ContentCache
 from .meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, now_ns
-from .spool import Spool, digests
+from .spool import Spool, extent_digests
 from .store import BATCH_ITEM_MAX, INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
 
 log = logging.getLogger(__name__)
@@ -461,12 +462,13 @@ class VFS:
             if f.size <= SMALL_COMMIT_MAX:
                 # Read and hashed on the event loop: cheaper than thread trips.
                 content = f.spool.pread(0, f.size).ljust(f.size, b"\0")
-                ids, blocks, digest = digests(
+                ids, blocks = extent_digests(
                     lambda offset, length: content[offset: offset + length], exts
                 )
+                digest = hashlib.sha256(content).digest()
             else:
                 content = None
-                ids, blocks, digest = await trio.to_thread.run_sync(f.spool.digests, exts)
+                ids, blocks, digest = await f.spool.digests(exts)
             t1 = time.perf_counter()
             known = {c.chunk_id: c.nodes for c in f.base.chunks}
             fresh = [(e, i) for e, i in zip(exts, ids) if i not in known]
