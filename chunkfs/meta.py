@@ -494,13 +494,15 @@ class Meta:
 
         return await self.db.transaction(body)
 
-    async def purge(self, ino: Ino) -> bool:
-        """Delete an inode that has no name left (nlink 0), with its chunk map,
-        xattrs and symlink target. Returns True when it was deleted. The chunk
-        objects it referenced are left to gc.
+    async def purge(self, inos: Sequence[Ino]) -> int:
+        """Delete the inodes among ``inos`` that have no name left (nlink 0),
+        with their chunk maps, xattrs and symlink targets; return how many.
+        The chunk objects they referenced are left to gc.
         """
-        status = await self.db.execute("DELETE FROM inodes WHERE ino = $1 AND nlink = 0", ino)
-        return status.endswith(" 1")
+        status = await self.db.execute(
+            "DELETE FROM inodes WHERE ino = ANY($1::bigint[]) AND nlink = 0", list(inos)
+        )
+        return int(status.split()[-1])
 
     async def setattr(
         self,

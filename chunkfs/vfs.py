@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 _CACHE_MAX = 10_000
 # Files up to this size (bytes) are read and hashed at once on the commit.
 SMALL_COMMIT_MAX = 256 << 10
+# Forgotten inodes with no name left are purged in batches of up to this
+# many, at most this many seconds after the kernel forgot them.
+PURGE_BATCH = 256
+PURGE_DELAY_S = 0.05
 _EMPTY = ChunkMap(ino=Ino(0), version=0, size=0, sha256=None, chunks=())
 
 
@@ -88,8 +92,11 @@ class VFS:
         self._files: dict[Ino, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
-        # Inodes that lost their last name here; purged when nothing uses them.
+        # Inodes that lost their last name here; purged when nothing uses them,
+        # in batches (one statement for many: rm -rf forgets one per file).
         self._unlinked: set[Ino] = set()
+        self._to_purge: set[Ino] = set()
+        self._purge_soon = trio.Event()
         # Version of each inode the kernel's page cache holds, for keep_cache.
         self._cached_version: dict[Ino, int] = {}
         # Attributes that this mount's own changes returned, trusted for
@@ -223,18 +230,39 @@ class VFS:
             self._unlinked.add(replaced.ino)
 
     async def forget(self, ino: Ino) -> None:
-        """The kernel no longer knows ``ino``: purge it if it has no name and
-        no open handle. Never raises.
+        """The kernel no longer knows ``ino``: purge it (within ``PURGE_DELAY_S``
+        seconds, see ``run_purger``) if it has no name and no open handle.
+        Never raises.
         """
-        if ino not in self._unlinked or ino in self._files:
+        if ino in self._unlinked and ino not in self._files:
+            self._to_purge.add(ino)
+            if len(self._to_purge) >= PURGE_BATCH:
+                self._purge_soon.set()
+
+    async def run_purger(self) -> None:
+        """Purge the forgotten inodes every ``PURGE_DELAY_S`` seconds, or as
+        soon as ``PURGE_BATCH`` wait; runs until cancelled.
+        """
+        while True:
+            with trio.move_on_after(PURGE_DELAY_S):
+                await self._purge_soon.wait()
+            self._purge_soon = trio.Event()
+            await self._purge()
+
+    async def _purge(self) -> None:
+        batch = [ino for ino in self._to_purge if ino not in self._files]
+        self._to_purge.clear()
+        if not batch:
             return
         try:
-            await self.meta.purge(ino)
+            await self.meta.purge(batch)
+        except errors.ChunkfsError as exc:
+            log.warning("could not purge %d inodes: %s", len(batch), exc)
+            return
+        for ino in batch:
             self._unlinked.discard(ino)
             self._attrs.pop(ino, None)
             self._cached_version.pop(ino, None)
-        except errors.ChunkfsError as exc:
-            log.warning("could not purge inode %d: %s", ino, exc)
 
     # ------------------------------------------------------------ files
 
@@ -614,7 +642,8 @@ class VFS:
         return await self.meta.statfs()
 
     async def close(self) -> None:
-        """Commit what is still unflushed (best effort) and free the spools."""
+        """Commit what is still unflushed (best effort), free the spools and
+        purge the inodes that lost their last name."""
         for f in list(self._files.values()):
             if f.dirty:
                 try:
@@ -623,6 +652,9 @@ class VFS:
                     log.error("inode %d: unflushed data lost at unmount: %s", f.ino, exc)
             self._close_spool(f)
         self._files.clear()
+        # Unmounted: the kernel holds none of the inodes that lost their last name.
+        self._to_purge |= self._unlinked
+        await self._purge()
 
 
 def _extents(cmap: ChunkMap) -> list[layout.Extent]:

@@ -102,9 +102,9 @@ async def test_hard_links_count_and_purge_waits_for_the_last_name(meta):
     f = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
     assert (await meta.link(f.ino, ROOT_INO, b"b")).nlink == 2
     assert (await meta.unlink(ROOT_INO, b"a")).nlink == 1
-    assert not await meta.purge(f.ino)
+    assert await meta.purge([f.ino]) == 0
     assert (await meta.unlink(ROOT_INO, b"b")).nlink == 0
-    assert await meta.purge(f.ino)
+    assert await meta.purge([f.ino]) == 1
     with pytest.raises(errors.NotFound):
         await meta.getattr(f.ino)
 

@@ -316,6 +316,33 @@ def test_attributes_a_mount_remembers_from_its_own_write_yield_to_a_newer_commit
         assert f.read() == b"a longer content from the first mount"
 
 
+def _nameless_inodes(dsn: str) -> set[int]:
+    return {r["ino"] for r in cl.run_sql(dsn, "SELECT ino FROM inodes WHERE nlink = 0")[0]}
+
+
+def test_removed_files_are_purged_once_nothing_uses_them(cluster, mount_factory):
+    m = mount_factory(cluster.dsn)
+    d = m / "purged"
+    d.mkdir()
+    for i in range(300):
+        (d / f"f{i}").write_bytes(b"x" * i)
+    held = open(d / "f7", "rb")  # noqa: SIM115 - stays open across the removal
+    pinned = {os.fstat(held.fileno()).st_ino, d.stat().st_ino}  # the open file pins its directory
+    shutil.rmtree(d)
+    # Purged in batches shortly after the kernel forgets them; the open one stays.
+    cl.wait_until(lambda: _nameless_inodes(cluster.dsn) == pinned, 10, "the removed inodes to go", 0.05)
+    assert held.read() == b"x" * 7
+    held.close()
+    cl.wait_until(lambda: not _nameless_inodes(cluster.dsn), 10, "the closed inode to go", 0.05)
+    # Those forgotten just before an unmount are purged by it.
+    d.mkdir()
+    for i in range(50):
+        (d / f"g{i}").write_bytes(b"z")
+    shutil.rmtree(d)
+    m.unmount()
+    assert not _nameless_inodes(cluster.dsn)
+
+
 def test_closing_a_file_another_mount_removed_is_not_an_error(cluster, mount_factory):
     first = mount_factory(cluster.dsn)
     second = mount_factory(cluster.dsn)

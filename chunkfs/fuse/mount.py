@@ -164,6 +164,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
                                 return
 
                     nursery.start_soon(on_signal)
+                    nursery.start_soon(vfs.run_purger)
                     ready()
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
