@@ -277,8 +277,11 @@ class Meta:
         *,
         rdev: int = 0,
         target: bytes | None = None,
+        now: int | None = None,
     ) -> "Attrs":
-        """Create a file, directory, special file or (with ``target``) symlink.
+        """Create a file, directory, special file or (with ``target``) symlink,
+        at time ``now`` (ns; default: the clock), which becomes the new inode's
+        times and the parent's mtime and ctime.
 
         ``mode`` holds the file type and the permission bits (umask already
         applied). A setgid parent passes its group on (and its setgid bit, to
@@ -323,8 +326,8 @@ class Meta:
                         WHERE ino = $1 AND EXISTS (SELECT 1 FROM i)
                     )
                     SELECT * FROM i""",
-                parent, name, mode, uid, gid, len(target) if target else 0, rdev, now_ns(),
-                target, is_dir,
+                parent, name, mode, uid, gid, len(target) if target else 0, rdev,
+                now_ns() if now is None else now, target, is_dir,
             )
         except UniqueViolationError:
             raise errors.Exists(name.decode(errors="replace")) from None
@@ -372,15 +375,19 @@ class Meta:
 
         return await self.db.transaction(body)
 
-    async def unlink(self, parent: Ino, name: bytes, *, is_dir: bool = False) -> "Attrs":
-        """Remove a name (``rmdir`` when ``is_dir``); return the target's new attributes.
+    async def unlink(
+        self, parent: Ino, name: bytes, *, is_dir: bool = False, now: int | None = None
+    ) -> "Attrs":
+        """Remove a name (``rmdir`` when ``is_dir``) at time ``now`` (ns;
+        default: the clock; the parent's new mtime and ctime); return the
+        target's new attributes.
 
         The inode itself stays until ``purge`` (it may still be open).
         Raises ``NotFound``, ``IsADirectory`` (unlink of a directory),
         ``NotADirectory`` (rmdir of a non-directory), ``NotEmpty``.
         """
         _check_name(name)
-        t = now_ns()
+        t = now_ns() if now is None else now
 
         async def body(conn: Connection) -> Attrs:
             await _lock_dir(conn, parent)

@@ -127,18 +127,31 @@ class VFS:
         cached = self._attrs.get(ino)
         if cached is not None and cached[0] > trio.current_time():
             return self._overlay(cached[1])
-        return self._overlay(await self.meta.getattr(ino))
+        attrs = await self.meta.getattr(ino)
+        if stat.S_ISDIR(attrs.mode):
+            # With default_permissions the kernel asks again after every name
+            # change inside (its copy is dropped), to check the permission bits.
+            self._remember(attrs)
+        return self._overlay(attrs)
 
     def _remember(self, attrs: Attrs) -> Attrs:
-        """Trust ``attrs``, just returned by a change made here, for ``attr_ttl``
-        seconds; not a directory's, which any name change inside it moves.
+        """Trust ``attrs``, just read or returned by a change made here, for
+        ``attr_ttl`` seconds (as long as the kernel may cache them).
         """
-        if stat.S_ISDIR(attrs.mode):
-            return attrs
         if len(self._attrs) >= _CACHE_MAX:
             self._attrs.clear()
         self._attrs[attrs.ino] = (trio.current_time() + self._attr_ttl, attrs)
         return attrs
+
+    def _dir_changed(self, ino: Ino, now: int, nlink_delta: int = 0) -> None:
+        """A name in directory ``ino`` changed at ``now`` (ns): bring its
+        remembered attributes to what the metadata statement just wrote.
+        """
+        cached = self._attrs.get(ino)
+        if cached is not None:
+            attrs = cached[1]
+            self._attrs[ino] = (cached[0], replace(
+                attrs, mtime_ns=now, ctime_ns=now, nlink=attrs.nlink + nlink_delta))
 
     async def lookup(self, parent: Ino, name: bytes) -> Attrs:
         """Attributes of ``name`` in ``parent``. Raises ``NotFound``, ``NameTooLong``."""
@@ -199,7 +212,11 @@ class VFS:
         *, rdev: int = 0, target: bytes | None = None,
     ) -> Attrs:
         """mkdir / mknod / symlink: see ``Meta.create``."""
-        attrs = await self.meta.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        now = now_ns()
+        attrs = await self.meta.create(
+            parent, name, mode, uid, gid, rdev=rdev, target=target, now=now
+        )
+        self._dir_changed(parent, now, 1 if stat.S_ISDIR(mode) else 0)
         self._cache_xattrs({attrs.ino: {}})  # a new inode has none
         return attrs
 
@@ -207,11 +224,14 @@ class VFS:
         """A new hard link; see ``Meta.link``."""
         self._unlinked.discard(ino)
         self._attrs.pop(ino, None)
+        self._attrs.pop(parent, None)
         return self._overlay(await self.meta.link(ino, parent, name))
 
     async def unlink(self, parent: Ino, name: bytes, *, is_dir: bool = False) -> None:
         """unlink / rmdir; the inode is purged once nothing uses it."""
-        attrs = await self.meta.unlink(parent, name, is_dir=is_dir)
+        now = now_ns()
+        attrs = await self.meta.unlink(parent, name, is_dir=is_dir, now=now)
+        self._dir_changed(parent, now, -1 if is_dir else 0)
         self._attrs.pop(attrs.ino, None)
         if attrs.nlink == 0:
             self._unlinked.add(attrs.ino)
@@ -270,7 +290,9 @@ class VFS:
         self, parent: Ino, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Attrs]:
         """Create and open a regular file; return ``(fh, attrs)``."""
-        attrs = self._remember(await self.meta.create(parent, name, mode, uid, gid))
+        now = now_ns()
+        attrs = self._remember(await self.meta.create(parent, name, mode, uid, gid, now=now))
+        self._dir_changed(parent, now)
         self._cache_xattrs({attrs.ino: {}})  # the kernel asks at the first write
         f = OpenFile(ino=attrs.ino, base=replace(_EMPTY, ino=attrs.ino), size=0, base_valid=0)
         self._files[attrs.ino] = f

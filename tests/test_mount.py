@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -314,6 +315,25 @@ def test_attributes_a_mount_remembers_from_its_own_write_yield_to_a_newer_commit
     with open(second / "mine", "rb") as f:  # close-to-open: the open sees the new version
         assert os.fstat(f.fileno()).st_size == 37
         assert f.read() == b"a longer content from the first mount"
+
+
+def test_a_directory_changed_here_stats_as_its_metadata_says(cluster, mount_factory):
+    m = mount_factory(cluster.dsn)
+    d = m / "dirattrs"
+    d.mkdir()
+    os.stat(d)  # the mount now remembers it: later answers are derived from the changes
+    (d / "f").write_bytes(b"x")
+    (d / "sub").mkdir()
+    (d / "g").symlink_to("f")
+    (d / "f").unlink()
+    (d / "sub").rmdir()
+    (d / "sub2").mkdir()
+    os.mknod(d / "fifo", 0o600 | stat.S_IFIFO)
+    here = os.stat(d)
+    there = os.stat(mount_factory(cluster.dsn) / "dirattrs")  # read from PostgreSQL
+    assert (here.st_mtime_ns, here.st_ctime_ns, here.st_nlink) == (
+        there.st_mtime_ns, there.st_ctime_ns, there.st_nlink)
+    assert here.st_nlink == 3
 
 
 def _nameless_inodes(dsn: str) -> set[int]:
