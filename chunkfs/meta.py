@@ -682,35 +682,34 @@ class Meta:
         """Open an upload session protecting ``chunk_ids`` from gc for
         ``ttl_s`` seconds; return its id. One statement, so one round trip.
         """
-        no_reuse = 1 << 30  # no chunk has that many replicas
-        return (await self.begin_commit(ino, chunk_ids, ttl_s, no_reuse))[0]
+        return await self.db.fetchval(_BEGIN_UPLOAD, ino, float(ttl_s), sorted(set(chunk_ids)))
 
     async def begin_commit(
         self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int, replicas: int
     ) -> tuple[int, dict[bytes, tuple[str, ...]]]:
-        """``begin_upload``, and in the same statement the chunks among
-        ``chunk_ids`` that a committed file already uses with at least
-        ``replicas`` recorded holders: ``(session_id, {chunk_id: holders})``.
-        Those need no upload (the session keeps gc off them until the commit).
+        """``begin_upload``, then the chunks among ``chunk_ids`` that a
+        committed file uses with at least ``replicas`` recorded holders:
+        ``(session_id, {chunk_id: holders})``. Those need no upload.
+
+        The session commits first and the reuse check reads a later snapshot:
+        gc either sees the session (and keeps the chunks) or decided before
+        it, when a chunk it found unused can have a committed user now only
+        through an upload that gc's delete guard refuses to undo.
         """
-        rows = await self.db.fetch(
-            """WITH s AS (
-                   INSERT INTO upload_sessions (ino, status, expires_at)
-                   VALUES ($1, 'uploading', now() + make_interval(secs => $2))
-                   RETURNING session_id),
-               c AS (
-                   INSERT INTO upload_session_chunks (session_id, chunk_id)
-                   SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u)
-               SELECT s.session_id, x.chunk_id, x.nodes FROM s LEFT JOIN (
-                   SELECT r.chunk_id, array_agg(r.node_id ORDER BY r.node_id) AS nodes
+        async def body(conn: Connection) -> tuple[int, dict[bytes, tuple[str, ...]]]:
+            ids = sorted(set(chunk_ids))
+            session = await conn.fetchval(_BEGIN_UPLOAD, ino, float(ttl_s), ids)
+            rows = await conn.fetch(
+                """SELECT r.chunk_id, array_agg(r.node_id ORDER BY r.node_id) AS nodes
                    FROM chunk_replicas r
-                   WHERE r.chunk_id = ANY ($3::bytea[])
+                   WHERE r.chunk_id = ANY ($1::bytea[])
                      AND EXISTS (SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)
-                   GROUP BY r.chunk_id HAVING count(*) >= $4) x ON true""",
-            ino, float(ttl_s), sorted(set(chunk_ids)), replicas,
-        )
-        reusable = {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows if r["chunk_id"]}
-        return rows[0]["session_id"], reusable
+                   GROUP BY r.chunk_id HAVING count(*) >= $2""",
+                ids, replicas,
+            )
+            return session, {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows}
+
+        return await self.db.run(body)
 
     async def fail_upload(self, session_id: int) -> None:
         """Mark an upload session failed; gc reclaims what it pushed."""
@@ -1013,6 +1012,19 @@ def _check_name(name: bytes) -> None:
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
         raise errors.InvalidArgument("invalid name")
 
+
+# An upload session for ino $1 that expires in $2 seconds, protecting the
+# chunk ids $3 from gc; returns its id.
+_BEGIN_UPLOAD = """
+    WITH s AS (
+        INSERT INTO upload_sessions (ino, status, expires_at)
+        VALUES ($1, 'uploading', now() + make_interval(secs => $2))
+        RETURNING session_id
+    ), c AS (
+        INSERT INTO upload_session_chunks (session_id, chunk_id)
+        SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u
+    )
+    SELECT session_id FROM s"""
 
 # rename of a non-directory over nothing or a non-directory, for a caller
 # holding both parents' locks: $1/$2 old parent and name, $3/$4 new ones,

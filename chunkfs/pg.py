@@ -166,6 +166,13 @@ class Database:
         """Run a statement; return its status tag (e.g. ``'UPDATE 1'``)."""
         return await self._call("execute", sql, *args)
 
+    async def run(self, body: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``body(conn)`` on one connection, outside any transaction: each
+        of its statements commits on its own (one trio/asyncio crossing for
+        them all). Use ``transaction`` when they must be atomic together.
+        """
+        return await self._on_connection(body)
+
     async def transaction(
         self,
         body: Callable[[Connection], Awaitable[T]],

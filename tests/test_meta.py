@@ -225,6 +225,36 @@ async def test_chunk_map_commit_and_version(meta):
     assert (await meta.getattr(f.ino)).version == 1
 
 
+async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_nodes(meta):
+    settings = await meta.settings()
+    for node_id in ("00000000000000b1", "00000000000000b2"):
+        await meta.register_node(node_id, "http://127.0.0.1:1",
+                                 capacity_bytes=1, used_bytes=0, free_bytes=1, chunk_count=0)
+    f = await meta.create(ROOT_INO, b"held", FILE, 0, 0)
+    data = [b"1", b"2", b"3", b"4", b"5", b"6"]
+    ids = [hashlib.sha256(x).digest() for x in data]
+    sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
+    await meta.commit_chunks(
+        f.ino, sid, size=6, sha256=hashlib.sha256(b"".join(data)).digest(),
+        chunks=[(i, i, 1, ids[i], None, 0) for i in range(6)],
+        replicas={c: ["00000000000000b1", "00000000000000b2"] for c in ids[:5]}
+        | {ids[5]: ["00000000000000b1"]},
+        mtime_ns=1, max_file_size=settings.max_file_size,
+    )
+    g = await meta.create(ROOT_INO, b"copy", FILE, 0, 0)
+    other = hashlib.sha256(b"other").digest()
+    session, reusable = await meta.begin_commit(g.ino, ids + [other], 3600, 2)
+    assert set(reusable) == set(ids[:5])  # the sixth has one holder, "other" none
+    assert reusable[ids[0]] == ("00000000000000b1", "00000000000000b2")
+    protected = await meta.db.fetch(
+        "SELECT chunk_id FROM upload_session_chunks WHERE session_id = $1", session)
+    assert {bytes(r["chunk_id"]) for r in protected} == set(ids) | {other}
+    # Once no committed file uses them, nothing is reusable.
+    await meta.unlink(ROOT_INO, b"held")
+    assert await meta.purge([f.ino]) == 1
+    assert (await meta.begin_commit(g.ino, ids, 3600, 2))[1] == {}
+
+
 async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(meta):
     for node_id in ("00000000000000a1", "00000000000000a2"):
         await meta.register_node(node_id, "http://127.0.0.1:1", capacity_bytes=10,

@@ -321,8 +321,9 @@ class ChunkStore:
         Every digest is checked before anything is written, so a bad chunk
         (``DigestMismatch``, ``InvalidArgument``) stores none. Returns, per
         item, True if created and False if it already existed; all are
-        durable when this returns. Raises ``NodeFull`` when the new ones do
-        not fit (chunks written before the failure stay: they are valid).
+        durable when this returns. Raises ``NodeFull`` when the batch does
+        not fit (room is checked for all of it; chunks written before a disk
+        full error stay: they are valid).
         """
         for chunk_id, _ in items:
             _check_id(chunk_id)
