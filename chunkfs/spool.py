@@ -59,23 +59,28 @@ class Spool:
             offset += n
             yield piece
 
-    async def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], list[bytes | None], bytes]:
+    async def digests(
+        self, extents: Sequence[Extent]
+    ) -> tuple[list[bytes], list[bytes | None], bytes]:
         """The extents' ``extent_digests`` and the SHA-256 of the whole
         content, computed by three worker threads at once (hashlib releases
         the GIL): the whole content in one, each half of the extents in another.
         """
         half = len(extents) // 2
-        out: dict[str, Any] = {}
+        size = extents[-1].end if extents else 0
+        whole: list[bytes] = []
+        head: list[Any] = []
+        tail: list[Any] = []
 
-        async def run(key: str, fn: Callable[..., Any], *args: Any) -> None:
-            out[key] = await trio.to_thread.run_sync(fn, *args)
+        async def run(out: list[Any], fn: Callable[..., Any], *args: Any) -> None:
+            out.append(await trio.to_thread.run_sync(fn, *args))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "whole", sha256_of, self.pread, extents[-1].end if extents else 0)
-            nursery.start_soon(run, "head", extent_digests, self.pread, extents[:half])
-            nursery.start_soon(run, "tail", extent_digests, self.pread, extents[half:])
-        (head_ids, head_blocks), (tail_ids, tail_blocks) = out["head"], out["tail"]
-        return head_ids + tail_ids, head_blocks + tail_blocks, out["whole"]
+            nursery.start_soon(run, whole, sha256_of, self.pread, size)
+            nursery.start_soon(run, head, extent_digests, self.pread, extents[:half])
+            nursery.start_soon(run, tail, extent_digests, self.pread, extents[half:])
+        (head_ids, head_blocks), (tail_ids, tail_blocks) = head[0], tail[0]
+        return head_ids + tail_ids, head_blocks + tail_blocks, whole[0]
 
     def close(self) -> None:
         """Release the spool's disk space."""

@@ -350,7 +350,8 @@ def test_removed_files_are_purged_once_nothing_uses_them(cluster, mount_factory)
     pinned = {os.fstat(held.fileno()).st_ino, d.stat().st_ino}  # the open file pins its directory
     shutil.rmtree(d)
     # Purged in batches shortly after the kernel forgets them; the open one stays.
-    cl.wait_until(lambda: _nameless_inodes(cluster.dsn) == pinned, 10, "the removed inodes to go", 0.05)
+    cl.wait_until(lambda: _nameless_inodes(cluster.dsn) == pinned, 10,
+                  "the removed inodes to go", 0.05)
     assert held.read() == b"x" * 7
     held.close()
     cl.wait_until(lambda: not _nameless_inodes(cluster.dsn), 10, "the closed inode to go", 0.05)

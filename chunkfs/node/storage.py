@@ -570,7 +570,9 @@ def _store_bytes(tmp: Path, final: Path, data: bytes, *, fsync: bool = True) -> 
     os.rename(tmp, final)
 
 
-def _store_batch(root: Path, items: list[tuple[str, bytes]], paths: list[tuple[Path, Path]]) -> list[bool]:
+def _store_batch(
+    root: Path, items: list[tuple[str, bytes]], paths: list[tuple[Path, Path]]
+) -> list[bool]:
     """Store whole chunks ``(id, bytes)`` at ``(temp, final)`` paths: every
     digest is checked first (a bad one stores nothing, ``DigestMismatch``),
     chunks already here are touched, the others written and made durable.
