@@ -441,22 +441,24 @@ class Meta:
         *,
         noreplace: bool = False,
         exchange: bool = False,
-    ) -> "Attrs | None":
-        """Rename atomically, with rename(2)'s rules and errnos.
+        now: int | None = None,
+    ) -> "Renamed":
+        """Rename atomically, with rename(2)'s rules and errnos, at time
+        ``now`` (ns; default: the clock), which becomes the parents' mtime
+        and ctime and the moved inode's ctime.
 
-        Returns the attributes of an inode that lost its last name by being
-        replaced (for the caller to purge when unused), else None. Raises
-        ``NotFound``, ``Exists`` (noreplace), ``InvalidArgument`` (a
-        directory into its own subtree, or both flags), ``IsADirectory``,
-        ``NotADirectory``, ``NotEmpty``, ``NameTooLong``.
+        Returns what changed (see ``Renamed``). Raises ``NotFound``,
+        ``Exists`` (noreplace), ``InvalidArgument`` (a directory into its own
+        subtree, or both flags), ``IsADirectory``, ``NotADirectory``,
+        ``NotEmpty``, ``NameTooLong``.
         """
         _check_name(old_name)
         _check_name(new_name)
         if noreplace and exchange:
             raise errors.InvalidArgument("RENAME_NOREPLACE and RENAME_EXCHANGE together")
-        t = now_ns()
+        t = now_ns() if now is None else now
 
-        async def body(conn: Connection) -> Attrs | None:
+        async def body(conn: Connection) -> Renamed:
             # Lock both parents in ino order, so two renames cannot deadlock.
             for p in sorted({old_parent, new_parent}):
                 await _lock_dir(conn, p)
@@ -469,14 +471,15 @@ class Meta:
                 if row is None:
                     raise errors.NotFound(old_name.decode(errors="replace"))
                 if row["done"]:
-                    return Attrs.from_row(row) if row["nlink"] == 0 else None
+                    replaced = Attrs.from_row(row) if row["ino"] is not None else None
+                    return Renamed(row["moved"], replaced)
             src = await _dentry(conn, old_parent, old_name)
             if src is None:
                 raise errors.NotFound(old_name.decode(errors="replace"))
             dst = await _dentry(conn, new_parent, new_name)
             src_ino, src_mode = src
             if dst is not None and dst[0] == src_ino:
-                return None  # same inode: rename(2) does nothing
+                return Renamed(None, None)  # same inode: rename(2) does nothing
             if noreplace and dst is not None:
                 raise errors.Exists(new_name.decode(errors="replace"))
             if exchange and dst is None:
@@ -485,7 +488,7 @@ class Meta:
                 raise errors.InvalidArgument("cannot move a directory into itself")
             if exchange:
                 await _exchange(conn, old_parent, old_name, src, new_parent, new_name, dst, t)
-                return None
+                return Renamed(None, None)
             replaced = None
             if dst is not None:
                 replaced = await _replace_target(conn, src_mode, new_parent, new_name, dst, t)
@@ -497,7 +500,7 @@ class Meta:
             await _touch_dir(conn, old_parent, t, nlink_delta=-1 if moved_dir else 0)
             await _touch_dir(conn, new_parent, t, nlink_delta=1 if moved_dir else 0)
             await conn.execute("UPDATE inodes SET ctime_ns = $2 WHERE ino = $1", src_ino, t)
-            return replaced
+            return Renamed(None, replaced)  # a directory moved
 
         return await self.db.transaction(body)
 
@@ -979,6 +982,19 @@ class Attrs:
 
 
 @dataclass(frozen=True)
+class Renamed:
+    """What a rename changed. ``moved``: the inode that took the new name,
+    when it is not a directory (None for a directory, an exchange or a
+    rename onto the same inode, whose changes reach further or nowhere).
+    ``replaced``: the inode whose name was taken over, as it is afterwards
+    (nlink 0: it lost its last name, the caller purges it when unused).
+    """
+
+    moved: Ino | None
+    replaced: Attrs | None
+
+
+@dataclass(frozen=True)
 class ChunkRef:
     """One chunk of a committed file: its extent, object id and holders."""
 
@@ -1060,7 +1076,7 @@ _RENAME_NON_DIR = f"""
             THEN mtime_ns ELSE $5 END
         WHERE EXISTS (SELECT 1 FROM go) AND ino IN ($1, $3, (SELECT src_ino FROM go))
     )
-    SELECT EXISTS (SELECT 1 FROM go) AS done, replaced.*
+    SELECT EXISTS (SELECT 1 FROM go) AS done, src.ino AS moved, replaced.*
     FROM src LEFT JOIN replaced ON true"""
 
 
@@ -1130,8 +1146,8 @@ async def _is_ancestor(conn: Connection, ancestor: int, ino: int) -> bool:
 
 async def _replace_target(
     conn: Connection, src_mode: int, parent: Ino, name: bytes, dst: tuple[int, int], t: int
-) -> Attrs | None:
-    """Remove the dentry a rename replaces; return the replaced inode if it lost its last name."""
+) -> Attrs:
+    """Remove the dentry a rename replaces; return the replaced inode as it is afterwards."""
     dst_ino, dst_mode = dst
     if stat.S_ISDIR(src_mode) and not stat.S_ISDIR(dst_mode):
         raise errors.NotADirectory(name.decode(errors="replace"))
@@ -1142,8 +1158,7 @@ async def _replace_target(
         # The replaced directory's ".." no longer counts in the parent.
         await _touch_dir(conn, parent, t, nlink_delta=-1)
     await conn.execute("DELETE FROM dentries WHERE parent = $1 AND name = $2", parent, name)
-    row = await _drop_link(conn, dst_ino, dst_mode, t)
-    return Attrs.from_row(row) if row["nlink"] == 0 else None
+    return Attrs.from_row(await _drop_link(conn, dst_ino, dst_mode, t))
 
 
 async def _exchange(

@@ -241,13 +241,22 @@ class VFS:
         *, noreplace: bool = False, exchange: bool = False,
     ) -> None:
         """rename(2) with its flags; see ``Meta.rename``."""
-        # The moved inode's ctime changes, and this layer does not know which it is.
-        self._attrs.clear()
-        replaced = await self.meta.rename(
-            old_parent, old_name, new_parent, new_name, noreplace=noreplace, exchange=exchange
+        now = now_ns()
+        done = await self.meta.rename(
+            old_parent, old_name, new_parent, new_name,
+            noreplace=noreplace, exchange=exchange, now=now,
         )
-        if replaced is not None:
-            self._unlinked.add(replaced.ino)
+        if done.moved is None:
+            self._attrs.clear()  # a directory's move or an exchange reaches further
+        else:
+            self._attrs.pop(done.moved, None)
+            self._dir_changed(old_parent, now)
+            if new_parent != old_parent:
+                self._dir_changed(new_parent, now)
+        if done.replaced is not None:
+            self._attrs.pop(done.replaced.ino, None)
+            if done.replaced.nlink == 0:
+                self._unlinked.add(done.replaced.ino)
 
     async def forget(self, ino: Ino) -> None:
         """The kernel no longer knows ``ino``: purge it (within ``PURGE_DELAY_S``

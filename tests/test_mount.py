@@ -329,11 +329,27 @@ def test_a_directory_changed_here_stats_as_its_metadata_says(cluster, mount_fact
     (d / "sub").rmdir()
     (d / "sub2").mkdir()
     os.mknod(d / "fifo", 0o600 | stat.S_IFIFO)
-    here = os.stat(d)
-    there = os.stat(mount_factory(cluster.dsn) / "dirattrs")  # read from PostgreSQL
-    assert (here.st_mtime_ns, here.st_ctime_ns, here.st_nlink) == (
-        there.st_mtime_ns, there.st_ctime_ns, there.st_nlink)
-    assert here.st_nlink == 3
+    # Renames: one over a name whose inode keeps another link, one into
+    # another directory; all the inodes involved were remembered before.
+    (m / "dirattrs2").mkdir()
+    (m / "dirattrs2" / "x").write_bytes(b"")  # the kernel re-reads the directory after this
+    (d / "h").write_bytes(b"h")
+    os.link(d / "h", d / "h2")
+    os.chmod(d / "h", 0o640)  # a chmod here is remembered here
+    (d / "k").write_bytes(b"k")
+    names = ["dirattrs", "dirattrs2", "dirattrs/h", "dirattrs/h2", "dirattrs/k"]
+    for name in names:
+        os.stat(m / name)
+    os.rename(d / "k", d / "h")
+    os.rename(d / "g", m / "dirattrs2" / "g")
+    names = ["dirattrs", "dirattrs2", "dirattrs/h", "dirattrs/h2", "dirattrs2/g"]
+    other = mount_factory(cluster.dsn)  # reads from PostgreSQL
+    for name in names:
+        here, there = os.lstat(m / name), os.lstat(other / name)
+        assert (here.st_ino, here.st_mtime_ns, here.st_ctime_ns, here.st_nlink) == (
+            there.st_ino, there.st_mtime_ns, there.st_ctime_ns, there.st_nlink), name
+    assert os.stat(d).st_nlink == 3
+    assert os.stat(d / "h2").st_nlink == 1
 
 
 def _nameless_inodes(dsn: str) -> set[int]:
