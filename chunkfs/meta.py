@@ -388,34 +388,22 @@ class Meta:
         """
         _check_name(name)
         t = now_ns() if now is None else now
+        if not is_dir:
+            # One statement removes the name of anything but a directory.
+            # Every row it changes is reached from the dentry it deleted, so
+            # a concurrent unlink or rename of the same name makes it delete
+            # nothing (NotFound) rather than act on a name that moved.
+            row = await self.db.fetchrow(_UNLINK_NON_DIR, parent, name, t)
+            if row is None:
+                raise errors.NotFound(name.decode(errors="replace"))
+            if stat.S_ISDIR(row["found_mode"]):
+                raise errors.IsADirectory(name.decode(errors="replace"))
+            if row["ino"] is None:  # the name went while the statement waited
+                raise errors.NotFound(name.decode(errors="replace"))
+            return Attrs.from_row(row)
 
         async def body(conn: Connection) -> Attrs:
             await _lock_dir(conn, parent)
-            if not is_dir:
-                # The parent is locked: one statement (with a snapshot taken
-                # now) removes the name of anything but a directory.
-                row = await conn.fetchrow(
-                    f"""WITH d AS (
-                            SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
-                            WHERE d.parent = $1 AND d.name = $2 FOR UPDATE OF i
-                        ), gone AS (
-                            DELETE FROM dentries WHERE parent = $1 AND name = $2
-                            AND (SELECT mode FROM d) & {_S_IFMT} <> {stat.S_IFDIR} RETURNING ino
-                        ), i AS (
-                            UPDATE inodes SET nlink = nlink - 1, ctime_ns = $3
-                            WHERE ino = (SELECT ino FROM gone) RETURNING {_ATTR_COLS}
-                        ), p AS (
-                            UPDATE inodes SET mtime_ns = $3, ctime_ns = $3
-                            WHERE ino = $1 AND EXISTS (SELECT 1 FROM gone)
-                        )
-                        SELECT d.mode AS found_mode, i.* FROM d LEFT JOIN i ON true""",
-                    parent, name, t,
-                )
-                if row is None:
-                    raise errors.NotFound(name.decode(errors="replace"))
-                if stat.S_ISDIR(row["found_mode"]):
-                    raise errors.IsADirectory(name.decode(errors="replace"))
-                return Attrs.from_row(row)
             ino = await conn.fetchval(
                 "SELECT ino FROM dentries WHERE parent = $1 AND name = $2", parent, name
             )
@@ -1041,6 +1029,30 @@ _BEGIN_UPLOAD = """
         SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u
     )
     SELECT session_id FROM s"""
+
+# unlink of anything but a directory: $1 parent, $2 name, $3 time (ns).
+# found_mode is the named inode's mode (a directory is left alone); the
+# inode's new attributes follow when its name was removed. Every part needs
+# p first, so the parent is locked before the inode, in the order of every
+# other name change (rename, create), which rules out deadlocks with them.
+_UNLINK_NON_DIR = f"""
+    WITH p AS (
+        SELECT ino FROM inodes WHERE ino = $1 FOR UPDATE
+    ), d AS (
+        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
+        WHERE d.parent = (SELECT ino FROM p) AND d.name = $2 FOR UPDATE OF i
+    ), gone AS (
+        DELETE FROM dentries WHERE parent = $1 AND name = $2
+        AND (SELECT mode FROM d) & {_S_IFMT} <> {stat.S_IFDIR} RETURNING ino
+    ), i AS (
+        UPDATE inodes SET nlink = nlink - 1, ctime_ns = $3
+        WHERE ino = (SELECT ino FROM gone) RETURNING {_ATTR_COLS}
+    ), touched AS (
+        UPDATE inodes SET mtime_ns = $3, ctime_ns = $3
+        WHERE ino = $1 AND EXISTS (SELECT 1 FROM gone)
+    )
+    SELECT d.mode AS found_mode, i.* FROM d LEFT JOIN i ON true"""
+
 
 # rename of a non-directory over nothing or a non-directory, for a caller
 # holding both parents' locks: $1/$2 old parent and name, $3/$4 new ones,

@@ -55,12 +55,13 @@ class _Connections:
     primary-key SELECT across trio-asyncio), so a connection, once taken from
     the pool, stays here between statements; at most ``size`` are in use at
     once. A connection that failed or was interrupted mid-statement goes back
-    to the pool closed: its state mid-statement is unknown, and a server that
-    stopped answering must not hold up the release.
+    to the pool, which waits up to ``release_timeout`` seconds for the
+    server to drop what it was doing, then closes it and makes a new one.
     """
 
-    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+    def __init__(self, pool: asyncpg.Pool, size: int, release_timeout: float) -> None:
         self.pool = pool
+        self._release_timeout = release_timeout
         self._idle: list[Connection] = []
         self._slots = trio.Semaphore(size)
 
@@ -89,14 +90,13 @@ class _Connections:
         if keep and _usable(conn):
             self._idle.append(conn)
         else:
-            await self._give_back(conn, close=True)
+            await self._give_back(conn)
 
-    async def _give_back(self, conn: Connection, *, close: bool = False) -> None:
+    async def _give_back(self, conn: Connection) -> None:
         with trio.CancelScope(shield=True):
             try:
-                if close:
-                    conn.terminate()
-                await trio_asyncio.aio_as_trio(self.pool.release)(conn)
+                release = self.pool.release
+                await trio_asyncio.aio_as_trio(release)(conn, timeout=self._release_timeout)
             except Exception as exc:  # noqa: BLE001 - the pool replaces it either way
                 log.debug("releasing a broken connection: %s", exc)
 
@@ -125,8 +125,9 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool, dsn: str, durable: asyncpg.Pool | None = None,
                  *, size: int = 8, durable_size: int = 2, command_timeout: float = 30.0) -> None:
-        self._pool = _Connections(pool, size)
-        self._durable = _Connections(durable, durable_size) if durable is not None else self._pool
+        self._pool = _Connections(pool, size, command_timeout)
+        self._durable = (_Connections(durable, durable_size, command_timeout)
+                         if durable is not None else self._pool)
         self.dsn = dsn
         self.command_timeout = command_timeout
 
@@ -255,6 +256,9 @@ async def open_database(
                 min_size=min(min_size, size),
                 max_size=size,
                 timeout=connect_timeout,
+                # Idle connections wait in _Connections; the pool's own idle
+                # timer would put an asyncio timer in every loop iteration.
+                max_inactive_connection_lifetime=0,
                 reset=_no_reset,
                 server_settings=settings,
             )

@@ -85,6 +85,38 @@ async def test_ten_concurrent_creates_in_one_directory_all_land(meta):
     assert (await meta.getattr(d.ino)).nlink == 2
 
 
+async def test_racing_unlinks_and_a_rename_of_one_name_take_effect_once(meta):
+    d = await meta.create(ROOT_INO, b"race", DIR, 0, 0)
+    files = {f"f{i}".encode(): await meta.create(d.ino, f"f{i}".encode(), FILE, 0, 0)
+             for i in range(20)}
+    won: dict[bytes, list[str]] = {name: [] for name in files}
+
+    async def attempt(op: str, name: bytes) -> None:
+        try:
+            if op == "unlink":
+                await meta.unlink(d.ino, name)
+            else:
+                await meta.rename(d.ino, name, d.ino, name + b".moved")
+            won[name].append(op)
+        except errors.NotFound:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for name in files:
+            for op in ("unlink", "rename", "unlink"):
+                nursery.start_soon(attempt, op, name)
+    for name, f in files.items():
+        assert len(won[name]) == 1, (name, won[name])
+        nlink = (await meta.getattr(f.ino)).nlink
+        if won[name] == ["unlink"]:
+            assert nlink == 0
+            with pytest.raises(errors.NotFound):
+                await meta.lookup(d.ino, name + b".moved")
+        else:
+            assert nlink == 1 and (await meta.lookup(d.ino, name + b".moved")).ino == f.ino
+    assert (await meta.getattr(d.ino)).nlink == 2
+
+
 async def test_directory_link_counts(meta):
     d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
     await meta.create(d.ino, b"sub", DIR, 0, 0)
