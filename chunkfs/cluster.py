@@ -499,6 +499,33 @@ class Postgres:
             raise ClusterError("PostgreSQL is not started")
         self._pg_ctl("start")
 
+    def freeze(self) -> None:
+        """Make the server stop answering with its connections left open, as
+        a hung host would (SIGSTOP to it and its backends); ``thaw`` undoes it.
+        """
+        for pid in self._server_pids():
+            _signal(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen server go on."""
+        for pid in self._server_pids():
+            _signal(pid, signal.SIGCONT)
+
+    def _server_pids(self) -> list[int]:
+        root = self._postmaster_pid()
+        if root is None:
+            raise ClusterError("PostgreSQL is not running")
+        pids = [root]
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == root:
+                pids.append(int(entry))
+        return pids
+
     def stop(self) -> None:
         """Fast shutdown, then remove the temp dir. Safe to call twice; never leaves the server up."""
         if self.dir is None:

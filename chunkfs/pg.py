@@ -9,7 +9,7 @@ asyncio side, so a whole transaction costs one trio/asyncio crossing.
 
 from __future__ import annotations
 
-import logging, contextlib
+import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -56,7 +56,8 @@ class _Connections:
     the pool, stays here between statements; at most ``size`` are in use at
     once. A connection that failed or was interrupted mid-statement goes back
     to the pool, which waits up to ``release_timeout`` seconds for the
-    server to drop what it was doing, then closes it and makes a new one.
+    server to drop what it was doing, then closes it and makes a new one;
+    one whose call ran past its deadline is closed at once.
     """
 
     def __init__(self, pool: asyncpg.Pool, size: int, release_timeout: float) -> None:
@@ -81,20 +82,24 @@ class _Connections:
             except BaseException as exc:
                 # A refusal by the server leaves the connection fine; a lost
                 # connection, a timeout or a cancellation may not.
+                # A server past its deadline is not asked to clean up.
                 refused = isinstance(exc, (ChunkfsError, asyncpg.PostgresError))
-                await self._put_back(conn, keep=refused and not isinstance(exc, _UNAVAILABLE))
+                await self._put_back(conn, keep=refused and not isinstance(exc, _UNAVAILABLE),
+                                     close=isinstance(exc, trio.TooSlowError))
                 raise
             await self._put_back(conn, keep=True)
 
-    async def _put_back(self, conn: Connection, *, keep: bool) -> None:
+    async def _put_back(self, conn: Connection, *, keep: bool, close: bool = False) -> None:
         if keep and _usable(conn):
             self._idle.append(conn)
         else:
-            await self._give_back(conn)
+            await self._give_back(conn, close=close)
 
-    async def _give_back(self, conn: Connection) -> None:
+    async def _give_back(self, conn: Connection, *, close: bool = False) -> None:
         with trio.CancelScope(shield=True):
             try:
+                if close:
+                    conn.terminate()
                 release = self.pool.release
                 await trio_asyncio.aio_as_trio(release)(conn, timeout=self._release_timeout)
             except Exception as exc:  # noqa: BLE001 - the pool replaces it either way
@@ -138,7 +143,7 @@ class Database:
         # about a sixth of the mount's CPU time on small files (measured).
         try:
             async with (self._durable if durable else self._pool).connection() as conn:
-                with trio.fail_after(self.command_timeout) if False else contextlib.nullcontext():
+                with trio.fail_after(self.command_timeout):
                     return await trio_asyncio.aio_as_trio(fn)(conn)
         except _UNAVAILABLE as exc:
             raise MetadataUnavailable(
