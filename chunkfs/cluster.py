@@ -177,14 +177,21 @@ def _pdeathsig_setup() -> Callable[[], None] | None:
     return setup
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+def _stat_fields(pid: int | str) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...);
+    empty when the process is gone.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+            return f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+        return []
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -515,16 +522,9 @@ class Postgres:
         root = self._postmaster_pid()
         if root is None:
             raise ClusterError("PostgreSQL is not running")
-        pids = [root]
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == root:
-                pids.append(int(entry))
-        return pids
+        children = [int(entry) for entry in filter(str.isdigit, os.listdir("/proc"))
+                    if _stat_fields(entry)[1:2] == [str(root).encode()]]
+        return [root, *children]
 
     def stop(self) -> None:
         """Fast shutdown, then remove the temp dir. Safe to call twice; never leaves the server up."""

@@ -394,11 +394,9 @@ class Meta:
             # a concurrent unlink or rename of the same name makes it delete
             # nothing (NotFound) rather than act on a name that moved.
             row = await self.db.fetchrow(_UNLINK_NON_DIR, parent, name, t)
-            if row is None:
-                raise errors.NotFound(name.decode(errors="replace"))
-            if stat.S_ISDIR(row["found_mode"]):
+            if row is not None and stat.S_ISDIR(row["found_mode"]):
                 raise errors.IsADirectory(name.decode(errors="replace"))
-            if row["ino"] is None:  # the name went while the statement waited
+            if row is None or row["ino"] is None:  # no such name, or it went meanwhile
                 raise errors.NotFound(name.decode(errors="replace"))
             return Attrs.from_row(row)
 
@@ -1057,8 +1055,8 @@ _UNLINK_NON_DIR = f"""
 # rename of a non-directory over nothing or a non-directory, for a caller
 # holding both parents' locks: $1/$2 old parent and name, $3/$4 new ones,
 # $5 the time (ns), $6 noreplace. Returns no row when the source is missing;
-# else ``done`` and, when a name was replaced, the replaced inode's new
-# attributes. A replaced dentry is pointed at the source inode, so no two
+# else ``done``, ``moved`` (the source inode) and, when a name was replaced,
+# the replaced inode's new attributes. A replaced dentry is pointed at the source inode, so no two
 # rows ever hold the same name.
 _RENAME_NON_DIR = f"""
     WITH src AS (
