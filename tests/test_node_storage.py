@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from chunkfs.errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
-from chunkfs.node.storage import PIECE_SIZE, ChunkStore, DeleteRefused, LengthMismatch
+from chunkfs.node.storage import DIRECT_MIN, PIECE_SIZE, ChunkStore, DeleteRefused, LengthMismatch
 
 
 def cid(data: bytes) -> str:
@@ -85,9 +85,12 @@ async def test_put_creates_0600_file_in_fanout_dir(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-async def test_put_streams_large_body_in_pieces(tmp_path: Path) -> None:
+# Below DIRECT_MIN the file is written buffered; from it on with O_DIRECT,
+# through an aligned buffer, with and without an unaligned tail.
+@pytest.mark.parametrize("size", [3 * PIECE_SIZE + 12345, DIRECT_MIN, DIRECT_MIN + 12345])
+async def test_put_streams_large_body_in_pieces(tmp_path: Path, size: int) -> None:
     store = await ChunkStore.open(tmp_path)
-    data = os.urandom(3 * PIECE_SIZE + 12345)
+    data = os.urandom(size)
     assert await store.put(cid(data), pieces(data, 7777), len(data)) is True
     assert await store.read(cid(data)) == data
 
@@ -125,12 +128,13 @@ async def test_digest_mismatch_stores_nothing(tmp_path: Path) -> None:
     assert (store.chunk_count, store.used_bytes) == (0, 0)
 
 
-@pytest.mark.parametrize("declared", [3, 20])
-async def test_length_mismatch_stores_nothing(tmp_path: Path, declared: int) -> None:
+@pytest.mark.parametrize("data, declared", [
+    (b"ten bytes!", 3), (b"ten bytes!", 20), (bytes(DIRECT_MIN), DIRECT_MIN + 1),
+])
+async def test_length_mismatch_stores_nothing(tmp_path: Path, data: bytes, declared: int) -> None:
     store = await ChunkStore.open(tmp_path)
-    data = b"ten bytes!"
     with pytest.raises(LengthMismatch) as info:
-        await store.put(cid(data), pieces(data, 2), declared)
+        await store.put(cid(data), pieces(data, 65536), declared)
     assert info.value.expected == declared
     assert chunk_files(tmp_path) == []
     assert list((tmp_path / "tmp").iterdir()) == []

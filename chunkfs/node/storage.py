@@ -20,8 +20,10 @@ the epoch (the node's clock).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -41,6 +43,11 @@ log = logging.getLogger(__name__)
 # Bytes handed to a worker thread at a time: large enough that the thread hop
 # is negligible, small enough to keep memory per upload bounded.
 PIECE_SIZE = 1 << 20
+# Streamed chunks of at least this size are written with O_DIRECT, in aligned
+# PIECE_SIZE writes: straight to the disk, so a large upload neither fills
+# the page cache with pages nobody reads soon nor leaves fsync a backlog to
+# write back. Smaller ones (and filesystems without O_DIRECT) go buffered.
+DIRECT_MIN = 4 << 20
 _ID_RE = re.compile(r"[0-9a-f]{64}\Z")
 _NODE_ID_RE = re.compile(r"[0-9a-f]{16}\Z")
 _FANOUT = [f"{i:02x}" for i in range(256)]
@@ -298,13 +305,14 @@ class ChunkStore:
         self, chunk_id: str, body: AsyncIterable[bytes], length: int, final: Path
     ) -> None:
         tmp = self._temp_path(chunk_id)
-        fd = await trio.to_thread.run_sync(_create_temp, tmp)
+        fd = await trio.to_thread.run_sync(_create_temp, tmp, length >= DIRECT_MIN)
         try:
-            digest = hashlib.sha256()
+            out = _ChunkWriter(fd)
             async with aclosing(_regroup(body, length)) as pieces:
                 async for piece in pieces:
-                    await trio.to_thread.run_sync(_write_hashed, fd, digest, piece)
-            if digest.hexdigest() != chunk_id:
+                    await trio.to_thread.run_sync(out.write, piece)
+            await trio.to_thread.run_sync(out.finish)
+            if out.digest.hexdigest() != chunk_id:
                 raise DigestMismatch(f"body does not match chunk id {chunk_id}")
             # _commit closes the descriptor whatever happens.
             owned, fd = fd, -1
@@ -506,11 +514,21 @@ def _scan(chunks: Path) -> tuple[int, int]:
     return used, count
 
 
-def _create_temp(tmp: Path) -> int:
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _create_temp(tmp: Path, direct: bool = False) -> int:
+    """Create ``tmp`` for writing, with O_DIRECT when ``direct`` and the
+    filesystem allows it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(tmp, flags | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(tmp, flags, 0o600)
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
+def _write_all(fd: int, data: bytes | bytearray | mmap.mmap) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -522,9 +540,46 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[n:]
 
 
-def _write_hashed(fd: int, digest: "hashlib._Hash", data: bytes | bytearray) -> None:
-    digest.update(data)
-    _write_all(fd, data)
+class _ChunkWriter:
+    """Appends a streamed chunk to a new file and hashes it (SHA-256 in
+    ``digest``). On an O_DIRECT descriptor the bytes go through one
+    page-aligned buffer of ``PIECE_SIZE`` bytes, written whenever full; the
+    unaligned tail goes buffered in ``finish``. Raises ``NodeFull``, OSError.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+        self._buf = mmap.mmap(-1, PIECE_SIZE) if direct else None
+        self._fill = 0
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Hash and append ``data``."""
+        self.digest.update(data)
+        if self._buf is None:
+            _write_all(self.fd, data)
+            return
+        view = memoryview(data)
+        while view:
+            n = min(len(view), PIECE_SIZE - self._fill)
+            self._buf[self._fill: self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == PIECE_SIZE:
+                _write_all(self.fd, self._buf)
+                self._fill = 0
+
+    def finish(self) -> None:
+        """Write what is buffered; the descriptor stays open."""
+        if self._buf is None:
+            return
+        if self._fill:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            _write_all(self.fd, self._buf[: self._fill])
+        self._buf.close()
+        self._buf = None
 
 
 def _commit(fd: int, tmp: Path, final: Path) -> None:
