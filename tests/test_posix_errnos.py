@@ -550,6 +550,28 @@ def test_mmap_shared_writes_reach_the_file_and_reads_see_write(sides):
     on_both(sides, scenario, expect=(b"via-write", b"through-mm", b"via-write", 8192))
 
 
+def test_a_shared_map_sees_writes_through_a_write_only_descriptor(sides):
+    def scenario(d: Path):
+        _file(d / "f", b"." * 8192)
+        reader = os.open(d / "f", os.O_RDONLY)
+        try:
+            m = mmap.mmap(reader, 8192, mmap.MAP_SHARED, mmap.PROT_READ)
+            before = m[4094:4098]
+            writer = os.open(d / "f", os.O_WRONLY)
+            try:
+                os.pwrite(writer, b"WXYZ", 4094)
+                open_writer = m[4094:4098]
+            finally:
+                os.close(writer)
+            seen = before, open_writer, m[4094:4098]
+            m.close()
+        finally:
+            os.close(reader)
+        return seen
+
+    on_both(sides, scenario, expect=(b"....", b"WXYZ", b"WXYZ"))
+
+
 def test_fsync_on_a_directory_succeeds(sides):
     def scenario(d: Path):
         _file(d / "f", b"x")
@@ -802,6 +824,28 @@ def test_write_by_a_non_owner_clears_setuid_and_setgid(sides):
         return res, mode_of(d / "prog"), (d / "prog").read_bytes()
 
     on_both(sides, scenario, expect=(None, oct(stat.S_IFREG | 0o777), b"#!/bin/sh\necho\n"))
+
+
+def test_setuid_set_after_an_unprivileged_open_is_cleared_by_the_next_write(sides):
+    def scenario(d: Path):
+        uid, gid, _ = nobody()
+        _file(d / "prog", b"#!/bin/sh\n", mode=0o755, owner=(uid, gid))
+
+        def write():
+            fd = os.open("prog", os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"a\n")
+                os.chmod("prog", 0o6755)  # the owner, while its handle is open
+                set_bits = mode_of("prog")
+                os.write(fd, b"b\n")
+                return set_bits, mode_of("prog")
+            finally:
+                os.close(fd)
+
+        return as_user(d, write), (d / "prog").read_bytes()
+
+    on_both(sides, scenario, expect=((oct(stat.S_IFREG | 0o6755), oct(stat.S_IFREG | 0o755)),
+                                     b"#!/bin/sh\na\nb\n"))
 
 
 def test_open_with_o_trunc_by_a_non_owner_clears_setuid_and_setgid(sides):

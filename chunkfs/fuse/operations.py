@@ -101,9 +101,12 @@ class Operations(pyfuse3.Operations):
         self.vfs = vfs
         self.lookups = LookupCounts()
         self._dirs: dict[int, _DirHandle] = {}
-        # The content version of the attributes last given to the kernel, per
-        # inode: an open that finds a newer one drops the kernel's copy.
-        self._attr_version: dict[int, int] = {}
+        # Per inode, the content version and the mode last given to the
+        # kernel: an open that finds a newer version drops the kernel's copy;
+        # the mode says when a write must drop setuid / setgid (see write).
+        self._given: dict[int, tuple[int, int]] = {}
+        # Write-only handles of unprivileged callers, by fh: their inode.
+        self._unprivileged_writers: dict[int, int] = {}
         self._dir_fh = itertools.count(1)
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -111,7 +114,7 @@ class Operations(pyfuse3.Operations):
     # ----------------------------------------------------------- helpers
 
     def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
-        self._attr_version[attrs.ino] = attrs.version
+        self._given[attrs.ino] = (attrs.version, attrs.mode)
         e = pyfuse3.EntryAttributes()
         e.st_ino = attrs.ino
         e.generation = 0
@@ -150,7 +153,7 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for ino in self.lookups.forget(inode_list):
-                self._attr_version.pop(ino, None)
+                self._given.pop(ino, None)
                 await self.vfs.forget(Ino(ino))
         except Exception:  # forget must never raise
             log.exception("forget failed")
@@ -282,25 +285,47 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, attrs = await self.vfs.create(Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh), self._looked_up(attrs)
+        return self._file_info(fh, attrs.ino, flags, ctx), self._looked_up(attrs)
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         # The kernel opens directories with opendir, never here.
         fh, keep_cache, version = await self.vfs.open(Ino(inode), flags)
-        if self._attr_version.get(inode, version) != version:
+        given = self._given.get(inode)
+        if given is not None and given[0] != version:
             # Another mount committed a new version since the kernel cached
             # the size: make it ask again, or reads would stop at the old size
             # (close-to-open consistency).
             pyfuse3.invalidate_inode(inode, attr_only=True)
-            self._attr_version[inode] = version
+            self._given[inode] = (version, given[1])
         if flags & os.O_TRUNC and ctx.uid != 0:
             # The kernel leaves O_TRUNC to us: drop setuid/setgid as a
             # truncate by an unprivileged caller does on ext4.
-            attrs = await self.vfs.getattr(Ino(inode))
-            if _privileged_bits(attrs.mode):
-                await self.vfs.setattr(Ino(inode), mode=attrs.mode & ~_privileged_bits(attrs.mode))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+            await self._drop_privileged_bits(inode)
+        info = self._file_info(fh, inode, flags, ctx)
+        info.keep_cache = keep_cache
+        return info
+
+    def _file_info(self, fh: int, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # A write-only handle can neither read nor be mapped: its writes skip
+        # the kernel's page cache (direct I/O), which saves a copy and the
+        # memory. The kernel then leaves dropping setuid / setgid on a write
+        # to the filesystem.
+        write_only = flags & os.O_ACCMODE == os.O_WRONLY
+        if write_only and ctx.uid != 0:
+            self._unprivileged_writers[fh] = inode
+        return pyfuse3.FileInfo(fh=fh, direct_io=write_only)
+
+    async def _drop_privileged_bits(self, inode: int) -> None:
+        """Clear setuid / setgid as a write or truncate by an unprivileged
+        caller does, and make the kernel forget the mode it holds.
+        """
+        attrs = await self.vfs.getattr(Ino(inode))
+        bits = _privileged_bits(attrs.mode)
+        if bits:
+            attrs = await self.vfs.setattr(Ino(inode), mode=attrs.mode & ~bits)
+            self._given[inode] = (attrs.version, attrs.mode)
+            pyfuse3.invalidate_inode(inode, attr_only=True)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -308,6 +333,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        inode = self._unprivileged_writers.get(fh)
+        if inode is not None and _privileged_bits(self._given.get(inode, (0, 0))[1]):
+            # What the kernel does for a write through its page cache, from
+            # the mode it holds.
+            await self._drop_privileged_bits(inode)
         return await self.vfs.write(fh, off, buf)
 
     @fuse_errors
@@ -320,6 +350,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        self._unprivileged_writers.pop(fh, None)
         ino = await self.vfs.release(fh)
         if self.lookups[ino] == 0:
             await self.vfs.forget(ino)
