@@ -105,6 +105,14 @@ def test_cp_rsync_and_tar_copies_are_identical(mounted, cluster, tmp_path):
     assert_six_chunks(mounted / "cp" / "dir3" / "nested" / "blob.bin", blob, cluster)
 
 
+def test_stat_reports_one_request_as_the_preferred_io_size(mounted):
+    # cp, cat and stdio size their buffers by st_blksize: 1 MiB (max_write)
+    # makes a large cp one FUSE write per MiB instead of eight.
+    (mounted / "f").write_bytes(b"x")
+    assert os.stat(mounted / "f").st_blksize == 1 << 20
+    assert os.stat(mounted).st_blksize == 1 << 20
+
+
 def test_rename_over_an_existing_file_is_atomic(mounted):
     (mounted / "old").write_bytes(b"old content")
     (mounted / "new").write_bytes(b"new content")
