@@ -1056,8 +1056,8 @@ _UNLINK_NON_DIR = f"""
 # holding both parents' locks: $1/$2 old parent and name, $3/$4 new ones,
 # $5 the time (ns), $6 noreplace. Returns no row when the source is missing;
 # else ``done``, ``moved`` (the source inode) and, when a name was replaced,
-# the replaced inode's new attributes. A replaced dentry is pointed at the source inode, so no two
-# rows ever hold the same name.
+# the replaced inode's new attributes. A replaced dentry is pointed at the
+# source inode, so no two rows ever hold the same name.
 _RENAME_NON_DIR = f"""
     WITH src AS (
         SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino

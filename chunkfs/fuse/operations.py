@@ -306,19 +306,19 @@ class Operations(pyfuse3.Operations):
             # The kernel leaves O_TRUNC to us: drop setuid/setgid as a
             # truncate by an unprivileged caller does on ext4.
             await self._drop_privileged_bits(inode)
-        info = self._file_info(fh, inode, flags, ctx)
-        info.keep_cache = keep_cache
-        return info
+        return self._file_info(fh, inode, flags, ctx, keep_cache=keep_cache)
 
-    def _file_info(self, fh: int, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        # A write-only handle can neither read nor be mapped: its writes skip
-        # the kernel's page cache (direct I/O), which saves a copy and the
-        # memory. The kernel then leaves dropping setuid / setgid on a write
-        # to the filesystem.
+    def _file_info(self, fh: int, inode: int, flags: int, ctx: pyfuse3.RequestContext,
+                   *, keep_cache: bool = False) -> pyfuse3.FileInfo:
+        """The reply to an open or create. A write-only handle can neither
+        read nor be mapped: its writes skip the kernel's page cache (direct
+        I/O), which saves a copy and the memory; the kernel then leaves
+        dropping setuid / setgid on a write to the filesystem (see write).
+        """
         write_only = flags & os.O_ACCMODE == os.O_WRONLY
         if write_only and ctx.uid != 0:
             self._unprivileged_writers[fh] = inode
-        return pyfuse3.FileInfo(fh=fh, direct_io=write_only)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=write_only)
 
     async def _drop_privileged_bits(self, inode: int) -> None:
         """Clear setuid / setgid as a write or truncate by an unprivileged
