@@ -15,7 +15,7 @@ import stat
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import NewType, Sequence
+from typing import Mapping, NewType, Sequence
 
 from . import errors, ring
 from .pg import Connection, Database, Record, UniqueViolationError
@@ -721,15 +721,20 @@ class Meta:
         replicas: dict[bytes, Sequence[str]],
         mtime_ns: int,
         max_file_size: int,
+        ctime_ns: int | None = None,
+        changes: Mapping[str, int] | None = None,
     ) -> "Attrs":
         """Switch a file to a new version in one transaction: the chunk map
         (``(index, offset, length, chunk_id, block_digests, ring_position)``
-        rows), the replicas just
-        written, size, digest and mtime; the version is bumped and the upload
-        session completed. Raises ``NotFound`` and ``FileTooLarge``.
+        rows), the replicas just written, size, digest, times (ns; ctime, by
+        default mtime, only moves forward) and the ``changes`` made meanwhile
+        (``mode`` permission bits, ``uid``, ``gid``, ``atime_ns``); the version
+        is bumped and the upload session completed. Raises ``NotFound`` and
+        ``FileTooLarge``.
         """
         if size > max_file_size:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
+        changes = changes or {}
         objects = {c[3]: (c[2], c[4], ring.to_signed(c[5])) for c in chunks}
         pairs = [(c, n) for c, nodes in replicas.items() for n in nodes]
         # One statement (one round trip, atomic): the inode row is updated
@@ -738,7 +743,11 @@ class Meta:
         row = await self.db.fetchrow(
             f"""WITH i AS (
                     UPDATE inodes SET size = $2, sha256 = $3, mtime_ns = $4,
-                        ctime_ns = greatest(ctime_ns, $4), version = version + 1
+                        ctime_ns = greatest(ctime_ns, $16), version = version + 1,
+                        mode = CASE WHEN $17::integer IS NULL THEN mode
+                                    ELSE (mode & ~4095) | $17::integer END,
+                        uid = coalesce($18::bigint, uid), gid = coalesce($19::bigint, gid),
+                        atime_ns = coalesce($20::bigint, atime_ns)
                     WHERE ino = $1 RETURNING {_ATTR_COLS}),
                 s AS (
                     UPDATE upload_sessions SET status = 'completed'
@@ -768,6 +777,8 @@ class Meta:
             [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
             [c[3] for c in chunks], [o[1] for o in objects.values()],
             [o[2] for o in objects.values()],
+            mtime_ns if ctime_ns is None else ctime_ns,
+            *(changes.get(k) for k in ("mode", "uid", "gid", "atime_ns")),
             durable=True,  # close() and fsync() return once this is on disk
         )
         if row is None:

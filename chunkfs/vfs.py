@@ -48,7 +48,9 @@ class OpenFile:
     ``base`` is the committed version the spool builds on. The spool holds
     the current content where it differs from ``base``: every base chunk in
     ``loaded`` has been copied in, and base bytes past ``base_valid`` were cut
-    off by a truncate. ``dirty`` means the content differs from ``base``.
+    off by a truncate. ``dirty`` means the content differs from ``base``;
+    ``pending`` holds the attribute changes (``mode`` permission bits,
+    ``uid``, ``gid``, ``atime_ns``) made since, committed with it.
     """
 
     ino: Ino
@@ -61,6 +63,7 @@ class OpenFile:
     dirty: bool = False
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    pending: dict[str, int] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -111,15 +114,19 @@ class VFS:
     # ------------------------------------------------------- attributes
 
     def _overlay(self, attrs: Attrs) -> Attrs:
-        """Attributes with the unflushed size and times of an open file."""
+        """Attributes with the unflushed size, times and changes of an open file."""
         f = self._files.get(attrs.ino)
         if f is None or not f.dirty:
             return attrs
+        changed = dict(f.pending)
+        if "mode" in changed:
+            changed["mode"] |= attrs.mode & ~0o7777
         return replace(
             attrs,
             size=f.size,
             mtime_ns=f.mtime_ns or attrs.mtime_ns,
             ctime_ns=max(attrs.ctime_ns, f.ctime_ns or 0),
+            **changed,
         )
 
     async def getattr(self, ino: Ino) -> Attrs:
@@ -170,13 +177,25 @@ class VFS:
     ) -> Attrs:
         """chmod / chown / utimensat / truncate. A truncate of a file that no
         handle has open is committed at once; otherwise at the next flush.
+        The other changes to a file with unflushed writes are kept with them
+        and committed in the same transaction (other mounts see both at the
+        flush, as with close-to-open consistency); the rest at once.
         Raises ``FileTooLarge``, ``IsADirectory``, ``NotFound``, ``StorageError``.
         """
         if size is not None:
             await self._truncate(ino, size)
         f = self._files.get(ino)
-        if mtime_ns is not None and f is not None and f.dirty:
-            f.mtime_ns = mtime_ns  # the commit must keep the explicit mtime
+        if f is not None and f.dirty:
+            async with f.lock:  # not while a flush of the same file commits
+                if f.dirty:
+                    attrs = await self.getattr(ino)
+                    if mtime_ns is not None:
+                        f.mtime_ns = mtime_ns  # kept by the commit
+                    changes = {"mode": mode & 0o7777 if mode is not None else None,
+                               "uid": uid, "gid": gid, "atime_ns": atime_ns}
+                    f.pending.update((k, v) for k, v in changes.items() if v is not None)
+                    f.ctime_ns = now_ns()
+                    return self._overlay(attrs)
         attrs = await self.meta.setattr(
             ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns
         )
@@ -553,6 +572,7 @@ class VFS:
                     chunks=[(e.index, e.offset, e.length, i, b, positions[e.index])
                             for e, i, b in zip(exts, ids, blocks)],
                     replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
+                    ctime_ns=f.ctime_ns or now_ns(), changes=f.pending,
                     max_file_size=self.settings.max_file_size,
                 )
             except errors.NotFound:
@@ -561,6 +581,7 @@ class VFS:
                 # reaches any more is dropped, without an error.
                 await self._fail_upload(session)
                 f.dirty = False
+                f.pending.clear()
                 log.info("inode %d was removed elsewhere: its unflushed writes are dropped", f.ino)
                 return
             self._remember(attrs)
@@ -580,6 +601,7 @@ class VFS:
             f.base_valid = f.size
             f.loaded = {e.index for e in exts}
             f.dirty = False
+            f.pending.clear()
             # The kernel's pages hold what was just committed.
             self._cached_version[f.ino] = attrs.version
 

@@ -325,6 +325,41 @@ def test_attributes_a_mount_remembers_from_its_own_write_yield_to_a_newer_commit
         assert f.read() == b"a longer content from the first mount"
 
 
+def test_changes_to_a_file_with_unflushed_writes_commit_with_them(cluster, mount_factory):
+    first = mount_factory(cluster.dsn)
+    second = mount_factory(cluster.dsn)
+    atime, mtime = 1_500_000_000_123_456_789, 1_600_000_000_987_654_321
+
+    def changed(name: str) -> int:
+        fd = os.open(first / name, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"unflushed")
+        os.utime(fd, ns=(atime, mtime))  # what cp -a does before it closes
+        os.fchown(fd, 1234, 5678)
+        os.fchmod(fd, 0o4751)  # after the chown, which would clear setuid
+        st = os.stat(first / name)  # this mount answers with them at once
+        assert (st.st_mode, st.st_uid, st.st_gid) == (0o104751, 1234, 5678)
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_size) == (atime, mtime, 9)
+        return fd
+
+    def committed(name: str) -> None:
+        st = os.stat(second / name)
+        assert (st.st_mode, st.st_uid, st.st_gid) == (0o104751, 1234, 5678)
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_size) == (atime, mtime, 9)
+        assert (second / name).read_bytes() == b"unflushed"
+
+    fd = changed("deferred-closed")
+    os.close(fd)
+    committed("deferred-closed")
+    fd = changed("deferred-synced")
+    os.fsync(fd)
+    committed("deferred-synced")
+    os.fchmod(fd, 0o600)  # nothing unflushed: committed at once
+    rows = cl.run_sql(cluster.dsn, "SELECT i.mode FROM inodes i JOIN dentries d ON d.ino = i.ino"
+                                   " WHERE d.parent = 1 AND d.name = 'deferred-synced'::bytea")[0]
+    assert [stat.S_IMODE(r["mode"]) for r in rows] == [0o600]
+    os.close(fd)
+
+
 def test_a_directory_changed_here_stats_as_its_metadata_says(cluster, mount_factory):
     m = mount_factory(cluster.dsn)
     d = m / "dirattrs"
