@@ -48,9 +48,10 @@ class OpenFile:
     ``base`` is the committed version the spool builds on. The spool holds
     the current content where it differs from ``base``: every base chunk in
     ``loaded`` has been copied in, and base bytes past ``base_valid`` were cut
-    off by a truncate. ``dirty`` means the content differs from ``base``;
+    off by a truncate. ``dirty`` means the content differs from ``base``.
     ``pending`` holds the attribute changes (``mode`` permission bits,
-    ``uid``, ``gid``, ``atime_ns``) made since, committed with it.
+    ``uid``, ``gid``, ``atime_ns``, ``mtime_ns``) made while the file is dirty
+    or open for writing (``writers`` handles), published at the next flush.
     """
 
     ino: Ino
@@ -58,6 +59,7 @@ class OpenFile:
     size: int
     base_valid: int
     handles: int = 0
+    writers: int = 0
     spool: Spool | None = None
     loaded: set[int] = field(default_factory=set)
     dirty: bool = False
@@ -116,18 +118,14 @@ class VFS:
     def _overlay(self, attrs: Attrs) -> Attrs:
         """Attributes with the unflushed size, times and changes of an open file."""
         f = self._files.get(attrs.ino)
-        if f is None or not f.dirty:
+        if f is None or not (f.dirty or f.pending):
             return attrs
         changed = dict(f.pending)
         if "mode" in changed:
             changed["mode"] |= attrs.mode & ~0o7777
-        return replace(
-            attrs,
-            size=f.size,
-            mtime_ns=f.mtime_ns or attrs.mtime_ns,
-            ctime_ns=max(attrs.ctime_ns, f.ctime_ns or 0),
-            **changed,
-        )
+        if f.dirty:
+            changed.update(size=f.size, mtime_ns=f.mtime_ns or attrs.mtime_ns)
+        return replace(attrs, ctime_ns=max(attrs.ctime_ns, f.ctime_ns or 0), **changed)
 
     async def getattr(self, ino: Ino) -> Attrs:
         """Attributes of ``ino``, including unflushed writes. Raises ``NotFound``."""
@@ -177,23 +175,25 @@ class VFS:
     ) -> Attrs:
         """chmod / chown / utimensat / truncate. A truncate of a file that no
         handle has open is committed at once; otherwise at the next flush.
-        The other changes to a file with unflushed writes are kept with them
-        and committed in the same transaction (other mounts see both at the
-        flush, as with close-to-open consistency); the rest at once.
+        The other changes to a file with unflushed writes, or open for
+        writing, wait for its next flush and are committed with its writes in
+        one transaction (other mounts see both then, as with close-to-open
+        consistency); the rest at once.
         Raises ``FileTooLarge``, ``IsADirectory``, ``NotFound``, ``StorageError``.
         """
         if size is not None:
             await self._truncate(ino, size)
         f = self._files.get(ino)
-        if f is not None and f.dirty:
+        if f is not None and (f.dirty or f.writers):
             async with f.lock:  # not while a flush of the same file commits
-                if f.dirty:
+                if f.dirty or f.writers:
                     attrs = await self.getattr(ino)
-                    if mtime_ns is not None:
-                        f.mtime_ns = mtime_ns  # kept by the commit
                     changes = {"mode": mode & 0o7777 if mode is not None else None,
-                               "uid": uid, "gid": gid, "atime_ns": atime_ns}
+                               "uid": uid, "gid": gid, "atime_ns": atime_ns,
+                               "mtime_ns": mtime_ns}
                     f.pending.update((k, v) for k, v in changes.items() if v is not None)
+                    if mtime_ns is not None:
+                        f.mtime_ns = mtime_ns  # kept by the commit of the writes
                     f.ctime_ns = now_ns()
                     return self._overlay(attrs)
         attrs = await self.meta.setattr(
@@ -369,6 +369,7 @@ class VFS:
 
     def _new_handle(self, f: OpenFile, flags: int) -> int:
         f.handles += 1
+        f.writers += _writable(flags)
         fh = next(self._fh)
         self._handles[fh] = Handle(f.ino, flags)
         return fh
@@ -452,9 +453,9 @@ class VFS:
         commit, the metadata changes made so far are made durable.
         """
         f = self._files[self.handle(fh).ino]
-        if f.dirty:
-            await self._commit(f)
-        else:
+        durable = f.dirty  # a commit of writes is durable at once
+        await self._commit(f)
+        if not durable:
             await self.meta.sync()
 
     async def sync(self) -> None:
@@ -468,7 +469,8 @@ class VFS:
         h = self._handles.pop(fh)
         f = self._files[h.ino]
         f.handles -= 1
-        if f.handles == 0 and f.dirty:
+        f.writers -= _writable(h.flags)
+        if f.handles == 0 and (f.dirty or f.pending):
             try:
                 await self._commit(f)
             except errors.ChunkfsError as exc:
@@ -477,7 +479,7 @@ class VFS:
         return h.ino
 
     def _drop_if_unused(self, f: OpenFile) -> None:
-        if f.handles == 0 and not f.dirty and self._files.get(f.ino) is f:
+        if f.handles == 0 and not (f.dirty or f.pending) and self._files.get(f.ino) is f:
             del self._files[f.ino]
             self._close_spool(f)
 
@@ -533,6 +535,7 @@ class VFS:
         """Push the spool's chunks and switch the chunk map; see the module doc."""
         async with f.lock:
             if not f.dirty:
+                await self._publish_pending(f)
                 return
             t0 = time.perf_counter()
             await self._load(f, 0, f.size)
@@ -604,6 +607,18 @@ class VFS:
             f.pending.clear()
             # The kernel's pages hold what was just committed.
             self._cached_version[f.ino] = attrs.version
+
+    async def _publish_pending(self, f: OpenFile) -> None:
+        """Commit the attribute changes waiting on a file with no unflushed writes."""
+        if not f.pending:
+            return
+        try:
+            attrs = await self.meta.setattr(f.ino, ctime_ns=f.ctime_ns, **f.pending)
+        except errors.NotFound:
+            log.info("inode %d was removed elsewhere: its attribute changes are dropped", f.ino)
+        else:
+            self._remember(attrs)
+        f.pending.clear()
 
     async def _put_item(
         self, f: OpenFile, ext: layout.Extent, chunk_id: bytes, position: int,
@@ -698,7 +713,7 @@ class VFS:
         """Commit what is still unflushed (best effort), free the spools and
         purge the inodes that lost their last name."""
         for f in list(self._files.values()):
-            if f.dirty:
+            if f.dirty or f.pending:
                 try:
                     await self._commit(f)
                 except errors.ChunkfsError as exc:
@@ -717,6 +732,11 @@ def _extents(cmap: ChunkMap) -> list[layout.Extent]:
 def _os_error(exc: OSError, what: str) -> errors.ChunkfsError:
     cls = errors.NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errors.ChunkfsError
     return cls(f"{what}: {os.strerror(exc.errno or errno.EIO)}")
+
+
+def _writable(flags: int) -> int:
+    """1 for open(2) flags that allow writing, else 0."""
+    return int(flags & os.O_ACCMODE != os.O_RDONLY)
 
 
 def _position(ino: Ino, ext: layout.Extent, chunk_id: bytes) -> int:

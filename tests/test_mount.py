@@ -325,16 +325,16 @@ def test_attributes_a_mount_remembers_from_its_own_write_yield_to_a_newer_commit
         assert f.read() == b"a longer content from the first mount"
 
 
-def test_changes_to_a_file_with_unflushed_writes_commit_with_them(cluster, mount_factory):
+def test_changes_to_a_file_open_for_writing_commit_with_its_next_flush(cluster, mount_factory):
     first = mount_factory(cluster.dsn)
     second = mount_factory(cluster.dsn)
     atime, mtime = 1_500_000_000_123_456_789, 1_600_000_000_987_654_321
 
     def changed(name: str) -> int:
         fd = os.open(first / name, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.fchown(fd, 1234, 5678)  # before any write, as rsync changes its temp file
         os.write(fd, b"unflushed")
         os.utime(fd, ns=(atime, mtime))  # what cp -a does before it closes
-        os.fchown(fd, 1234, 5678)
         os.fchmod(fd, 0o4751)  # after the chown, which would clear setuid
         st = os.stat(first / name)  # this mount answers with them at once
         assert (st.st_mode, st.st_uid, st.st_gid) == (0o104751, 1234, 5678)
@@ -353,10 +353,21 @@ def test_changes_to_a_file_with_unflushed_writes_commit_with_them(cluster, mount
     fd = changed("deferred-synced")
     os.fsync(fd)
     committed("deferred-synced")
-    os.fchmod(fd, 0o600)  # nothing unflushed: committed at once
-    rows = cl.run_sql(cluster.dsn, "SELECT i.mode FROM inodes i JOIN dentries d ON d.ino = i.ino"
-                                   " WHERE d.parent = 1 AND d.name = 'deferred-synced'::bytea")[0]
-    assert [stat.S_IMODE(r["mode"]) for r in rows] == [0o600]
+
+    def mode_in_metadata() -> int:
+        rows = cl.run_sql(cluster.dsn, "SELECT i.mode FROM inodes i JOIN dentries d"
+                                       " ON d.ino = i.ino WHERE d.parent = 1"
+                                       " AND d.name = 'deferred-synced'::bytea")[0]
+        return stat.S_IMODE(rows[0]["mode"])
+
+    os.fchmod(fd, 0o600)  # nothing unflushed, but open for writing: at the close
+    assert stat.S_IMODE(os.stat(first / "deferred-synced").st_mode) == 0o600
+    assert mode_in_metadata() == 0o4751
+    os.close(fd)
+    assert mode_in_metadata() == 0o600
+    fd = os.open(first / "deferred-synced", os.O_RDONLY)
+    os.fchmod(fd, 0o644)  # no writer: committed at once
+    assert mode_in_metadata() == 0o644
     os.close(fd)
 
 
