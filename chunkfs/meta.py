@@ -512,10 +512,10 @@ class Meta:
         ctime_ns: int | None = None,
     ) -> "Attrs":
         """Change permission bits, owner or times; ctime moves to now (or
-        ``ctime_ns``). ``mode`` replaces the permission bits only, never the
-        file type. Raises ``NotFound``.
+        ``ctime_ns``, never backwards). ``mode`` replaces the permission bits
+        only, never the file type. Raises ``NotFound``.
         """
-        sets = ["ctime_ns = $2"]
+        sets = ["ctime_ns = greatest(ctime_ns, $2)"]
         args: list[object] = [ino, ctime_ns if ctime_ns is not None else now_ns()]
         for col, value in (("uid", uid), ("gid", gid), ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
             if value is not None:

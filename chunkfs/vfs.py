@@ -51,7 +51,8 @@ class OpenFile:
     off by a truncate. ``dirty`` means the content differs from ``base``.
     ``pending`` holds the attribute changes (``mode`` permission bits,
     ``uid``, ``gid``, ``atime_ns``, ``mtime_ns``) made while the file is dirty
-    or open for writing (``writers`` handles), published at the next flush.
+    or open for writing (``writers`` handles), published at the next flush or
+    when the last writer goes; later changes join them until then, in order.
     """
 
     ino: Ino
@@ -184,9 +185,9 @@ class VFS:
         if size is not None:
             await self._truncate(ino, size)
         f = self._files.get(ino)
-        if f is not None and (f.dirty or f.writers):
+        if f is not None and (f.dirty or f.writers or f.pending):
             async with f.lock:  # not while a flush of the same file commits
-                if f.dirty or f.writers:
+                if f.dirty or f.writers or f.pending:
                     attrs = await self.getattr(ino)
                     changes = {"mode": mode & 0o7777 if mode is not None else None,
                                "uid": uid, "gid": gid, "atime_ns": atime_ns,
@@ -470,7 +471,9 @@ class VFS:
         f = self._files[h.ino]
         f.handles -= 1
         f.writers -= _writable(h.flags)
-        if f.handles == 0 and (f.dirty or f.pending):
+        # Without a flush before it (a writable mapping outlives its
+        # descriptor), the last writer's release publishes what waited for it.
+        if (f.dirty and f.handles == 0) or (f.pending and not f.dirty and not f.writers):
             try:
                 await self._commit(f)
             except errors.ChunkfsError as exc:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import stat
@@ -370,6 +372,45 @@ def test_changes_to_a_file_open_for_writing_commit_with_its_next_flush(cluster, 
     assert mode_in_metadata() == 0o644
     os.close(fd)
 
+
+
+def test_a_held_change_is_published_when_the_last_writer_goes(cluster, mounted):
+    """A writable mapping outlives its descriptor: its release, with no flush
+    before it, publishes the chmod that waited for the writer, so a later
+    chmod is not overwritten by it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    path = mounted / "mapped"
+    path.write_bytes(b"x" * 4096)
+    ro = os.open(path, os.O_RDONLY)
+    rw = os.open(path, os.O_RDWR)
+    addr = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, rw, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    os.close(rw)  # flushed; the mapping keeps the writer's handle
+    os.fchmod(ro, 0o600)  # waits for the writer
+    assert libc.munmap(addr, 4096) == 0
+    os.fchmod(ro, 0o640)
+    os.close(ro)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    rows = cl.run_sql(cluster.dsn, f"SELECT mode FROM inodes WHERE ino = {os.stat(path).st_ino}")[0]
+    assert stat.S_IMODE(rows[0]["mode"]) == 0o640
+
+
+def test_a_held_change_never_moves_ctime_back(cluster, mount_factory):
+    first = mount_factory(cluster.dsn)
+    second = mount_factory(cluster.dsn)
+    (first / "linked").write_bytes(b"abc")
+    fd = os.open(first / "linked", os.O_WRONLY)
+    os.fchmod(fd, 0o600)  # held for the writer
+    os.link(first / "linked", first / "linked2")  # a later change of ctime
+    shown = os.stat(first / "linked").st_ctime_ns
+    os.close(fd)
+    st = os.stat(second / "linked")
+    assert (stat.S_IMODE(st.st_mode), st.st_ctime_ns) == (0o600, shown)
 
 def test_a_directory_changed_here_stats_as_its_metadata_says(cluster, mount_factory):
     m = mount_factory(cluster.dsn)
