@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
@@ -373,7 +373,6 @@ def test_changes_to_a_file_open_for_writing_commit_with_its_next_flush(cluster, 
     os.close(fd)
 
 
-
 def test_a_held_change_is_published_when_the_last_writer_goes(cluster, mounted):
     """A writable mapping outlives its descriptor: its release, with no flush
     before it, publishes the chmod that waited for the writer, so a later
@@ -411,6 +410,7 @@ def test_a_held_change_never_moves_ctime_back(cluster, mount_factory):
     os.close(fd)
     st = os.stat(second / "linked")
     assert (stat.S_IMODE(st.st_mode), st.st_ctime_ns) == (0o600, shown)
+
 
 def test_a_directory_changed_here_stats_as_its_metadata_says(cluster, mount_factory):
     m = mount_factory(cluster.dsn)
