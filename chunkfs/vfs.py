@@ -69,6 +69,11 @@ class OpenFile:
     pending: dict[str, int] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
+    @property
+    def holds_changes(self) -> bool:
+        """Whether an attribute change now waits for the next flush."""
+        return self.dirty or self.writers > 0 or bool(self.pending)
+
 
 @dataclass(frozen=True)
 class Handle:
@@ -185,9 +190,9 @@ class VFS:
         if size is not None:
             await self._truncate(ino, size)
         f = self._files.get(ino)
-        if f is not None and (f.dirty or f.writers or f.pending):
+        if f is not None and f.holds_changes:
             async with f.lock:  # not while a flush of the same file commits
-                if f.dirty or f.writers or f.pending:
+                if f.holds_changes:
                     attrs = await self.getattr(ino)
                     changes = {"mode": mode & 0o7777 if mode is not None else None,
                                "uid": uid, "gid": gid, "atime_ns": atime_ns,
