@@ -9,10 +9,10 @@
 CREATE TABLE IF NOT EXISTS schema_version (
     -- One row: the version of this schema the database holds.
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    -- Bumped by every schema change that needs a migration.
+    -- Bumped by every schema change that needs a migration; `chunkfs mkfs`
+    -- on an older filesystem applies the change (see the end of this file).
     version integer NOT NULL
 );
-INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
 
 CREATE TABLE IF NOT EXISTS settings (
     -- One row: cluster-wide settings, fixed at mkfs.
@@ -185,3 +185,73 @@ CREATE TABLE IF NOT EXISTS upload_session_chunks (
     PRIMARY KEY (session_id, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS upload_session_chunks_chunk ON upload_session_chunks (chunk_id);
+
+-- Version 2: rename_file.
+--
+-- A rename of anything but a directory, over anything but one, in one round
+-- trip: lock both parent directories in inode order (as every namespace
+-- change does, so two renames cannot deadlock), then move the dentry with a
+-- snapshot taken after the locks (each statement of a PL/pgSQL function takes
+-- its own). Returns no row when a parent is not a live directory or the old
+-- name does not exist; done = false when the rename needs the general path (a
+-- directory, RENAME_NOREPLACE onto a taken name, a name of the same inode);
+-- the caller then takes that path, which also reports the errors. Otherwise
+-- done, the moved inode, and the attributes of the inode whose name was taken
+-- over (its ino NULL when there was none). t: nanoseconds since the epoch.
+-- A taken name's dentry is pointed at the moved inode, so no two rows ever
+-- hold the same name.
+-- 61440 and 16384 are S_IFMT and S_IFDIR.
+CREATE OR REPLACE FUNCTION rename_file(
+    _old_parent bigint, _old_name bytea, _new_parent bigint, _new_name bytea,
+    _t bigint, _noreplace boolean)
+RETURNS TABLE (done boolean, moved bigint, ino bigint, mode integer, uid bigint,
+               gid bigint, nlink integer, size bigint, rdev bigint, atime_ns bigint,
+               mtime_ns bigint, ctime_ns bigint, version bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM inodes WHERE ino IN (_old_parent, _new_parent) ORDER BY ino FOR UPDATE;
+    IF (SELECT count(*) FROM inodes WHERE ino IN (_old_parent, _new_parent)
+            AND nlink > 0 AND mode & 61440 = 16384)
+       <> 1 + (_old_parent <> _new_parent)::integer THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH src AS (
+        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
+        WHERE d.parent = _old_parent AND d.name = _old_name FOR UPDATE OF i
+    ), dst AS (
+        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
+        WHERE d.parent = _new_parent AND d.name = _new_name FOR UPDATE OF i
+    ), go AS (
+        SELECT src.ino AS src_ino, dst.ino AS dst_ino FROM src LEFT JOIN dst ON true
+        WHERE src.mode & 61440 <> 16384 AND (dst.ino IS NULL OR (
+            dst.ino <> src.ino AND NOT _noreplace AND dst.mode & 61440 <> 16384))
+    ), renamed AS (
+        UPDATE dentries SET parent = _new_parent, name = _new_name
+        WHERE parent = _old_parent AND name = _old_name
+        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NULL)
+    ), repointed AS (
+        UPDATE dentries SET ino = (SELECT src_ino FROM go)
+        WHERE parent = _new_parent AND name = _new_name
+        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NOT NULL)
+    ), dropped AS (
+        DELETE FROM dentries WHERE parent = _old_parent AND name = _old_name
+        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NOT NULL)
+    ), replaced AS (
+        UPDATE inodes SET nlink = nlink - 1, ctime_ns = _t
+        WHERE ino = (SELECT dst_ino FROM go)
+        RETURNING ino, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, version
+    ), touched AS (
+        UPDATE inodes SET ctime_ns = _t, mtime_ns = CASE WHEN ino = (SELECT src_ino FROM go)
+            THEN mtime_ns ELSE _t END
+        WHERE EXISTS (SELECT 1 FROM go) AND ino IN (_old_parent, _new_parent, (SELECT src_ino FROM go))
+    )
+    SELECT EXISTS (SELECT 1 FROM go), src.ino, r.ino, r.mode, r.uid, r.gid, r.nlink,
+           r.size, r.rdev, r.atime_ns, r.mtime_ns, r.ctime_ns, r.version
+    FROM src LEFT JOIN replaced r ON true;
+END
+$fn$;
+
+INSERT INTO schema_version (version) VALUES (2)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 2);

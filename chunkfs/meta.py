@@ -26,8 +26,9 @@ Ino = NewType("Ino", int)
 ROOT_INO = Ino(1)
 NAME_MAX = 255
 SYMLINK_MAX = 4095
+# The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
+SCHEMA_VERSION = 2
 LINK_MAX = 65000  # hard links per inode, as on ext4
-SCHEMA_VERSION = 1
 # A node is live while its last heartbeat is younger than this (seconds).
 HEARTBEAT_TIMEOUT_S = 15.0
 
@@ -117,10 +118,13 @@ class Meta:
         return await self.db.transaction(body)
 
     async def settings(self) -> Settings:
-        """The cluster settings. Raises ``ConfigError`` when mkfs never ran."""
+        """The cluster settings. Raises ``ConfigError`` when mkfs never ran
+        or the schema is older than ``SCHEMA_VERSION``.
+        """
         try:
             row = await self.db.fetchrow(
-                "SELECT replicas, max_file_size, cluster_token, upload_ttl_s FROM settings"
+                "SELECT replicas, max_file_size, cluster_token, upload_ttl_s, "
+                "(SELECT version FROM schema_version) AS schema_version FROM settings"
             )
         except Exception as exc:  # undefined table: not a chunkfs database
             if isinstance(exc, errors.ChunkfsError):
@@ -128,7 +132,13 @@ class Meta:
             row = None
         if row is None:
             raise errors.ConfigError("not a chunkfs filesystem (run `chunkfs mkfs` first)")
-        return Settings(**dict(row))
+        settings = dict(row)
+        if settings.pop("schema_version") < SCHEMA_VERSION:
+            raise errors.ConfigError(
+                "the filesystem's metadata schema is older than this chunkfs: "
+                "run `chunkfs mkfs` on it to upgrade (files and settings are kept)"
+            )
+        return Settings(**settings)
 
     # ----------------------------------------------------- storage nodes
 
@@ -444,21 +454,20 @@ class Meta:
             raise errors.InvalidArgument("RENAME_NOREPLACE and RENAME_EXCHANGE together")
         t = now_ns() if now is None else now
 
+        if not exchange:
+            # The common case, one round trip (see rename_file in schema.sql).
+            row = await self.db.fetchrow(
+                "SELECT * FROM rename_file($1, $2, $3, $4, $5, $6)",
+                old_parent, old_name, new_parent, new_name, t, noreplace,
+            )
+            if row is not None and row["done"]:
+                replaced = Attrs.from_row(row) if row["ino"] is not None else None
+                return Renamed(row["moved"], replaced)
+
         async def body(conn: Connection) -> Renamed:
             # Lock both parents in ino order, so two renames cannot deadlock.
             for p in sorted({old_parent, new_parent}):
                 await _lock_dir(conn, p)
-            if not exchange:
-                # The parents are locked: one statement (with a snapshot taken
-                # now) renames anything but a directory, over anything but one.
-                row = await conn.fetchrow(
-                    _RENAME_NON_DIR, old_parent, old_name, new_parent, new_name, t, noreplace
-                )
-                if row is None:
-                    raise errors.NotFound(old_name.decode(errors="replace"))
-                if row["done"]:
-                    replaced = Attrs.from_row(row) if row["ino"] is not None else None
-                    return Renamed(row["moved"], replaced)
             src = await _dentry(conn, old_parent, old_name)
             if src is None:
                 raise errors.NotFound(old_name.decode(errors="replace"))
@@ -1061,44 +1070,6 @@ _UNLINK_NON_DIR = f"""
         WHERE ino = $1 AND EXISTS (SELECT 1 FROM gone)
     )
     SELECT d.mode AS found_mode, i.* FROM d LEFT JOIN i ON true"""
-
-
-# rename of a non-directory over nothing or a non-directory, for a caller
-# holding both parents' locks: $1/$2 old parent and name, $3/$4 new ones,
-# $5 the time (ns), $6 noreplace. Returns no row when the source is missing;
-# else ``done``, ``moved`` (the source inode) and, when a name was replaced,
-# the replaced inode's new attributes. A replaced dentry is pointed at the
-# source inode, so no two rows ever hold the same name.
-_RENAME_NON_DIR = f"""
-    WITH src AS (
-        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
-        WHERE d.parent = $1 AND d.name = $2 FOR UPDATE OF i
-    ), dst AS (
-        SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino
-        WHERE d.parent = $3 AND d.name = $4 FOR UPDATE OF i
-    ), go AS (
-        SELECT src.ino AS src_ino, dst.ino AS dst_ino FROM src LEFT JOIN dst ON true
-        WHERE src.mode & {_S_IFMT} <> {stat.S_IFDIR} AND (dst.ino IS NULL OR (
-            dst.ino <> src.ino AND NOT $6 AND dst.mode & {_S_IFMT} <> {stat.S_IFDIR}))
-    ), moved AS (
-        UPDATE dentries SET parent = $3, name = $4 WHERE parent = $1 AND name = $2
-        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NULL)
-    ), repointed AS (
-        UPDATE dentries SET ino = (SELECT src_ino FROM go) WHERE parent = $3 AND name = $4
-        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NOT NULL)
-    ), dropped AS (
-        DELETE FROM dentries WHERE parent = $1 AND name = $2
-        AND EXISTS (SELECT 1 FROM go WHERE dst_ino IS NOT NULL)
-    ), replaced AS (
-        UPDATE inodes SET nlink = nlink - 1, ctime_ns = $5
-        WHERE ino = (SELECT dst_ino FROM go) RETURNING {_ATTR_COLS}
-    ), touched AS (
-        UPDATE inodes SET ctime_ns = $5, mtime_ns = CASE WHEN ino = (SELECT src_ino FROM go)
-            THEN mtime_ns ELSE $5 END
-        WHERE EXISTS (SELECT 1 FROM go) AND ino IN ($1, $3, (SELECT src_ino FROM go))
-    )
-    SELECT EXISTS (SELECT 1 FROM go) AS done, src.ino AS moved, replaced.*
-    FROM src LEFT JOIN replaced ON true"""
 
 
 async def _lock_dir(conn: Connection, ino: Ino) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import stat
 import pytest
 import trio
 
-from chunkfs import errors
+from chunkfs import cluster as cl, errors
 from chunkfs.meta import ROOT_INO, Meta, Renamed, now_ns
 from chunkfs.pg import open_database
 
@@ -320,3 +320,20 @@ async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta
     assert await meta.unneeded("00000000000000aa", [held, expired]) == {expired}
     assert await meta.expire_sessions() == 1
     assert await count(meta, "upload_sessions") == 1
+
+
+async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
+    async with open_database(pg_dsn) as db:
+        meta = Meta(db)
+        a = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
+        # A filesystem made before rename_file existed (schema version 1).
+        await db.execute("DROP FUNCTION rename_file")
+        await db.execute("UPDATE schema_version SET version = 1")
+        with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):
+            await meta.settings()
+        await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", pg_dsn)
+        assert (await meta.settings()).replicas == 2  # kept
+        assert await db.fetchval("SELECT version FROM schema_version") == 2
+        renamed = await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b")
+        assert renamed == Renamed(a.ino, None)
+        assert (await meta.lookup(ROOT_INO, b"b")).ino == a.ino
