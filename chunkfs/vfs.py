@@ -18,7 +18,9 @@ import logging
 import os
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import trio
 
@@ -93,7 +95,7 @@ class VFS:
 
     def __init__(
         self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str,
-        *, attr_ttl: float = 1.0, cache: ContentCache | None = None,
+        *, attr_ttl: float = 1.0, entry_ttl: float = 1.0, cache: ContentCache | None = None,
     ) -> None:
         self.meta = meta
         self.store = store
@@ -118,6 +120,15 @@ class VFS:
         # kernel asks for security.capability before every write.
         self._xattrs: dict[Ino, tuple[float, dict[bytes, bytes]]] = {}
         self._attr_ttl = attr_ttl
+        # Names found absent, trusted as absent for entry_ttl seconds (as long
+        # as the kernel may trust a name it looked up) unless this mount gives
+        # them meanwhile: the kernel asks again before an O_EXCL create and
+        # for a rename's target, right after cp or rsync found the name absent.
+        # A name another mount made meanwhile still fails such a create with
+        # EEXIST, and a rename replaces it, as the database decides both.
+        self._absent: dict[tuple[Ino, bytes], float] = {}
+        self._naming_count = 0  # names given by this mount so far, or being given
+        self._entry_ttl = entry_ttl
 
     # ------------------------------------------------------- attributes
 
@@ -166,7 +177,33 @@ class VFS:
 
     async def lookup(self, parent: Ino, name: bytes) -> Attrs:
         """Attributes of ``name`` in ``parent``. Raises ``NotFound``, ``NameTooLong``."""
-        return self._overlay(await self.meta.lookup(parent, name))
+        key = (parent, name)
+        until = self._absent.get(key)
+        if until is not None and until > trio.current_time():
+            raise errors.NotFound(name.decode(errors="replace"))
+        count = self._naming_count
+        try:
+            return self._overlay(await self.meta.lookup(parent, name))
+        except errors.NotFound:
+            # Not when this mount gave a name meanwhile: it may be this one.
+            if count == self._naming_count:
+                if len(self._absent) >= _CACHE_MAX:
+                    self._absent.clear()
+                self._absent[key] = trio.current_time() + self._entry_ttl
+            raise
+
+    @contextmanager
+    def _naming(self, parent: Ino, name: bytes) -> Iterator[None]:
+        """Around a change that may give ``parent`` the name ``name``: it is
+        no longer known absent, nor by a lookup that overlaps the change.
+        """
+        self._absent.pop((parent, name), None)
+        self._naming_count += 1
+        try:
+            yield
+        finally:
+            self._absent.pop((parent, name), None)
+            self._naming_count += 1
 
     async def setattr(
         self,
@@ -238,9 +275,10 @@ class VFS:
     ) -> Attrs:
         """mkdir / mknod / symlink: see ``Meta.create``."""
         now = now_ns()
-        attrs = await self.meta.create(
-            parent, name, mode, uid, gid, rdev=rdev, target=target, now=now
-        )
+        with self._naming(parent, name):
+            attrs = await self.meta.create(
+                parent, name, mode, uid, gid, rdev=rdev, target=target, now=now
+            )
         self._dir_changed(parent, now, 1 if stat.S_ISDIR(mode) else 0)
         self._cache_xattrs({attrs.ino: {}})  # a new inode has none
         return attrs
@@ -250,7 +288,8 @@ class VFS:
         self._unlinked.discard(ino)
         self._attrs.pop(ino, None)
         self._attrs.pop(parent, None)
-        return self._overlay(await self.meta.link(ino, parent, name))
+        with self._naming(parent, name):
+            return self._overlay(await self.meta.link(ino, parent, name))
 
     async def unlink(self, parent: Ino, name: bytes, *, is_dir: bool = False) -> None:
         """unlink / rmdir; the inode is purged once nothing uses it."""
@@ -267,10 +306,11 @@ class VFS:
     ) -> None:
         """rename(2) with its flags; see ``Meta.rename``."""
         now = now_ns()
-        done = await self.meta.rename(
-            old_parent, old_name, new_parent, new_name,
-            noreplace=noreplace, exchange=exchange, now=now,
-        )
+        with self._naming(new_parent, new_name):
+            done = await self.meta.rename(
+                old_parent, old_name, new_parent, new_name,
+                noreplace=noreplace, exchange=exchange, now=now,
+            )
         if done.moved is None:
             self._attrs.clear()  # a directory's move or an exchange reaches further
         else:
@@ -325,7 +365,8 @@ class VFS:
     ) -> tuple[int, Attrs]:
         """Create and open a regular file; return ``(fh, attrs)``."""
         now = now_ns()
-        attrs = self._remember(await self.meta.create(parent, name, mode, uid, gid, now=now))
+        with self._naming(parent, name):
+            attrs = self._remember(await self.meta.create(parent, name, mode, uid, gid, now=now))
         self._dir_changed(parent, now)
         self._cache_xattrs({attrs.ino: {}})  # the kernel asks at the first write
         f = OpenFile(ino=attrs.ino, base=replace(_EMPTY, ino=attrs.ino), size=0, base_valid=0)

@@ -622,3 +622,30 @@ def test_a_password_in_the_dsn_never_shows(cluster, mount_factory):
     assert secret not in status.stdout + status.stderr
     bad = cl.run_chunkfs("status", dsn.replace(rest, "127.0.0.1:1/none"), check=False)
     assert bad.returncode != 0 and secret not in bad.stdout + bad.stderr
+
+
+def test_a_name_found_absent_is_trusted_only_until_a_mount_gives_it(cluster, mount_factory):
+    # A long entry_timeout: the second mount trusts a name it found absent.
+    first = mount_factory(cluster.dsn)
+    second = mount_factory(cluster.dsn, ["entry_timeout=60"])
+    (second / "src").write_bytes(b"renamed")
+    names = ["file", "dir", "symlink", "fifo", "hardlink", "renamed", "elsewhere"]
+    for name in names:
+        assert not (second / name).exists()
+    # This mount gives each name: it is there at once, also when the kernel
+    # has dropped its dentries and asks again.
+    (second / "file").write_bytes(b"x")
+    (second / "dir").mkdir()
+    (second / "symlink").symlink_to("file")
+    os.mkfifo(second / "fifo")
+    os.link(second / "file", second / "hardlink")
+    os.rename(second / "src", second / "renamed")
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    assert all((second / name).exists() or (second / name).is_symlink() for name in names[:-1])
+    # Another mount gives the last name: an exclusive create here still
+    # fails, and a rename onto it replaces what the other mount made.
+    (first / "elsewhere").write_bytes(b"from the first mount")
+    with pytest.raises(FileExistsError):
+        os.open(second / "elsewhere", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.rename(second / "renamed", second / "elsewhere")
+    assert (second / "elsewhere").read_bytes() == b"renamed"

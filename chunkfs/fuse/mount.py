@@ -143,7 +143,8 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
         settings = await meta.settings()
         store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout)
         cache = ContentCache(os.path.join(cache_dir, "content"), opts.cache_size_mib << 20)
-        vfs = VFS(meta, store, settings, cache_dir, attr_ttl=opts.attr_timeout, cache=cache)
+        vfs = VFS(meta, store, settings, cache_dir, attr_ttl=opts.attr_timeout,
+                  entry_ttl=opts.entry_timeout, cache=cache)
         ops = Operations(vfs, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
         try:
             await store.refresh(force=True)
