@@ -20,7 +20,7 @@ import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Any, Iterator
 
 import trio
 
@@ -32,7 +32,7 @@ from .store import BATCH_ITEM_MAX, INLINE_PUT_MAX, WINDOW, ChunkStore, PutItem
 
 log = logging.getLogger(__name__)
 
-# Entries of the attribute and the extended attribute caches, each.
+# Entries of the attribute, extended attribute and absent-name caches, each.
 _CACHE_MAX = 10_000
 # Files up to this size (bytes) are read and hashed at once on the commit.
 SMALL_COMMIT_MAX = 256 << 10
@@ -89,8 +89,11 @@ class VFS:
     """Filesystem operations over ``Meta`` (metadata) and ``ChunkStore`` (data).
 
     ``cache_dir`` holds the spool files; ``cache`` keeps committed contents
-    for later reads (see ``chunkfs.cache``). Methods raise ``ChunkfsError``
-    subclasses, each carrying its errno.
+    for later reads (see ``chunkfs.cache``). ``attr_ttl`` and ``entry_ttl``
+    (seconds) bound how long attributes this mount's own changes returned,
+    and names it found absent, are trusted (the kernel's attribute and entry
+    timeouts). Methods raise ``ChunkfsError`` subclasses, each carrying its
+    errno.
     """
 
     def __init__(
@@ -160,8 +163,7 @@ class VFS:
         """Trust ``attrs``, just read or returned by a change made here, for
         ``attr_ttl`` seconds (as long as the kernel may cache them).
         """
-        if len(self._attrs) >= _CACHE_MAX:
-            self._attrs.clear()
+        _make_room(self._attrs)
         self._attrs[attrs.ino] = (trio.current_time() + self._attr_ttl, attrs)
         return attrs
 
@@ -187,8 +189,7 @@ class VFS:
         except errors.NotFound:
             # Not when this mount gave a name meanwhile: it may be this one.
             if count == self._naming_count:
-                if len(self._absent) >= _CACHE_MAX:
-                    self._absent.clear()
+                _make_room(self._absent)
                 self._absent[key] = trio.current_time() + self._entry_ttl
             raise
 
@@ -705,8 +706,7 @@ class VFS:
     def _cache_xattrs(self, found: dict[Ino, dict[bytes, bytes]]) -> None:
         """Trust these inodes' extended attributes for the next ``attr_ttl`` seconds."""
         expiry = trio.current_time() + self._attr_ttl
-        if len(self._xattrs) + len(found) > _CACHE_MAX:
-            self._xattrs.clear()
+        _make_room(self._xattrs, len(found))
         for ino, values in found.items():
             self._xattrs[ino] = (expiry, values)
 
@@ -772,6 +772,14 @@ class VFS:
         # Unmounted: the kernel holds none of the inodes that lost their last name.
         self._to_purge |= self._unlinked
         await self._purge()
+
+
+def _make_room(cache: dict[Any, Any], adding: int = 1) -> None:
+    """Empty ``cache`` when ``adding`` more entries would take it past
+    ``_CACHE_MAX`` (crude, but these caches only save round trips).
+    """
+    if len(cache) + adding > _CACHE_MAX:
+        cache.clear()
 
 
 def _extents(cmap: ChunkMap) -> list[layout.Extent]:
