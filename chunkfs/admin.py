@@ -52,8 +52,13 @@ async def file_info(meta: Meta, ino: int) -> dict[str, Any]:
         "version": cmap.version,
         "sha256": cmap.sha256.hex() if cmap.sha256 else None,
         "chunks": [
-            {"index": c.index, "offset": c.offset, "length": c.length,
-             "sha256": c.chunk_id.hex(), "nodes": list(c.nodes)}
+            {
+                "index": c.index,
+                "offset": c.offset,
+                "length": c.length,
+                "sha256": c.chunk_id.hex(),
+                "nodes": list(c.nodes),
+            }
             for c in cmap.chunks
         ],
     }
@@ -72,9 +77,9 @@ def mount_dsn(path: str) -> str:
             target = target.replace("\\040", " ")
             if fstype != "fuse.chunkfs":
                 continue
-            if real == target or real.startswith(target.rstrip("/") + "/"):
-                if best is None or len(target) > len(best[1]):
-                    best = (source, target)
+            inside = real == target or real.startswith(target.rstrip("/") + "/")
+            if inside and (best is None or len(target) > len(best[1])):
+                best = (source, target)
     if best is None:
         raise errors.ConfigError(f"{path} is not on a chunkfs mount (give --dsn)")
     return best[0]

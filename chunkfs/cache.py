@@ -18,6 +18,7 @@ has less than ``MIN_FREE`` of its space free.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -61,7 +62,7 @@ class ContentCache:
         self._load()
 
     @classmethod
-    def disabled(cls) -> "ContentCache":
+    def disabled(cls) -> ContentCache:
         """A cache that keeps nothing."""
         return cls(None, 0)
 
@@ -85,8 +86,13 @@ class ContentCache:
         for _, digest, size in sorted(entries):
             self._sizes[digest] = size
             self._used += size
-        log.info("content cache %s: %d entries, %d bytes%s", self.directory, len(self._sizes),
-                 self._used, "" if clean else " (emptied after an unclean shutdown)")
+        log.info(
+            "content cache %s: %d entries, %d bytes%s",
+            self.directory,
+            len(self._sizes),
+            self._used,
+            "" if clean else " (emptied after an unclean shutdown)",
+        )
 
     @property
     def used(self) -> int:
@@ -145,10 +151,8 @@ class ContentCache:
         while self._sizes and (self._used > self.budget or _low_on_space(self.directory)):
             digest = next(iter(self._sizes))
             self._forget(digest)
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(digest))
-            except FileNotFoundError:
-                pass
 
     def _forget(self, digest: bytes) -> None:
         self._used -= self._sizes.pop(digest, 0)
@@ -193,4 +197,3 @@ def _digest_of(name: str) -> bytes | None:
 def _low_on_space(directory: str) -> bool:
     st = os.statvfs(directory)
     return st.f_bavail < st.f_blocks * MIN_FREE
-

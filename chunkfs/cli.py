@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import click
 import trio
@@ -22,8 +23,20 @@ from .pg import open_database, redact_dsn
 
 T = TypeVar("T")
 GIB = 1 << 30
-_COMMANDS = {"mkfs", "node", "mount", "status", "info", "gc", "fsck", "repair", "rebalance",
-             "--help", "-h", "--version"}
+_COMMANDS = {
+    "mkfs",
+    "node",
+    "mount",
+    "status",
+    "info",
+    "gc",
+    "fsck",
+    "repair",
+    "rebalance",
+    "--help",
+    "-h",
+    "--version",
+}
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -56,18 +69,38 @@ def cli() -> None:
 
 @cli.command()
 @_dsn_option()
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 16),
-              help="Copies of every chunk, each on a distinct node.")
-@click.option("--max-file-size", default=10 * GIB, show_default=True, type=click.IntRange(1),
-              help="Largest file in bytes (EFBIG past it).")
-@click.option("--upload-ttl", default=3600, show_default=True, type=click.IntRange(1),
-              help="Seconds before gc may collect what an unfinished upload pushed.")
+@click.option(
+    "--replicas",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Copies of every chunk, each on a distinct node.",
+)
+@click.option(
+    "--max-file-size",
+    default=10 * GIB,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest file in bytes (EFBIG past it).",
+)
+@click.option(
+    "--upload-ttl",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds before gc may collect what an unfinished upload pushed.",
+)
 def mkfs(dsn: str, replicas: int, max_file_size: int, upload_ttl: int) -> None:
     """Create a filesystem in DSN's database (safe to run twice)."""
 
     async def body(meta: Meta) -> bool:
-        return await meta.mkfs(replicas=replicas, max_file_size=max_file_size,
-                               upload_ttl_s=upload_ttl, uid=os.getuid(), gid=os.getgid())
+        return await meta.mkfs(
+            replicas=replicas,
+            max_file_size=max_file_size,
+            upload_ttl_s=upload_ttl,
+            uid=os.getuid(),
+            gid=os.getgid(),
+        )
 
     made = _run(_with_meta, dsn, body)
     click.echo("created a new filesystem" if made else "filesystem already exists; settings kept")
@@ -75,11 +108,18 @@ def mkfs(dsn: str, replicas: int, max_file_size: int, upload_ttl: int) -> None:
 
 @cli.group(invoke_without_command=True)
 @click.option("--dsn", envvar="CHUNKFS_DSN", help="PostgreSQL DSN of the cluster.")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Where the node keeps its chunks and id.")
-@click.option("--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to serve on.")
-@click.option("--capacity", type=click.IntRange(1), default=None,
-              help="Cap on stored bytes (default: the disk's size).")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="Where the node keeps its chunks and id."
+)
+@click.option(
+    "--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to serve on."
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(1),
+    default=None,
+    help="Cap on stored bytes (default: the disk's size).",
+)
 @click.pass_context
 def node(
     ctx: click.Context, dsn: str | None, data_dir: str | None, listen: str, capacity: int | None
@@ -109,7 +149,8 @@ def node(
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]", help="Mount options.")
 def mount(dsn: str, mountpoint: str, foreground: bool, options: tuple[str, ...]) -> None:
     """Mount the filesystem at MOUNTPOINT (returns once it is ready, unless -f)."""
-    from .fuse.mount import mount as do_mount, parse_options
+    from .fuse.mount import mount as do_mount
+    from .fuse.mount import parse_options
 
     try:
         opts = parse_options(list(options), is_root=os.geteuid() == 0)
@@ -130,20 +171,30 @@ def status(dsn: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     s = report["settings"]
-    click.echo(f"replicas {s['replicas']}, max file size {s['max_file_size']} bytes, "
-               f"{report['files']} files, {report['bytes']} bytes")
-    click.echo(f"{'node':16}  {'status':7}  {'heartbeat':>9}  {'used':>14}  {'free':>16}  "
-               f"{'chunks':>8}  url")
+    click.echo(
+        f"replicas {s['replicas']}, max file size {s['max_file_size']} bytes, "
+        f"{report['files']} files, {report['bytes']} bytes"
+    )
+    click.echo(
+        f"{'node':16}  {'status':7}  {'heartbeat':>9}  {'used':>14}  {'free':>16}  "
+        f"{'chunks':>8}  url"
+    )
     for n in report["nodes"]:
         state = n["status"] + (",draining" if n["draining"] else "")
-        click.echo(f"{n['id']:16}  {state:7}  {n['heartbeat_age_s']:8.1f}s  "
-                   f"{n['used_bytes']:>14}  {n['free_bytes']:>16}  {n['chunks']:>8}  {n['url']}")
+        click.echo(
+            f"{n['id']:16}  {state:7}  {n['heartbeat_age_s']:8.1f}s  "
+            f"{n['used_bytes']:>14}  {n['free_bytes']:>16}  {n['chunks']:>8}  {n['url']}"
+        )
 
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=True))
-@click.option("--dsn", envvar="CHUNKFS_DSN", default=None,
-              help="DSN (default: the one the mount holding PATH was made with).")
+@click.option(
+    "--dsn",
+    envvar="CHUNKFS_DSN",
+    default=None,
+    help="DSN (default: the one the mount holding PATH was made with).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: str, dsn: str | None, as_json: bool) -> None:
     """Show a file's inode, size, digest and its six chunks with their nodes."""
@@ -161,8 +212,10 @@ def info(path: str, dsn: str | None, as_json: bool) -> None:
     click.echo(f"inode {report['ino']}  size {report['size']}  version {report['version']}")
     click.echo(f"sha256 {report['sha256']}")
     for c in report["chunks"]:
-        click.echo(f"  chunk {c['index']}  offset {c['offset']:>12}  length {c['length']:>12}  "
-                   f"{c['sha256'][:16]}…  on {', '.join(c['nodes'])}")
+        click.echo(
+            f"  chunk {c['index']}  offset {c['offset']:>12}  length {c['length']:>12}  "
+            f"{c['sha256'][:16]}…  on {', '.join(c['nodes'])}"
+        )
 
 
 @cli.command()
@@ -256,7 +309,9 @@ def drain(dsn: str, node_id: str) -> None:
     from .replicas import drain as do_drain
 
     with _progress("drain") as bar:
-        report, left = _run(_with_meta, dsn, lambda meta: do_drain(meta, node_id, progress=bar.update))
+        report, left = _run(
+            _with_meta, dsn, lambda meta: do_drain(meta, node_id, progress=bar.update)
+        )
     if left:
         click.echo(f"node {node_id} still holds {left} chunks files use")
     _move_summary("drain", report)
@@ -275,8 +330,10 @@ def remove(dsn: str, node_id: str) -> None:
     dropped = _run(_with_meta, dsn, lambda meta: meta.remove_node(node_id))
     click.echo(f"node {node_id} removed ({dropped} replica records dropped); stop its process")
     if dropped:
-        click.echo(f"warning: {dropped} chunks lost a replica: run `chunkfs repair` "
-                   f"(or `chunkfs node drain` before removing a node)")
+        click.echo(
+            f"warning: {dropped} chunks lost a replica: run `chunkfs repair` "
+            f"(or `chunkfs node drain` before removing a node)"
+        )
 
 
 def _hide_passwords(args: list[str]) -> None:

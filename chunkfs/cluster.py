@@ -38,9 +38,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Coroutine, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ def run_chunkfs(
     argv = chunkfs_command(*args)
     try:
         proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL, env=_child_env(),
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
         )
     except subprocess.TimeoutExpired:
         raise ClusterError(f"`chunkfs {' '.join(args)}` ran over {timeout:.0f} s") from None
@@ -273,15 +278,13 @@ def run_sql(dsn: str, *statements: str, timeout: float = 30.0) -> list[list[dict
     async def run() -> list[list[dict[str, Any]]]:
         conn = await asyncpg.connect(dsn, timeout=timeout)
         try:
-            return [
-                [dict(r) for r in await conn.fetch(s, timeout=timeout)] for s in statements
-            ]
+            return [[dict(r) for r in await conn.fetch(s, timeout=timeout)] for s in statements]
         finally:
             await conn.close(timeout=timeout)
 
     try:
         return _run_coroutine(run)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ClusterError(f"SQL on {_redact(dsn)} failed: {exc}") from None
 
 
@@ -369,7 +372,9 @@ def _server_account() -> pwd.struct_passwd | None:
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
-    raise ClusterError("running as root, and there is no 'postgres' or 'nobody' user to run PostgreSQL as")
+    raise ClusterError(
+        "running as root, and there is no 'postgres' or 'nobody' user to run PostgreSQL as"
+    )
 
 
 class Postgres:
@@ -436,7 +441,9 @@ class Postgres:
         self._bindir = self._bindir or find_pg_bindir()
         self._account = _server_account()
         # Root's TMPDIR may be closed to the postgres user; /tmp never is.
-        self.dir = Path(tempfile.mkdtemp(prefix="chunkfs-pg-", dir="/tmp" if self._account else None))
+        self.dir = Path(
+            tempfile.mkdtemp(prefix="chunkfs-pg-", dir="/tmp" if self._account else None)
+        )
         _register(self)
         try:
             if self._account:
@@ -452,8 +459,17 @@ class Postgres:
         return self
 
     def _initdb(self) -> None:
-        args = ["-D", str(self.data_dir), "-U", "postgres", "-A", "trust",
-                "-E", "UTF8", "--locale=C"]
+        args = [
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]
         if self.fast:
             args.append("--no-sync")
         self._run_bin("initdb", *args)
@@ -522,8 +538,11 @@ class Postgres:
         root = self._postmaster_pid()
         if root is None:
             raise ClusterError("PostgreSQL is not running")
-        children = [int(entry) for entry in filter(str.isdigit, os.listdir("/proc"))
-                    if _stat_fields(entry)[1:2] == [str(root).encode()]]
+        children = [
+            int(entry)
+            for entry in filter(str.isdigit, os.listdir("/proc"))
+            if _stat_fields(entry)[1:2] == [str(root).encode()]
+        ]
         return [root, *children]
 
     def stop(self) -> None:
@@ -576,8 +595,18 @@ class Postgres:
 
     def _pg_ctl(self, action: str, *args: str) -> None:
         self._run_bin(
-            "pg_ctl", action, "-D", str(self.data_dir), "-l", str(self.log_path),
-            "-w", "-t", str(int(self.timeout)), "-o", f"-p {self.port}", *args,
+            "pg_ctl",
+            action,
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_path),
+            "-w",
+            "-t",
+            str(int(self.timeout)),
+            "-o",
+            f"-p {self.port}",
+            *args,
         )
 
     def _as_account(self, argv: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -600,9 +629,16 @@ class Postgres:
             # A session of its own keeps Ctrl-C away from the postmaster, so
             # shutdown happens in order (mounts, nodes, then the server).
             proc = subprocess.run(
-                argv, cwd=self.dir, env=_child_env(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                timeout=self.timeout + 30, start_new_session=True, **kwargs,
+                argv,
+                cwd=self.dir,
+                env=_child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=self.timeout + 30,
+                start_new_session=True,
+                **kwargs,
             )
         except subprocess.TimeoutExpired:
             raise ClusterError(f"{name} {args[0]} ran over {self.timeout + 30:.0f} s") from None
@@ -641,7 +677,9 @@ class NodeProcess:
         self.data_dir = Path(data_dir)
         self.port = port or free_ports(1)[0]
         self.capacity = capacity
-        self.log_path = Path(log_path) if log_path else self.data_dir.with_name(self.data_dir.name + ".log")
+        self.log_path = (
+            Path(log_path) if log_path else self.data_dir.with_name(self.data_dir.name + ".log")
+        )
         self.ready_timeout = ready_timeout
         self.extra_args = tuple(extra_args)
         self.node_id: str | None = None
@@ -672,8 +710,15 @@ class NodeProcess:
 
     def argv(self) -> list[str]:
         """The command line the node runs with."""
-        args = ["node", "--dsn", self.dsn, "--data-dir", str(self.data_dir),
-                "--listen", f"{HOST}:{self.port}"]
+        args = [
+            "node",
+            "--dsn",
+            self.dsn,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            f"{HOST}:{self.port}",
+        ]
         if self.capacity is not None:
             args += ["--capacity", str(self.capacity)]
         return chunkfs_command(*args, *self.extra_args)
@@ -700,8 +745,13 @@ class NodeProcess:
         with open(self.log_path, "ab") as logf:
             # Own session: Ctrl-C reaches only us, and we stop nodes in order.
             self._proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                env=_child_env(), start_new_session=True, preexec_fn=_pdeathsig_setup(),
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,
+                preexec_fn=_pdeathsig_setup(),
             )
         _register(self)
         log.debug("node launched: pid %d on port %d", self._proc.pid, self.port)
@@ -744,7 +794,9 @@ class NodeProcess:
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("node on port %d ignored SIGTERM for %.0f s: killing it", self.port, timeout)
+            log.warning(
+                "node on port %d ignored SIGTERM for %.0f s: killing it", self.port, timeout
+            )
             self._proc.kill()
             self._proc.wait(10)
         _unregister(self)
@@ -908,8 +960,12 @@ class Mount:
         # Output to a file, not a pipe: the daemon inherits it and outlives the command.
         with open(self.log_path, "ab") as logf:
             proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                env=_child_env(), start_new_session=True,
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,
             )
         try:
             return proc.wait(self.timeout)
@@ -956,7 +1012,9 @@ class Mount:
         else:
             argv = ["umount", *(["-l"] if lazy else []), str(self.path)]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return str(exc)
         return _last_line(proc.stderr)
@@ -1072,8 +1130,13 @@ class Cluster:
     def mount(self, mountpoint: str | os.PathLike[str], options: Sequence[str] = ()) -> Mount:
         """Mount the filesystem at ``mountpoint``; ``stop`` unmounts it."""
         n = len(self.mounts)
-        m = Mount(self.dsn, mountpoint, options, log_path=self.workdir / f"mount-{n}.log",
-                  cache_dir=self.workdir / f"cache-{n}")
+        m = Mount(
+            self.dsn,
+            mountpoint,
+            options,
+            log_path=self.workdir / f"mount-{n}.log",
+            cache_dir=self.workdir / f"cache-{n}",
+        )
         self.mounts.append(m)
         return m.mount()
 
@@ -1087,7 +1150,7 @@ class Cluster:
         def attempt(what: str, fn: Callable[[], object]) -> None:
             try:
                 fn()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - stop the rest whatever fails
                 log.error("stopping %s failed: %s", what, exc)
                 problems.append(f"{what}: {exc}")
 
@@ -1108,7 +1171,10 @@ class Cluster:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         try:
             self.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Callable
+from collections.abc import Callable
 
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000

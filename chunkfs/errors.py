@@ -99,8 +99,8 @@ def leaf(exc: BaseException) -> BaseException:
     """
     if isinstance(exc, BaseExceptionGroup):
         match, _ = exc.split(ChunkfsError)
-        group = match if match is not None else exc
-        while isinstance(group, BaseExceptionGroup):
-            group = group.exceptions[0]
-        return group
+        found: BaseException = match if match is not None else exc
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        return found
     return exc

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import trio
 
@@ -89,7 +89,11 @@ async def node_listings(store: ChunkStore) -> tuple[dict[str, set[bytes]], dict[
 
 
 async def scan(
-    meta: Meta, store: ChunkStore, held: dict[str, set[bytes]], *, verify: bool,
+    meta: Meta,
+    store: ChunkStore,
+    held: dict[str, set[bytes]],
+    *,
+    verify: bool,
     progress: Callable[[int], None] = lambda n: None,
 ) -> AsyncIterator[ObjectState]:
     """Yield the state of every chunk object a file uses (see the module doc).
@@ -181,12 +185,15 @@ async def check(
                 report.problems.append(f"chunk {cid}: replica on node {node_id} is {reason}")
             if not state.good:
                 report.lost += 1
-                report.problems.append(f"chunk {cid}: no good replica"
-                                       + (f" (holders down: {', '.join(state.down)})" if state.down else ""))
+                report.problems.append(
+                    f"chunk {cid}: no good replica"
+                    + (f" (holders down: {', '.join(state.down)})" if state.down else "")
+                )
             elif len(state.good) < replicas:
                 report.under_replicated += 1
                 report.problems.append(
-                    f"chunk {cid}: {len(state.good)} of {replicas} replicas good")
+                    f"chunk {cid}: {len(state.good)} of {replicas} replicas good"
+                )
     finally:
         await store.aclose()
     return report

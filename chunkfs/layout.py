@@ -9,7 +9,7 @@ has one extent of 1 byte and five of 0 bytes. An empty file has no chunks.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from dataclasses import dataclass
 
 CHUNKS_PER_FILE = 6
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -20,7 +20,8 @@ BLOCK_SIZE = 1 << 20
 DIGEST_SIZE = 32
 
 
-class Extent(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Extent:
     """One chunk's place in a file: ``index`` 0..5, ``offset`` and ``length`` in bytes."""
 
     index: int
@@ -29,6 +30,7 @@ class Extent(NamedTuple):
 
     @property
     def end(self) -> int:
+        """The offset just past the extent (bytes)."""
         return self.offset + self.length
 
 

@@ -13,9 +13,10 @@ import logging
 import secrets
 import stat
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Mapping, NewType, Sequence
+from typing import NewType
 
 from . import errors, ring
 from .pg import Connection, Database, Record, UniqueViolationError
@@ -105,13 +106,20 @@ class Meta:
             made = await conn.fetchval(
                 "INSERT INTO settings (replicas, max_file_size, cluster_token, upload_ttl_s) "
                 "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
-                replicas, max_file_size, secrets.token_hex(32), upload_ttl_s,
+                replicas,
+                max_file_size,
+                secrets.token_hex(32),
+                upload_ttl_s,
             )
             t = now_ns()
             await conn.execute(
                 "INSERT INTO inodes (ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
                 "VALUES ($1, $2, $3, $4, 2, $5, $5, $5) ON CONFLICT DO NOTHING",
-                ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, t,
+                ROOT_INO,
+                stat.S_IFDIR | 0o755,
+                uid,
+                gid,
+                t,
             )
             return bool(made)
 
@@ -154,8 +162,7 @@ class Meta:
     ) -> None:
         """Register (or re-register) a node as active, with its 150 vnodes."""
         vnodes = [
-            (ring.to_signed(p), node_id, i)
-            for i, p in enumerate(ring.vnode_positions(node_id))
+            (ring.to_signed(p), node_id, i) for i, p in enumerate(ring.vnode_positions(node_id))
         ]
 
         async def body(conn: Connection) -> None:
@@ -166,7 +173,12 @@ class Meta:
                    ON CONFLICT (node_id) DO UPDATE SET base_url = $2, status = 'active',
                        capacity_bytes = $3, used_bytes = $4, free_bytes = $5,
                        chunk_count = $6, last_heartbeat = now()""",
-                node_id, base_url, capacity_bytes, used_bytes, free_bytes, chunk_count,
+                node_id,
+                base_url,
+                capacity_bytes,
+                used_bytes,
+                free_bytes,
+                chunk_count,
             )
             await conn.executemany(
                 "INSERT INTO hash_ring_vnodes (hash, node_id, vnode) VALUES ($1, $2, $3) "
@@ -190,7 +202,11 @@ class Meta:
             """UPDATE storage_nodes SET last_heartbeat = now(), status = 'active',
                    capacity_bytes = $2, used_bytes = $3, free_bytes = $4, chunk_count = $5
                WHERE node_id = $1""",
-            node_id, capacity_bytes, used_bytes, free_bytes, chunk_count,
+            node_id,
+            capacity_bytes,
+            used_bytes,
+            free_bytes,
+            chunk_count,
         )
 
     async def node_stopped(self, node_id: str) -> None:
@@ -224,6 +240,7 @@ class Meta:
         Raises ``NotFound``, and ``NotPermitted`` while the node holds the
         only recorded copy of a chunk that a file uses.
         """
+
         async def body(conn: Connection) -> int:
             if not await conn.fetchval(
                 "SELECT true FROM storage_nodes WHERE node_id = $1 FOR UPDATE", node_id
@@ -255,14 +272,14 @@ class Meta:
 
     # ------------------------------------------------------------ inodes
 
-    async def getattr(self, ino: Ino) -> "Attrs":
+    async def getattr(self, ino: Ino) -> Attrs:
         """The inode's attributes. Raises ``NotFound``."""
         row = await self.db.fetchrow(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino = $1", ino)
         if row is None:
             raise errors.NotFound(f"no inode {ino}")
         return Attrs.from_row(row)
 
-    async def lookup(self, parent: Ino, name: bytes) -> "Attrs":
+    async def lookup(self, parent: Ino, name: bytes) -> Attrs:
         """The attributes of ``name`` in directory ``parent``.
 
         Raises ``NameTooLong`` past 255 bytes and ``NotFound``.
@@ -271,7 +288,8 @@ class Meta:
         row = await self.db.fetchrow(
             f"SELECT {_ATTR_COLS_I} FROM dentries d JOIN inodes i ON i.ino = d.ino "
             "WHERE d.parent = $1 AND d.name = $2",
-            parent, name,
+            parent,
+            name,
         )
         if row is None:
             raise errors.NotFound(name.decode(errors="replace"))
@@ -288,7 +306,7 @@ class Meta:
         rdev: int = 0,
         target: bytes | None = None,
         now: int | None = None,
-    ) -> "Attrs":
+    ) -> Attrs:
         """Create a file, directory, special file or (with ``target``) symlink,
         at time ``now`` (ns; default: the clock), which becomes the new inode's
         times and the parent's mtime and ctime.
@@ -336,8 +354,16 @@ class Meta:
                         WHERE ino = $1 AND EXISTS (SELECT 1 FROM i)
                     )
                     SELECT * FROM i""",
-                parent, name, mode, uid, gid, len(target) if target else 0, rdev,
-                now_ns() if now is None else now, target, is_dir,
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+                len(target) if target else 0,
+                rdev,
+                now_ns() if now is None else now,
+                target,
+                is_dir,
             )
         except UniqueViolationError:
             raise errors.Exists(name.decode(errors="replace")) from None
@@ -354,7 +380,7 @@ class Meta:
         if not stat.S_ISDIR(row["mode"]):
             raise errors.NotADirectory(f"inode {ino} is not a directory")
 
-    async def link(self, ino: Ino, parent: Ino, name: bytes) -> "Attrs":
+    async def link(self, ino: Ino, parent: Ino, name: bytes) -> Attrs:
         """Add a hard link ``name`` in ``parent`` to ``ino``.
 
         Raises ``NameTooLong``, ``Exists``, ``NotFound``, ``NotPermitted``
@@ -378,7 +404,8 @@ class Meta:
             row = await conn.fetchrow(
                 f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = $2 WHERE ino = $1 "
                 f"RETURNING {_ATTR_COLS}",
-                ino, t,
+                ino,
+                t,
             )
             await _touch_dir(conn, parent, t)
             return Attrs.from_row(row)
@@ -387,7 +414,7 @@ class Meta:
 
     async def unlink(
         self, parent: Ino, name: bytes, *, is_dir: bool = False, now: int | None = None
-    ) -> "Attrs":
+    ) -> Attrs:
         """Remove a name (``rmdir`` when ``is_dir``) at time ``now`` (ns;
         default: the clock; the parent's new mtime and ctime); return the
         target's new attributes.
@@ -438,7 +465,7 @@ class Meta:
         noreplace: bool = False,
         exchange: bool = False,
         now: int | None = None,
-    ) -> "Renamed":
+    ) -> Renamed:
         """Rename atomically, with rename(2)'s rules and errnos, at time
         ``now`` (ns; default: the clock), which becomes the parents' mtime
         and ctime and the moved inode's ctime.
@@ -458,7 +485,12 @@ class Meta:
             # The common case, one round trip (see rename_file in schema.sql).
             row = await self.db.fetchrow(
                 "SELECT * FROM rename_file($1, $2, $3, $4, $5, $6)",
-                old_parent, old_name, new_parent, new_name, t, noreplace,
+                old_parent,
+                old_name,
+                new_parent,
+                new_name,
+                t,
+                noreplace,
             )
             if row is not None and row["done"]:
                 replaced = Attrs.from_row(row) if row["ino"] is not None else None
@@ -481,7 +513,7 @@ class Meta:
                 raise errors.NotFound(new_name.decode(errors="replace"))
             if stat.S_ISDIR(src_mode) and await _is_ancestor(conn, src_ino, new_parent):
                 raise errors.InvalidArgument("cannot move a directory into itself")
-            if exchange:
+            if exchange and dst is not None:  # (dst is never None here: see above)
                 await _exchange(conn, old_parent, old_name, src, new_parent, new_name, dst, t)
                 return Renamed(None, None)
             replaced = None
@@ -489,7 +521,10 @@ class Meta:
                 replaced = await _replace_target(conn, src_mode, new_parent, new_name, dst, t)
             await conn.execute(
                 "UPDATE dentries SET parent = $3, name = $4 WHERE parent = $1 AND name = $2",
-                old_parent, old_name, new_parent, new_name,
+                old_parent,
+                old_name,
+                new_parent,
+                new_name,
             )
             moved_dir = stat.S_ISDIR(src_mode) and old_parent != new_parent
             await _touch_dir(conn, old_parent, t, nlink_delta=-1 if moved_dir else 0)
@@ -519,14 +554,19 @@ class Meta:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
-    ) -> "Attrs":
+    ) -> Attrs:
         """Change permission bits, owner or times; ctime moves to now (or
         ``ctime_ns``, never backwards). ``mode`` replaces the permission bits
         only, never the file type. Raises ``NotFound``.
         """
         sets = ["ctime_ns = greatest(ctime_ns, $2)"]
         args: list[object] = [ino, ctime_ns if ctime_ns is not None else now_ns()]
-        for col, value in (("uid", uid), ("gid", gid), ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+        for col, value in (
+            ("uid", uid),
+            ("gid", gid),
+            ("atime_ns", atime_ns),
+            ("mtime_ns", mtime_ns),
+        ):
             if value is not None:
                 args.append(value)
                 sets.append(f"{col} = ${len(args)}")
@@ -547,9 +587,7 @@ class Meta:
             raise errors.InvalidArgument(f"inode {ino} is not a symlink")
         return target
 
-    async def readdir(
-        self, parent: Ino, after: int, limit: int
-    ) -> list[tuple[bytes, "Attrs", int]]:
+    async def readdir(self, parent: Ino, after: int, limit: int) -> list[tuple[bytes, Attrs, int]]:
         """Up to ``limit`` entries of ``parent`` whose cookie is above ``after``,
         as ``(name, attrs, cookie)`` in cookie order.
         """
@@ -557,7 +595,9 @@ class Meta:
             f"SELECT d.name, d.cookie, {_ATTR_COLS_I} FROM dentries d "
             "JOIN inodes i ON i.ino = d.ino "
             "WHERE d.parent = $1 AND d.cookie > $2 ORDER BY d.cookie LIMIT $3",
-            parent, after, limit,
+            parent,
+            after,
+            limit,
         )
         return [(r["name"], Attrs.from_row(r), r["cookie"]) for r in rows]
 
@@ -618,7 +658,9 @@ class Meta:
             await conn.execute(
                 "INSERT INTO xattrs (ino, name, value) VALUES ($1, $2, $3) "
                 "ON CONFLICT (ino, name) DO UPDATE SET value = $3",
-                ino, name, value,
+                ino,
+                name,
+                value,
             )
             await conn.execute("UPDATE inodes SET ctime_ns = $2 WHERE ino = $1", ino, t)
 
@@ -640,7 +682,7 @@ class Meta:
 
     # ------------------------------------------------------ file content
 
-    async def chunk_map(self, ino: Ino) -> "ChunkMap":
+    async def chunk_map(self, ino: Ino) -> ChunkMap:
         """The committed version of a file: size, digest and its chunks with
         the nodes holding each. Raises ``NotFound``.
         """
@@ -666,9 +708,17 @@ class Meta:
             size=head["size"],
             sha256=head["sha256"],
             chunks=tuple(
-                ChunkRef(r["chunk_index"], r["offset"], r["length"], bytes(r["chunk_id"]),
-                         tuple(r["nodes"]), r["block_sha256"], ring.to_unsigned(r["ring_key"]))
-                for r in rows if r["chunk_index"] is not None
+                ChunkRef(
+                    r["chunk_index"],
+                    r["offset"],
+                    r["length"],
+                    bytes(r["chunk_id"]),
+                    tuple(r["nodes"]),
+                    r["block_sha256"],
+                    ring.to_unsigned(r["ring_key"]),
+                )
+                for r in rows
+                if r["chunk_index"] is not None
             ),
         )
 
@@ -694,6 +744,7 @@ class Meta:
         it, when a chunk it found unused can have a committed user now only
         through an upload that gc's delete guard refuses to undo.
         """
+
         async def body(conn: Connection) -> tuple[int, dict[bytes, tuple[str, ...]]]:
             ids = sorted(set(chunk_ids))
             session = await conn.fetchval(_BEGIN_UPLOAD, ino, float(ttl_s), ids)
@@ -703,7 +754,8 @@ class Meta:
                    WHERE r.chunk_id = ANY ($1::bytea[])
                      AND EXISTS (SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)
                    GROUP BY r.chunk_id HAVING count(*) >= $2""",
-                ids, replicas,
+                ids,
+                replicas,
             )
             return session, {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows}
 
@@ -727,12 +779,12 @@ class Meta:
         size: int,
         sha256: bytes,
         chunks: Sequence[tuple[int, int, int, bytes, bytes | None, int]],
-        replicas: dict[bytes, Sequence[str]],
+        replicas: Mapping[bytes, Sequence[str]],
         mtime_ns: int,
         max_file_size: int,
         ctime_ns: int | None = None,
         changes: Mapping[str, int] | None = None,
-    ) -> "Attrs":
+    ) -> Attrs:
         """Switch a file to a new version in one transaction: the chunk map
         (``(index, offset, length, chunk_id, block_digests, ring_position)``
         rows), the replicas just written, size, digest, times (ns; ctime, by
@@ -780,11 +832,20 @@ class Meta:
                     ON CONFLICT (ino, chunk_index) DO UPDATE SET "offset" = excluded."offset",
                         length = excluded.length, chunk_id = excluded.chunk_id)
                 SELECT * FROM i""",
-            ino, size, sha256 if size else None, mtime_ns, session_id,
-            list(objects), [o[0] for o in objects.values()],
-            [c for c, _ in pairs], [n for _, n in pairs],
-            [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
-            [c[3] for c in chunks], [o[1] for o in objects.values()],
+            ino,
+            size,
+            sha256 if size else None,
+            mtime_ns,
+            session_id,
+            list(objects),
+            [o[0] for o in objects.values()],
+            [c for c, _ in pairs],
+            [n for _, n in pairs],
+            [c[0] for c in chunks],
+            [c[1] for c in chunks],
+            [c[2] for c in chunks],
+            [c[3] for c in chunks],
+            [o[1] for o in objects.values()],
             [o[2] for o in objects.values()],
             mtime_ns if ctime_ns is None else ctime_ns,
             *(changes.get(k) for k in ("mode", "uid", "gid", "atime_ns")),
@@ -810,6 +871,7 @@ class Meta:
                  AND last_heartbeat > now() - make_interval(secs => $1)""",
             HEARTBEAT_TIMEOUT_S,
         )
+        assert row is not None  # an aggregate without GROUP BY gives one row
         r = max(1, row["r"] or 1)
         return row["cap"] // r, row["free"] // r, row["inodes"]
 
@@ -819,6 +881,7 @@ class Meta:
             "SELECT count(*) AS n, coalesce(sum(size), 0)::bigint AS b FROM inodes "
             "WHERE mode & 61440 = 32768"
         )
+        assert row is not None  # an aggregate without GROUP BY gives one row
         return row["n"], row["b"]
 
     async def chunk_counts(self) -> dict[str, int]:
@@ -853,7 +916,8 @@ class Meta:
                                  JOIN upload_sessions u USING (session_id)
                                  WHERE s.chunk_id = id AND u.status IN ('pending', 'uploading')
                                    AND u.expires_at >= now())""",
-            list(chunk_ids), node_id,
+            list(chunk_ids),
+            node_id,
         )
         return {bytes(r["id"]) for r in rows}
 
@@ -877,7 +941,8 @@ class Meta:
         """Record that ``node_id`` holds a durable copy of ``chunk_id``."""
         await self.db.execute(
             "INSERT INTO chunk_replicas (chunk_id, node_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            chunk_id, node_id,
+            chunk_id,
+            node_id,
         )
 
     async def drop_replica(self, chunk_id: bytes, node_id: str) -> None:
@@ -902,10 +967,13 @@ class Meta:
                WHERE o.chunk_id > $1
                  AND EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = o.chunk_id)
                GROUP BY o.chunk_id ORDER BY o.chunk_id LIMIT $2""",
-            after, limit,
+            after,
+            limit,
         )
-        return [(bytes(r["chunk_id"]), r["length"], ring.to_unsigned(r["ring_key"]),
-                 tuple(r["nodes"])) for r in rows]
+        return [
+            (bytes(r["chunk_id"]), r["length"], ring.to_unsigned(r["ring_key"]), tuple(r["nodes"]))
+            for r in rows
+        ]
 
     async def inode_problems(self) -> list[tuple[int, str, bool]]:
         """Metadata invariants that do not hold, as ``(ino, what, serious)``: link
@@ -958,8 +1026,17 @@ class Meta:
 # ------------------------------------------------------------- records
 
 _ATTR_FIELDS = (
-    "ino", "mode", "uid", "gid", "nlink", "size", "rdev",
-    "atime_ns", "mtime_ns", "ctime_ns", "version",
+    "ino",
+    "mode",
+    "uid",
+    "gid",
+    "nlink",
+    "size",
+    "rdev",
+    "atime_ns",
+    "mtime_ns",
+    "ctime_ns",
+    "version",
 )
 _ATTR_COLS = ", ".join(_ATTR_FIELDS)
 _S_IFMT = 0o170000  # the file type bits of a mode
@@ -983,7 +1060,7 @@ class Attrs:
     version: int
 
     @classmethod
-    def from_row(cls, row: Record) -> "Attrs":
+    def from_row(cls, row: Record) -> Attrs:
         return cls(**{f: row[f] for f in _ATTR_FIELDS})
 
 
@@ -1027,6 +1104,7 @@ class ChunkMap:
 
 
 # ------------------------------------------------- transaction helpers
+
 
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
@@ -1088,7 +1166,9 @@ async def _insert_dentry(conn: Connection, parent: Ino, name: bytes, ino: int) -
     done = await conn.fetchval(
         "INSERT INTO dentries (parent, name, ino) VALUES ($1, $2, $3) "
         "ON CONFLICT DO NOTHING RETURNING true",
-        parent, name, ino,
+        parent,
+        name,
+        ino,
     )
     if not done:
         raise errors.Exists(name.decode(errors="replace"))
@@ -1097,7 +1177,9 @@ async def _insert_dentry(conn: Connection, parent: Ino, name: bytes, ino: int) -
 async def _touch_dir(conn: Connection, ino: Ino, t: int, nlink_delta: int = 0) -> None:
     await conn.execute(
         "UPDATE inodes SET mtime_ns = $2, ctime_ns = $2, nlink = nlink + $3 WHERE ino = $1",
-        ino, t, nlink_delta,
+        ino,
+        t,
+        nlink_delta,
     )
 
 
@@ -1105,7 +1187,8 @@ async def _dentry(conn: Connection, parent: Ino, name: bytes) -> tuple[int, int]
     row = await conn.fetchrow(
         "SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino "
         "WHERE d.parent = $1 AND d.name = $2 FOR UPDATE OF i",
-        parent, name,
+        parent,
+        name,
     )
     return (row["ino"], row["mode"]) if row else None
 
@@ -1120,20 +1203,25 @@ async def _drop_link(conn: Connection, ino: int, mode: int, t: int) -> Record:
     return await conn.fetchrow(
         f"""UPDATE inodes SET nlink = CASE WHEN $3 THEN 0 ELSE nlink - 1 END, ctime_ns = $2
             WHERE ino = $1 RETURNING {_ATTR_COLS}""",
-        ino, t, stat.S_ISDIR(mode),
+        ino,
+        t,
+        stat.S_ISDIR(mode),
     )
 
 
 async def _is_ancestor(conn: Connection, ancestor: int, ino: int) -> bool:
     """Whether directory ``ancestor`` is ``ino`` or one of its ancestors."""
-    return bool(await conn.fetchval(
-        """WITH RECURSIVE up(ino) AS (
+    return bool(
+        await conn.fetchval(
+            """WITH RECURSIVE up(ino) AS (
                SELECT $2::bigint
                UNION SELECT d.parent FROM dentries d JOIN up ON d.ino = up.ino
                WHERE up.ino <> 1)
            SELECT true FROM up WHERE ino = $1 LIMIT 1""",
-        ancestor, ino,
-    ))
+            ancestor,
+            ino,
+        )
+    )
 
 
 async def _replace_target(
@@ -1155,8 +1243,13 @@ async def _replace_target(
 
 async def _exchange(
     conn: Connection,
-    old_parent: Ino, old_name: bytes, src: tuple[int, int],
-    new_parent: Ino, new_name: bytes, dst: tuple[int, int], t: int,
+    old_parent: Ino,
+    old_name: bytes,
+    src: tuple[int, int],
+    new_parent: Ino,
+    new_name: bytes,
+    dst: tuple[int, int],
+    t: int,
 ) -> None:
     """RENAME_EXCHANGE: the two names swap inodes."""
     if stat.S_ISDIR(dst[1]) and await _is_ancestor(conn, dst[0], old_parent):

@@ -9,8 +9,9 @@ connection errors, timeouts) ``StorageError``; each message names the node.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterable, AsyncIterator, NoReturn
+from typing import Any, NoReturn
 
 import httpx
 
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 
 # One pool per node. Idle connections are dropped before the server's own
 # keep-alive timeout (75 s), so a request never lands on a closing socket.
-DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=16, keepalive_expiry=30.0)
+DEFAULT_LIMITS = httpx.Limits(
+    max_connections=32, max_keepalive_connections=16, keepalive_expiry=30.0
+)
 _STATUS_ERRORS: dict[int, type[StorageError]] = {
     404: ChunkMissing,
     422: DigestMismatch,
@@ -61,7 +64,7 @@ class NodeClient:
     def __repr__(self) -> str:
         return f"NodeClient({self.base_url!r})"
 
-    async def __aenter__(self) -> "NodeClient":
+    async def __aenter__(self) -> NodeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -93,7 +96,9 @@ class NodeClient:
         try:
             return await self._client.request(method, self._url(path), headers=headers, **kwargs)
         except httpx.HTTPError as exc:
-            raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(
+                f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     # ---------------------------------------------------------------- API
 
@@ -109,7 +114,9 @@ class NodeClient:
         cid = _hex(chunk_id)
         what = f"PUT chunk {cid}"
         headers = {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
-        response = await self._request(what, "PUT", f"/v1/chunks/{cid}", content=content, headers=headers)
+        response = await self._request(
+            what, "PUT", f"/v1/chunks/{cid}", content=content, headers=headers
+        )
         if response.status_code in (200, 201):
             return response.status_code == 201
         self._fail(what, response)
@@ -131,7 +138,10 @@ class NodeClient:
         body = b"".join(parts)
         what = f"batch PUT of {len(items)} chunks"
         response = await self._request(
-            what, "POST", "/v1/chunks:batch", content=body,
+            what,
+            "POST",
+            "/v1/chunks:batch",
+            content=body,
             headers={"Content-Type": "application/octet-stream"},
         )
         if response.status_code != 200:
@@ -170,7 +180,9 @@ class NodeClient:
         what = f"GET chunk {cid}"
         headers = {**self._auth, **_range_header(start, end)}
         try:
-            async with self._client.stream("GET", self._url(f"/v1/chunks/{cid}"), headers=headers) as response:
+            async with self._client.stream(
+                "GET", self._url(f"/v1/chunks/{cid}"), headers=headers
+            ) as response:
                 if response.status_code not in (200, 206) or (
                     response.status_code == 200 and (start or end is not None)
                 ):
@@ -178,14 +190,18 @@ class NodeClient:
                     self._fail(what, response)
                 yield self._pieces(what, response)
         except httpx.HTTPError as exc:
-            raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(
+                f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def _pieces(self, what: str, response: httpx.Response) -> AsyncIterator[bytes]:
         try:
             async for data in response.aiter_bytes():
                 yield data
         except httpx.HTTPError as exc:
-            raise StorageError(f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(
+                f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def get_batch(self, chunk_ids: list[bytes]) -> dict[bytes, bytes]:
         """Several whole chunks in one request: ``{chunk_id: bytes}``.
@@ -201,9 +217,9 @@ class NodeClient:
             self._fail(what, response)
         out, body, pos = {}, response.content, 0
         while pos + 72 <= len(body):
-            cid = bytes.fromhex(body[pos:pos + 64].decode("ascii"))
-            size = int.from_bytes(body[pos + 64:pos + 72], "big")
-            out[cid] = body[pos + 72:pos + 72 + size]
+            cid = bytes.fromhex(body[pos : pos + 64].decode("ascii"))
+            size = int.from_bytes(body[pos + 64 : pos + 72], "big")
+            out[cid] = body[pos + 72 : pos + 72 + size]
             pos += 72 + size
         return out
 
@@ -270,6 +286,6 @@ def _range_header(start: int, end: int | None) -> dict[str, str]:
 def _error_text(response: httpx.Response) -> str:
     try:
         message = response.json().get("error")
-    except Exception:  # not JSON, or a streamed body not read
+    except Exception:  # noqa: BLE001 - not JSON, or a streamed body not read
         message = None
     return f" ({message})" if message else ""

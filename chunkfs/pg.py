@@ -10,8 +10,9 @@ asyncio side, so a whole transaction costs one trio/asyncio crossing.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import trio
@@ -22,8 +23,8 @@ from .errors import ChunkfsError, MetadataUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Record = asyncpg.Record
-Connection = asyncpg.Connection
+Record: TypeAlias = asyncpg.Record
+Connection: TypeAlias = asyncpg.Connection
 UniqueViolationError = asyncpg.UniqueViolationError
 
 # Errors after which the same transaction, run again, may well succeed.
@@ -84,8 +85,11 @@ class _Connections:
                 # connection, a timeout or a cancellation may not, and a
                 # server past its deadline is not asked to clean up.
                 refused = isinstance(exc, (ChunkfsError, asyncpg.PostgresError))
-                await self._put_back(conn, keep=refused and not isinstance(exc, _UNAVAILABLE),
-                                     close=isinstance(exc, trio.TooSlowError))
+                await self._put_back(
+                    conn,
+                    keep=refused and not isinstance(exc, _UNAVAILABLE),
+                    close=isinstance(exc, trio.TooSlowError),
+                )
                 raise
             await self._put_back(conn, keep=True)
 
@@ -101,7 +105,8 @@ class _Connections:
                 if close:
                     conn.terminate()
                 await trio_asyncio.aio_as_trio(self.pool.release)(
-                    conn, timeout=self._release_timeout)
+                    conn, timeout=self._release_timeout
+                )
             except Exception as exc:  # noqa: BLE001 - the pool replaces it either way
                 log.debug("releasing a broken connection: %s", exc)
 
@@ -128,15 +133,28 @@ class Database:
     after the rollback.
     """
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, durable: asyncpg.Pool | None = None,
-                 *, size: int = 8, durable_size: int = 2, command_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dsn: str,
+        durable: asyncpg.Pool | None = None,
+        *,
+        size: int = 8,
+        durable_size: int = 2,
+        command_timeout: float = 30.0,
+    ) -> None:
         self._pool = _Connections(pool, size, command_timeout)
-        self._durable = (_Connections(durable, durable_size, command_timeout)
-                         if durable is not None else self._pool)
+        self._durable = (
+            _Connections(durable, durable_size, command_timeout)
+            if durable is not None
+            else self._pool
+        )
         self.dsn = dsn
         self.command_timeout = command_timeout
 
-    async def _on_connection(self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False) -> T:
+    async def _on_connection(
+        self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False
+    ) -> T:
         """``fn(conn)``, run on the asyncio side with a connection of the chosen pool."""
         # The deadline is kept here rather than by asyncpg's command_timeout,
         # whose asyncio timer per statement costs, through trio-asyncio, about
@@ -271,16 +289,26 @@ async def open_database(
         try:
             with trio.fail_after(2 * connect_timeout + 1):
                 if async_commit:
-                    pool = await trio_asyncio.aio_as_trio(create)(max_size, {"synchronous_commit": "off"})
-                    durable = await trio_asyncio.aio_as_trio(create)(2, {"synchronous_commit": "on"})
+                    pool = await trio_asyncio.aio_as_trio(create)(
+                        max_size, {"synchronous_commit": "off"}
+                    )
+                    durable = await trio_asyncio.aio_as_trio(create)(
+                        2, {"synchronous_commit": "on"}
+                    )
                 else:
                     pool = durable = await trio_asyncio.aio_as_trio(create)(max_size, {})
         except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
             raise MetadataUnavailable(
                 f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {exc or type(exc).__name__}"
             ) from None
-        db = Database(pool, dsn, durable if durable is not pool else None,
-                      size=max_size, durable_size=2, command_timeout=command_timeout)
+        db = Database(
+            pool,
+            dsn,
+            durable if durable is not pool else None,
+            size=max_size,
+            durable_size=2,
+            command_timeout=command_timeout,
+        )
         try:
             yield db
         finally:

@@ -13,8 +13,8 @@ upload session (inode 0) keeps gc off the chunk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from . import errors
 from .fsck import CORRUPT, ObjectState, node_listings, scan
@@ -55,8 +55,13 @@ async def copy_replica(
                 async with store.client(source).stream(state.chunk_id) as pieces:
                     await store.client(target).put(state.chunk_id, pieces, state.length)
             except errors.StorageError as exc:
-                log.warning("copy of chunk %s from %s to %s failed: %s",
-                            state.chunk_id.hex()[:16], source, target, exc)
+                log.warning(
+                    "copy of chunk %s from %s to %s failed: %s",
+                    state.chunk_id.hex()[:16],
+                    source,
+                    target,
+                    exc,
+                )
                 continue
             await meta.add_replica(state.chunk_id, target)
             state.good.append(target)
@@ -80,7 +85,9 @@ async def drop_replica(meta: Meta, store: ChunkStore, chunk_id: bytes, node_id: 
 Act = Callable[[ChunkStore, ObjectState, MoveReport, int], Awaitable[None]]
 
 
-async def _walk(meta: Meta, act: Act, *, verify: bool, progress: Callable[[int], None]) -> MoveReport:
+async def _walk(
+    meta: Meta, act: Act, *, verify: bool, progress: Callable[[int], None]
+) -> MoveReport:
     """Scan every used chunk object and ``act`` on each that has a good replica."""
     report = MoveReport()
     ttl_s = (await meta.settings()).upload_ttl_s
@@ -106,6 +113,7 @@ async def repair(meta: Meta, *, progress: Callable[[int], None] = lambda n: None
     is read and hashed; corrupt and missing ones are dropped, and good
     copies made from a good holder. ``progress`` gets objects done.
     """
+
     async def act(store: ChunkStore, state: ObjectState, report: MoveReport, ttl_s: int) -> None:
         for node_id, reason in sorted(state.bad.items()):
             if reason == CORRUPT:
@@ -128,6 +136,7 @@ async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: N
     ring): copy to each owner lacking one, then drop the replicas held
     elsewhere. About 1/N of the replicas move when an N-th node joins.
     """
+
     async def act(store: ChunkStore, state: ObjectState, report: MoveReport, ttl_s: int) -> None:
         owners = store.placement(state.position)[: store.replicas]
         for target in owners:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from typing import Collection, Iterable
+from collections.abc import Collection, Iterable
 
 VNODES_PER_NODE = 150
 _SPAN = 1 << 64
@@ -68,7 +68,7 @@ class Ring:
         self.node_ids = frozenset(self._nodes)
 
     @classmethod
-    def for_nodes(cls, node_ids: Iterable[str]) -> "Ring":
+    def for_nodes(cls, node_ids: Iterable[str]) -> Ring:
         """A ring with the standard vnodes of each node."""
         return cls((p, n) for n in node_ids for p in vnode_positions(n))
 
@@ -90,9 +90,7 @@ class Ring:
                 if len(seen) == len(self.node_ids):
                     return
 
-    def owners(
-        self, pos: int, count: int, active: Collection[str] | None = None
-    ) -> list[str]:
+    def owners(self, pos: int, count: int, active: Collection[str] | None = None) -> list[str]:
         """The first ``count`` distinct nodes clockwise from ring position ``pos``.
 
         Nodes not in ``active`` (when given) are passed over, so the next node

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Any, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -24,9 +25,11 @@ class Spool:
     """A sparse temporary file in ``cache_dir``; holes read as zeros."""
 
     def __init__(self, cache_dir: str) -> None:
-        self._fd = os.open(cache_dir, os.O_TMPFILE | os.O_RDWR, 0o600) if hasattr(
-            os, "O_TMPFILE"
-        ) else _unlinked_tempfile(cache_dir)
+        self._fd = (
+            os.open(cache_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+            if hasattr(os, "O_TMPFILE")
+            else _unlinked_tempfile(cache_dir)
+        )
 
     def fileno(self) -> int:
         """The spool's file descriptor."""

@@ -10,12 +10,13 @@ Content-addressed chunks never change, so what it caches is valid for ever.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterable, Callable, Sequence
 
 import httpx
 import trio
@@ -54,6 +55,14 @@ class PutItem:
     position: int
     data: bytes | None = None
     stream: Callable[[], AsyncIterable[bytes]] | None = None
+
+    def content(self) -> bytes | AsyncIterable[bytes]:
+        """The bytes, or a fresh stream of them."""
+        if self.data is not None:
+            return self.data
+        if self.stream is None:
+            raise ValueError("a PutItem needs data or a stream")
+        return self.stream()
 
 
 class _LRU:
@@ -110,7 +119,9 @@ class ChunkStore:
         self._ring = ring.Ring([])
         self._cache = _LRU(cache_bytes)
         self._inflight: dict[object, trio.Event] = {}
-        self._next_window: dict[bytes, int] = {}  # per chunk: the window a sequential reader wants next
+        self._next_window: dict[
+            bytes, int
+        ] = {}  # per chunk: the window a sequential reader wants next
         self._limiter = trio.CapacityLimiter(max_requests)
         self._http = httpx.AsyncClient(
             timeout=timeout,
@@ -118,7 +129,7 @@ class ChunkStore:
         )
 
     @classmethod
-    async def for_maintenance(cls, meta: Meta) -> "ChunkStore":
+    async def for_maintenance(cls, meta: Meta) -> ChunkStore:
         """A store for gc, fsck and replica moves: settings and nodes read
         fresh from PostgreSQL, 60 s per node request. Close it with ``aclose``.
         """
@@ -210,10 +221,14 @@ class ChunkStore:
             raise
         return done
 
-    async def _put_batch(self, node_id: str, batch: list[PutItem], done: dict[bytes, list[str]]) -> None:
+    async def _put_batch(
+        self, node_id: str, batch: list[PutItem], done: dict[bytes, list[str]]
+    ) -> None:
         try:
             async with self._limiter:
-                await self.client(node_id).put_batch([(i.chunk_id, i.data) for i in batch])
+                await self.client(node_id).put_batch(
+                    [(i.chunk_id, i.data) for i in batch if i.data is not None]
+                )
         except errors.ChunkfsError as exc:
             log.warning("batch put of %d chunks on node %s failed: %s", len(batch), node_id, exc)
             return  # each chunk falls back to the next nodes on the ring
@@ -242,12 +257,14 @@ class ChunkStore:
     async def _put_replica(
         self, node_id: str, item: PutItem, done: list[str], failures: list[errors.ChunkfsError]
     ) -> None:
-        content = item.data if item.data is not None else item.stream()
+        content = item.content()
         try:
             async with self._limiter:
                 await self.client(node_id).put(item.chunk_id, content, item.length)
         except errors.ChunkfsError as exc:
-            log.warning("put of chunk %s on node %s failed: %s", item.chunk_id.hex()[:16], node_id, exc)
+            log.warning(
+                "put of chunk %s on node %s failed: %s", item.chunk_id.hex()[:16], node_id, exc
+            )
             failures.append(exc)
         else:
             done.append(node_id)
@@ -277,7 +294,7 @@ class ChunkStore:
             if len(self._next_window) > 4096:
                 self._next_window.clear()
             self._next_window[ref.chunk_id] = w + 1
-            out.append(data[max(start, w_start) - w_start: min(end, w_end) - w_start])
+            out.append(data[max(start, w_start) - w_start : min(end, w_end) - w_start])
         return b"".join(out)
 
     async def _window(self, ref: ChunkRef, w: int) -> bytes:
@@ -291,10 +308,8 @@ class ChunkStore:
         last = min(w + READ_AHEAD, (ref.length - 1) // WINDOW)
 
         async def one(n: int) -> None:
-            try:
+            with contextlib.suppress(errors.ChunkfsError):
                 await self._window(ref, n)
-            except errors.ChunkfsError:
-                pass
 
         async with trio.open_nursery() as nursery:
             for n in range(w, last + 1):
@@ -308,8 +323,10 @@ class ChunkStore:
         """
         await self.refresh()
         todo = {
-            r.chunk_id: r for r in refs
-            if 0 < r.length <= WHOLE_FETCH_MAX and self._cache.get(r.chunk_id) is None
+            r.chunk_id: r
+            for r in refs
+            if 0 < r.length <= WHOLE_FETCH_MAX
+            and self._cache.get(r.chunk_id) is None
             and r.chunk_id not in self._inflight
         }
         live = self.live_nodes()
@@ -344,9 +361,13 @@ class ChunkStore:
             if data is not None and hashlib.sha256(data).digest() == ref.chunk_id:
                 self._cache.put(ref.chunk_id, data)
             else:
-                log.error("chunk %s from node %s does not match its digest", ref.chunk_id.hex()[:16], node_id)
+                log.error(
+                    "chunk %s from node %s does not match its digest",
+                    ref.chunk_id.hex()[:16],
+                    node_id,
+                )
 
-    async def _cached(self, key: object, fetch: Callable[[], "trio.Awaitable[bytes]"]) -> bytes:
+    async def _cached(self, key: object, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
         """One fetch per key at a time; later callers wait and share it."""
         while True:
             data = self._cache.get(key)
@@ -375,14 +396,24 @@ class ChunkStore:
                     data = await self.client(node_id).get(ref.chunk_id, start, end)
             except errors.ChunkfsError as exc:
                 last_error = exc
-                log.warning("read of chunk %s from node %s failed: %s", ref.chunk_id.hex()[:16], node_id, exc)
+                log.warning(
+                    "read of chunk %s from node %s failed: %s",
+                    ref.chunk_id.hex()[:16],
+                    node_id,
+                    exc,
+                )
                 continue
             if len(data) != end - start or not (
-                _verified(ref, start, data, whole) if len(data) <= HASH_INLINE_MAX
+                _verified(ref, start, data, whole)
+                if len(data) <= HASH_INLINE_MAX
                 else await trio.to_thread.run_sync(_verified, ref, start, data, whole)
             ):
                 last_error = errors.DigestMismatch(f"node {node_id} returned bad bytes")
-                log.error("chunk %s from node %s does not match its digest", ref.chunk_id.hex()[:16], node_id)
+                log.error(
+                    "chunk %s from node %s does not match its digest",
+                    ref.chunk_id.hex()[:16],
+                    node_id,
+                )
                 continue
             return data
         raise errors.StorageError(
@@ -407,12 +438,19 @@ def _verified(ref: ChunkRef, start: int, data: bytes, whole: bool) -> bool:
     if whole:
         return hashlib.sha256(data).digest() == ref.chunk_id
     end = start + len(data)
-    if ref.blocks is None or start % layout.BLOCK_SIZE or (
-        end != ref.length and end % layout.BLOCK_SIZE
+    if (
+        ref.blocks is None
+        or start % layout.BLOCK_SIZE
+        or (end != ref.length and end % layout.BLOCK_SIZE)
     ):
         return False  # nothing to check these bytes against
     size = layout.DIGEST_SIZE
-    for n, pos in enumerate(range(0, len(data), layout.BLOCK_SIZE), start=start // layout.BLOCK_SIZE):
-        if hashlib.sha256(data[pos: pos + layout.BLOCK_SIZE]).digest() != ref.blocks[n * size: (n + 1) * size]:
+    for n, pos in enumerate(
+        range(0, len(data), layout.BLOCK_SIZE), start=start // layout.BLOCK_SIZE
+    ):
+        if (
+            hashlib.sha256(data[pos : pos + layout.BLOCK_SIZE]).digest()
+            != ref.blocks[n * size : (n + 1) * size]
+        ):
             return False
     return True

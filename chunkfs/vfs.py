@@ -18,9 +18,10 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import trio
 
@@ -97,8 +98,15 @@ class VFS:
     """
 
     def __init__(
-        self, meta: Meta, store: ChunkStore, settings: Settings, cache_dir: str,
-        *, attr_ttl: float = 1.0, entry_ttl: float = 1.0, cache: ContentCache | None = None,
+        self,
+        meta: Meta,
+        store: ChunkStore,
+        settings: Settings,
+        cache_dir: str,
+        *,
+        attr_ttl: float = 1.0,
+        entry_ttl: float = 1.0,
+        cache: ContentCache | None = None,
     ) -> None:
         self.meta = meta
         self.store = store
@@ -140,7 +148,7 @@ class VFS:
         f = self._files.get(attrs.ino)
         if f is None or not (f.dirty or f.pending):
             return attrs
-        changed = dict(f.pending)
+        changed: dict[str, Any] = dict(f.pending)
         if "mode" in changed:
             changed["mode"] |= attrs.mode & ~0o7777
         if f.dirty:
@@ -174,8 +182,10 @@ class VFS:
         cached = self._attrs.get(ino)
         if cached is not None:
             attrs = cached[1]
-            self._attrs[ino] = (cached[0], replace(
-                attrs, mtime_ns=now, ctime_ns=now, nlink=attrs.nlink + nlink_delta))
+            self._attrs[ino] = (
+                cached[0],
+                replace(attrs, mtime_ns=now, ctime_ns=now, nlink=attrs.nlink + nlink_delta),
+            )
 
     async def lookup(self, parent: Ino, name: bytes) -> Attrs:
         """Attributes of ``name`` in ``parent``. Raises ``NotFound``, ``NameTooLong``."""
@@ -232,9 +242,13 @@ class VFS:
             async with f.lock:  # not while a flush of the same file commits
                 if f.holds_changes:
                     attrs = await self.getattr(ino)
-                    changes = {"mode": mode & 0o7777 if mode is not None else None,
-                               "uid": uid, "gid": gid, "atime_ns": atime_ns,
-                               "mtime_ns": mtime_ns}
+                    changes = {
+                        "mode": mode & 0o7777 if mode is not None else None,
+                        "uid": uid,
+                        "gid": gid,
+                        "atime_ns": atime_ns,
+                        "mtime_ns": mtime_ns,
+                    }
                     f.pending.update((k, v) for k, v in changes.items() if v is not None)
                     if mtime_ns is not None:
                         f.mtime_ns = mtime_ns  # kept by the commit of the writes
@@ -271,8 +285,15 @@ class VFS:
     # -------------------------------------------------------- namespace
 
     async def create_node(
-        self, parent: Ino, name: bytes, mode: int, uid: int, gid: int,
-        *, rdev: int = 0, target: bytes | None = None,
+        self,
+        parent: Ino,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
     ) -> Attrs:
         """mkdir / mknod / symlink: see ``Meta.create``."""
         now = now_ns()
@@ -302,15 +323,26 @@ class VFS:
             self._unlinked.add(attrs.ino)
 
     async def rename(
-        self, old_parent: Ino, old_name: bytes, new_parent: Ino, new_name: bytes,
-        *, noreplace: bool = False, exchange: bool = False,
+        self,
+        old_parent: Ino,
+        old_name: bytes,
+        new_parent: Ino,
+        new_name: bytes,
+        *,
+        noreplace: bool = False,
+        exchange: bool = False,
     ) -> None:
         """rename(2) with its flags; see ``Meta.rename``."""
         now = now_ns()
         with self._naming(new_parent, new_name):
             done = await self.meta.rename(
-                old_parent, old_name, new_parent, new_name,
-                noreplace=noreplace, exchange=exchange, now=now,
+                old_parent,
+                old_name,
+                new_parent,
+                new_name,
+                noreplace=noreplace,
+                exchange=exchange,
+                now=now,
             )
         if done.moved is None:
             self._attrs.clear()  # a directory's move or an exchange reaches further
@@ -450,7 +482,11 @@ class VFS:
         if data is not None and len(data) == end - start:
             return data
         wanted = [
-            (ref, max(start, ref.offset) - ref.offset, min(end, ref.offset + ref.length) - ref.offset)
+            (
+                ref,
+                max(start, ref.offset) - ref.offset,
+                min(end, ref.offset + ref.length) - ref.offset,
+            )
             for ref in cmap.chunks
             if max(start, ref.offset) < min(end, ref.offset + ref.length)
         ]
@@ -539,8 +575,12 @@ class VFS:
         """
         if f.spool is None:
             return
-        if (not f.dirty and f.base.sha256 is not None and f.base_valid == f.base.size == f.size
-                and len(f.loaded) == len(f.base.chunks)):
+        if (
+            not f.dirty
+            and f.base.sha256 is not None
+            and f.base_valid == f.base.size == f.size
+            and len(f.loaded) == len(f.base.chunks)
+        ):
             self.cache.adopt(f.spool.fileno(), f.base.sha256, f.size)
         f.spool.close()
         f.spool = None
@@ -576,7 +616,7 @@ class VFS:
             stop = min(ext.end, f.base_valid)
             for pos in range(ext.offset, stop, WINDOW):
                 piece = await self._read_base(f.base, pos, min(pos + WINDOW, stop))
-                f.spool.pwrite(pos, piece)
+                self._spool(f).pwrite(pos, piece)
             f.loaded.add(ext.index)
 
     # ------------------------------------------------------------ commit
@@ -592,27 +632,32 @@ class VFS:
             exts = layout.extents(f.size)
             if f.size <= SMALL_COMMIT_MAX:
                 # Read and hashed on the event loop: cheaper than thread trips.
-                content = f.spool.pread(0, f.size).ljust(f.size, b"\0")
+                content = self._spool(f).pread(0, f.size).ljust(f.size, b"\0")
                 ids, blocks = extent_digests(
-                    lambda offset, length: content[offset: offset + length], exts
+                    lambda offset, length: content[offset : offset + length], exts
                 )
                 digest = hashlib.sha256(content).digest()
             else:
                 content = None
-                ids, blocks, digest = await f.spool.digests(exts)
+                ids, blocks, digest = await self._spool(f).digests(exts)
             t1 = time.perf_counter()
             known = {c.chunk_id: c.nodes for c in f.base.chunks}
-            fresh = [(e, i) for e, i in zip(exts, ids) if i not in known]
+            fresh = [(e, i) for e, i in zip(exts, ids, strict=False) if i not in known]
             session, reusable = await self.meta.begin_commit(
                 f.ino, [i for _, i in fresh], self.settings.upload_ttl_s, self.store.replicas
             )
             known.update(reusable)  # identical chunks other files hold: stored once
             fresh = [(e, i) for e, i in fresh if i not in known]
-            positions = {e.index: _position(f.ino, e, i) for e, i in zip(exts, ids)}
+            positions = {e.index: _position(f.ino, e, i) for e, i in zip(exts, ids, strict=False)}
             t2 = time.perf_counter()
             try:
-                placed = await self.store.put(
-                    [await self._put_item(f, e, i, positions[e.index], content) for e, i in fresh]
+                placed: dict[bytes, Sequence[str]] = dict(
+                    await self.store.put(
+                        [
+                            await self._put_item(f, e, i, positions[e.index], content)
+                            for e, i in fresh
+                        ]
+                    )
                 )
             except errors.ChunkfsError:
                 await self._fail_upload(session)
@@ -620,12 +665,18 @@ class VFS:
             t3 = time.perf_counter()
             try:
                 attrs = await self.meta.commit_chunks(
-                    f.ino, session,
-                    size=f.size, sha256=digest,
-                    chunks=[(e.index, e.offset, e.length, i, b, positions[e.index])
-                            for e, i, b in zip(exts, ids, blocks)],
-                    replicas=placed, mtime_ns=f.mtime_ns or now_ns(),
-                    ctime_ns=f.ctime_ns or now_ns(), changes=f.pending,
+                    f.ino,
+                    session,
+                    size=f.size,
+                    sha256=digest,
+                    chunks=[
+                        (e.index, e.offset, e.length, i, b, positions[e.index])
+                        for e, i, b in zip(exts, ids, blocks, strict=False)
+                    ],
+                    replicas=placed,
+                    mtime_ns=f.mtime_ns or now_ns(),
+                    ctime_ns=f.ctime_ns or now_ns(),
+                    changes=f.pending,
                     max_file_size=self.settings.max_file_size,
                 )
             except errors.NotFound:
@@ -639,16 +690,25 @@ class VFS:
                 return
             self._remember(attrs)
             t4 = time.perf_counter()
-            log.debug("commit of inode %d: hash %.2f ms, session %.2f ms, put %.2f ms, "
-                      "metadata %.2f ms", f.ino, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                      (t3 - t2) * 1e3, (t4 - t3) * 1e3)
+            log.debug(
+                "commit of inode %d: hash %.2f ms, session %.2f ms, put %.2f ms, metadata %.2f ms",
+                f.ino,
+                (t1 - t0) * 1e3,
+                (t2 - t1) * 1e3,
+                (t3 - t2) * 1e3,
+                (t4 - t3) * 1e3,
+            )
             placed.update(known)
             f.base = ChunkMap(
-                ino=f.ino, version=attrs.version, size=f.size, sha256=digest,
+                ino=f.ino,
+                version=attrs.version,
+                size=f.size,
+                sha256=digest,
                 chunks=tuple(
-                    ChunkRef(e.index, e.offset, e.length, i, tuple(placed[i]), b,
-                             positions[e.index])
-                    for e, i, b in zip(exts, ids, blocks)
+                    ChunkRef(
+                        e.index, e.offset, e.length, i, tuple(placed[i]), b, positions[e.index]
+                    )
+                    for e, i, b in zip(exts, ids, blocks, strict=False)
                 ),
             )
             f.base_valid = f.size
@@ -671,7 +731,11 @@ class VFS:
         f.pending.clear()
 
     async def _put_item(
-        self, f: OpenFile, ext: layout.Extent, chunk_id: bytes, position: int,
+        self,
+        f: OpenFile,
+        ext: layout.Extent,
+        chunk_id: bytes,
+        position: int,
         content: bytes | None,
     ) -> PutItem:
         """What to upload for one chunk: its bytes sliced from ``content`` (the
@@ -679,13 +743,14 @@ class VFS:
         stream of them for a large chunk.
         """
         if content is not None:
-            return PutItem(chunk_id, ext.length, position, data=content[ext.offset: ext.end])
-        spool = f.spool
+            return PutItem(chunk_id, ext.length, position, data=content[ext.offset : ext.end])
+        spool = self._spool(f)
         if ext.length <= INLINE_PUT_MAX:
             data = await trio.to_thread.run_sync(spool.pread, ext.offset, ext.length)
             return PutItem(chunk_id, ext.length, position, data=data)
-        return PutItem(chunk_id, ext.length, position,
-                       stream=lambda: spool.stream(ext.offset, ext.length))
+        return PutItem(
+            chunk_id, ext.length, position, stream=lambda: spool.stream(ext.offset, ext.length)
+        )
 
     async def _fail_upload(self, session: int) -> None:
         try:

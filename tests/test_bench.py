@@ -21,21 +21,52 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
             (tree / f"d{d}" / f"f{i}.h").write_text(f"/* {d} {i} */\n" * (i + 1))
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--runs", "1", "--size-mib", "8", "--fio-mib", "8",
-         "--dirs", "2", "--files", "10", "--tree", str(tree), "--workdir", str(tmp_path),
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(BENCH),
+            "--runs",
+            "1",
+            "--size-mib",
+            "8",
+            "--fio-mib",
+            "8",
+            "--dirs",
+            "2",
+            "--files",
+            "10",
+            "--tree",
+            str(tree),
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    workloads = {"write", "read", "randread_iops", "randread_p50", "randread_p99", "cp_small",
-                 "rsync_small", "ls_lR", "find", "rm_rf", "cp_tree", "diff_tree"}
+    workloads = {
+        "write",
+        "read",
+        "randread_iops",
+        "randread_p50",
+        "randread_p99",
+        "cp_small",
+        "rsync_small",
+        "ls_lR",
+        "find",
+        "rm_rf",
+        "cp_tree",
+        "diff_tree",
+    }
     for target in ("local", "chunkfs"):
         figures = report["figures"][target]
         assert workloads <= set(figures), set(figures)
         assert all(figures[w] > 0 for w in workloads), figures
     assert report["figures"]["chunkfs"]["write_rss"] > 0  # the mount was sampled
     assert set(report["ratios"]) >= workloads
-    lines = [l.split() for l in proc.stdout.splitlines() if l.startswith("chunkfs ")]
-    assert {l[1] for l in lines} >= workloads
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("chunkfs ")]
+    assert {fields[1] for fields in lines} >= workloads
     assert not list(tmp_path.glob("chunkfs-bench-*")), "the bench left its temp dir"

@@ -81,7 +81,7 @@ def test_database_names_must_be_identifiers() -> None:
 # --------------------------------------------------------------- nodes
 
 
-def test_node_restart_keeps_its_id_port_and_data_dir(node_factory) -> None:  # type: ignore[no-untyped-def]
+def test_node_restart_keeps_its_id_port_and_data_dir(node_factory) -> None:
     node = node_factory()
     node_id, port = node.node_id, node.port
     assert node_id and node.health()["node_id"] == node_id
@@ -144,7 +144,9 @@ def test_mount_on_a_non_empty_dir_fails_clearly(
 
 
 def test_fixtures_give_six_nodes_and_two_mounts_that_agree(
-    cluster: cl.Cluster, mounted: cl.Mount, mount_factory  # type: ignore[no-untyped-def]
+    cluster: cl.Cluster,
+    mounted: cl.Mount,
+    mount_factory,
 ) -> None:
     nodes = cluster.status()["nodes"]
     assert len([n for n in nodes if n["status"] == "active"]) == 6

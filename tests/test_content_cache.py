@@ -16,6 +16,7 @@ MiB = 1 << 20
 
 def content_entries(m: cl.Mount) -> list[str]:
     """The cached contents (by SHA-256) in the mount's cache directory."""
+    assert m.cache_dir is not None
     d = m.cache_dir / "content"
     return sorted(n for n in os.listdir(d) if len(n) == 64) if d.exists() else []
 

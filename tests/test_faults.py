@@ -49,10 +49,13 @@ def chunks_of(path: Path) -> list[dict]:
 def holders(cluster: cl.Cluster, paths: list[Path]) -> list[list[str]]:
     """The recorded holders of every non-empty chunk of ``paths`` (one query)."""
     inos = ",".join(str(p.stat().st_ino) for p in paths)
-    rows = cl.run_sql(cluster.dsn, f"""
+    rows = cl.run_sql(
+        cluster.dsn,
+        f"""
         SELECT array_agg(r.node_id ORDER BY r.node_id) AS nodes FROM chunks c
         JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
-        WHERE c.ino IN ({inos}) AND c.length > 0 GROUP BY c.ino, c.chunk_index""")[0]
+        WHERE c.ino IN ({inos}) AND c.length > 0 GROUP BY c.ino, c.chunk_index""",
+    )[0]
     return [list(r["nodes"]) for r in rows]
 
 
@@ -64,6 +67,7 @@ def files_on_disk(cluster: cl.Cluster) -> dict[str, set[str]]:
     """Chunk ids each node's data directory holds."""
     out = {}
     for n in cluster.nodes:
+        assert n.node_id is not None
         root = Path(n.data_dir) / "chunks"
         out[n.node_id] = {p.name for p in root.glob("*/*")} if root.exists() else set()
     return out
@@ -97,7 +101,10 @@ def read_back(files: dict[Path, bytes], mount: cl.Mount, old_root: Path) -> None
 
 def wait_down(cluster: cl.Cluster, node_id: str) -> None:
     def down() -> bool:
-        return any(n["id"] == node_id and n["status"] != "active" for n in cluster.status()["nodes"])
+        return any(
+            n["id"] == node_id and n["status"] != "active" for n in cluster.status()["nodes"]
+        )
+
     cl.wait_until(down, LIVE_TIMEOUT, f"node {node_id} to be seen as down", 0.5)
 
 
@@ -203,7 +210,9 @@ def test_a_hung_node_does_not_hang_reads_or_writes(cluster, mounted, fresh):
     assert_clean(cluster)
 
 
-def test_fewer_than_r_reachable_nodes_fail_close_with_eio_and_keep_the_old_version(cluster, mounted, fresh):
+def test_fewer_than_r_reachable_nodes_fail_close_with_eio_and_keep_the_old_version(
+    cluster, mounted, fresh
+):
     f = mounted / "keep"
     old = os.urandom(300_000)
     f.write_bytes(old)
@@ -226,21 +235,27 @@ def test_fewer_than_r_reachable_nodes_fail_close_with_eio_and_keep_the_old_versi
 
 def _wait_for_upload(cluster: cl.Cluster, ino: int, timeout: float = 120.0) -> None:
     def uploading() -> bool:
-        rows = cl.run_sql(cluster.dsn, f"SELECT count(*) AS n FROM upload_sessions "
-                                       f"WHERE ino = {ino} AND status = 'uploading'")[0]
+        rows = cl.run_sql(
+            cluster.dsn,
+            f"SELECT count(*) AS n FROM upload_sessions WHERE ino = {ino} AND status = 'uploading'",
+        )[0]
         return rows[0]["n"] > 0
+
     cl.wait_until(uploading, timeout, "an upload session", 0.05)
 
 
 def _writer(path: Path, size: int) -> subprocess.Popen[bytes]:
     """A process that overwrites ``path`` with ``size`` random bytes and closes it."""
-    code = ("import os, sys\n"
-            "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
-            "for _ in range(int(sys.argv[2]) // (1 << 20)):\n"
-            "    os.write(fd, os.urandom(1 << 20))\n"
-            "os.close(fd)\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(path), str(size)],
-                            stderr=subprocess.DEVNULL)
+    code = (
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
+        "for _ in range(int(sys.argv[2]) // (1 << 20)):\n"
+        "    os.write(fd, os.urandom(1 << 20))\n"
+        "os.close(fd)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(path), str(size)], stderr=subprocess.DEVNULL
+    )
 
 
 def _expire_sessions_and_gc(cluster: cl.Cluster) -> None:
@@ -251,9 +266,12 @@ def _expire_sessions_and_gc(cluster: cl.Cluster) -> None:
 
 def _assert_no_orphans(cluster: cl.Cluster) -> None:
     """Every chunk file on every node is a recorded replica of a chunk a file uses."""
-    rows = cl.run_sql(cluster.dsn, "SELECT encode(r.chunk_id, 'hex') AS c, r.node_id AS n "
-                                   "FROM chunk_replicas r WHERE EXISTS "
-                                   "(SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)")[0]
+    rows = cl.run_sql(
+        cluster.dsn,
+        "SELECT encode(r.chunk_id, 'hex') AS c, r.node_id AS n "
+        "FROM chunk_replicas r WHERE EXISTS "
+        "(SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)",
+    )[0]
     recorded: dict[str, set[str]] = {}
     for r in rows:
         recorded.setdefault(r["n"], set()).add(r["c"])
@@ -297,6 +315,7 @@ def test_a_node_killed_mid_upload_fails_over_or_fails_cleanly(cluster, mounted, 
 
         def receiving() -> list[cl.NodeProcess]:
             return [n for n in cluster.nodes if any((Path(n.data_dir) / "tmp").iterdir())]
+
         cl.wait_until(lambda: bool(receiving()), 60, "a node receiving a chunk", 0.01)
         victim = receiving()[0]
         victim.kill()
@@ -390,7 +409,7 @@ def test_a_postgresql_that_stops_answering_gives_eio_after_pg_timeout(tmp_path, 
     with cl.Cluster(tmp_path / "pg", nodes=2, replicas=2, fast=True) as c:
         m = c.mount(tmp_path / "pg-mnt", ["pg_timeout=2"])
         (m / "before").write_bytes(b"x" * 1000)
-        seen: dict[str, float] = {}
+        seen: dict[str, float | int | None] = {}
 
         def probe() -> None:
             start = time.monotonic()
@@ -456,8 +475,10 @@ def test_rebalance_after_a_seventh_node_then_drain_and_remove(cluster, mounted, 
     # A node that holds the only copy of a chunk is not removed.
     c = chunks_of(mounted / "rb" / "f0")[0]
     keep, other = c["nodes"]
-    cl.run_sql(cluster.dsn, f"DELETE FROM chunk_replicas WHERE node_id = '{other}' "
-                            f"AND chunk_id = '\\x{c['sha256']}'")
+    cl.run_sql(
+        cluster.dsn,
+        f"DELETE FROM chunk_replicas WHERE node_id = '{other}' AND chunk_id = '\\x{c['sha256']}'",
+    )
     proc = chunkfs("node", "remove", cluster.dsn, keep)
     assert proc.returncode == 1 and "only copy" in proc.stderr
     assert chunkfs("repair", cluster.dsn).returncode == 0

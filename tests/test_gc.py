@@ -9,15 +9,18 @@ from pathlib import Path
 import trio
 
 from chunkfs import cluster as cl
-from chunkfs.meta import Meta
+from chunkfs.meta import Ino, Meta
 from chunkfs.nodeclient import NodeClient
 from chunkfs.pg import open_database
 
 
 def on_disk(cluster: cl.Cluster, chunk_id: str) -> list[str]:
     """Ids of the nodes whose data directory holds the chunk file."""
-    return [n.node_id for n in cluster.nodes
-            if (Path(n.data_dir) / "chunks" / chunk_id[:2] / chunk_id).exists()]
+    return [
+        str(n.node_id)
+        for n in cluster.nodes
+        if (Path(n.data_dir) / "chunks" / chunk_id[:2] / chunk_id).exists()
+    ]
 
 
 def chunk_ids(path: Path) -> set[str]:
@@ -30,7 +33,7 @@ async def orphan_and_session(dsn: str, orphan: bytes, protected: bytes) -> None:
         meta = Meta(db)
         settings = await meta.settings()
         node = (await meta.nodes())[0]
-        await meta.begin_upload(1, [hashlib.sha256(protected).digest()], 3600)
+        await meta.begin_upload(Ino(1), [hashlib.sha256(protected).digest()], 3600)
         client = NodeClient(node.base_url, settings.cluster_token)
         try:
             for data in (orphan, protected):

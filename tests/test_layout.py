@@ -1,7 +1,10 @@
 """Cutting a file into six chunks."""
 
+import itertools
+
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chunkfs import layout
 
@@ -11,7 +14,7 @@ def test_six_contiguous_extents_tile_the_file(size):
     exts = layout.extents(size)
     assert [e.index for e in exts] == list(range(6))
     assert exts[0].offset == 0
-    for a, b in zip(exts, exts[1:]):
+    for a, b in itertools.pairwise(exts):
         assert b.offset == a.end
     assert exts[-1].end == size
     assert max(e.length for e in exts) - min(e.length for e in exts) <= 1

@@ -9,7 +9,8 @@ import stat
 import pytest
 import trio
 
-from chunkfs import cluster as cl, errors
+from chunkfs import cluster as cl
+from chunkfs import errors
 from chunkfs.meta import ROOT_INO, Meta, Renamed, now_ns
 from chunkfs.pg import open_database
 
@@ -87,8 +88,9 @@ async def test_ten_concurrent_creates_in_one_directory_all_land(meta):
 
 async def test_racing_unlinks_and_a_rename_of_one_name_take_effect_once(meta):
     d = await meta.create(ROOT_INO, b"race", DIR, 0, 0)
-    files = {f"f{i}".encode(): await meta.create(d.ino, f"f{i}".encode(), FILE, 0, 0)
-             for i in range(20)}
+    files = {
+        f"f{i}".encode(): await meta.create(d.ino, f"f{i}".encode(), FILE, 0, 0) for i in range(20)
+    }
     won: dict[bytes, list[str]] = {name: [] for name in files}
 
     async def attempt(op: str, name: bytes) -> None:
@@ -239,15 +241,25 @@ async def test_readdir_cookies_neither_skip_nor_repeat_while_names_change(meta):
 async def test_chunk_map_commit_and_version(meta):
     settings = await meta.settings()
     f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
-    await meta.register_node("00000000000000aa", "http://127.0.0.1:1",
-                             capacity_bytes=1, used_bytes=0, free_bytes=1, chunk_count=0)
+    await meta.register_node(
+        "00000000000000aa",
+        "http://127.0.0.1:1",
+        capacity_bytes=1,
+        used_bytes=0,
+        free_bytes=1,
+        chunk_count=0,
+    )
     data = [b"ab", b"c", b"d", b"e", b"f", b"g"]
     ids = [hashlib.sha256(x).digest() for x in data]
     sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
     attrs = await meta.commit_chunks(
-        f.ino, sid, size=7, sha256=hashlib.sha256(b"".join(data)).digest(),
+        f.ino,
+        sid,
+        size=7,
+        sha256=hashlib.sha256(b"".join(data)).digest(),
         chunks=[(i, sum(map(len, data[:i])), len(x), ids[i], None, 0) for i, x in enumerate(data)],
-        replicas={c: ["00000000000000aa"] for c in ids}, mtime_ns=123,
+        replicas={c: ["00000000000000aa"] for c in ids},
+        mtime_ns=123,
         max_file_size=settings.max_file_size,
     )
     assert (attrs.size, attrs.version, attrs.mtime_ns) == (7, 1, 123)
@@ -255,34 +267,46 @@ async def test_chunk_map_commit_and_version(meta):
     assert [c.chunk_id for c in cmap.chunks] == ids
     assert all(c.nodes == ("00000000000000aa",) for c in cmap.chunks)
     with pytest.raises(errors.FileTooLarge):
-        await meta.commit_chunks(f.ino, None, size=10, sha256=b"", chunks=[], replicas={},
-                                 mtime_ns=1, max_file_size=9)
+        await meta.commit_chunks(
+            f.ino, None, size=10, sha256=b"", chunks=[], replicas={}, mtime_ns=1, max_file_size=9
+        )
     assert (await meta.getattr(f.ino)).version == 1
 
 
 async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_nodes(meta):
     settings = await meta.settings()
     for node_id in ("00000000000000b1", "00000000000000b2"):
-        await meta.register_node(node_id, "http://127.0.0.1:1",
-                                 capacity_bytes=1, used_bytes=0, free_bytes=1, chunk_count=0)
+        await meta.register_node(
+            node_id,
+            "http://127.0.0.1:1",
+            capacity_bytes=1,
+            used_bytes=0,
+            free_bytes=1,
+            chunk_count=0,
+        )
     f = await meta.create(ROOT_INO, b"held", FILE, 0, 0)
     data = [b"1", b"2", b"3", b"4", b"5", b"6"]
     ids = [hashlib.sha256(x).digest() for x in data]
     sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
     await meta.commit_chunks(
-        f.ino, sid, size=6, sha256=hashlib.sha256(b"".join(data)).digest(),
+        f.ino,
+        sid,
+        size=6,
+        sha256=hashlib.sha256(b"".join(data)).digest(),
         chunks=[(i, i, 1, ids[i], None, 0) for i in range(6)],
         replicas={c: ["00000000000000b1", "00000000000000b2"] for c in ids[:5]}
         | {ids[5]: ["00000000000000b1"]},
-        mtime_ns=1, max_file_size=settings.max_file_size,
+        mtime_ns=1,
+        max_file_size=settings.max_file_size,
     )
     g = await meta.create(ROOT_INO, b"copy", FILE, 0, 0)
     other = hashlib.sha256(b"other").digest()
-    session, reusable = await meta.begin_commit(g.ino, ids + [other], 3600, 2)
+    session, reusable = await meta.begin_commit(g.ino, [*ids, other], 3600, 2)
     assert set(reusable) == set(ids[:5])  # the sixth has one holder, "other" none
     assert reusable[ids[0]] == ("00000000000000b1", "00000000000000b2")
     protected = await meta.db.fetch(
-        "SELECT chunk_id FROM upload_session_chunks WHERE session_id = $1", session)
+        "SELECT chunk_id FROM upload_session_chunks WHERE session_id = $1", session
+    )
     assert {bytes(r["chunk_id"]) for r in protected} == set(ids) | {other}
     # Once no committed file uses them, nothing is reusable.
     await meta.unlink(ROOT_INO, b"held")
@@ -292,19 +316,35 @@ async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_
 
 async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(meta):
     for node_id in ("00000000000000a1", "00000000000000a2"):
-        await meta.register_node(node_id, "http://127.0.0.1:1", capacity_bytes=10,
-                                 used_bytes=0, free_bytes=10, chunk_count=0)
-    assert await meta.db.fetchval(
-        "SELECT count(*) FROM hash_ring_vnodes WHERE node_id = '00000000000000a1'") == 150
-    await meta.db.execute("UPDATE storage_nodes SET last_heartbeat = now() - interval '1 minute' "
-                          "WHERE node_id = '00000000000000a2'")
+        await meta.register_node(
+            node_id,
+            "http://127.0.0.1:1",
+            capacity_bytes=10,
+            used_bytes=0,
+            free_bytes=10,
+            chunk_count=0,
+        )
+    assert (
+        await meta.db.fetchval(
+            "SELECT count(*) FROM hash_ring_vnodes WHERE node_id = '00000000000000a1'"
+        )
+        == 150
+    )
+    await meta.db.execute(
+        "UPDATE storage_nodes SET last_heartbeat = now() - interval '1 minute' "
+        "WHERE node_id = '00000000000000a2'"
+    )
     live = {n.node_id: n.live for n in await meta.nodes()}
     assert live == {"00000000000000a1": True, "00000000000000a2": False}
     before = await meta.db.fetchval(
-        "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'")
-    await meta.heartbeat("00000000000000a2", capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1)
+        "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'"
+    )
+    await meta.heartbeat(
+        "00000000000000a2", capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1
+    )
     after = await meta.db.fetchval(
-        "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'")
+        "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'"
+    )
     assert after > before
     assert all(n.live for n in await meta.nodes())
 
@@ -314,9 +354,12 @@ async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta
     held, expired = hashlib.sha256(b"held").digest(), hashlib.sha256(b"gone").digest()
     await meta.begin_upload(f.ino, [held], 3600)
     await meta.begin_upload(f.ino, [expired], 1)
-    await meta.db.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' "
-                          "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
-                          "WHERE chunk_id = $1)", expired)
+    await meta.db.execute(
+        "UPDATE upload_sessions SET expires_at = now() - interval '1 second' "
+        "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
+        "WHERE chunk_id = $1)",
+        expired,
+    )
     assert await meta.unneeded("00000000000000aa", [held, expired]) == {expired}
     assert await meta.expire_sessions() == 1
     assert await count(meta, "upload_sessions") == 1

@@ -35,7 +35,7 @@ def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
     node_ids = {n.node_id for n in cluster.nodes}
     offset = 0
     for c in chunks:
-        piece = data[c["offset"]: c["offset"] + c["length"]]
+        piece = data[c["offset"] : c["offset"] + c["length"]]
         assert c["offset"] == offset and len(piece) == c["length"]
         assert c["sha256"] == hashlib.sha256(piece).hexdigest()
         assert len(set(c["nodes"])) == 2 and set(c["nodes"]) <= node_ids
@@ -45,8 +45,12 @@ def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
 
 
 def diff_r(a: Path, b: Path) -> None:
-    proc = subprocess.run(["diff", "-r", "--no-dereference", str(a), str(b)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["diff", "-r", "--no-dereference", str(a), str(b)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -97,11 +101,18 @@ def test_cp_rsync_and_tar_copies_are_identical(mounted, cluster, tmp_path):
     with tarfile.open(archive, "w") as tar:
         tar.add(src, arcname="src")
     (mounted / "tar").mkdir()
-    subprocess.run(["tar", "-xf", str(archive), "-C", str(mounted / "tar")], check=True, timeout=300)
+    subprocess.run(
+        ["tar", "-xf", str(archive), "-C", str(mounted / "tar")], check=True, timeout=300
+    )
     diff_r(src, mounted / "tar" / "src")
     # A second rsync finds nothing to send: sizes and mtimes were kept.
-    out = subprocess.run(["rsync", "-ai", f"{src}/", str(mounted / "rsync")],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run(
+        ["rsync", "-ai", f"{src}/", str(mounted / "rsync")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     assert out.strip() == "", out
     blob = (src / "dir3" / "nested" / "blob.bin").read_bytes()
     assert_six_chunks(mounted / "cp" / "dir3" / "nested" / "blob.bin", blob, cluster)
@@ -222,7 +233,7 @@ def test_append_and_partial_overwrite(mounted):
     with open(p, "r+b") as f:
         f.seek(MiB + 5)
         f.write(b"patched")
-    big[MiB + 5: MiB + 12] = b"patched"
+    big[MiB + 5 : MiB + 12] = b"patched"
     assert p.read_bytes() == bytes(big)
 
 
@@ -309,8 +320,9 @@ def test_an_open_after_a_commit_elsewhere_reads_the_new_size_at_once(cluster, mo
     (first / "grows").write_bytes(b"01234")
     assert (second / "grows").stat().st_size == 5  # the kernel caches this size
     (first / "grows").write_bytes(b"0123456789abcdefghij")
-    out = subprocess.run(["cat", str(second / "grows")], capture_output=True, check=True,
-                         timeout=60).stdout
+    out = subprocess.run(
+        ["cat", str(second / "grows")], capture_output=True, check=True, timeout=60
+    ).stdout
     assert out == b"0123456789abcdefghij"
 
 
@@ -357,9 +369,12 @@ def test_changes_to_a_file_open_for_writing_commit_with_its_next_flush(cluster, 
     committed("deferred-synced")
 
     def mode_in_metadata() -> int:
-        rows = cl.run_sql(cluster.dsn, "SELECT i.mode FROM inodes i JOIN dentries d"
-                                       " ON d.ino = i.ino WHERE d.parent = 1"
-                                       " AND d.name = 'deferred-synced'::bytea")[0]
+        rows = cl.run_sql(
+            cluster.dsn,
+            "SELECT i.mode FROM inodes i JOIN dentries d"
+            " ON d.ino = i.ino WHERE d.parent = 1"
+            " AND d.name = 'deferred-synced'::bytea",
+        )[0]
         return stat.S_IMODE(rows[0]["mode"])
 
     os.fchmod(fd, 0o600)  # nothing unflushed, but open for writing: at the close
@@ -380,8 +395,14 @@ def test_a_held_change_is_published_when_the_last_writer_goes(cluster, mounted):
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     path = mounted / "mapped"
     path.write_bytes(b"x" * 4096)
@@ -442,7 +463,11 @@ def test_a_directory_changed_here_stats_as_its_metadata_says(cluster, mount_fact
     for name in names:
         here, there = os.lstat(m / name), os.lstat(other / name)
         assert (here.st_ino, here.st_mtime_ns, here.st_ctime_ns, here.st_nlink) == (
-            there.st_ino, there.st_mtime_ns, there.st_ctime_ns, there.st_nlink), name
+            there.st_ino,
+            there.st_mtime_ns,
+            there.st_ctime_ns,
+            there.st_nlink,
+        ), name
     assert os.stat(d).st_nlink == 3
     assert os.stat(d / "h2").st_nlink == 1
 
@@ -461,8 +486,9 @@ def test_removed_files_are_purged_once_nothing_uses_them(cluster, mount_factory)
     pinned = {os.fstat(held.fileno()).st_ino, d.stat().st_ino}  # the open file pins its directory
     shutil.rmtree(d)
     # Purged in batches shortly after the kernel forgets them; the open one stays.
-    cl.wait_until(lambda: _nameless_inodes(cluster.dsn) == pinned, 10,
-                  "the removed inodes to go", 0.05)
+    cl.wait_until(
+        lambda: _nameless_inodes(cluster.dsn) == pinned, 10, "the removed inodes to go", 0.05
+    )
     assert held.read() == b"x" * 7
     held.close()
     cl.wait_until(lambda: not _nameless_inodes(cluster.dsn), 10, "the closed inode to go", 0.05)
@@ -493,15 +519,27 @@ def test_mount_through_mount8(cluster, tmp_path):
     mp = tmp_path / "m8"
     mp.mkdir()
     proc = subprocess.run(
-        ["mount", "-t", "fuse.chunkfs", cluster.dsn, str(mp), "-o",
-         f"cache_dir={tmp_path / 'cache'},log={tmp_path / 'm8.log'}"],
-        capture_output=True, text=True, timeout=60,
+        [
+            "mount",
+            "-t",
+            "fuse.chunkfs",
+            cluster.dsn,
+            str(mp),
+            "-o",
+            f"cache_dir={tmp_path / 'cache'},log={tmp_path / 'm8.log'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     try:
         (mp / "via-mount8").write_text("hello")
         assert (mp / "via-mount8").read_text() == "hello"
-        assert any(" fuse.chunkfs " in line and str(mp) in line for line in open("/proc/mounts"))
+        assert any(
+            " fuse.chunkfs " in line and str(mp) in line
+            for line in Path("/proc/mounts").read_text().splitlines()
+        )
     finally:
         subprocess.run(["umount", str(mp)], check=True, timeout=60)
 
@@ -522,7 +560,10 @@ def test_bad_input_gives_one_line_errors(cluster, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = cl.run_chunkfs("status", "postgresql://nobody@127.0.0.1:1/none", check=False)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
-    assert not any(" fuse.chunkfs " in line and str(empty) in line for line in open("/proc/mounts"))
+    assert not any(
+        " fuse.chunkfs " in line and str(empty) in line
+        for line in Path("/proc/mounts").read_text().splitlines()
+    )
 
 
 def test_status_reports_every_node(cluster, mounted):
@@ -558,7 +599,8 @@ def _bulk_create_files(dsn: str, parent: int, count: int) -> None:
                        SELECT ino, 33188, 0, 0, 1, 0, 0, 0 FROM new)
                    INSERT INTO dentries (parent, name, ino)
                    SELECT $1, convert_to('f' || g, 'UTF8'), ino FROM new""",
-                parent, count,
+                parent,
+                count,
             )
         finally:
             await conn.close()

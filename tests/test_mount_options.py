@@ -15,7 +15,9 @@ def test_defaults_for_root_serve_every_user():
 
 
 def test_overrides_and_values():
-    opts = parse_options(["noallow_other,nodefault_permissions", "attr_timeout=2.5,cache_dir=/c"], is_root=True)
+    opts = parse_options(
+        ["noallow_other,nodefault_permissions", "attr_timeout=2.5,cache_dir=/c"], is_root=True
+    )
     assert not opts.allow_other and not opts.default_permissions
     assert opts.attr_timeout == 2.5 and opts.cache_dir == "/c"
     assert parse_options([], is_root=True).cache_size_mib == 10240
@@ -23,13 +25,25 @@ def test_overrides_and_values():
 
 
 def test_mount8_options_pass_or_are_ignored():
-    opts = parse_options(["rw,nosuid,nodev,noatime,_netdev,defaults,x-systemd.automount"], is_root=False)
+    opts = parse_options(
+        ["rw,nosuid,nodev,noatime,_netdev,defaults,x-systemd.automount"], is_root=False
+    )
     assert opts.fuse == {"rw", "nosuid", "nodev", "noatime"}
     assert not opts.allow_other
 
 
-@pytest.mark.parametrize("bad", ["bogus", "attr_timeout=abc", "attr_timeout=-1", "cache_dir=",
-                                 "cache_size=", "cache_size=-5", "cache_size=1.5"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "bogus",
+        "attr_timeout=abc",
+        "attr_timeout=-1",
+        "cache_dir=",
+        "cache_size=",
+        "cache_size=-5",
+        "cache_size=1.5",
+    ],
+)
 def test_bad_options_are_refused(bad):
     with pytest.raises(errors.ConfigError, match="mount option"):
         parse_options([bad], is_root=True)

@@ -8,8 +8,9 @@ import hashlib
 import os
 import socket
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +31,9 @@ def sql(dsn: str, statement: str) -> list[dict[str, Any]]:
 
 def batch_body(blobs: list[bytes], ids: list[str] | None = None) -> bytes:
     ids = ids or [sha(b) for b in blobs]
-    return b"".join(i.encode() + len(b).to_bytes(8, "big") + b for i, b in zip(ids, blobs))
+    return b"".join(
+        i.encode() + len(b).to_bytes(8, "big") + b for i, b in zip(ids, blobs, strict=False)
+    )
 
 
 def chunk_files(data_dir: Path) -> list[Path]:
@@ -158,7 +161,9 @@ async def test_missing_or_wrong_token_is_401(node: cl.NodeProcess, token: str) -
         assert r.json()["chunk_count"] == 0  # nothing was stored without the token
 
 
-async def test_health_reports_space_and_clock(http: httpx.AsyncClient, node: cl.NodeProcess) -> None:
+async def test_health_reports_space_and_clock(
+    http: httpx.AsyncClient, node: cl.NodeProcess
+) -> None:
     await http.put(f"/v1/chunks/{sha(b'abc')}", content=b"abc")
     h = (await http.get("/v1/health")).json()
     assert h["status"] == "ok"
@@ -258,9 +263,9 @@ async def test_batch_get(http: httpx.AsyncClient, client: NodeClient) -> None:
     blobs = [os.urandom(n) for n in (1, 700, 70_000)]
     await http.post("/v1/chunks:batch", content=batch_body(blobs))
     ids = [bytes.fromhex(sha(b)) for b in blobs]
-    assert await client.get_batch(ids) == dict(zip(ids, blobs))
+    assert await client.get_batch(ids) == dict(zip(ids, blobs, strict=False))
     with pytest.raises(ChunkMissing):
-        await client.get_batch(ids + [bytes.fromhex(sha(b"absent"))])
+        await client.get_batch([*ids, bytes.fromhex(sha(b"absent"))])
     r = await http.get("/v1/chunks:batch", params={"ids": "../etc"})
     assert r.status_code == 400
     r = await http.get("/v1/chunks:batch", params={"ids": ",".join([sha(b"x")] * 65)})
@@ -278,19 +283,22 @@ async def test_put_length_errors(http: httpx.AsyncClient, node: cl.NodeProcess, 
     assert r.status_code == 411
     # Declared larger than the 2 GiB limit: refused before any byte is read.
     reply = await raw_request(
-        node, f"PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Length: {3 << 30}\r\n\r\n".encode()
+        node,
+        f"PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {3 << 30}\r\n\r\n".encode(),
     )
     assert reply.startswith(b"HTTP/1.1 413")
     # Shorter than declared: the client gives up half way.
     reply = await raw_request(
-        node, f"PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Length: 10\r\n\r\n01234".encode(), half_close=True
+        node,
+        f"PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: 10\r\n\r\n01234".encode(),
+        half_close=True,
     )
     assert reply.startswith(b"HTTP/1.1 400")
     # The answer can go out while the upload's task still removes its temp file.
     with trio.fail_after(5):
-        while list((node.data_dir / "tmp").iterdir()):
+        while list((node.data_dir / "tmp").iterdir()):  # noqa: ASYNC110 - nothing to wait on
             await trio.sleep(0.05)
     assert chunk_files(node.data_dir) == []
 
@@ -318,8 +326,11 @@ async def test_full_node_is_507(node_factory: Any, pg_dsn: str, token: str) -> N
     async with NodeClient(small.url, token) as c:
         data = os.urandom(2000)
         async with httpx.AsyncClient(timeout=30) as h:
-            r = await h.put(f"{small.url}/v1/chunks/{sha(data)}", content=data,
-                            headers={"Authorization": f"Bearer {token}"})
+            r = await h.put(
+                f"{small.url}/v1/chunks/{sha(data)}",
+                content=data,
+                headers={"Authorization": f"Bearer {token}"},
+            )
         assert r.status_code == 507
         with pytest.raises(NodeFull):
             await c.put(bytes.fromhex(sha(data)), data, len(data))
@@ -366,8 +377,9 @@ async def test_restart_keeps_node_id_and_chunks(
 async def test_node_registered_with_150_vnodes(node: cl.NodeProcess, pg_dsn: str) -> None:
     rows = sql(pg_dsn, "SELECT node_id, base_url, status FROM storage_nodes")
     assert rows == [{"node_id": node.node_id, "base_url": node.url, "status": "active"}]
-    vnodes = sql(pg_dsn, "SELECT count(*) AS n FROM hash_ring_vnodes WHERE node_id = "
-                         f"'{node.node_id}'")
+    vnodes = sql(
+        pg_dsn, f"SELECT count(*) AS n FROM hash_ring_vnodes WHERE node_id = '{node.node_id}'"
+    )
     assert vnodes[0]["n"] == 150
 
 
@@ -375,7 +387,7 @@ async def test_heartbeat_moves_last_heartbeat(node: cl.NodeProcess, pg_dsn: str)
     query = f"SELECT last_heartbeat FROM storage_nodes WHERE node_id = '{node.node_id}'"
     first = sql(pg_dsn, query)[0]["last_heartbeat"]
     with trio.fail_after(15):  # heartbeats come every 3 s
-        while sql(pg_dsn, query)[0]["last_heartbeat"] == first:
+        while sql(pg_dsn, query)[0]["last_heartbeat"] == first:  # noqa: ASYNC110 - polls the database
             await trio.sleep(0.25)
     assert sql(pg_dsn, query)[0]["last_heartbeat"] > first
 
@@ -409,7 +421,9 @@ async def test_chunk_files_are_0600(http: httpx.AsyncClient, node: cl.NodeProces
     assert stat.S_IMODE(node.data_dir.stat().st_mode) == 0o700
 
 
-async def test_a_rotten_chunk_is_never_served_whole(http: httpx.AsyncClient, node: cl.NodeProcess) -> None:
+async def test_a_rotten_chunk_is_never_served_whole(
+    http: httpx.AsyncClient, node: cl.NodeProcess
+) -> None:
     data = b"will rot on disk"
     await http.put(f"/v1/chunks/{sha(data)}", content=data)
     path = next(f for f in chunk_files(node.data_dir) if f.name == sha(data))
@@ -423,13 +437,24 @@ async def test_a_rotten_chunk_is_never_served_whole(http: httpx.AsyncClient, nod
 def run_node_command(dsn: str, data_dir: Path, port: int) -> tuple[int, list[str]]:
     """Run ``chunkfs node`` to its exit; return its exit code and its stderr
     lines that are not log records (those start with a date)."""
-    proc = cl.run_chunkfs("node", "--dsn", dsn, "--data-dir", str(data_dir),
-                          "--listen", f"127.0.0.1:{port}", timeout=60, check=False)
+    proc = cl.run_chunkfs(
+        "node",
+        "--dsn",
+        dsn,
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        f"127.0.0.1:{port}",
+        timeout=60,
+        check=False,
+    )
     lines = [line for line in proc.stderr.strip().splitlines() if not line[:4].isdigit()]
     return proc.returncode, lines
 
 
-async def test_busy_port_is_a_one_line_error(node: cl.NodeProcess, pg_dsn: str, tmp_path: Path) -> None:
+async def test_busy_port_is_a_one_line_error(
+    node: cl.NodeProcess, pg_dsn: str, tmp_path: Path
+) -> None:
     code, lines = run_node_command(pg_dsn, tmp_path / "other", node.port)
     assert code != 0
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{node.port}" in lines[0]
@@ -450,8 +475,9 @@ async def test_serve_node_in_process_on_port_0(pg_dsn: str, token: str, tmp_path
 
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            lambda task_status: serve_node(pg_dsn, str(tmp_path / "n"), "127.0.0.1", 0,
-                                           task_status=task_status)
+            lambda task_status: serve_node(
+                pg_dsn, str(tmp_path / "n"), "127.0.0.1", 0, task_status=task_status
+            )
         )
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
         async with NodeClient(url, token) as c:
@@ -487,7 +513,7 @@ async def test_client_streams_a_put(client: NodeClient) -> None:
 
     async def body() -> AsyncIterator[bytes]:
         for i in range(0, len(data), 100_000):
-            yield data[i:i + 100_000]
+            yield data[i : i + 100_000]
 
     assert await client.put(cid, body(), len(data)) is True
     assert await client.get(cid) == data

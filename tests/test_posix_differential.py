@@ -34,10 +34,10 @@ file holding non-zero bytes".
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import pickle
 import pwd
-import grp
 import select
 import shutil
 import stat
@@ -70,8 +70,20 @@ WORKER_TIMEOUT = 120.0  # seconds one operation may take before the test gives u
 NOBODY = "nobody"
 # Operations that change nothing on a local filesystem (but atime): the trees
 # are compared after every other operation.
-QUERIES = frozenset({"read", "pread", "lseek", "fstat", "readlink", "getxattr", "listxattr",
-                     "access", "listdir", "stat"})
+QUERIES = frozenset(
+    {
+        "read",
+        "pread",
+        "lseek",
+        "fstat",
+        "readlink",
+        "getxattr",
+        "listxattr",
+        "access",
+        "listdir",
+        "stat",
+    }
+)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -364,26 +376,48 @@ def _python_for(credentials: dict[str, Any]) -> str:
     under a directory only root can enter); the worker needs only the standard
     library.
     """
-    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
-                  "/usr/local/bin/python3", shutil.which("python3") or ""]
+    candidates = [
+        sys.executable,
+        os.path.realpath(sys.executable),
+        "/usr/bin/python3",
+        "/usr/local/bin/python3",
+        shutil.which("python3") or "",
+    ]
     for python in dict.fromkeys(c for c in candidates if c):
         try:
-            ok = subprocess.run([python, "-I", "-S", "-c", "import ctypes, pickle"], cwd="/",
-                                stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                                **credentials).returncode == 0
+            ok = (
+                subprocess.run(
+                    [python, "-I", "-S", "-c", "import ctypes, pickle"],
+                    cwd="/",
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=60,
+                    **credentials,
+                ).returncode
+                == 0
+            )
         except (OSError, subprocess.SubprocessError):
             ok = False
         if ok:
             return python
-    pytest.fail(f"no Python interpreter that the worker's uid may run among {candidates}",
-                pytrace=False)
+    pytest.fail(
+        f"no Python interpreter that the worker's uid may run among {candidates}", pytrace=False
+    )
 
 
 class Worker:
     """The process that runs the operations on both sides with one set of credentials."""
 
-    def __init__(self, local_base: Path, mount_base: Path, *, user: int | None,
-                 group: int | None, extra_groups: list[int] | None, dir_nlink: bool) -> None:
+    def __init__(
+        self,
+        local_base: Path,
+        mount_base: Path,
+        *,
+        user: int | None,
+        group: int | None,
+        extra_groups: list[int] | None,
+        dir_nlink: bool,
+    ) -> None:
         kwargs: dict[str, Any] = {}
         if user is not None:
             kwargs.update(user=user, group=group, extra_groups=extra_groups or [])
@@ -391,9 +425,20 @@ class Worker:
         self.fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (local_base, mount_base)]
         try:
             self.proc = subprocess.Popen(
-                [python, "-I", "-S", "-c", WORKER_SOURCE, str(self.fds[0]), str(self.fds[1]),
-                 "1" if dir_nlink else "0"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=self.fds, cwd="/",
+                [
+                    python,
+                    "-I",
+                    "-S",
+                    "-c",
+                    WORKER_SOURCE,
+                    str(self.fds[0]),
+                    str(self.fds[1]),
+                    "1" if dir_nlink else "0",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=self.fds,
+                cwd="/",
                 **kwargs,
             )
         except BaseException:
@@ -417,8 +462,9 @@ class Worker:
         while len(buf) < n:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([out], [], [], left)[0]:
-                raise AssertionError(f"the worker did not answer within {WORKER_TIMEOUT:.0f} s "
-                                     "(an operation hangs)")
+                raise AssertionError(
+                    f"the worker did not answer within {WORKER_TIMEOUT:.0f} s (an operation hangs)"
+                )
             chunk = os.read(out.fileno(), n - len(buf))
             if not chunk:
                 raise AssertionError(f"the worker died (exit status {self.proc.wait(5)})")
@@ -463,8 +509,10 @@ class Snapshot:
 
 def _xattrs(full: bytes) -> dict[str, Any] | str:
     try:
-        return {n: os.getxattr(full, n, follow_symlinks=False)
-                for n in sorted(os.listxattr(full, follow_symlinks=False))}
+        return {
+            n: os.getxattr(full, n, follow_symlinks=False)
+            for n in sorted(os.listxattr(full, follow_symlinks=False))
+        }
     except OSError as exc:
         return errname(exc)
 
@@ -529,9 +577,11 @@ def _short(value: Any) -> str:
 
 
 def _first_difference(a: bytes, b: bytes) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
-            return f"first difference at offset {i}: local {a[i:i + 16]!r} chunkfs {b[i:i + 16]!r}"
+            return (
+                f"first difference at offset {i}: local {a[i : i + 16]!r} chunkfs {b[i : i + 16]!r}"
+            )
     return f"lengths differ: local {len(a)} bytes, chunkfs {len(b)} bytes"
 
 
@@ -550,13 +600,17 @@ parents = st.sampled_from([b"d", b"s", b"d/d", b"c", b"d", b"s", b"a", b"nodir"]
 paths = st.builds(
     lambda parts, slash: b"/".join(parts) + slash,
     st.one_of(
-        st.tuples(names), st.tuples(names), st.tuples(names),
-        st.tuples(parents, names), st.tuples(parents, names),
+        st.tuples(names),
+        st.tuples(names),
+        st.tuples(names),
+        st.tuples(parents, names),
+        st.tuples(parents, names),
     ),
     st.sampled_from([b""] * 15 + [b"/"]),
 )
 symlink_targets = st.one_of(
-    paths, st.sampled_from([b"nowhere", b"d/nowhere/x", b"t" * 4095, b"t" * 4096]),
+    paths,
+    st.sampled_from([b"nowhere", b"d/nowhere/x", b"t" * 4095, b"t" * 4096]),
 )
 offsets = st.one_of(
     st.integers(0, 64),
@@ -569,19 +623,47 @@ write_data = st.one_of(
     st.builds(lambda c, n: bytes([c]) * n, st.integers(0, 255), st.integers(1, 70_000)),
 )
 file_modes = st.one_of(
-    st.sampled_from([0o644, 0o600, 0o666, 0o755, 0o777, 0o000, 0o4755, 0o2755, 0o2745,
-                     0o1777, 0o6777, 0o7777, 0o444]),
+    st.sampled_from(
+        [
+            0o644,
+            0o600,
+            0o666,
+            0o755,
+            0o777,
+            0o000,
+            0o4755,
+            0o2755,
+            0o2745,
+            0o1777,
+            0o6777,
+            0o7777,
+            0o444,
+        ]
+    ),
     st.integers(0, 0o7777),
 )
-timestamps = st.sampled_from([
-    0, 1, 999_999_999, 1_234_567_890_123_456_789, 1_700_000_000_000_000_001,
-    -1_000_000_000_500, 4_102_444_800_000_000_001,
-])
+timestamps = st.sampled_from(
+    [
+        0,
+        1,
+        999_999_999,
+        1_234_567_890_123_456_789,
+        1_700_000_000_000_000_001,
+        -1_000_000_000_500,
+        4_102_444_800_000_000_001,
+    ]
+)
 time_specs = st.one_of(st.just(("now",)), st.just(("omit",)), st.tuples(st.just("set"), timestamps))
 xattr_names = st.sampled_from(
     [b"user.a", b"user.b"] * 4
-    + [b"user." + b"n" * 250, b"user." + b"n" * 251, b"bogus.ns", b"user.", b"trusted.t",
-       b"security.s"]
+    + [
+        b"user." + b"n" * 250,
+        b"user." + b"n" * 251,
+        b"bogus.ns",
+        b"user.",
+        b"trusted.t",
+        b"security.s",
+    ]
 )
 xattr_values = st.one_of(st.binary(max_size=16), st.just(b"v" * 1000))
 uids = st.sampled_from([-1, 0, 65534, 1000])
@@ -590,8 +672,11 @@ gids = st.sampled_from([-1, 0, 65534, 100])
 
 def _flag_names(flags: int) -> str:
     acc = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}[flags & 3]
-    rest = [n for n in ("O_CREAT", "O_EXCL", "O_TRUNC", "O_APPEND", "O_DIRECTORY", "O_NOFOLLOW")
-            if flags & getattr(os, n)]
+    rest = [
+        n
+        for n in ("O_CREAT", "O_EXCL", "O_TRUNC", "O_APPEND", "O_DIRECTORY", "O_NOFOLLOW")
+        if flags & getattr(os, n)
+    ]
     return "|".join([acc, *rest])
 
 
@@ -655,8 +740,10 @@ class PosixDifferential(RuleBasedStateMachine):
         env = self.env
         env.counter += 1
         self.name = f"ex{env.counter}".encode()
-        self.roots = {"local": env.local_base + b"/" + self.name,
-                      "mount": env.mount_base + b"/" + self.name}
+        self.roots = {
+            "local": env.local_base + b"/" + self.name,
+            "mount": env.mount_base + b"/" + self.name,
+        }
         for root in self.roots.values():
             _populate(root, env)
         assert env.worker.call("enter", self.name) == ("ok", None)
@@ -718,8 +805,10 @@ class PosixDifferential(RuleBasedStateMachine):
             if ea == eb:
                 continue
             if ea is None or eb is None:
-                self._fail(f"{_show_path(path)} exists only on the "
-                           f"{'chunkfs' if ea is None else 'local'} side")
+                self._fail(
+                    f"{_show_path(path)} exists only on the "
+                    f"{'chunkfs' if ea is None else 'local'} side"
+                )
             assert ea is not None and eb is not None
             lines = []
             for key in sorted(set(ea) | set(eb)):
@@ -730,31 +819,44 @@ class PosixDifferential(RuleBasedStateMachine):
                         lines.append("    " + _first_difference(va, vb))
             self._fail(f"{_show_path(path)} differs:\n" + "\n".join(lines))
         if a.link_groups() != b.link_groups():
-            self._fail(f"hard links differ (paths sharing one inode):\n"
-                       f"  local  : {a.link_groups()}\n  chunkfs: {b.link_groups()}")
+            self._fail(
+                f"hard links differ (paths sharing one inode):\n"
+                f"  local  : {a.link_groups()}\n  chunkfs: {b.link_groups()}"
+            )
         fdstat = self.env.worker.call("fdstat")[1]
         for slot in sorted(self.open_slots):
             la, lb = fdstat.get(("local", slot)), fdstat.get(("mount", slot))
             if la is None or lb is None or la[0] != lb[0]:
-                self._fail(f"fstat(fd{slot}) differs:\n  local  : {la and la[0]}\n"
-                           f"  chunkfs: {lb and lb[0]}")
+                self._fail(
+                    f"fstat(fd{slot}) differs:\n  local  : {la and la[0]}\n"
+                    f"  chunkfs: {lb and lb[0]}"
+                )
             old = self.prev_fdstat.get(slot)
             if old is not None:
-                rel = [(f"mtime {'changed' if new[1] != was[1] else 'unchanged'}, "
-                        f"ctime {'changed' if new[2] != was[2] else 'unchanged'}")
-                       for new, was in ((la, old[0]), (lb, old[1]))]
+                rel = [
+                    (
+                        f"mtime {'changed' if new[1] != was[1] else 'unchanged'}, "
+                        f"ctime {'changed' if new[2] != was[2] else 'unchanged'}"
+                    )
+                    for new, was in ((la, old[0]), (lb, old[1]))
+                ]
                 if rel[0] != rel[1]:
-                    self._fail(f"timestamps of the file open as fd{slot} (fstat) since the "
-                               f"previous step:\n  local  : {rel[0]}\n  chunkfs: {rel[1]}")
-        self.prev_fdstat = {slot: (fdstat[("local", slot)], fdstat[("mount", slot)])
-                            for slot in self.open_slots}
+                    self._fail(
+                        f"timestamps of the file open as fd{slot} (fstat) since the "
+                        f"previous step:\n  local  : {rel[0]}\n  chunkfs: {rel[1]}"
+                    )
+        self.prev_fdstat = {
+            slot: (fdstat[("local", slot)], fdstat[("mount", slot)]) for slot in self.open_slots
+        }
         if self.prev:
-            rel = {side: self._time_relations(self.prev[side], snaps[side]) for side in snaps}
-            for path in sorted(rel["local"]):
-                if rel["local"][path] != rel["mount"].get(path):
-                    self._fail(f"timestamps of {_show_path(path)} since the previous step:\n"
-                               f"  local  : {rel['local'][path]}\n"
-                               f"  chunkfs: {rel['mount'].get(path)}")
+            moved = {side: self._time_relations(self.prev[side], snaps[side]) for side in snaps}
+            for path in sorted(moved["local"]):
+                if moved["local"][path] != moved["mount"].get(path):
+                    self._fail(
+                        f"timestamps of {_show_path(path)} since the previous step:\n"
+                        f"  local  : {moved['local'][path]}\n"
+                        f"  chunkfs: {moved['mount'].get(path)}"
+                    )
         self.prev = snaps
 
     @staticmethod
@@ -767,33 +869,60 @@ class PosixDifferential(RuleBasedStateMachine):
             elif old[0] != ino:
                 out[path] = "another inode"
             else:
-                out[path] = (f"mtime {'changed' if mtime != old[1] else 'unchanged'}, "
-                             f"ctime {'changed' if ctime != old[2] else 'unchanged'}")
+                out[path] = (
+                    f"mtime {'changed' if mtime != old[1] else 'unchanged'}, "
+                    f"ctime {'changed' if ctime != old[2] else 'unchanged'}"
+                )
         return out
 
     # ----------------------------------------------------------- fd rules
 
     @precondition(lambda self: len(self.open_slots) < MAX_OPEN)
-    @rule(target=fds, path=paths, acc=st.sampled_from([os.O_RDWR, os.O_RDONLY, os.O_WRONLY]),
-          creat=st.sampled_from([False, True, True]), excl=st.sampled_from([False] * 3 + [True]),
-          trunc=st.sampled_from([False, False, True]), append=st.sampled_from([False, False, True]),
-          extra=st.sampled_from([0] * 6 + [os.O_DIRECTORY, os.O_NOFOLLOW]), mode=file_modes)
+    @rule(
+        target=fds,
+        path=paths,
+        acc=st.sampled_from([os.O_RDWR, os.O_RDONLY, os.O_WRONLY]),
+        creat=st.sampled_from([False, True, True]),
+        excl=st.sampled_from([False] * 3 + [True]),
+        trunc=st.sampled_from([False, False, True]),
+        append=st.sampled_from([False, False, True]),
+        extra=st.sampled_from([0] * 6 + [os.O_DIRECTORY, os.O_NOFOLLOW]),
+        mode=file_modes,
+    )
     def open(self, path, acc, creat, excl, trunc, append, extra, mode):
-        flags = (acc | extra | (os.O_CREAT if creat else 0) | (os.O_EXCL if excl else 0)
-                 | (os.O_TRUNC if trunc else 0) | (os.O_APPEND if append else 0))
+        flags = (
+            acc
+            | extra
+            | (os.O_CREAT if creat else 0)
+            | (os.O_EXCL if excl else 0)
+            | (os.O_TRUNC if trunc else 0)
+            | (os.O_APPEND if append else 0)
+        )
         slot = self.next_slot
         self.next_slot += 1
-        res = self._run(f"fd{slot} = open({path!r}, {_flag_names(flags)}, {mode:#o})",
-                        "open", slot, path, flags, mode)
+        res = self._run(
+            f"fd{slot} = open({path!r}, {_flag_names(flags)}, {mode:#o})",
+            "open",
+            slot,
+            path,
+            flags,
+            mode,
+        )
         if res[0] != "ok":
             return multiple()
         self.open_slots.add(slot)
         return slot
 
     @precondition(lambda self: len(self.open_slots) < MAX_OPEN)
-    @rule(target=fds, path=paths, acc=st.sampled_from([os.O_RDWR, os.O_WRONLY, os.O_RDONLY]),
-          excl=st.booleans(), trunc=st.booleans(), append=st.sampled_from([False, False, True]),
-          mode=file_modes)
+    @rule(
+        target=fds,
+        path=paths,
+        acc=st.sampled_from([os.O_RDWR, os.O_WRONLY, os.O_RDONLY]),
+        excl=st.booleans(),
+        trunc=st.booleans(),
+        append=st.sampled_from([False, False, True]),
+        mode=file_modes,
+    )
     def create(self, path, acc, excl, trunc, append, mode):
         return self.open(path, acc, True, excl, trunc, append, 0, mode)
 
@@ -820,8 +949,13 @@ class PosixDifferential(RuleBasedStateMachine):
 
     @rule(fd=fds, off=st.integers(-10, 300_000), whence=st.sampled_from([0, 1, 2]))
     def lseek(self, fd, off, whence):
-        self._run(f"lseek(fd{fd}, {off}, {['SEEK_SET', 'SEEK_CUR', 'SEEK_END'][whence]})",
-                  "lseek", fd, off, whence)
+        self._run(
+            f"lseek(fd{fd}, {off}, {['SEEK_SET', 'SEEK_CUR', 'SEEK_END'][whence]})",
+            "lseek",
+            fd,
+            off,
+            whence,
+        )
 
     @rule(fd=fds, n=lengths)
     def ftruncate(self, fd, n):
@@ -845,17 +979,25 @@ class PosixDifferential(RuleBasedStateMachine):
     def truncate(self, path, n):
         self._run(f"truncate({path!r}, {n})", "truncate", path, n)
 
-    @rule(src=paths, dst=paths,
-          flags=st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE, 3]))
+    @rule(src=paths, dst=paths, flags=st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE, 3]))
     def rename(self, src, dst, flags):
-        fname = {0: "rename", 1: "renameat2 RENAME_NOREPLACE", 2: "renameat2 RENAME_EXCHANGE",
-                 3: "renameat2 RENAME_NOREPLACE|RENAME_EXCHANGE"}[flags]
+        fname = {
+            0: "rename",
+            1: "renameat2 RENAME_NOREPLACE",
+            2: "renameat2 RENAME_EXCHANGE",
+            3: "renameat2 RENAME_NOREPLACE|RENAME_EXCHANGE",
+        }[flags]
         self._run(f"{fname}({src!r}, {dst!r})", "rename", src, dst, flags)
 
     @rule(src=paths, dst=paths, follow=st.booleans())
     def link(self, src, dst, follow):
-        self._run(f"link({src!r}, {dst!r}{', AT_SYMLINK_FOLLOW' if follow else ''})",
-                  "link", src, dst, follow)
+        self._run(
+            f"link({src!r}, {dst!r}{', AT_SYMLINK_FOLLOW' if follow else ''})",
+            "link",
+            src,
+            dst,
+            follow,
+        )
 
     @rule(path=paths)
     def unlink(self, path):
@@ -879,46 +1021,99 @@ class PosixDifferential(RuleBasedStateMachine):
 
     @rule(path=paths, uid=uids, gid=gids, follow=st.booleans())
     def chown(self, path, uid, gid, follow):
-        self._run(f"{'chown' if follow else 'lchown'}({path!r}, {uid}, {gid})",
-                  "chown", path, uid, gid, follow)
+        self._run(
+            f"{'chown' if follow else 'lchown'}({path!r}, {uid}, {gid})",
+            "chown",
+            path,
+            uid,
+            gid,
+            follow,
+        )
 
-    @rule(path=paths, times=st.one_of(st.none(), st.tuples(time_specs, time_specs)),
-          follow=st.booleans())
+    @rule(
+        path=paths,
+        times=st.one_of(st.none(), st.tuples(time_specs, time_specs)),
+        follow=st.booleans(),
+    )
     def utime(self, path, times, follow):
         atime, mtime = times if times else (None, None)
         shown = "NULL" if times is None else f"atime={atime}, mtime={mtime}"
-        self._run(f"utimensat({path!r}, {shown}{'' if follow else ', AT_SYMLINK_NOFOLLOW'})",
-                  "utime", path, atime, mtime, follow)
+        self._run(
+            f"utimensat({path!r}, {shown}{'' if follow else ', AT_SYMLINK_NOFOLLOW'})",
+            "utime",
+            path,
+            atime,
+            mtime,
+            follow,
+        )
 
-    @rule(path=paths, name=xattr_names, value=xattr_values, flags=st.sampled_from([0, 0, 1, 2]),
-          follow=st.booleans())
+    @rule(
+        path=paths,
+        name=xattr_names,
+        value=xattr_values,
+        flags=st.sampled_from([0, 0, 1, 2]),
+        follow=st.booleans(),
+    )
     def setxattr(self, path, name, value, flags, follow):
         fl = ["0", "XATTR_CREATE", "XATTR_REPLACE"][flags]
-        self._run(f"{'' if follow else 'l'}setxattr({path!r}, {_short(name)}, {_short(value)}, {fl})",
-                  "setxattr", path, name, value, flags, follow)
+        self._run(
+            f"{'' if follow else 'l'}setxattr({path!r}, {_short(name)}, {_short(value)}, {fl})",
+            "setxattr",
+            path,
+            name,
+            value,
+            flags,
+            follow,
+        )
 
     @rule(path=paths, name=xattr_names, follow=st.booleans())
     def removexattr(self, path, name, follow):
-        self._run(f"{'' if follow else 'l'}removexattr({path!r}, {_short(name)})",
-                  "removexattr", path, name, follow)
+        self._run(
+            f"{'' if follow else 'l'}removexattr({path!r}, {_short(name)})",
+            "removexattr",
+            path,
+            name,
+            follow,
+        )
 
-    @rule(path=paths, kind=st.sampled_from(["mkfifo", "chr", "blk", "sock", "fifo", "reg0"]),
-          perm=st.sampled_from([0o644, 0o600, 0o666, 0o2755]),
-          dev=st.sampled_from([(1, 3), (1, 5), (7, 0), (250, 70000)]))
+    @rule(
+        path=paths,
+        kind=st.sampled_from(["mkfifo", "chr", "blk", "sock", "fifo", "reg0"]),
+        perm=st.sampled_from([0o644, 0o600, 0o666, 0o2755]),
+        dev=st.sampled_from([(1, 3), (1, 5), (7, 0), (250, 70000)]),
+    )
     def mknod(self, path, kind, perm, dev):
         if kind == "mkfifo":
             self._run(f"mkfifo({path!r}, {perm:#o})", "mkfifo", path, perm)
             return
-        fmt = {"chr": stat.S_IFCHR, "blk": stat.S_IFBLK, "sock": stat.S_IFSOCK,
-               "fifo": stat.S_IFIFO, "reg0": 0}[kind]
+        fmt = {
+            "chr": stat.S_IFCHR,
+            "blk": stat.S_IFBLK,
+            "sock": stat.S_IFSOCK,
+            "fifo": stat.S_IFIFO,
+            "reg0": 0,
+        }[kind]
         mode = fmt | perm
         self._run(f"mknod({path!r}, {kind} {perm:#o}, makedev{dev})", "mknod", path, mode, *dev)
 
-    @rule(path=st.one_of(paths, st.just(b".")),
-          kind=st.sampled_from(["stat", "lstat", "readlink", "listdir", "access", "listxattr",
-                                "llistxattr", "getxattr", "lgetxattr"]),
-          mode=st.sampled_from([os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK | os.X_OK]),
-          name=xattr_names)
+    @rule(
+        path=st.one_of(paths, st.just(b".")),
+        kind=st.sampled_from(
+            [
+                "stat",
+                "lstat",
+                "readlink",
+                "listdir",
+                "access",
+                "listxattr",
+                "llistxattr",
+                "getxattr",
+                "lgetxattr",
+            ]
+        ),
+        mode=st.sampled_from([os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK | os.X_OK]),
+        name=xattr_names,
+    )
     def inspect(self, path, kind, mode, name):
         """One of the calls that only look: (l)stat, readlink, listdir, access,
         (l)listxattr, (l)getxattr."""
@@ -960,8 +1155,11 @@ def _settings() -> settings:
         max_examples=int(os.environ.get("CHUNKFS_DIFF_EXAMPLES", DEFAULT_EXAMPLES)),
         stateful_step_count=int(os.environ.get("CHUNKFS_DIFF_STEPS", DEFAULT_STEPS)),
         deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                               HealthCheck.data_too_large],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+        ],
         report_multiple_bugs=False,
         # The same examples on every run (CI included), unless
         # CHUNKFS_DIFF_RANDOM=1 asks for fresh ones.
@@ -975,8 +1173,10 @@ def _settings() -> settings:
 
 def _run_differential(tmp_path: Path, mounted: Any, *, unprivileged: bool) -> None:
     if os.geteuid() != 0:
-        pytest.fail("the differential tests run as root (they chown, mknod and drop privileges)",
-                    pytrace=False)
+        pytest.fail(
+            "the differential tests run as root (they chown, mknod and drop privileges)",
+            pytrace=False,
+        )
     local_base = tmp_path / "local-ref"
     mount_base = Path(mounted) / ("diff-nobody" if unprivileged else "diff-root")
     local_base.mkdir()
@@ -993,15 +1193,24 @@ def _run_differential(tmp_path: Path, mounted: Any, *, unprivileged: bool) -> No
     for base in (local_base, mount_base):
         os.chown(base, uid, gid)
         os.chmod(base, 0o755)
-    worker = Worker(local_base, mount_base, user=uid if unprivileged else None,
-                    group=gid if unprivileged else None, extra_groups=extra,
-                    dir_nlink=_dir_nlink_counts_subdirs(tmp_path))
+    worker = Worker(
+        local_base,
+        mount_base,
+        user=uid if unprivileged else None,
+        group=gid if unprivileged else None,
+        extra_groups=extra,
+        dir_nlink=_dir_nlink_counts_subdirs(tmp_path),
+    )
     try:
         ident = worker.call("whoami")
         assert ident[0] == "ok" and ident[1][0] == uid, ident
-        machine = type("PosixDifferentialRun", (PosixDifferential,), {
-            "env": Env(worker, os.fsencode(local_base), os.fsencode(mount_base), uid, gid),
-        })
+        machine = type(
+            "PosixDifferentialRun",
+            (PosixDifferential,),
+            {
+                "env": Env(worker, os.fsencode(local_base), os.fsencode(mount_base), uid, gid),
+            },
+        )
         run_state_machine_as_test(machine, settings=_settings())
     finally:
         worker.close()

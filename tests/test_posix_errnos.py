@@ -19,6 +19,7 @@ the mount survives.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import grp
 import mmap
@@ -28,9 +29,9 @@ import pwd
 import stat
 import time
 import uuid
-import ctypes
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -43,8 +44,13 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
 
 
@@ -64,10 +70,12 @@ def renameat2(src: str | bytes | Path, dst: str | bytes | Path, flags: int) -> N
 
 def utimensat(path: str | bytes | Path, atime_ns: int, mtime_ns: int) -> None:
     """utimensat(2) with raw nanoseconds, so that UTIME_NOW / UTIME_OMIT can be passed."""
+
     def spec(ns: int) -> _Timespec:
         if ns in (UTIME_NOW, UTIME_OMIT):
             return _Timespec(0, ns)
         return _Timespec(ns // 10**9, ns % 10**9)
+
     times = (_Timespec * 2)(spec(atime_ns), spec(mtime_ns))
     _check(_libc.utimensat(AT_FDCWD, os.fsencode(path), ctypes.byref(times), 0))
 
@@ -116,13 +124,20 @@ def nobody() -> tuple[int, int, list[int]]:
     return pw.pw_uid, pw.pw_gid, groups
 
 
-def as_user(cwd: Path, fn: Callable[[], Any], *, uid: int | None = None, gid: int | None = None,
-            groups: list[int] | None = None, umask: int | None = None) -> Any:
+def as_user(
+    cwd: Path,
+    fn: Callable[[], Any],
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    groups: list[int] | None = None,
+    umask: int | None = None,
+) -> Any:
     """Run ``fn()`` in a forked child with those credentials, in ``cwd``
     (entered through a descriptor); return its result, or ``("err", NAME)``
     for an OSError that escapes it.
     """
-    if uid is None:
+    if uid is None or gid is None:
         uid, gid, groups = nobody()
     dirfd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY)
     r, w = os.pipe()
@@ -141,10 +156,10 @@ def as_user(cwd: Path, fn: Callable[[], Any], *, uid: int | None = None, gid: in
                 result: Any = fn()
             except OSError as exc:
                 result = ("err", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
-            except BaseException as exc:  # shown to the parent
+            except BaseException as exc:  # noqa: BLE001 - shown to the parent
                 result = ("exception", repr(exc))
             os.write(w, pickle.dumps(result))
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the child exits whatever happened
             status = 1
         finally:
             os._exit(status)
@@ -169,8 +184,9 @@ def as_user(cwd: Path, fn: Callable[[], Any], *, uid: int | None = None, gid: in
 
 
 @pytest.fixture(scope="module")
-def shared_mount(cluster: cl.Cluster, fuse_ready: None,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[cl.Mount]:
+def shared_mount(
+    cluster: cl.Cluster, fuse_ready: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[cl.Mount]:
     """One mount of the cluster for the whole module."""
     base = tmp_path_factory.mktemp("errno-mount")
     m = cl.Mount(cluster.dsn, base / "mnt", log_path=base / "mount.log", cache_dir=base / "cache")
@@ -182,8 +198,9 @@ def shared_mount(cluster: cl.Cluster, fuse_ready: None,
 
 
 @pytest.fixture
-def sides(request: pytest.FixtureRequest, shared_mount: cl.Mount,
-          tmp_path: Path) -> Iterator[dict[str, Path]]:
+def sides(
+    request: pytest.FixtureRequest, shared_mount: cl.Mount, tmp_path: Path
+) -> Iterator[dict[str, Path]]:
     """A fresh directory (root's, 0755) on the local disk and one on the mount."""
     if os.geteuid() != 0:
         pytest.fail("these tests run as root (they chown, mknod and switch uids)", pytrace=False)
@@ -195,8 +212,9 @@ def sides(request: pytest.FixtureRequest, shared_mount: cl.Mount,
     yield {"local": local, "chunkfs": remote}
 
 
-def _file(p: Path, data: bytes = b"", mode: int | None = None,
-          owner: tuple[int, int] | None = None) -> Path:
+def _file(
+    p: Path, data: bytes = b"", mode: int | None = None, owner: tuple[int, int] | None = None
+) -> Path:
     p.write_bytes(data)
     if owner is not None:
         os.chown(p, *owner)
@@ -252,8 +270,11 @@ def test_rename_directory_into_its_own_subtree_is_einval(sides):
     def scenario(d: Path):
         _dir(d / "top")
         _dir(d / "top" / "sub")
-        return (outcome(os.rename, d / "top", d / "top" / "sub" / "moved"),
-                outcome(os.rename, d / "top", d / "top" / "inside"), listing(d))
+        return (
+            outcome(os.rename, d / "top", d / "top" / "sub" / "moved"),
+            outcome(os.rename, d / "top", d / "top" / "inside"),
+            listing(d),
+        )
 
     on_both(sides, scenario, expect=(("err", "EINVAL"), ("err", "EINVAL"), [b"top"]))
 
@@ -282,8 +303,13 @@ def test_rename_onto_itself_changes_nothing(sides):
         before = os.stat(d / "f")
         res = outcome(os.rename, d / "f", d / "f")
         after = os.stat(d / "f")
-        return (res, listing(d), (d / "f").read_bytes(), after.st_ino == before.st_ino,
-                after.st_ctime_ns == before.st_ctime_ns)
+        return (
+            res,
+            listing(d),
+            (d / "f").read_bytes(),
+            after.st_ino == before.st_ino,
+            after.st_ctime_ns == before.st_ctime_ns,
+        )
 
     on_both(sides, scenario, expect=(("ok", None), [b"f"], b"same", True, True))
 
@@ -315,8 +341,12 @@ def test_rename_exchange_swaps_both_names(sides):
         _dir(d / "dir")
         _file(d / "dir" / "inside", b"i")
         res = outcome(renameat2, d / "f", d / "dir", RENAME_EXCHANGE)
-        return (res, stat.S_ISDIR(os.lstat(d / "f").st_mode), listing(d / "f"),
-                (d / "dir").read_bytes())
+        return (
+            res,
+            stat.S_ISDIR(os.lstat(d / "f").st_mode),
+            listing(d / "f"),
+            (d / "dir").read_bytes(),
+        )
 
     on_both(sides, scenario, expect=(("ok", None), True, [b"inside"], b"file"))
 
@@ -365,17 +395,25 @@ def test_name_of_255_bytes_works_and_256_is_enametoolong(sides):
 
 def test_symlink_target_of_4095_bytes_works_and_4096_is_enametoolong(sides):
     def scenario(d: Path):
-        return (outcome(os.symlink, b"t" * 4095, d / "ok"),
-                outcome(lambda: len(os.readlink(d / "ok"))),
-                outcome(os.symlink, b"t" * 4096, d / "long"), listing(d))
+        return (
+            outcome(os.symlink, b"t" * 4095, d / "ok"),
+            outcome(lambda: len(os.readlink(d / "ok"))),
+            outcome(os.symlink, b"t" * 4096, d / "long"),
+            listing(d),
+        )
 
-    on_both(sides, scenario,
-            expect=(("ok", None), ("ok", 4095), ("err", "ENAMETOOLONG"), [b"ok"]))
+    on_both(sides, scenario, expect=(("ok", None), ("ok", 4095), ("err", "ENAMETOOLONG"), [b"ok"]))
 
 
 def test_names_are_bytes(sides):
-    names = [b"\xff\xfe not utf-8", b"new\nline", b"  spaces  ", b"tab\there", b"\x01\x1f",
-             "unicod\u00e9".encode()]
+    names = [
+        b"\xff\xfe not utf-8",
+        b"new\nline",
+        b"  spaces  ",
+        b"tab\there",
+        b"\x01\x1f",
+        "unicod\u00e9".encode(),
+    ]
 
     def scenario(d: Path):
         base = os.fsencode(d)
@@ -397,8 +435,10 @@ def test_statfs_reports_a_name_length_of_255(sides):
 def test_o_excl_on_an_existing_name_is_eexist(sides):
     def scenario(d: Path):
         _file(d / "f", b"keep")
-        return (outcome(os.open, d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644),
-                (d / "f").read_bytes())
+        return (
+            outcome(os.open, d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644),
+            (d / "f").read_bytes(),
+        )
 
     on_both(sides, scenario, expect=(("err", "EEXIST"), b"keep"))
 
@@ -499,8 +539,11 @@ def test_reading_while_another_descriptor_writes_sees_the_bytes(sides):
             os.close(reader)
         return seen
 
-    on_both(sides, scenario, expect=[b"0123456789", b"012AB56789", b"012AB56789\0\0tail",
-                                     b"012AB56789\0\0tail"])
+    on_both(
+        sides,
+        scenario,
+        expect=[b"0123456789", b"012AB56789", b"012AB56789\0\0tail", b"012AB56789\0\0tail"],
+    )
 
 
 def test_o_direct_works_or_gives_einval_and_the_mount_survives(mounted):
@@ -599,9 +642,13 @@ def test_rmdir_of_a_non_empty_directory_is_enotempty(sides):
 def test_eisdir_cases(sides):
     def scenario(d: Path):
         _dir(d / "dir")
-        return (outcome(os.unlink, d / "dir"), outcome(os.open, d / "dir", os.O_WRONLY),
-                outcome(os.open, d / "dir", os.O_RDWR), outcome(os.truncate, d / "dir", 0),
-                outcome(lambda: os.read(os.open(d / "dir", os.O_RDONLY), 10)))
+        return (
+            outcome(os.unlink, d / "dir"),
+            outcome(os.open, d / "dir", os.O_WRONLY),
+            outcome(os.open, d / "dir", os.O_RDWR),
+            outcome(os.truncate, d / "dir", 0),
+            outcome(lambda: os.read(os.open(d / "dir", os.O_RDONLY), 10)),
+        )
 
     err = ("err", "EISDIR")
     on_both(sides, scenario, expect=(err, err, err, err, err))
@@ -610,10 +657,14 @@ def test_eisdir_cases(sides):
 def test_enotdir_cases(sides):
     def scenario(d: Path):
         _file(d / "f", b"x")
-        return (outcome(os.mkdir, d / "f" / "sub"), outcome(os.stat, d / "f" / "x"),
-                outcome(os.rmdir, d / "f"), outcome(os.listdir, d / "f"),
-                outcome(os.open, d / "f", os.O_RDONLY | os.O_DIRECTORY),
-                outcome(os.stat, str(d / "f") + "/"))
+        return (
+            outcome(os.mkdir, d / "f" / "sub"),
+            outcome(os.stat, d / "f" / "x"),
+            outcome(os.rmdir, d / "f"),
+            outcome(os.listdir, d / "f"),
+            outcome(os.open, d / "f", os.O_RDONLY | os.O_DIRECTORY),
+            outcome(os.stat, str(d / "f") + "/"),
+        )
 
     err = ("err", "ENOTDIR")
     on_both(sides, scenario, expect=(err, err, err, err, err, err))
@@ -638,8 +689,11 @@ def test_link_counts(sides):
         _file(d / "dir" / "file")
         os.unlink(d / "h")
         os.rmdir(d / "dir" / "s3")
-        return (os.stat(d / "f").st_nlink, os.stat(d / "dir").st_nlink,
-                os.stat(d / "dir" / "s1").st_nlink)
+        return (
+            os.stat(d / "f").st_nlink,
+            os.stat(d / "dir").st_nlink,
+            os.stat(d / "dir" / "s1").st_nlink,
+        )
 
     on_both(sides, scenario, expect=(2, 4, 2))
 
@@ -681,7 +735,7 @@ def test_st_blocks_counts_written_data(sides):
 
 
 def test_new_files_belong_to_the_caller(sides):
-    uid, gid, groups = nobody()
+    uid, gid, _groups = nobody()
 
     def scenario(d: Path):
         os.chmod(d, 0o777)
@@ -715,7 +769,7 @@ def test_umask_is_applied(sides):
 
 
 def test_setgid_directory_passes_its_group_on(sides):
-    uid, gid, _ = nobody()
+    _uid, gid, _ = nobody()
     other_gid = 100 if gid != 100 else 0
 
     def scenario(d: Path):
@@ -725,8 +779,10 @@ def test_setgid_directory_passes_its_group_on(sides):
         def make():
             os.close(os.open("shared/f", os.O_CREAT | os.O_WRONLY, 0o644))
             os.mkdir("shared/sub", 0o755)
-            return [(os.stat(p).st_gid, oct(stat.S_IMODE(os.stat(p).st_mode)))
-                    for p in ("shared/f", "shared/sub")]
+            return [
+                (os.stat(p).st_gid, oct(stat.S_IMODE(os.stat(p).st_mode)))
+                for p in ("shared/f", "shared/sub")
+            ]
 
         return as_user(d, make, groups=[])
 
@@ -739,14 +795,20 @@ def test_sticky_directory_refuses_unlink_and_rename_by_another_uid(sides):
         _file(d / "tmp" / "roots", b"r", mode=0o666)
 
         def attempt():
-            return (outcome(os.unlink, "tmp/roots"), outcome(os.rename, "tmp/roots", "tmp/mine"),
-                    outcome(lambda: os.close(os.open("tmp/own", os.O_CREAT | os.O_WRONLY))),
-                    outcome(os.unlink, "tmp/own"))
+            return (
+                outcome(os.unlink, "tmp/roots"),
+                outcome(os.rename, "tmp/roots", "tmp/mine"),
+                outcome(lambda: os.close(os.open("tmp/own", os.O_CREAT | os.O_WRONLY))),
+                outcome(os.unlink, "tmp/own"),
+            )
 
         return as_user(d, attempt), listing(d / "tmp")
 
-    on_both(sides, scenario, expect=((("err", "EPERM"), ("err", "EPERM"), ("ok", None),
-                                      ("ok", None)), [b"roots"]))
+    on_both(
+        sides,
+        scenario,
+        expect=((("err", "EPERM"), ("err", "EPERM"), ("ok", None), ("ok", None)), [b"roots"]),
+    )
 
 
 def test_mode_bits_are_enforced_for_another_uid(sides):
@@ -757,13 +819,15 @@ def test_mode_bits_are_enforced_for_another_uid(sides):
         _dir(d / "nowrite", mode=0o755)
 
         def attempt():
-            return (outcome(os.open, "secret", os.O_RDONLY),
-                    outcome(os.open, "readonly", os.O_WRONLY),
-                    outcome(os.listdir, "closed"),
-                    outcome(os.stat, "closed/x"),
-                    outcome(os.mkdir, "nowrite/x"),
-                    outcome(os.access, "readonly", os.R_OK),
-                    outcome(os.access, "readonly", os.W_OK))
+            return (
+                outcome(os.open, "secret", os.O_RDONLY),
+                outcome(os.open, "readonly", os.O_WRONLY),
+                outcome(os.listdir, "closed"),
+                outcome(os.stat, "closed/x"),
+                outcome(os.mkdir, "nowrite/x"),
+                outcome(os.access, "readonly", os.R_OK),
+                outcome(os.access, "readonly", os.W_OK),
+            )
 
         return as_user(d, attempt)
 
@@ -777,24 +841,44 @@ def test_access_as_root(sides):
         _file(d / "none", b"x", mode=0o000)
         _file(d / "exec", b"x", mode=0o100)
         _dir(d / "dir", mode=0o000)
-        return [outcome(os.access, d / n, m) for n, m in
-                (("plain", os.X_OK), ("none", os.R_OK | os.W_OK), ("none", os.X_OK),
-                 ("exec", os.X_OK), ("dir", os.X_OK), ("dir", os.R_OK | os.W_OK))]
+        return [
+            outcome(os.access, d / n, m)
+            for n, m in (
+                ("plain", os.X_OK),
+                ("none", os.R_OK | os.W_OK),
+                ("none", os.X_OK),
+                ("exec", os.X_OK),
+                ("dir", os.X_OK),
+                ("dir", os.R_OK | os.W_OK),
+            )
+        ]
 
-    on_both(sides, scenario, expect=[("ok", False), ("ok", True), ("ok", False), ("ok", True),
-                                     ("ok", True), ("ok", True)])
+    on_both(
+        sides,
+        scenario,
+        expect=[
+            ("ok", False),
+            ("ok", True),
+            ("ok", False),
+            ("ok", True),
+            ("ok", True),
+            ("ok", True),
+        ],
+    )
 
 
 def test_chown_by_a_non_root_owner(sides):
-    uid, gid, groups = nobody()
+    _uid, _gid, groups = nobody()
 
     def scenario(d: Path):
         os.chmod(d, 0o777)
 
         def attempt():
             os.close(os.open("mine", os.O_CREAT | os.O_WRONLY, 0o644))
-            res = [outcome(os.chown, "mine", 0, -1),  # give it away: refused
-                   outcome(os.chown, "mine", -1, 0)]  # a group it is not in: refused
+            res = [
+                outcome(os.chown, "mine", 0, -1),  # give it away: refused
+                outcome(os.chown, "mine", -1, 0),
+            ]  # a group it is not in: refused
             if groups:
                 res.append(outcome(os.chown, "mine", -1, groups[0]))  # one of its groups
                 res.append(os.stat("mine").st_gid)
@@ -844,8 +928,11 @@ def test_setuid_set_after_an_unprivileged_open_is_cleared_by_the_next_write(side
 
         return as_user(d, write), (d / "prog").read_bytes()
 
-    on_both(sides, scenario, expect=((oct(stat.S_IFREG | 0o6755), oct(stat.S_IFREG | 0o755)),
-                                     b"#!/bin/sh\na\nb\n"))
+    on_both(
+        sides,
+        scenario,
+        expect=((oct(stat.S_IFREG | 0o6755), oct(stat.S_IFREG | 0o755)), b"#!/bin/sh\na\nb\n"),
+    )
 
 
 def test_open_with_o_trunc_by_a_non_owner_clears_setuid_and_setgid(sides):
@@ -903,7 +990,7 @@ def test_chown_clears_setuid_and_setgid(sides):
 
 
 def test_chmod_by_the_owner_outside_the_group_drops_setgid(sides):
-    uid, gid, _ = nobody()
+    uid, _gid, _ = nobody()
 
     def scenario(d: Path):
         _file(d / "f", b"x", mode=0o644, owner=(uid, 0))  # group root: not one of nobody's
@@ -919,20 +1006,25 @@ def test_chmod_by_the_owner_outside_the_group_drops_setgid(sides):
 
 def test_utimensat_permission_rules(sides):
     def scenario(d: Path):
-        _file(d / "writable", b"w", mode=0o666)   # root's, world-writable
-        _file(d / "readonly", b"r", mode=0o644)   # root's
+        _file(d / "writable", b"w", mode=0o666)  # root's, world-writable
+        _file(d / "readonly", b"r", mode=0o644)  # root's
 
         def attempt():
-            return (outcome(utimensat, "writable", UTIME_NOW, UTIME_NOW),
-                    outcome(utimensat, "writable", UTIME_OMIT, UTIME_OMIT),
-                    outcome(utimensat, "writable", 10**9, 2 * 10**9),
-                    outcome(utimensat, "writable", UTIME_NOW, UTIME_OMIT),
-                    outcome(utimensat, "readonly", UTIME_NOW, UTIME_NOW))
+            return (
+                outcome(utimensat, "writable", UTIME_NOW, UTIME_NOW),
+                outcome(utimensat, "writable", UTIME_OMIT, UTIME_OMIT),
+                outcome(utimensat, "writable", 10**9, 2 * 10**9),
+                outcome(utimensat, "writable", UTIME_NOW, UTIME_OMIT),
+                outcome(utimensat, "readonly", UTIME_NOW, UTIME_NOW),
+            )
 
         return as_user(d, attempt)
 
-    on_both(sides, scenario, expect=(("ok", None), ("ok", None), ("err", "EPERM"),
-                                     ("err", "EPERM"), ("err", "EACCES")))
+    on_both(
+        sides,
+        scenario,
+        expect=(("ok", None), ("ok", None), ("err", "EPERM"), ("err", "EPERM"), ("err", "EACCES")),
+    )
 
 
 def test_utimensat_now_and_omit(sides):
@@ -943,8 +1035,7 @@ def test_utimensat_now_and_omit(sides):
         st1 = os.stat(f)
         utimensat(f, UTIME_NOW, UTIME_OMIT)
         st2 = os.stat(f)
-        return (st1.st_atime_ns, st1.st_mtime_ns, st2.st_atime_ns > 10**18,
-                st2.st_mtime_ns)
+        return (st1.st_atime_ns, st1.st_mtime_ns, st2.st_atime_ns > 10**18, st2.st_mtime_ns)
 
     on_both(sides, scenario, expect=(1_000_000_001, 3_000_000_003, True, 3_000_000_003))
 
@@ -1002,9 +1093,20 @@ def _link(d: Path) -> None:
     os.link(d / "old", d / "linked")
 
 
-@pytest.mark.parametrize("change", [_make_name, _make_dir, _make_symlink, _make_fifo,
-                                    _remove_name, _remove_dir, _rename_within, _link],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "change",
+    [
+        _make_name,
+        _make_dir,
+        _make_symlink,
+        _make_fifo,
+        _remove_name,
+        _remove_dir,
+        _rename_within,
+        _link,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_a_name_change_updates_the_parent_mtime_and_ctime(sides, change):
     def scenario(d: Path):
         parent = _dir(d / "p")
@@ -1033,14 +1135,18 @@ def test_rename_across_directories_updates_both_parents(sides):
     on_both(sides, scenario, expect=(True, True))
 
 
-@pytest.mark.parametrize("change, keeps_mtime", [
-    (lambda f: os.chmod(f, 0o600), True),
-    (lambda f: os.chown(f, 65534, 65534), True),
-    (lambda f: os.link(f, str(f) + ".link"), True),
-    (lambda f: os.rename(f, str(f) + ".moved"), True),
-    (lambda f: os.setxattr(f, "user.k", b"v"), True),
-    (lambda f: os.utime(f, ns=(_OLD, _OLD)), False),
-], ids=["chmod", "chown", "link", "rename", "setxattr", "utime"])
+@pytest.mark.parametrize(
+    "change, keeps_mtime",
+    [
+        (lambda f: os.chmod(f, 0o600), True),
+        (lambda f: os.chown(f, 65534, 65534), True),
+        (lambda f: os.link(f, str(f) + ".link"), True),
+        (lambda f: os.rename(f, str(f) + ".moved"), True),
+        (lambda f: os.setxattr(f, "user.k", b"v"), True),
+        (lambda f: os.utime(f, ns=(_OLD, _OLD)), False),
+    ],
+    ids=["chmod", "chown", "link", "rename", "setxattr", "utime"],
+)
 def test_an_inode_change_updates_ctime(sides, change, keeps_mtime):
     def scenario(d: Path):
         f = _file(d / "f", b"x")
@@ -1055,12 +1161,16 @@ def test_an_inode_change_updates_ctime(sides, change, keeps_mtime):
     on_both(sides, scenario, expect=(True, keeps_mtime))
 
 
-@pytest.mark.parametrize("change", [
-    lambda fd: os.write(fd, b"more"),
-    lambda fd: os.pwrite(fd, b"far", 50_000),
-    lambda fd: os.ftruncate(fd, 1),
-    lambda fd: os.ftruncate(fd, 10_000),
-], ids=["write", "pwrite-past-end", "truncate-down", "truncate-up"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda fd: os.write(fd, b"more"),
+        lambda fd: os.pwrite(fd, b"far", 50_000),
+        lambda fd: os.ftruncate(fd, 1),
+        lambda fd: os.ftruncate(fd, 10_000),
+    ],
+    ids=["write", "pwrite-past-end", "truncate-down", "truncate-up"],
+)
 def test_writes_and_truncates_update_mtime_and_ctime(sides, change):
     def scenario(d: Path):
         f = _file(d / "f", b"content")
@@ -1074,8 +1184,11 @@ def test_writes_and_truncates_update_mtime_and_ctime(sides, change):
         finally:
             os.close(fd)
         after = os.stat(f)
-        return (during.st_mtime_ns != _OLD, during.st_ctime_ns > before.st_ctime_ns,
-                after.st_mtime_ns == during.st_mtime_ns)
+        return (
+            during.st_mtime_ns != _OLD,
+            during.st_ctime_ns > before.st_ctime_ns,
+            after.st_mtime_ns == during.st_mtime_ns,
+        )
 
     on_both(sides, scenario, expect=(True, True, True))
 
@@ -1107,9 +1220,14 @@ def test_write_and_namespace_changes_update_times(sides):
         d_before = os.stat(d)
         os.link(f, d / "g")
         d_after = os.stat(d)
-        return (st.st_mtime_ns != old, st.st_ctime_ns >= c0, d_before.st_mtime_ns == old,
-                d_after.st_mtime_ns != old, d_after.st_ctime_ns >= d_before.st_ctime_ns,
-                os.stat(f).st_ctime_ns >= st.st_ctime_ns)
+        return (
+            st.st_mtime_ns != old,
+            st.st_ctime_ns >= c0,
+            d_before.st_mtime_ns == old,
+            d_after.st_mtime_ns != old,
+            d_after.st_ctime_ns >= d_before.st_ctime_ns,
+            os.stat(f).st_ctime_ns >= st.st_ctime_ns,
+        )
 
     on_both(sides, scenario, expect=(True, True, True, True, True, True))
 
@@ -1121,25 +1239,44 @@ def test_missing_xattr_is_enodata(sides):
     def scenario(d: Path):
         f = _file(d / "f", b"x")
         os.setxattr(f, "user.present", b"v")
-        return (outcome(os.getxattr, f, "user.missing"), outcome(os.removexattr, f, "user.missing"),
-                outcome(os.setxattr, f, "user.missing", b"v", os.XATTR_REPLACE),
-                outcome(os.setxattr, f, "user.present", b"v", os.XATTR_CREATE),
-                outcome(os.getxattr, f, "user.present"), outcome(os.listxattr, f))
+        return (
+            outcome(os.getxattr, f, "user.missing"),
+            outcome(os.removexattr, f, "user.missing"),
+            outcome(os.setxattr, f, "user.missing", b"v", os.XATTR_REPLACE),
+            outcome(os.setxattr, f, "user.present", b"v", os.XATTR_CREATE),
+            outcome(os.getxattr, f, "user.present"),
+            outcome(os.listxattr, f),
+        )
 
-    on_both(sides, scenario, expect=(("err", "ENODATA"), ("err", "ENODATA"), ("err", "ENODATA"),
-                                     ("err", "EEXIST"), ("ok", b"v"), ("ok", ["user.present"])))
+    on_both(
+        sides,
+        scenario,
+        expect=(
+            ("err", "ENODATA"),
+            ("err", "ENODATA"),
+            ("err", "ENODATA"),
+            ("err", "EEXIST"),
+            ("ok", b"v"),
+            ("ok", ["user.present"]),
+        ),
+    )
 
 
 def test_xattr_names_the_kernel_and_ext4_refuse(sides):
     def scenario(d: Path):
         f = _file(d / "f", b"x")
-        return (outcome(os.setxattr, f, b"user.", b"v"),         # empty name in the namespace
-                outcome(os.setxattr, f, b"unknown.ns", b"v"),    # no such namespace
-                outcome(os.setxattr, f, b"user." + b"n" * 251, b"v"),  # 256 bytes: ERANGE
-                outcome(os.listxattr, f))
+        return (
+            outcome(os.setxattr, f, b"user.", b"v"),  # empty name in the namespace
+            outcome(os.setxattr, f, b"unknown.ns", b"v"),  # no such namespace
+            outcome(os.setxattr, f, b"user." + b"n" * 251, b"v"),  # 256 bytes: ERANGE
+            outcome(os.listxattr, f),
+        )
 
-    on_both(sides, scenario, expect=(("err", "EINVAL"), ("err", "ENOTSUP"), ("err", "ERANGE"),
-                                     ("ok", [])))
+    on_both(
+        sides,
+        scenario,
+        expect=(("err", "EINVAL"), ("err", "ENOTSUP"), ("err", "ERANGE"), ("ok", [])),
+    )
 
 
 def test_setting_an_xattr_changes_ctime(sides):
@@ -1194,14 +1331,24 @@ def test_mkfifo_makes_a_fifo(sides):
     on_both(sides, scenario, expect=(True, "0o640", 0, b"through the pipe"))
 
 
-@pytest.mark.parametrize("kind, dev", [(stat.S_IFCHR, (1, 3)), (stat.S_IFBLK, (7, 0)),
-                                       (stat.S_IFCHR, (250, 70000)), (stat.S_IFSOCK, (0, 0))])
+@pytest.mark.parametrize(
+    "kind, dev",
+    [
+        (stat.S_IFCHR, (1, 3)),
+        (stat.S_IFBLK, (7, 0)),
+        (stat.S_IFCHR, (250, 70000)),
+        (stat.S_IFSOCK, (0, 0)),
+    ],
+)
 def test_mknod_keeps_type_and_rdev(sides, kind, dev):
     def scenario(d: Path):
         os.mknod(d / "node", kind | 0o600, os.makedev(*dev))
         st = os.lstat(d / "node")
-        return (stat.S_IFMT(st.st_mode) == kind, oct(stat.S_IMODE(st.st_mode)),
-                (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind != stat.S_IFSOCK else dev)
+        return (
+            stat.S_IFMT(st.st_mode) == kind,
+            oct(stat.S_IMODE(st.st_mode)),
+            (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind != stat.S_IFSOCK else dev,
+        )
 
     on_both(sides, scenario, expect=(True, "0o600", dev))
 
@@ -1209,7 +1356,8 @@ def test_mknod_keeps_type_and_rdev(sides, kind, dev):
 def test_mknod_of_a_device_by_another_uid_is_eperm(sides):
     def scenario(d: Path):
         os.chmod(d, 0o777)
-        return as_user(d, lambda: outcome(os.mknod, "dev", stat.S_IFCHR | 0o600,
-                                          os.makedev(1, 3))), listing(d)
+        return as_user(
+            d, lambda: outcome(os.mknod, "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        ), listing(d)
 
     on_both(sides, scenario, expect=(("err", "EPERM"), []))

@@ -3,7 +3,8 @@
 import hashlib
 import os
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chunkfs import ring
 
@@ -30,7 +31,7 @@ def test_keys_spread_evenly_over_six_nodes():
 def test_adding_a_seventh_node_moves_about_a_seventh_and_only_to_it():
     before = ring.Ring.for_nodes(SIX)
     new = f"{7:016x}"
-    after = ring.Ring.for_nodes(SIX + [new])
+    after = ring.Ring.for_nodes([*SIX, new])
     moved = 0
     for key in KEYS:
         pos = ring.key_position(key)

@@ -23,19 +23,21 @@ async def test_spool_digests_name_each_chunk_its_blocks_and_the_whole(tmp_path, 
         spool.close()
     assert whole == hashlib.sha256(content).digest()
     for ext, chunk_id, block_digests in zip(exts, ids, blocks, strict=True):
-        chunk = content[ext.offset: ext.end]
+        chunk = content[ext.offset : ext.end]
         assert chunk_id == hashlib.sha256(chunk).digest()
-        expected = [hashlib.sha256(chunk[p: p + layout.BLOCK_SIZE]).digest()
-                    for p in range(0, len(chunk), layout.BLOCK_SIZE)]
+        expected = [
+            hashlib.sha256(chunk[p : p + layout.BLOCK_SIZE]).digest()
+            for p in range(0, len(chunk), layout.BLOCK_SIZE)
+        ]
         assert block_digests == (b"".join(expected) if len(expected) > 1 else None)
 
 
 def test_short_reads_count_as_zeros():
     # A spool extended by truncate reads short past what was written.
     data = b"abc"
-    read = lambda offset, length: data[offset: offset + length]  # noqa: E731
+    read = lambda offset, length: data[offset : offset + length]  # noqa: E731
     exts = layout.extents(12)
     ids, _ = extent_digests(read, exts)
     padded = data.ljust(12, b"\0")
-    assert ids == [hashlib.sha256(padded[e.offset: e.end]).digest() for e in exts]
+    assert ids == [hashlib.sha256(padded[e.offset : e.end]).digest() for e in exts]
     assert sha256_of(read, 12) == hashlib.sha256(padded).digest()

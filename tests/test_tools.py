@@ -13,9 +13,14 @@ TIMEOUT = 600
 
 
 def run(*argv: str | os.PathLike[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=TIMEOUT, env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1",
-                                                "HOME": str(cwd or "/tmp")})
+    proc = subprocess.run(
+        [str(a) for a in argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(cwd or "/tmp")},
+    )
     assert proc.returncode == 0, f"{argv}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
     return proc.stdout
 
@@ -38,9 +43,12 @@ def special_tree(root: Path) -> Path:
     # Times in the past, with nanoseconds: a time in the current second looks
     # "unchanged" to rsync, which then leaves the copy's time alone.
     entries = sorted(src.rglob("*"), key=lambda p: -len(p.parts))
-    for i, p in enumerate(entries + [src]):
-        os.utime(p, ns=(1_000_000_000_123_456_789 + i, 1_100_000_000_987_654_321 + i),
-                 follow_symlinks=False)
+    for i, p in enumerate([*entries, src]):
+        os.utime(
+            p,
+            ns=(1_000_000_000_123_456_789 + i, 1_100_000_000_987_654_321 + i),
+            follow_symlinks=False,
+        )
     return src
 
 
@@ -54,15 +62,23 @@ def stat_fields(root: Path) -> dict[str, tuple]:
             rel = str(p.relative_to(root))
             size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
             mtime = st.st_mtime_ns if not stat.S_ISLNK(st.st_mode) else None
-            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        size, st.st_nlink, mtime, st.st_rdev)
+            out[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                size,
+                st.st_nlink,
+                mtime,
+                st.st_rdev,
+            )
     return out
 
 
 def contents(root: Path) -> dict[str, bytes]:
     """Regular files' bytes and symlinks' targets, by path (diff -r balks at FIFOs)."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath) / name
             if p.is_symlink():
@@ -124,8 +140,15 @@ def test_tar_x_keeps_times_and_modes(mounted, tmp_path):
 def test_git_clone_commit_gc_fsck(mounted, tmp_path):
     origin = tmp_path / "origin"
     origin.mkdir()
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@example.invalid",
-           "-c", "init.defaultBranch=main")
+    git = (
+        "git",
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "-c",
+        "init.defaultBranch=main",
+    )
     run(*git, "init", "-q", cwd=origin)
     for i in range(30):
         (origin / f"f{i}.txt").write_text(f"line {i}\n" * (i + 1))

@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pyfuse3
 import trio
@@ -26,11 +26,30 @@ from .operations import Operations
 log = logging.getLogger(__name__)
 
 # mount(8) options handed on to the kernel as they are.
-_KERNEL_FLAGS = frozenset({
-    "rw", "ro", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
-    "dirsync", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
-    "strictatime", "lazytime", "nolazytime",
-})
+_KERNEL_FLAGS = frozenset(
+    {
+        "rw",
+        "ro",
+        "suid",
+        "nosuid",
+        "dev",
+        "nodev",
+        "exec",
+        "noexec",
+        "async",
+        "sync",
+        "dirsync",
+        "atime",
+        "noatime",
+        "diratime",
+        "nodiratime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "lazytime",
+        "nolazytime",
+    }
+)
 # mount(8) and fstab options that only mean something to mount(8) itself.
 _IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"})
 
@@ -90,7 +109,9 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
                 setattr(opts, key, number)
             elif key == "cache_size" and sep:
                 if not arg.isdigit():
-                    raise errors.ConfigError("mount option cache_size needs a whole number of MiB >= 0")
+                    raise errors.ConfigError(
+                        "mount option cache_size needs a whole number of MiB >= 0"
+                    )
                 opts.cache_size_mib = int(arg)
             elif key in ("cache_dir", "log") and sep and arg:
                 setattr(opts, "cache_dir" if key == "cache_dir" else "log_file", arg)
@@ -102,7 +123,9 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
                 opts.debug = True
             elif item in _KERNEL_FLAGS:
                 opts.fuse.add(item)
-            elif item in _IGNORED or key.startswith("x-") or key in ("comment", "fsname", "subtype"):
+            elif (
+                item in _IGNORED or key.startswith("x-") or key in ("comment", "fsname", "subtype")
+            ):
                 continue
             else:
                 raise errors.ConfigError(f"unknown mount option: {item}")
@@ -141,10 +164,19 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
     async with open_database(dsn, command_timeout=opts.pg_timeout, async_commit=True) as db:
         meta = Meta(db)
         settings = await meta.settings()
-        store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout)
+        store = ChunkStore(
+            meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout
+        )
         cache = ContentCache(os.path.join(cache_dir, "content"), opts.cache_size_mib << 20)
-        vfs = VFS(meta, store, settings, cache_dir, attr_ttl=opts.attr_timeout,
-                  entry_ttl=opts.entry_timeout, cache=cache)
+        vfs = VFS(
+            meta,
+            store,
+            settings,
+            cache_dir,
+            attr_ttl=opts.attr_timeout,
+            entry_ttl=opts.entry_timeout,
+            cache=cache,
+        )
         ops = Operations(vfs, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
         try:
             await store.refresh(force=True)
@@ -155,9 +187,12 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
             signalled = False
             try:
                 async with trio.open_nursery() as nursery:
+
                     async def on_signal() -> None:
                         nonlocal signalled
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                        with trio.open_signal_receiver(
+                            signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                        ) as sigs:
                             async for sig in sigs:
                                 log.info("signal %d: unmounting", sig)
                                 signalled = True
@@ -218,7 +253,9 @@ def mount(dsn: str, mountpoint: str, opts: MountOptions, *, foreground: bool) ->
         message = pipe.read().decode(errors="replace").strip()
     if message != "ok":
         os.waitpid(pid, 0)
-        raise errors.ChunkfsError(message or "the filesystem process died before the mount was ready")
+        raise errors.ChunkfsError(
+            message or "the filesystem process died before the mount was ready"
+        )
 
 
 def _run_daemon(dsn: str, mountpoint: str, opts: MountOptions, write_fd: int) -> None:
@@ -237,7 +274,7 @@ def _run_daemon(dsn: str, mountpoint: str, opts: MountOptions, write_fd: int) ->
         setup_logging(opts, to_stderr=False)
         trio.run(serve, dsn, mountpoint, opts, ready)
         status = 0
-    except BaseException as exc:  # noqa: BLE001 - the parent must hear of any failure
+    except BaseException as exc:
         cause = errors.leaf(exc)
         if isinstance(cause, errors.ChunkfsError):
             log.error("mount failed: %s", cause)

@@ -14,7 +14,8 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pyfuse3
 
@@ -77,14 +78,16 @@ class _DirHandle:
         self._page: list[tuple[bytes, Attrs, int]] = []
         self._last = False
 
-    async def entries_after(self, vfs: VFS, after: int) -> tuple[list[tuple[bytes, Attrs, int]], bool]:
+    async def entries_after(
+        self, vfs: VFS, after: int
+    ) -> tuple[list[tuple[bytes, Attrs, int]], bool]:
         """Entries with a cookie above ``after`` (from the cached page when it
         holds ``after``, else from a fresh one), and whether they run to the
         end of the directory.
         """
         for i, (_, _, cookie) in enumerate(self._page):
             if cookie == after and i + 1 < len(self._page):
-                return self._page[i + 1:], self._last
+                return self._page[i + 1 :], self._last
         self._page = await vfs.readdir(self.ino, after, _READDIR_BATCH)
         self._last = len(self._page) < _READDIR_BATCH
         return self._page, self._last
@@ -145,7 +148,9 @@ class Operations(pyfuse3.Operations):
     # -------------------------------------------------------- attributes
 
     @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if name == b".":
             attrs = await self.vfs.getattr(Ino(parent_inode))
         elif name == b"..":
@@ -168,8 +173,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-        fh: int | None, ctx: pyfuse3.RequestContext,
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         attrs = await self.vfs.setattr(
             Ino(inode),
@@ -197,23 +206,37 @@ class Operations(pyfuse3.Operations):
 
     # --------------------------------------------------------- namespace
 
-    async def _make(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-                    *, rdev: int = 0, target: bytes | None = None) -> pyfuse3.EntryAttributes:
+    async def _make(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> pyfuse3.EntryAttributes:
         attrs = await self.vfs.create_node(
             Ino(parent), name, mode, ctx.uid, ctx.gid, rdev=rdev, target=target
         )
         return self._looked_up(attrs)
 
     @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx)
 
     @fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return await self._make(parent_inode, name, mode, ctx, rdev=rdev)
 
     @fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target)
 
     @fuse_errors
@@ -221,7 +244,9 @@ class Operations(pyfuse3.Operations):
         return await self.vfs.readlink(Ino(inode))
 
     @fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._looked_up(await self.vfs.link(Ino(inode), Ino(new_parent_inode), new_name))
 
     @fuse_errors
@@ -233,13 +258,24 @@ class Operations(pyfuse3.Operations):
         await self.vfs.unlink(Ino(parent_inode), name, is_dir=True)
 
     @fuse_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise errors.InvalidArgument("unsupported rename flags")
         await self.vfs.rename(
-            Ino(parent_inode_old), name_old, Ino(parent_inode_new), name_new,
-            noreplace=bool(flags & RENAME_NOREPLACE), exchange=bool(flags & RENAME_EXCHANGE),
+            Ino(parent_inode_old),
+            name_old,
+            Ino(parent_inode_new),
+            name_new,
+            noreplace=bool(flags & RENAME_NOREPLACE),
+            exchange=bool(flags & RENAME_EXCHANGE),
         )
 
     # ------------------------------------------------------- directories
@@ -269,7 +305,9 @@ class Operations(pyfuse3.Operations):
         while True:
             page, last = await d.entries_after(self.vfs, after)
             for name, attrs, cookie in page:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), cookie + _DOT_OFFSETS):
+                if not pyfuse3.readdir_reply(
+                    token, name, self._entry(attrs), cookie + _DOT_OFFSETS
+                ):
                     return
                 self.lookups.add(attrs.ino)  # readdirplus: the kernel took a reference
                 after = cookie
@@ -286,8 +324,9 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------- files
 
     @fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, attrs = await self.vfs.create(Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
         return self._file_info(fh, attrs.ino, flags, ctx), self._looked_up(attrs)
 
@@ -308,8 +347,15 @@ class Operations(pyfuse3.Operations):
             await self._drop_privileged_bits(inode)
         return self._file_info(fh, inode, flags, ctx, keep_cache=keep_cache)
 
-    def _file_info(self, fh: int, inode: int, flags: int, ctx: pyfuse3.RequestContext,
-                   *, keep_cache: bool = False) -> pyfuse3.FileInfo:
+    def _file_info(
+        self,
+        fh: int,
+        inode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+        *,
+        keep_cache: bool = False,
+    ) -> pyfuse3.FileInfo:
         """The reply to an open or create. A write-only handle can neither
         read nor be mapped: its writes skip the kernel's page cache (direct
         I/O), which saves a copy and the memory; the kernel then leaves
@@ -362,7 +408,9 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------ xattrs
 
     @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         _check_xattr_name(name)
         await self.vfs.setxattr(Ino(inode), name, value)
 

@@ -33,10 +33,17 @@ import hmac
 import logging
 import re
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -104,7 +111,9 @@ class _Metrics:
     def __init__(self, store: ChunkStore) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "chunkfs_node_requests", "HTTP requests served", ["method", "status"],
+            "chunkfs_node_requests",
+            "HTTP requests served",
+            ["method", "status"],
             registry=self.registry,
         )
         self.bytes_in = Counter(
@@ -160,7 +169,9 @@ class _Gate:
             if scope["path"] == _HEALTH_PATH or self._authorized(scope):
                 await self._app(scope, counting_receive, counting_send)
             else:
-                response = _error(401, "missing or wrong cluster token", {"WWW-Authenticate": "Bearer"})
+                response = _error(
+                    401, "missing or wrong cluster token", {"WWW-Authenticate": "Bearer"}
+                )
                 await response(scope, counting_receive, counting_send)
         finally:
             metrics.requests.labels(scope["method"], str(status[0])).inc()
@@ -202,7 +213,11 @@ class NodeApp:
             Route(chunk, self.put_chunk, methods=["PUT"]),
             Route(chunk, self.delete_chunk, methods=["DELETE"]),
             # Anything else under /v1/chunks/ (e.g. "../x") is a malformed id.
-            Route("/v1/chunks/{rest:path}", self.bad_id, methods=["GET", "HEAD", "PUT", "DELETE", "POST"]),
+            Route(
+                "/v1/chunks/{rest:path}",
+                self.bad_id,
+                methods=["GET", "HEAD", "PUT", "DELETE", "POST"],
+            ),
         ]
 
     async def bad_id(self, request: Request) -> Response:
@@ -214,15 +229,17 @@ class NodeApp:
     async def health(self, request: Request) -> Response:
         """GET /v1/health: status, node id, space in bytes, chunk count, clock (ns)."""
         stats = await self.store.stats()
-        return JSONResponse({
-            "status": "ok",
-            "node_id": self.store.node_id,
-            "capacity_bytes": stats.capacity_bytes,
-            "used_bytes": stats.used_bytes,
-            "free_bytes": stats.free_bytes,
-            "chunk_count": stats.chunk_count,
-            "now_ns": time.time_ns(),
-        })
+        return JSONResponse(
+            {
+                "status": "ok",
+                "node_id": self.store.node_id,
+                "capacity_bytes": stats.capacity_bytes,
+                "used_bytes": stats.used_bytes,
+                "free_bytes": stats.free_bytes,
+                "chunk_count": stats.chunk_count,
+                "now_ns": time.time_ns(),
+            }
+        )
 
     async def put_chunk(self, request: Request) -> Response:
         """PUT /v1/chunks/{id}: store a streamed chunk (201 created, 200 present)."""
@@ -253,8 +270,9 @@ class NodeApp:
             return 0, _error(400, "malformed Content-Length")
         length = int(value)
         if length > limit:
-            return 0, _error(413, f"body of {length} bytes exceeds the limit of {limit}",
-                             {"Connection": "close"})
+            return 0, _error(
+                413, f"body of {length} bytes exceeds the limit of {limit}", {"Connection": "close"}
+            )
         return length, None
 
     async def get_chunk(self, request: Request) -> Response:
@@ -282,10 +300,15 @@ class NodeApp:
             if status == 200 and hashlib.sha256(data).hexdigest() != chunk_id:
                 await self.store.quarantine(chunk_id)
                 return _error(404, "no such chunk (quarantined: its bytes did not match its id)")
-            return Response(data, status_code=status, headers=headers,
-                            media_type="application/octet-stream")
-        return StreamingResponse(f.iter_range(start, end), status_code=status,
-                                 headers=headers, media_type="application/octet-stream")
+            return Response(
+                data, status_code=status, headers=headers, media_type="application/octet-stream"
+            )
+        return StreamingResponse(
+            f.iter_range(start, end),
+            status_code=status,
+            headers=headers,
+            media_type="application/octet-stream",
+        )
 
     @staticmethod
     def _plan_read(range_header: str | None, size: int) -> tuple[int, int, dict[str, str], int]:
@@ -307,7 +330,9 @@ class NodeApp:
         size = await self.store.size(chunk_id)
         if size is None:
             return Response(status_code=404)
-        return Response(status_code=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
+        return Response(
+            status_code=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"}
+        )
 
     async def delete_chunk(self, request: Request) -> Response:
         """DELETE /v1/chunks/{id}[?before_ns=N]: 204, 404 missing, 409 guard refused."""
@@ -365,7 +390,6 @@ class NodeApp:
             return _error(400, str(exc))
         return JSONResponse({"created": created})
 
-
     async def get_batch(self, request: Request) -> Response:
         """GET /v1/chunks:batch?ids=...: several whole chunks in one answer."""
         ids = [i for i in request.query_params.get("ids", "").split(",") if i]
@@ -379,7 +403,8 @@ class NodeApp:
             return _error(400, str(exc))
         body = b"".join(  # a quarantined chunk is left out: the reader tries another replica
             c.encode("ascii") + len(data).to_bytes(8, "big") + data
-            for c, data in zip(ids, chunks) if data is not None
+            for c, data in zip(ids, chunks, strict=False)
+            if data is not None
         )
         return Response(body, media_type="application/octet-stream")
 
@@ -406,14 +431,14 @@ def parse_batch(body: bytes) -> list[tuple[str, bytes]]:
     while pos < len(body):
         if len(body) - pos < _BATCH_HEADER:
             raise ValueError(f"truncated batch entry header at byte {pos}")
-        chunk_id = body[pos:pos + 64].decode("ascii", "replace")
+        chunk_id = body[pos : pos + 64].decode("ascii", "replace")
         if not valid_id(chunk_id):
             raise ValueError(f"bad chunk id in batch at byte {pos}")
-        size = int.from_bytes(body[pos + 64:pos + _BATCH_HEADER], "big")
+        size = int.from_bytes(body[pos + 64 : pos + _BATCH_HEADER], "big")
         pos += _BATCH_HEADER
         if size > len(body) - pos:
             raise ValueError(f"batch entry {chunk_id} runs past the end of the body")
-        items.append((chunk_id, bytes(view[pos:pos + size])))
+        items.append((chunk_id, bytes(view[pos : pos + size])))
         pos += size
     return items
 
@@ -436,5 +461,5 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes = handlers.routes() + [Route("/metrics", metrics_endpoint, methods=["GET"])]
+    routes = [*handlers.routes(), Route("/metrics", metrics_endpoint, methods=["GET"])]
     return _Gate(Starlette(routes=routes), token, metrics)

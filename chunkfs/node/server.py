@@ -87,7 +87,7 @@ async def _heartbeats(meta: Meta, store: ChunkStore, interval: float) -> None:
                 free_bytes=stats.free_bytes,
                 chunk_count=stats.chunk_count,
             )
-        except Exception as exc:  # keep serving: PostgreSQL may come back
+        except Exception as exc:  # noqa: BLE001 - keep serving: PostgreSQL may come back
             log.warning("heartbeat of node %s failed: %s", store.node_id, exc)
 
 
@@ -212,12 +212,18 @@ def run_node(
     Raises ``ChunkfsError`` for the reasons ``serve_node`` gives.
     """
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
     try:
         trio.run(
             lambda: serve_node(
-                dsn, data_dir, host, port,
-                heartbeat_interval=heartbeat_interval, capacity_bytes=capacity_bytes,
+                dsn,
+                data_dir,
+                host,
+                port,
+                heartbeat_interval=heartbeat_interval,
+                capacity_bytes=capacity_bytes,
             )
         )
     except KeyboardInterrupt:  # a SIGINT before the signal handler was installed

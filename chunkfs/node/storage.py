@@ -28,10 +28,10 @@ import os
 import re
 import secrets
 import time
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterable, AsyncIterator
 
 import trio
 
@@ -179,7 +179,9 @@ class ChunkStore:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    async def open(cls, data_dir: str | os.PathLike[str], *, capacity_bytes: int | None = None) -> "ChunkStore":
+    async def open(
+        cls, data_dir: str | os.PathLike[str], *, capacity_bytes: int | None = None
+    ) -> ChunkStore:
         """Create or open a data directory: make its layout, empty tmp/, scan chunks.
 
         ``capacity_bytes`` caps the bytes stored (None: the disk's size).
@@ -188,16 +190,21 @@ class ChunkStore:
         """
         if capacity_bytes is not None and capacity_bytes < 0:
             raise InvalidArgument("capacity must not be negative")
-        root = Path(data_dir).absolute()
+        root = Path(data_dir).absolute()  # noqa: ASYNC240 - no I/O: joins the cwd
         try:
             node_id = await trio.to_thread.run_sync(_prepare_layout, root)
             store = cls(root, node_id, capacity_bytes)
-            store.used_bytes, store.chunk_count = await trio.to_thread.run_sync(_scan, root / "chunks")
+            store.used_bytes, store.chunk_count = await trio.to_thread.run_sync(
+                _scan, root / "chunks"
+            )
         except OSError as exc:
             raise ChunkfsError(f"cannot use data directory {root}: {exc.strerror or exc}") from exc
         log.info(
             "data directory %s: node %s, %d chunks, %d bytes",
-            root, node_id, store.chunk_count, store.used_bytes,
+            root,
+            node_id,
+            store.chunk_count,
+            store.used_bytes,
         )
         return store
 
@@ -349,7 +356,9 @@ class ChunkStore:
         paths = [(self._temp_path(cid), self.path(cid)) for cid, _ in items]
         async with self._reservation(sum(len(data) for _, data in items)):
             created = await trio.to_thread.run_sync(_store_batch, self.root, items, paths)
-        self.used_bytes += sum(len(data) for (_, data), new in zip(items, created) if new)
+        self.used_bytes += sum(
+            len(data) for (_, data), new in zip(items, created, strict=False) if new
+        )
         self.chunk_count += sum(created)
         return created
 
@@ -386,9 +395,11 @@ class ChunkStore:
                 _read_whole, [self.path(c) for c in chunk_ids], max_bytes
             )
         except FileNotFoundError as exc:
-            raise ChunkMissing(f"chunk {Path(exc.filename).name} not on node {self.node_id}") from None
+            raise ChunkMissing(
+                f"chunk {Path(exc.filename).name} not on node {self.node_id}"
+            ) from None
         out: list[bytes | None] = []
-        for chunk_id, data in zip(chunk_ids, chunks):
+        for chunk_id, data in zip(chunk_ids, chunks, strict=False):
             if hashlib.sha256(data).hexdigest() == chunk_id:
                 out.append(data)
             else:
@@ -563,7 +574,7 @@ class _ChunkWriter:
         view = memoryview(data)
         while view:
             n = min(len(view), PIECE_SIZE - self._fill)
-            self._buf[self._fill: self._fill + n] = view[:n]
+            self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
             if self._fill == PIECE_SIZE:
@@ -601,10 +612,8 @@ def _commit(fd: int, tmp: Path, final: Path) -> None:
 def _discard(fd: int, tmp: Path) -> None:
     if fd >= 0:
         os.close(fd)
-    try:
+    with suppress(FileNotFoundError):
         os.unlink(tmp)
-    except FileNotFoundError:
-        pass
 
 
 def _store_bytes(tmp: Path, final: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -637,7 +646,7 @@ def _store_batch(
         if hashlib.sha256(data).hexdigest() != chunk_id:
             raise DigestMismatch(f"body does not match chunk id {chunk_id}")
     created, new = [], {}
-    for (chunk_id, data), (tmp, final) in zip(items, paths):
+    for (chunk_id, data), (tmp, final) in zip(items, paths, strict=False):
         fresh = chunk_id not in new and not _touch(final)
         if fresh:
             new[chunk_id] = (tmp, final, data)
@@ -715,7 +724,8 @@ def _list_ids(chunks: Path, after: str | None, limit: int) -> list[str]:
         if sub < first:
             continue
         names = sorted(
-            n for n in os.listdir(chunks / sub)
+            n
+            for n in os.listdir(chunks / sub)
             if valid_id(n) and n.startswith(sub) and (after is None or n > after)
         )
         found.extend(names[: limit - len(found)])
@@ -724,7 +734,7 @@ def _list_ids(chunks: Path, after: str | None, limit: int) -> list[str]:
     return found
 
 
-async def _regroup(body: AsyncIterable[bytes], length: int) -> AsyncIterator[bytearray]:
+async def _regroup(body: AsyncIterable[bytes], length: int) -> AsyncGenerator[bytearray, None]:
     """Re-cut a body into pieces of about ``PIECE_SIZE``; enforce its declared length."""
     buf = bytearray()
     received = 0
