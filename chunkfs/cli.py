@@ -23,31 +23,15 @@ from .pg import open_database, redact_dsn
 
 T = TypeVar("T")
 GIB = 1 << 30
-_COMMANDS = {
-    "mkfs",
-    "node",
-    "mount",
-    "status",
-    "info",
-    "gc",
-    "fsck",
-    "repair",
-    "rebalance",
-    "--help",
-    "-h",
-    "--version",
-}
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run a trio function, turning chunkfs errors into a one-line exit."""
     try:
-        return trio.run(fn, *args)
-    except (errors.ChunkfsError, BaseExceptionGroup) as exc:
-        cause = errors.leaf(exc)
-        if not isinstance(cause, errors.ChunkfsError):
-            raise
-        raise click.ClickException(str(cause)) from None
+        with errors.unwrapped():
+            return trio.run(fn, *args)
+    except errors.ChunkfsError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 async def _with_meta(dsn: str, fn: Callable[[Meta], Awaitable[T]]) -> T:
@@ -94,7 +78,7 @@ def mkfs(dsn: str, replicas: int, max_file_size: int, upload_ttl: int) -> None:
     """Create a filesystem in DSN's database (safe to run twice)."""
 
     async def body(meta: Meta) -> bool:
-        return await meta.mkfs(
+        return await meta.registry.mkfs(
             replicas=replicas,
             max_file_size=max_file_size,
             upload_ttl_s=upload_ttl,
@@ -164,7 +148,7 @@ def mount(dsn: str, mountpoint: str, foreground: bool, options: tuple[str, ...])
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(dsn: str, as_json: bool) -> None:
     """Show the storage nodes: heartbeat age, space and chunk counts."""
-    from .admin import cluster_status
+    from .admin.stats import cluster_status
 
     report = _run(_with_meta, dsn, cluster_status)
     if as_json:
@@ -198,7 +182,7 @@ def status(dsn: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: str, dsn: str | None, as_json: bool) -> None:
     """Show a file's inode, size, digest and its six chunks with their nodes."""
-    from .admin import file_info, mount_dsn
+    from .admin.stats import file_info, mount_dsn
 
     try:
         dsn = dsn or mount_dsn(path)
@@ -222,7 +206,7 @@ def info(path: str, dsn: str | None, as_json: bool) -> None:
 @_dsn_option()
 def gc(dsn: str) -> None:
     """Remove expired upload sessions and chunks nothing references."""
-    from .gc import collect
+    from .admin.gc import collect
 
     report = _run(_with_meta, dsn, collect)
     click.echo(
@@ -246,7 +230,7 @@ def _progress(label: str) -> Any:
 @click.option("--limit", default=50, show_default=True, help="Problems printed at most.")
 def fsck(dsn: str, verify: bool, limit: int) -> None:
     """Check the metadata invariants and every replica; exit 1 on a problem."""
-    from .fsck import check
+    from .admin.fsck import check
 
     with _progress("fsck") as bar:
         report = _run(_with_meta, dsn, lambda meta: check(meta, verify=verify, progress=bar.update))
@@ -287,7 +271,7 @@ def _move_summary(verb: str, report: Any) -> None:
 @_dsn_option()
 def repair(dsn: str) -> None:
     """Bring every chunk back to R good replicas (reads and hashes every replica)."""
-    from .replicas import repair as do_repair
+    from .admin.replicas import repair as do_repair
 
     _move("repair", dsn, do_repair)
 
@@ -296,7 +280,7 @@ def repair(dsn: str) -> None:
 @_dsn_option()
 def rebalance(dsn: str) -> None:
     """Move replicas to their ring owners after nodes joined or left."""
-    from .replicas import rebalance as do_rebalance
+    from .admin.replicas import rebalance as do_rebalance
 
     _move("rebalance", dsn, do_rebalance)
 
@@ -306,16 +290,14 @@ def rebalance(dsn: str) -> None:
 @click.argument("node_id")
 def drain(dsn: str, node_id: str) -> None:
     """Move every replica off NODE_ID so that it can be removed."""
-    from .replicas import drain as do_drain
+    from .admin.replicas import drain as do_drain
 
     with _progress("drain") as bar:
-        report, left = _run(
-            _with_meta, dsn, lambda meta: do_drain(meta, node_id, progress=bar.update)
-        )
-    if left:
-        click.echo(f"node {node_id} still holds {left} chunks files use")
+        report = _run(_with_meta, dsn, lambda meta: do_drain(meta, node_id, progress=bar.update))
+    if report.left:
+        click.echo(f"node {node_id} still holds {report.left} chunks files use")
     _move_summary("drain", report)
-    if left:
+    if report.left:
         sys.exit(1)
     click.echo(f"node {node_id} is drained: `chunkfs node remove` may remove it")
 
@@ -327,7 +309,7 @@ def remove(dsn: str, node_id: str) -> None:
     """Unregister NODE_ID (refused while it holds the only copy of a chunk).
     Stop its process afterwards: a restart would register it again.
     """
-    dropped = _run(_with_meta, dsn, lambda meta: meta.remove_node(node_id))
+    dropped = _run(_with_meta, dsn, lambda meta: meta.registry.remove_node(node_id))
     click.echo(f"node {node_id} removed ({dropped} replica records dropped); stop its process")
     if dropped:
         click.echo(
@@ -352,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     _hide_passwords(args)
     # mount(8) runs "chunkfs DSN MOUNTPOINT -o OPTS": that is a mount.
-    if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
+    if args and args[0] not in cli.commands and not args[0].startswith("-"):
         args.insert(0, "mount")
     try:
         cli.main(args=args, prog_name="chunkfs", standalone_mode=False)

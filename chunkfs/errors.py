@@ -5,6 +5,8 @@ command line prints ``str(exc)`` on one line and exits non-zero.
 """
 
 import errno as _errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ChunkfsError(Exception):
@@ -61,6 +63,18 @@ class NotPermitted(ChunkfsError):
     errno = _errno.EPERM
 
 
+class NotSupported(ChunkfsError):
+    """An operation or a name (an xattr namespace) chunkfs does not support."""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class BadDescriptor(ChunkfsError):
+    """An unknown file handle, or one not open for what is asked of it."""
+
+    errno = _errno.EBADF
+
+
 class MetadataUnavailable(ChunkfsError):
     """PostgreSQL did not answer (down, unreachable, or timed out)."""
 
@@ -104,3 +118,18 @@ def leaf(exc: BaseException) -> BaseException:
             found = found.exceptions[0]
         return found
     return exc
+
+
+@contextmanager
+def unwrapped() -> Iterator[None]:
+    """Around code that runs a nursery: an exception group holding a
+    ``ChunkfsError`` is raised as that error (its one-line message and
+    errno are what callers show); other groups pass through unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cause = leaf(group)
+        if isinstance(cause, ChunkfsError):
+            raise cause from None
+        raise

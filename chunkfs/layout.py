@@ -8,11 +8,9 @@ has one extent of 1 byte and five of 0 bytes. An empty file has no chunks.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 CHUNKS_PER_FILE = 6
-EMPTY_SHA256 = hashlib.sha256(b"").digest()
 # Chunks longer than one block also carry the SHA-256 of each BLOCK_SIZE
 # block (the last one may be shorter), so that a range read can be verified
 # without fetching the whole chunk.

@@ -9,12 +9,14 @@ connection errors, timeouts) ``StorageError``; each message names the node.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import httpx
 
+from . import wire
 from .errors import ChunkMissing, DigestMismatch, NodeFull, StorageError
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,14 @@ _STATUS_ERRORS: dict[int, type[StorageError]] = {
 }
 
 
-def _hex(chunk_id: bytes) -> str:
-    if len(chunk_id) != 32:
-        raise ValueError("chunk id must be a 32-byte SHA-256 digest")
-    return chunk_id.hex()
+@dataclass(frozen=True)
+class ChunkPage:
+    """One page of a node's chunk ids, ascending, and the ``after`` of the
+    next page (None when this was the last one).
+    """
+
+    ids: list[bytes]
+    after: bytes | None
 
 
 class NodeClient:
@@ -111,7 +117,7 @@ class NodeClient:
         Raises ``DigestMismatch`` (the bytes are not ``chunk_id``'s),
         ``NodeFull``, ``StorageError``.
         """
-        cid = _hex(chunk_id)
+        cid = wire.id_to_hex(chunk_id)
         what = f"PUT chunk {cid}"
         headers = {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
         response = await self._request(
@@ -121,22 +127,17 @@ class NodeClient:
             return response.status_code == 201
         self._fail(what, response)
 
-    async def put_batch(self, items: list[tuple[bytes, bytes]]) -> list[bool]:
-        """Store several small chunks ``(chunk_id, bytes)`` in one request.
+    async def put_batch(self, chunks: Mapping[bytes, bytes]) -> dict[bytes, bool]:
+        """Store several small chunks (``{chunk_id: bytes}``) in one request.
 
-        All are durable when this returns; returns, per item, True if created.
-        Raises ``DigestMismatch`` if any is wrong (then none was stored),
-        ``NodeFull``, ``StorageError``.
+        All are durable when this returns; returns, per chunk, True if it was
+        created (False: it was there). Raises ``DigestMismatch`` if any is
+        wrong (then none was stored), ``NodeFull``, ``StorageError``.
         """
-        if not items:
-            return []
-        parts = []
-        for chunk_id, data in items:
-            parts.append(_hex(chunk_id).encode("ascii"))
-            parts.append(len(data).to_bytes(8, "big"))
-            parts.append(data)
-        body = b"".join(parts)
-        what = f"batch PUT of {len(items)} chunks"
+        if not chunks:
+            return {}
+        body = wire.encode_batch(wire.BatchEntry(wire.id_to_hex(c), d) for c, d in chunks.items())
+        what = f"batch PUT of {len(chunks)} chunks"
         response = await self._request(
             what,
             "POST",
@@ -146,7 +147,8 @@ class NodeClient:
         )
         if response.status_code != 200:
             self._fail(what, response)
-        return [bool(c) for c in self._json(what, response)["created"]]
+        created = self._json(what, response)["created"]
+        return {c: bool(new) for c, new in zip(chunks, created, strict=True)}
 
     async def get(self, chunk_id: bytes, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of a chunk (``end`` None: to its end; exclusive).
@@ -155,7 +157,7 @@ class NodeClient:
         ``ChunkMissing``, ``StorageError`` (also for a range starting past
         the end).
         """
-        cid = _hex(chunk_id)
+        cid = wire.id_to_hex(chunk_id)
         if end is not None and end <= start:
             return b""
         what = f"GET chunk {cid} [{start}, {'' if end is None else end})"
@@ -176,7 +178,7 @@ class NodeClient:
         Use as ``async with client.stream(cid) as pieces: async for b in pieces``.
         Errors are raised on entry (status) or while iterating (connection).
         """
-        cid = _hex(chunk_id)
+        cid = wire.id_to_hex(chunk_id)
         what = f"GET chunk {cid}"
         headers = {**self._auth, **_range_header(start, end)}
         try:
@@ -206,33 +208,25 @@ class NodeClient:
     async def get_batch(self, chunk_ids: list[bytes]) -> dict[bytes, bytes]:
         """Several whole chunks in one request: ``{chunk_id: bytes}``.
 
-        Raises ``ChunkMissing`` if the node lacks any of them, ``StorageError``
-        otherwise. The caller checks the digests.
+        A chunk the node found rotten (and quarantined) is left out. Raises
+        ``ChunkMissing`` if the node lacks any of them, ``StorageError``
+        otherwise (also for an answer that breaks the batch framing). The
+        caller checks the digests.
         """
         what = f"batch GET of {len(chunk_ids)} chunks"
         response = await self._request(
-            what, "GET", "/v1/chunks:batch", params={"ids": ",".join(map(_hex, chunk_ids))}
+            what,
+            "GET",
+            "/v1/chunks:batch",
+            params={"ids": ",".join(map(wire.id_to_hex, chunk_ids))},
         )
         if response.status_code != 200:
             self._fail(what, response)
-        out, body, pos = {}, response.content, 0
-        while pos + 72 <= len(body):
-            cid = bytes.fromhex(body[pos : pos + 64].decode("ascii"))
-            size = int.from_bytes(body[pos + 64 : pos + 72], "big")
-            out[cid] = body[pos + 72 : pos + 72 + size]
-            pos += 72 + size
-        return out
-
-    async def head(self, chunk_id: bytes) -> int | None:
-        """The chunk's length in bytes, or None when the node does not hold it."""
-        cid = _hex(chunk_id)
-        what = f"HEAD chunk {cid}"
-        response = await self._request(what, "HEAD", f"/v1/chunks/{cid}")
-        if response.status_code == 200:
-            return int(response.headers["content-length"])
-        if response.status_code == 404:
-            return None
-        self._fail(what, response)
+        try:
+            entries = wire.decode_batch(response.content)
+        except wire.MalformedBatch as exc:
+            raise StorageError(f"node {self.base_url}: {what}: malformed answer: {exc}") from exc
+        return {wire.id_from_hex(e.chunk_id): e.data for e in entries}
 
     async def delete(self, chunk_id: bytes, before_ns: int | None = None) -> bool:
         """Delete a chunk; with ``before_ns`` (node clock, ns) only if unused since.
@@ -241,7 +235,7 @@ class NodeClient:
         already absent), False when the guard refused because a writer used
         the chunk at or after ``before_ns`` (it is kept). Raises ``StorageError``.
         """
-        cid = _hex(chunk_id)
+        cid = wire.id_to_hex(chunk_id)
         what = f"DELETE chunk {cid}"
         params = {} if before_ns is None else {"before_ns": str(before_ns)}
         response = await self._request(what, "DELETE", f"/v1/chunks/{cid}", params=params)
@@ -251,22 +245,19 @@ class NodeClient:
             return False
         self._fail(what, response)
 
-    async def list(
-        self, after: bytes | None = None, limit: int = 1000
-    ) -> tuple[list[bytes], bytes | None]:
-        """Up to ``limit`` chunk ids greater than ``after``, ascending, and the
-        ``after`` for the next page (None when this was the last one).
-        """
+    async def list(self, after: bytes | None = None, limit: int = 1000) -> ChunkPage:
+        """Up to ``limit`` chunk ids greater than ``after``, ascending."""
         params = {"limit": str(limit)}
         if after is not None:
-            params["after"] = _hex(after)
+            params["after"] = wire.id_to_hex(after)
         what = "list chunks"
         response = await self._request(what, "GET", "/v1/chunks", params=params)
         if response.status_code != 200:
             self._fail(what, response)
         payload = self._json(what, response)
         nxt = payload.get("next")
-        return [bytes.fromhex(c) for c in payload["chunks"]], (bytes.fromhex(nxt) if nxt else None)
+        ids = [wire.id_from_hex(c) for c in payload["chunks"]]
+        return ChunkPage(ids, wire.id_from_hex(nxt) if nxt else None)
 
     async def health(self) -> dict[str, Any]:
         """The node's health: status, node_id, capacity/used/free bytes, chunk_count, now_ns."""

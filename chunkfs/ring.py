@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 
 VNODES_PER_NODE = 150
 _SPAN = 1 << 64
@@ -54,28 +55,31 @@ def to_unsigned(value: int) -> int:
     return value + _SPAN if value < 0 else value
 
 
+@dataclass(frozen=True)
+class Vnode:
+    """One point of the ring: an unsigned 64-bit position owned by a node."""
+
+    position: int
+    node_id: str
+
+
 class Ring:
-    """An immutable ring built from ``(position, node_id)`` vnodes.
+    """An immutable ring built from vnodes.
 
     ``owners`` costs O(log V) for the lookup plus the clockwise walk, which
     ends after R distinct nodes (V: number of vnodes).
     """
 
-    def __init__(self, vnodes: Iterable[tuple[int, str]]) -> None:
-        points = sorted(vnodes)
+    def __init__(self, vnodes: Iterable[Vnode]) -> None:
+        points = sorted((v.position, v.node_id) for v in vnodes)
         self._positions = [p for p, _ in points]
         self._nodes = [n for _, n in points]
         self.node_ids = frozenset(self._nodes)
 
-    @classmethod
-    def for_nodes(cls, node_ids: Iterable[str]) -> Ring:
-        """A ring with the standard vnodes of each node."""
-        return cls((p, n) for n in node_ids for p in vnode_positions(n))
-
     def __len__(self) -> int:
         return len(self._positions)
 
-    def walk(self, pos: int) -> Iterable[str]:
+    def walk(self, pos: int) -> Iterator[str]:
         """Every distinct node, in clockwise order starting at ``pos``."""
         n = len(self._positions)
         if not n:
@@ -90,16 +94,18 @@ class Ring:
                 if len(seen) == len(self.node_ids):
                     return
 
-    def owners(self, pos: int, count: int, active: Collection[str] | None = None) -> list[str]:
-        """The first ``count`` distinct nodes clockwise from ring position ``pos``.
-
-        Nodes not in ``active`` (when given) are passed over, so the next node
-        on the ring takes their place. Returns fewer than ``count`` ids when
-        fewer nodes qualify.
+    def owners(
+        self, pos: int, count: int | None, eligible: Collection[str] | None = None
+    ) -> list[str]:
+        """The first ``count`` distinct nodes clockwise from ring position
+        ``pos`` (all of them for None), passing over those not in
+        ``eligible`` (when given), so the next node on the ring takes their
+        place. Fewer when fewer nodes qualify. With ``count`` None the nodes
+        past the first R are where a writer goes when an owner fails.
         """
         chosen = []
         for node in self.walk(pos):
-            if active is None or node in active:
+            if eligible is None or node in eligible:
                 chosen.append(node)
                 if len(chosen) == count:
                     break

@@ -14,12 +14,12 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
 import trio
+from cachetools import LRUCache
 
 from . import errors, layout, ring
 from .meta import ChunkRef, Meta, NodeInfo
@@ -65,28 +65,20 @@ class PutItem:
         return self.stream()
 
 
-class _LRU:
-    """A byte-budgeted LRU map of immutable blobs."""
+class _ChunkCache:
+    """Fetched chunks (and windows of large ones) up to a byte budget,
+    least recently used out first; a blob over the whole budget is not kept.
+    """
 
     def __init__(self, budget: int) -> None:
-        self._budget = budget
-        self._used = 0
-        self._items: OrderedDict[object, bytes] = OrderedDict()
+        self._blobs: LRUCache[object, bytes] = LRUCache(maxsize=budget, getsizeof=len)
 
     def get(self, key: object) -> bytes | None:
-        data = self._items.get(key)
-        if data is not None:
-            self._items.move_to_end(key)
-        return data
+        return self._blobs.get(key)
 
     def put(self, key: object, data: bytes) -> None:
-        if len(data) > self._budget or key in self._items:
-            return
-        self._items[key] = data
-        self._used += len(data)
-        while self._used > self._budget:
-            _, old = self._items.popitem(last=False)
-            self._used -= len(old)
+        if len(data) <= self._blobs.maxsize:
+            self._blobs[key] = data
 
 
 class ChunkStore:
@@ -117,7 +109,7 @@ class ChunkStore:
         self._nodes: dict[str, NodeInfo] = {}
         self._clients: dict[str, NodeClient] = {}
         self._ring = ring.Ring([])
-        self._cache = _LRU(cache_bytes)
+        self._cache = _ChunkCache(cache_bytes)
         self._inflight: dict[object, trio.Event] = {}
         self._next_window: dict[
             bytes, int
@@ -133,7 +125,7 @@ class ChunkStore:
         """A store for gc, fsck and replica moves: settings and nodes read
         fresh from PostgreSQL, 60 s per node request. Close it with ``aclose``.
         """
-        settings = await meta.settings()
+        settings = await meta.registry.settings()
         store = cls(meta, settings.cluster_token, settings.replicas, timeout=60.0)
         await store.refresh(force=True)
         return store
@@ -148,8 +140,8 @@ class ChunkStore:
         """Re-read the nodes and the ring when they are older than ``refresh_s``."""
         if not force and time.monotonic() - self._refreshed_at < self._refresh_s:
             return
-        nodes = await self._meta.nodes()
-        vnodes = await self._meta.ring_vnodes()
+        nodes = await self._meta.registry.nodes()
+        vnodes = await self._meta.registry.ring_vnodes()
         self._nodes = {n.node_id: n for n in nodes}
         for n in nodes:
             client = self._clients.get(n.node_id)
@@ -168,12 +160,13 @@ class ChunkStore:
         """Ids of the nodes with a fresh heartbeat at the last refresh."""
         return {i for i, n in self._nodes.items() if n.live}
 
-    def placement(self, pos: int) -> list[str]:
+    def placement(self, pos: int, count: int | None = None) -> list[str]:
         """The writable nodes (live, not draining) in ring order from ring
-        position ``pos``: the first R own a chunk placed there.
+        position ``pos`` (the first ``count``, or all): the first R own a
+        chunk placed there, the rest take over when owners fail.
         """
         writable = {i for i, n in self._nodes.items() if n.writable}
-        return [n for n in self._ring.walk(pos) if n in writable]
+        return self._ring.owners(pos, count, writable)
 
     def client(self, node_id: str) -> NodeClient:
         """The HTTP client of a registered node. Raises ``StorageError``."""
@@ -201,10 +194,10 @@ class ChunkStore:
         batches: dict[str, list[PutItem]] = {}
         for item in unique:
             if item.data is not None and item.length <= BATCH_ITEM_MAX:
-                for node_id in self.placement(item.position)[: self.replicas]:
+                for node_id in self.placement(item.position, self.replicas):
                     batches.setdefault(node_id, []).append(item)
                     tried[item.chunk_id].add(node_id)
-        try:
+        with errors.unwrapped():
             async with trio.open_nursery() as nursery:
                 for node_id, batch in batches.items():
                     nursery.start_soon(self._put_batch, node_id, batch, done)
@@ -214,11 +207,6 @@ class ChunkStore:
                         nursery.start_soon(
                             self._put_one, item, done[item.chunk_id], tried[item.chunk_id]
                         )
-        except BaseExceptionGroup as group:
-            cause = errors.leaf(group)
-            if isinstance(cause, errors.ChunkfsError):
-                raise cause from None
-            raise
         return done
 
     async def _put_batch(
@@ -227,7 +215,7 @@ class ChunkStore:
         try:
             async with self._limiter:
                 await self.client(node_id).put_batch(
-                    [(i.chunk_id, i.data) for i in batch if i.data is not None]
+                    {i.chunk_id: i.data for i in batch if i.data is not None}
                 )
         except errors.ChunkfsError as exc:
             log.warning("batch put of %d chunks on node %s failed: %s", len(batch), node_id, exc)

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chunkfs import cluster as cl
+# The throwaway-cluster harness lives beside the tests, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import cluster as cl
 
 MiB = 1 << 20
 # Workload -> (unit, higher is better).

@@ -37,7 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from chunkfs import cluster as cl
+# The throwaway-cluster harness lives beside the tests, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import cluster as cl
 
 log = logging.getLogger("chunkfs.demo")
 

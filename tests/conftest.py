@@ -18,6 +18,11 @@ answers. With none of these the tests fail: they never skip. A missing
 names of their own (e.g. a directory named after the test); a test that
 stops one of its nodes must start it again. Everything is stopped and
 unmounted at teardown, also when a test fails.
+
+A test fails at teardown when a mount made through the harness (these
+fixtures, ``cl.Mount``, ``Cluster.mount``) logged an unexpected exception
+while it ran (see ``Mount.unexpected_errors``); what a module-scoped mount
+logs as it unmounts fails the module's last test.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs import cluster as cl
+import cluster as cl
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +253,41 @@ def fuse_ready() -> None:
         pytest.fail(
             f"cannot mount: missing {', '.join(missing)} (run scripts/setup)", pytrace=False
         )
+
+
+# How far each mount's log has been checked (bytes), so a record fails one test only.
+_log_checked: dict[cl.Mount, int] = {}
+
+
+def _fail_on_unexpected_errors() -> None:
+    """Fail the running test when a mount logged an unexpected exception
+    since the last check, showing each record with its traceback.
+    """
+    found = []
+    for m in cl.mounts_made():
+        end = m.log_offset()
+        if end == _log_checked.get(m):
+            continue
+        found += [f"{m.log_path}:\n{r}" for r in m.unexpected_errors(since=_log_checked.get(m))]
+        _log_checked[m] = end
+    if found:
+        pytest.fail("a mount logged an unexpected exception:\n" + "\n".join(found), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def mount_logs_clean() -> Iterator[None]:
+    """Check the mount logs after each test, once its fixtures have unmounted
+    (autouse fixtures are set up first, so they are torn down last).
+    """
+    yield
+    _fail_on_unexpected_errors()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_mount_logs_clean() -> Iterator[None]:
+    """Check them again after a module's own mounts went at its end."""
+    yield
+    _fail_on_unexpected_errors()
 
 
 MountFactory = Callable[..., cl.Mount]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs import cluster as cl
+import cluster as cl
 
 
 def _port_open(port: int) -> bool:
@@ -141,6 +141,30 @@ def test_mount_on_a_non_empty_dir_fails_clearly(
     with pytest.raises(cl.ClusterError, match="not empty"):
         m.mount()
     assert not m.mounted
+
+
+def test_unexpected_errors_are_the_records_logged_with_a_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "m.log"
+    m = cl.Mount("postgresql://u@h/db", tmp_path / "mnt", [f"ro,log={log}"])
+    assert m.log_path == log and m.options == (f"ro,log={log}",)  # the option is kept
+    log.write_text(
+        "chunkfs: mount output before the daemon logs\n"
+        "2024-05-01 10:00:00,001 INFO chunkfs.fuse.mount: mounted\n"
+        "2024-05-01 10:00:00,002 ERROR chunkfs.vfs: inode 5: unflushed data kept\n"
+    )
+    start = m.log_offset()
+    assert m.unexpected_errors() == []
+    record = (
+        "2024-05-01 10:00:01,003 ERROR chunkfs.fuse.operations: unexpected error in read\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in read\n'
+        "KeyError: 7"
+    )
+    with log.open("a") as f:
+        f.write(record + "\n2024-05-01 10:00:02,004 INFO chunkfs.fuse.mount: unmounted\n")
+    assert m.unexpected_errors() == [record]
+    assert m.unexpected_errors(since=start) == [record]
+    assert m.unexpected_errors(since=m.log_offset()) == []
 
 
 def test_fixtures_give_six_nodes_and_two_mounts_that_agree(

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from chunkfs import cluster as cl
+import cluster as cl
 
 MiB = 1 << 20
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs import cluster as cl
+import cluster as cl
 
 MiB = 1 << 20
 NODE_TIMEOUT = "node_timeout=3"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from chunkfs import cluster as cl
+import cluster as cl
 from chunkfs.meta import Ino, Meta
 from chunkfs.nodeclient import NodeClient
 from chunkfs.pg import open_database
@@ -31,9 +31,9 @@ async def orphan_and_session(dsn: str, orphan: bytes, protected: bytes) -> None:
     """Push two chunks to a node as a crashed writer would; one stays in a live session."""
     async with open_database(dsn) as db:
         meta = Meta(db)
-        settings = await meta.settings()
-        node = (await meta.nodes())[0]
-        await meta.begin_upload(Ino(1), [hashlib.sha256(protected).digest()], 3600)
+        settings = await meta.registry.settings()
+        node = (await meta.registry.nodes())[0]
+        await meta.content.begin_upload(Ino(1), [hashlib.sha256(protected).digest()], 3600)
         client = NodeClient(node.base_url, settings.cluster_token)
         try:
             for data in (orphan, protected):

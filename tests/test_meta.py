@@ -9,9 +9,9 @@ import stat
 import pytest
 import trio
 
-from chunkfs import cluster as cl
+import cluster as cl
 from chunkfs import errors
-from chunkfs.meta import ROOT_INO, Meta, Renamed, now_ns
+from chunkfs.meta import ROOT_INO, ChunkRef, Meta, Renamed, now_ns
 from chunkfs.pg import open_database
 
 FILE = stat.S_IFREG | 0o644
@@ -29,29 +29,29 @@ async def count(meta: Meta, table: str) -> int:
 
 
 async def test_creating_a_name_that_exists_is_eexist(meta):
-    await meta.create(ROOT_INO, b"a", FILE, 0, 0)
+    await meta.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
     with pytest.raises(errors.Exists) as info:
-        await meta.create(ROOT_INO, b"a", DIR, 0, 0)
+        await meta.namespace.create(ROOT_INO, b"a", DIR, 0, 0)
     assert info.value.errno == errno.EEXIST
     assert await count(meta, "inodes") == 2  # root and the first "a" only
 
 
 async def test_missing_inode_or_name_is_enoent(meta):
     with pytest.raises(errors.NotFound) as info:
-        await meta.lookup(ROOT_INO, b"nope")
+        await meta.namespace.lookup(ROOT_INO, b"nope")
     assert info.value.errno == errno.ENOENT
     with pytest.raises(errors.NotFound):
-        await meta.getattr(999_999)
+        await meta.namespace.getattr(999_999)
     with pytest.raises(errors.NotFound):
-        await meta.unlink(ROOT_INO, b"nope")
+        await meta.namespace.unlink(ROOT_INO, b"nope")
 
 
 async def test_a_failed_transaction_leaves_nothing_behind(meta):
-    f = await meta.create(ROOT_INO, b"file", FILE, 0, 0)
+    f = await meta.namespace.create(ROOT_INO, b"file", FILE, 0, 0)
     before = await count(meta, "inodes")
     # The parent is not a directory: the insert of the inode must roll back.
     with pytest.raises(errors.NotADirectory):
-        await meta.create(f.ino, b"child", FILE, 0, 0)
+        await meta.namespace.create(f.ino, b"child", FILE, 0, 0)
     assert await count(meta, "inodes") == before
 
     async def body(conn):
@@ -64,41 +64,42 @@ async def test_a_failed_transaction_leaves_nothing_behind(meta):
 
 
 async def test_names_over_255_bytes_are_enametoolong(meta):
-    await meta.create(ROOT_INO, b"n" * 255, FILE, 0, 0)
+    await meta.namespace.create(ROOT_INO, b"n" * 255, FILE, 0, 0)
     with pytest.raises(errors.NameTooLong) as info:
-        await meta.create(ROOT_INO, b"n" * 256, FILE, 0, 0)
+        await meta.namespace.create(ROOT_INO, b"n" * 256, FILE, 0, 0)
     assert info.value.errno == errno.ENAMETOOLONG
 
 
 async def test_any_byte_but_nul_and_slash_is_a_name(meta):
     name = bytes(b for b in range(1, 256) if b != 0x2F)
-    a = await meta.create(ROOT_INO, name, FILE, 0, 0)
-    assert (await meta.lookup(ROOT_INO, name)).ino == a.ino
+    a = await meta.namespace.create(ROOT_INO, name, FILE, 0, 0)
+    assert (await meta.namespace.lookup(ROOT_INO, name)).ino == a.ino
 
 
 async def test_ten_concurrent_creates_in_one_directory_all_land(meta):
-    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
+    d = await meta.namespace.create(ROOT_INO, b"d", DIR, 0, 0)
     async with trio.open_nursery() as nursery:
         for i in range(10):
-            nursery.start_soon(meta.create, d.ino, f"f{i}".encode(), FILE, 0, 0)
-    names = sorted(n for n, _, _ in await meta.readdir(d.ino, 0, 100))
+            nursery.start_soon(meta.namespace.create, d.ino, f"f{i}".encode(), FILE, 0, 0)
+    names = sorted(e.name for e in await meta.namespace.readdir(d.ino, 0, 100))
     assert names == sorted(f"f{i}".encode() for i in range(10))
-    assert (await meta.getattr(d.ino)).nlink == 2
+    assert (await meta.namespace.getattr(d.ino)).nlink == 2
 
 
 async def test_racing_unlinks_and_a_rename_of_one_name_take_effect_once(meta):
-    d = await meta.create(ROOT_INO, b"race", DIR, 0, 0)
+    d = await meta.namespace.create(ROOT_INO, b"race", DIR, 0, 0)
     files = {
-        f"f{i}".encode(): await meta.create(d.ino, f"f{i}".encode(), FILE, 0, 0) for i in range(20)
+        f"f{i}".encode(): await meta.namespace.create(d.ino, f"f{i}".encode(), FILE, 0, 0)
+        for i in range(20)
     }
     won: dict[bytes, list[str]] = {name: [] for name in files}
 
     async def attempt(op: str, name: bytes) -> None:
         try:
             if op == "unlink":
-                await meta.unlink(d.ino, name)
+                await meta.namespace.unlink(d.ino, name)
             else:
-                await meta.rename(d.ino, name, d.ino, name + b".moved")
+                await meta.namespace.rename(d.ino, name, d.ino, name + b".moved")
             won[name].append(op)
         except errors.NotFound:
             pass
@@ -109,139 +110,141 @@ async def test_racing_unlinks_and_a_rename_of_one_name_take_effect_once(meta):
                 nursery.start_soon(attempt, op, name)
     for name, f in files.items():
         assert len(won[name]) == 1, (name, won[name])
-        nlink = (await meta.getattr(f.ino)).nlink
+        nlink = (await meta.namespace.getattr(f.ino)).nlink
         if won[name] == ["unlink"]:
             assert nlink == 0
             with pytest.raises(errors.NotFound):
-                await meta.lookup(d.ino, name + b".moved")
+                await meta.namespace.lookup(d.ino, name + b".moved")
         else:
-            assert nlink == 1 and (await meta.lookup(d.ino, name + b".moved")).ino == f.ino
-    assert (await meta.getattr(d.ino)).nlink == 2
+            assert (
+                nlink == 1 and (await meta.namespace.lookup(d.ino, name + b".moved")).ino == f.ino
+            )
+    assert (await meta.namespace.getattr(d.ino)).nlink == 2
 
 
 async def test_directory_link_counts(meta):
-    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
-    await meta.create(d.ino, b"sub", DIR, 0, 0)
-    assert (await meta.getattr(d.ino)).nlink == 3
-    assert (await meta.getattr(ROOT_INO)).nlink == 3
+    d = await meta.namespace.create(ROOT_INO, b"d", DIR, 0, 0)
+    await meta.namespace.create(d.ino, b"sub", DIR, 0, 0)
+    assert (await meta.namespace.getattr(d.ino)).nlink == 3
+    assert (await meta.namespace.getattr(ROOT_INO)).nlink == 3
     with pytest.raises(errors.NotEmpty):
-        await meta.unlink(ROOT_INO, b"d", is_dir=True)
+        await meta.namespace.unlink(ROOT_INO, b"d", is_dir=True)
     with pytest.raises(errors.IsADirectory):
-        await meta.unlink(ROOT_INO, b"d")
-    await meta.unlink(d.ino, b"sub", is_dir=True)
-    assert (await meta.getattr(d.ino)).nlink == 2
+        await meta.namespace.unlink(ROOT_INO, b"d")
+    await meta.namespace.unlink(d.ino, b"sub", is_dir=True)
+    assert (await meta.namespace.getattr(d.ino)).nlink == 2
 
 
 async def test_hard_links_count_and_purge_waits_for_the_last_name(meta):
-    f = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
-    assert (await meta.link(f.ino, ROOT_INO, b"b")).nlink == 2
-    assert (await meta.unlink(ROOT_INO, b"a")).nlink == 1
-    assert await meta.purge([f.ino]) == 0
-    assert (await meta.unlink(ROOT_INO, b"b")).nlink == 0
-    assert await meta.purge([f.ino]) == 1
+    f = await meta.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
+    assert (await meta.namespace.link(f.ino, ROOT_INO, b"b")).nlink == 2
+    assert (await meta.namespace.unlink(ROOT_INO, b"a")).nlink == 1
+    assert await meta.namespace.purge([f.ino]) == 0
+    assert (await meta.namespace.unlink(ROOT_INO, b"b")).nlink == 0
+    assert await meta.namespace.purge([f.ino]) == 1
     with pytest.raises(errors.NotFound):
-        await meta.getattr(f.ino)
+        await meta.namespace.getattr(f.ino)
 
 
 async def test_more_than_link_max_hard_links_is_emlink(meta):
     from chunkfs.meta import LINK_MAX
 
-    f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
+    f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
     # Reaching the limit one link at a time would take minutes: start near it.
     await meta.db.execute("UPDATE inodes SET nlink = $2 WHERE ino = $1", f.ino, LINK_MAX - 1)
-    assert (await meta.link(f.ino, ROOT_INO, b"last")).nlink == LINK_MAX
+    assert (await meta.namespace.link(f.ino, ROOT_INO, b"last")).nlink == LINK_MAX
     with pytest.raises(errors.TooManyLinks) as info:
-        await meta.link(f.ino, ROOT_INO, b"one-too-many")
+        await meta.namespace.link(f.ino, ROOT_INO, b"one-too-many")
     assert info.value.errno == errno.EMLINK
     with pytest.raises(errors.NotFound):
-        await meta.lookup(ROOT_INO, b"one-too-many")
+        await meta.namespace.lookup(ROOT_INO, b"one-too-many")
 
 
 async def test_rename_cases(meta):
-    a = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
-    b = await meta.create(ROOT_INO, b"b", FILE, 0, 0)
-    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
-    sub = await meta.create(d.ino, b"sub", DIR, 0, 0)
+    a = await meta.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
+    b = await meta.namespace.create(ROOT_INO, b"b", FILE, 0, 0)
+    d = await meta.namespace.create(ROOT_INO, b"d", DIR, 0, 0)
+    sub = await meta.namespace.create(d.ino, b"sub", DIR, 0, 0)
     with pytest.raises(errors.Exists):
-        await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b", noreplace=True)
+        await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b", noreplace=True)
     with pytest.raises(errors.InvalidArgument):
-        await meta.rename(ROOT_INO, b"d", sub.ino, b"x")
+        await meta.namespace.rename(ROOT_INO, b"d", sub.ino, b"x")
     with pytest.raises(errors.IsADirectory):
-        await meta.rename(ROOT_INO, b"a", ROOT_INO, b"d")
+        await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"d")
     with pytest.raises(errors.NotADirectory):
-        await meta.rename(ROOT_INO, b"d", ROOT_INO, b"a")
-    await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b", exchange=True)
-    assert (await meta.lookup(ROOT_INO, b"a")).ino == b.ino
-    assert (await meta.lookup(ROOT_INO, b"b")).ino == a.ino
-    done = await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b")
+        await meta.namespace.rename(ROOT_INO, b"d", ROOT_INO, b"a")
+    await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b", exchange=True)
+    assert (await meta.namespace.lookup(ROOT_INO, b"a")).ino == b.ino
+    assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == a.ino
+    done = await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b")
     assert done.moved == b.ino
     assert done.replaced is not None and done.replaced.ino == a.ino and done.replaced.nlink == 0
-    assert (await meta.lookup(ROOT_INO, b"b")).ino == b.ino
+    assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == b.ino
     with pytest.raises(errors.NotFound):
-        await meta.lookup(ROOT_INO, b"a")
-    await meta.rename(d.ino, b"sub", ROOT_INO, b"sub2")
-    assert (await meta.getattr(d.ino)).nlink == 2
-    assert (await meta.getattr(ROOT_INO)).nlink == 4  # ".", "..", d and sub2
+        await meta.namespace.lookup(ROOT_INO, b"a")
+    await meta.namespace.rename(d.ino, b"sub", ROOT_INO, b"sub2")
+    assert (await meta.namespace.getattr(d.ino)).nlink == 2
+    assert (await meta.namespace.getattr(ROOT_INO)).nlink == 4  # ".", "..", d and sub2
 
 
 async def test_rename_of_a_file_moves_times_and_links_as_a_local_filesystem(meta):
-    d1 = await meta.create(ROOT_INO, b"d1", DIR, 0, 0)
-    d2 = await meta.create(ROOT_INO, b"d2", DIR, 0, 0)
-    f = await meta.create(d1.ino, b"f", FILE, 0, 0)
-    g = await meta.create(d2.ino, b"g", FILE, 0, 0)
-    await meta.link(g.ino, d2.ino, b"g2")
-    g = await meta.getattr(g.ino)
+    d1 = await meta.namespace.create(ROOT_INO, b"d1", DIR, 0, 0)
+    d2 = await meta.namespace.create(ROOT_INO, b"d2", DIR, 0, 0)
+    f = await meta.namespace.create(d1.ino, b"f", FILE, 0, 0)
+    g = await meta.namespace.create(d2.ino, b"g", FILE, 0, 0)
+    await meta.namespace.link(g.ino, d2.ino, b"g2")
+    g = await meta.namespace.getattr(g.ino)
     t0 = now_ns()
     # Over a name whose inode keeps another link: nothing to purge.
-    done = await meta.rename(d1.ino, b"f", d2.ino, b"g", now=t0)
+    done = await meta.namespace.rename(d1.ino, b"f", d2.ino, b"g", now=t0)
     assert done.moved == f.ino and done.replaced is not None
     assert (done.replaced.ino, done.replaced.nlink) == (g.ino, 1)
-    assert (await meta.lookup(d2.ino, b"g")).ino == f.ino
-    assert (await meta.getattr(g.ino)).nlink == 1
+    assert (await meta.namespace.lookup(d2.ino, b"g")).ino == f.ino
+    assert (await meta.namespace.getattr(g.ino)).nlink == 1
     with pytest.raises(errors.NotFound):
-        await meta.lookup(d1.ino, b"f")
-    moved = await meta.getattr(f.ino)
+        await meta.namespace.lookup(d1.ino, b"f")
+    moved = await meta.namespace.getattr(f.ino)
     assert moved.ctime_ns == t0 and moved.mtime_ns == f.mtime_ns
     for parent in (d1, d2):
-        after = await meta.getattr(parent.ino)
+        after = await meta.namespace.getattr(parent.ino)
         assert after.mtime_ns == t0 and after.ctime_ns == t0
     # Onto another name of the same inode: rename(2) does nothing.
-    await meta.link(f.ino, d2.ino, b"f2")
-    assert await meta.rename(d2.ino, b"g", d2.ino, b"f2") == Renamed(None, None)
-    assert (await meta.lookup(d2.ino, b"g")).ino == f.ino
-    assert (await meta.getattr(f.ino)).nlink == 2
+    await meta.namespace.link(f.ino, d2.ino, b"f2")
+    assert await meta.namespace.rename(d2.ino, b"g", d2.ino, b"f2") == Renamed(None, None)
+    assert (await meta.namespace.lookup(d2.ino, b"g")).ino == f.ino
+    assert (await meta.namespace.getattr(f.ino)).nlink == 2
     with pytest.raises(errors.NotFound):
-        await meta.rename(d1.ino, b"missing", d2.ino, b"x")
-    names = [n for n, _, _ in await meta.readdir(d2.ino, 0, 10)]
+        await meta.namespace.rename(d1.ino, b"missing", d2.ino, b"x")
+    names = [e.name for e in await meta.namespace.readdir(d2.ino, 0, 10)]
     assert sorted(names) == [b"f2", b"g", b"g2"]
 
 
 async def test_readdir_cookies_neither_skip_nor_repeat_while_names_change(meta):
-    d = await meta.create(ROOT_INO, b"d", DIR, 0, 0)
+    d = await meta.namespace.create(ROOT_INO, b"d", DIR, 0, 0)
     for i in range(20):
-        await meta.create(d.ino, f"f{i:02}".encode(), FILE, 0, 0)
+        await meta.namespace.create(d.ino, f"f{i:02}".encode(), FILE, 0, 0)
     seen, after = [], 0
     unseen = [f"f{i:02}".encode() for i in range(20)]
     for page_no in range(100):  # bounded: each page adds one name
-        page = await meta.readdir(d.ino, after, 3)
+        page = await meta.namespace.readdir(d.ino, after, 3)
         if not page:
             break
-        seen += [n for n, _, _ in page]
-        after = page[-1][2]
+        seen += [e.name for e in page]
+        after = page[-1].cookie
         unseen = [n for n in unseen if n not in seen]
         # Names come and go between pages: one new, one not yet listed removed.
-        await meta.create(d.ino, f"new{page_no}".encode(), FILE, 0, 0)
+        await meta.namespace.create(d.ino, f"new{page_no}".encode(), FILE, 0, 0)
         if unseen:
-            await meta.unlink(d.ino, unseen.pop())
+            await meta.namespace.unlink(d.ino, unseen.pop())
     assert len(seen) == len(set(seen))
     originals = [n for n in seen if n.startswith(b"f")]
     assert originals == sorted(originals)
 
 
 async def test_chunk_map_commit_and_version(meta):
-    settings = await meta.settings()
-    f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
-    await meta.register_node(
+    settings = await meta.registry.settings()
+    f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
+    await meta.registry.register_node(
         "00000000000000aa",
         "http://127.0.0.1:1",
         capacity_bytes=1,
@@ -251,32 +254,34 @@ async def test_chunk_map_commit_and_version(meta):
     )
     data = [b"ab", b"c", b"d", b"e", b"f", b"g"]
     ids = [hashlib.sha256(x).digest() for x in data]
-    sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
-    attrs = await meta.commit_chunks(
+    sid = await meta.content.begin_upload(f.ino, ids, settings.upload_ttl_s)
+    attrs = await meta.content.commit_chunks(
         f.ino,
         sid,
         size=7,
         sha256=hashlib.sha256(b"".join(data)).digest(),
-        chunks=[(i, sum(map(len, data[:i])), len(x), ids[i], None, 0) for i, x in enumerate(data)],
-        replicas={c: ["00000000000000aa"] for c in ids},
+        chunks=[
+            ChunkRef(i, sum(map(len, data[:i])), len(x), ids[i], ()) for i, x in enumerate(data)
+        ],
+        placed={c: ["00000000000000aa"] for c in ids},
         mtime_ns=123,
         max_file_size=settings.max_file_size,
     )
     assert (attrs.size, attrs.version, attrs.mtime_ns) == (7, 1, 123)
-    cmap = await meta.chunk_map(f.ino)
+    cmap = await meta.content.chunk_map(f.ino)
     assert [c.chunk_id for c in cmap.chunks] == ids
     assert all(c.nodes == ("00000000000000aa",) for c in cmap.chunks)
     with pytest.raises(errors.FileTooLarge):
-        await meta.commit_chunks(
-            f.ino, None, size=10, sha256=b"", chunks=[], replicas={}, mtime_ns=1, max_file_size=9
+        await meta.content.commit_chunks(
+            f.ino, None, size=10, sha256=b"", chunks=[], placed={}, mtime_ns=1, max_file_size=9
         )
-    assert (await meta.getattr(f.ino)).version == 1
+    assert (await meta.namespace.getattr(f.ino)).version == 1
 
 
 async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_nodes(meta):
-    settings = await meta.settings()
+    settings = await meta.registry.settings()
     for node_id in ("00000000000000b1", "00000000000000b2"):
-        await meta.register_node(
+        await meta.registry.register_node(
             node_id,
             "http://127.0.0.1:1",
             capacity_bytes=1,
@@ -284,39 +289,39 @@ async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_
             free_bytes=1,
             chunk_count=0,
         )
-    f = await meta.create(ROOT_INO, b"held", FILE, 0, 0)
+    f = await meta.namespace.create(ROOT_INO, b"held", FILE, 0, 0)
     data = [b"1", b"2", b"3", b"4", b"5", b"6"]
     ids = [hashlib.sha256(x).digest() for x in data]
-    sid = await meta.begin_upload(f.ino, ids, settings.upload_ttl_s)
-    await meta.commit_chunks(
+    sid = await meta.content.begin_upload(f.ino, ids, settings.upload_ttl_s)
+    await meta.content.commit_chunks(
         f.ino,
         sid,
         size=6,
         sha256=hashlib.sha256(b"".join(data)).digest(),
-        chunks=[(i, i, 1, ids[i], None, 0) for i in range(6)],
-        replicas={c: ["00000000000000b1", "00000000000000b2"] for c in ids[:5]}
+        chunks=[ChunkRef(i, i, 1, ids[i], ()) for i in range(6)],
+        placed={c: ["00000000000000b1", "00000000000000b2"] for c in ids[:5]}
         | {ids[5]: ["00000000000000b1"]},
         mtime_ns=1,
         max_file_size=settings.max_file_size,
     )
-    g = await meta.create(ROOT_INO, b"copy", FILE, 0, 0)
+    g = await meta.namespace.create(ROOT_INO, b"copy", FILE, 0, 0)
     other = hashlib.sha256(b"other").digest()
-    session, reusable = await meta.begin_commit(g.ino, [*ids, other], 3600, 2)
-    assert set(reusable) == set(ids[:5])  # the sixth has one holder, "other" none
-    assert reusable[ids[0]] == ("00000000000000b1", "00000000000000b2")
+    session = await meta.content.begin_commit(g.ino, [*ids, other], 3600, 2)
+    assert set(session.reusable) == set(ids[:5])  # the sixth has one holder, "other" none
+    assert session.reusable[ids[0]] == ("00000000000000b1", "00000000000000b2")
     protected = await meta.db.fetch(
-        "SELECT chunk_id FROM upload_session_chunks WHERE session_id = $1", session
+        "SELECT chunk_id FROM upload_session_chunks WHERE session_id = $1", session.session_id
     )
     assert {bytes(r["chunk_id"]) for r in protected} == set(ids) | {other}
     # Once no committed file uses them, nothing is reusable.
-    await meta.unlink(ROOT_INO, b"held")
-    assert await meta.purge([f.ino]) == 1
-    assert (await meta.begin_commit(g.ino, ids, 3600, 2))[1] == {}
+    await meta.namespace.unlink(ROOT_INO, b"held")
+    assert await meta.namespace.purge([f.ino]) == 1
+    assert (await meta.content.begin_commit(g.ino, ids, 3600, 2)).reusable == {}
 
 
 async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(meta):
     for node_id in ("00000000000000a1", "00000000000000a2"):
-        await meta.register_node(
+        await meta.registry.register_node(
             node_id,
             "http://127.0.0.1:1",
             capacity_bytes=10,
@@ -334,49 +339,49 @@ async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(
         "UPDATE storage_nodes SET last_heartbeat = now() - interval '1 minute' "
         "WHERE node_id = '00000000000000a2'"
     )
-    live = {n.node_id: n.live for n in await meta.nodes()}
+    live = {n.node_id: n.live for n in await meta.registry.nodes()}
     assert live == {"00000000000000a1": True, "00000000000000a2": False}
     before = await meta.db.fetchval(
         "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'"
     )
-    await meta.heartbeat(
+    await meta.registry.heartbeat(
         "00000000000000a2", capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1
     )
     after = await meta.db.fetchval(
         "SELECT last_heartbeat FROM storage_nodes WHERE node_id = '00000000000000a2'"
     )
     assert after > before
-    assert all(n.live for n in await meta.nodes())
+    assert all(n.live for n in await meta.registry.nodes())
 
 
 async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta):
-    f = await meta.create(ROOT_INO, b"f", FILE, 0, 0)
+    f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
     held, expired = hashlib.sha256(b"held").digest(), hashlib.sha256(b"gone").digest()
-    await meta.begin_upload(f.ino, [held], 3600)
-    await meta.begin_upload(f.ino, [expired], 1)
+    await meta.content.begin_upload(f.ino, [held], 3600)
+    await meta.content.begin_upload(f.ino, [expired], 1)
     await meta.db.execute(
         "UPDATE upload_sessions SET expires_at = now() - interval '1 second' "
         "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
         "WHERE chunk_id = $1)",
         expired,
     )
-    assert await meta.unneeded("00000000000000aa", [held, expired]) == {expired}
-    assert await meta.expire_sessions() == 1
+    assert await meta.maintenance.unneeded("00000000000000aa", [held, expired]) == {expired}
+    assert await meta.maintenance.expire_sessions() == 1
     assert await count(meta, "upload_sessions") == 1
 
 
 async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
     async with open_database(pg_dsn) as db:
         meta = Meta(db)
-        a = await meta.create(ROOT_INO, b"a", FILE, 0, 0)
+        a = await meta.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
         # A filesystem made before rename_file existed (schema version 1).
         await db.execute("DROP FUNCTION rename_file")
         await db.execute("UPDATE schema_version SET version = 1")
         with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):
-            await meta.settings()
+            await meta.registry.settings()
         await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", pg_dsn)
-        assert (await meta.settings()).replicas == 2  # kept
+        assert (await meta.registry.settings()).replicas == 2  # kept
         assert await db.fetchval("SELECT version FROM schema_version") == 2
-        renamed = await meta.rename(ROOT_INO, b"a", ROOT_INO, b"b")
+        renamed = await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b")
         assert renamed == Renamed(a.ino, None)
-        assert (await meta.lookup(ROOT_INO, b"b")).ino == a.ino
+        assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == a.ino

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs import cluster as cl
+import cluster as cl
 
 MiB = 1 << 20
 MOUNT8_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -584,28 +584,17 @@ def _bulk_create_files(dsn: str, parent: int, count: int) -> None:
     inserted in one statement: making them through FUSE one by one would take
     minutes, and what is under test here is the listing, not the creation.
     """
-    import asyncio
-
-    import asyncpg
-
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(
-                """WITH new AS (
-                       SELECT nextval('inode_seq') AS ino, g FROM generate_series(0, $2 - 1) g),
-                   ins AS (
-                       INSERT INTO inodes (ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns)
-                       SELECT ino, 33188, 0, 0, 1, 0, 0, 0 FROM new)
-                   INSERT INTO dentries (parent, name, ino)
-                   SELECT $1, convert_to('f' || g, 'UTF8'), ino FROM new""",
-                parent,
-                count,
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    cl.run_sql(
+        dsn,
+        f"""WITH new AS (
+               SELECT nextval('inode_seq') AS ino, g FROM generate_series(0, {int(count)} - 1) g),
+           ins AS (
+               INSERT INTO inodes (ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns)
+               SELECT ino, {stat.S_IFREG | 0o644}, 0, 0, 1, 0, 0, 0 FROM new)
+           INSERT INTO dentries (parent, name, ino)
+           SELECT {int(parent)}, convert_to('f' || g, 'UTF8'), ino FROM new""",
+        timeout=120,
+    )
 
 
 def test_a_directory_of_100k_entries_lists_completely_while_names_change(cluster, mounted):

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from chunkfs import cluster as cl
+import cluster as cl
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from chunkfs import layout
-from chunkfs.spool import Spool, extent_digests, sha256_of
+from chunkfs.core.spool import Spool, extent_digests, sha256_of
 
 
 @pytest.mark.parametrize("size", [1, 5, 6 * layout.BLOCK_SIZE + 7, 13 * layout.BLOCK_SIZE - 3])

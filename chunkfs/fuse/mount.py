@@ -16,11 +16,9 @@ import pyfuse3
 import trio
 
 from .. import errors
-from ..cache import ContentCache
-from ..meta import Meta
-from ..pg import open_database, redact_dsn
-from ..store import ChunkStore
-from ..vfs import VFS
+from ..core.fs import open_filesystem
+from ..pg import redact_dsn
+from .inodes import KernelCache
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -158,60 +156,46 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
     """
     cache_dir = opts.cache_dir or default_cache_dir()
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    # Namespace and attribute changes commit asynchronously, as a local
-    # filesystem's journal does; close(), fsync() and fsync of a directory
-    # wait for the disk (see pg.open_database).
-    async with open_database(dsn, command_timeout=opts.pg_timeout, async_commit=True) as db:
-        meta = Meta(db)
-        settings = await meta.settings()
-        store = ChunkStore(
-            meta, settings.cluster_token, settings.replicas, timeout=opts.node_timeout
+    kernel = KernelCache()
+    async with open_filesystem(
+        dsn,
+        cache_dir,
+        attr_ttl=opts.attr_timeout,
+        entry_ttl=opts.entry_timeout,
+        cache_bytes=opts.cache_size_mib << 20,
+        node_timeout=opts.node_timeout,
+        pg_timeout=opts.pg_timeout,
+        on_commit=kernel.gave_pages,  # the kernel's pages hold what was just committed
+    ) as fs:
+        ops = Operations(
+            fs, kernel, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout
         )
-        cache = ContentCache(os.path.join(cache_dir, "content"), opts.cache_size_mib << 20)
-        vfs = VFS(
-            meta,
-            store,
-            settings,
-            cache_dir,
-            attr_ttl=opts.attr_timeout,
-            entry_ttl=opts.entry_timeout,
-            cache=cache,
-        )
-        ops = Operations(vfs, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
         try:
-            await store.refresh(force=True)
-            try:
-                pyfuse3.init(ops, mountpoint, opts.fuse_options(dsn))
-            except RuntimeError as exc:
-                raise errors.ConfigError(f"cannot mount on {mountpoint}: {exc}") from None
-            signalled = False
-            try:
-                async with trio.open_nursery() as nursery:
+            pyfuse3.init(ops, mountpoint, opts.fuse_options(dsn))
+        except RuntimeError as exc:
+            raise errors.ConfigError(f"cannot mount on {mountpoint}: {exc}") from None
+        signalled = False
+        try:
+            async with trio.open_nursery() as nursery:
 
-                    async def on_signal() -> None:
-                        nonlocal signalled
-                        with trio.open_signal_receiver(
-                            signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                        ) as sigs:
-                            async for sig in sigs:
-                                log.info("signal %d: unmounting", sig)
-                                signalled = True
-                                pyfuse3.terminate()
-                                return
+                async def on_signal() -> None:
+                    nonlocal signalled
+                    with trio.open_signal_receiver(
+                        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                    ) as sigs:
+                        async for sig in sigs:
+                            log.info("signal %d: unmounting", sig)
+                            signalled = True
+                            pyfuse3.terminate()
+                            return
 
-                    nursery.start_soon(on_signal)
-                    nursery.start_soon(vfs.run_purger)
-                    ready()
-                    await pyfuse3.main()
-                    nursery.cancel_scope.cancel()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await vfs.close()
-                pyfuse3.close(unmount=signalled)
+                nursery.start_soon(on_signal)
+                nursery.start_soon(fs.run_purger)
+                ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                await store.aclose()
-            cache.close()
+            pyfuse3.close(unmount=signalled)
 
 
 def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
@@ -235,13 +219,8 @@ def mount(dsn: str, mountpoint: str, opts: MountOptions, *, foreground: bool) ->
     mountpoint = check_mountpoint(mountpoint)
     if foreground:
         setup_logging(opts, to_stderr=True)
-        try:
+        with errors.unwrapped():
             trio.run(serve, dsn, mountpoint, opts, lambda: None)
-        except BaseExceptionGroup as group:
-            cause = errors.leaf(group)
-            if isinstance(cause, errors.ChunkfsError):
-                raise cause from None
-            raise
         return
     read_fd, write_fd = os.pipe()
     pid = os.fork()

@@ -1,8 +1,11 @@
-"""The FUSE adapter: each pyfuse3 request becomes one ``VFS`` call.
+"""The FUSE adapter: each pyfuse3 request becomes one ``FileSystem`` call.
 
-No SQL and no HTTP here. One decorator turns every ``ChunkfsError`` into
-``FUSEError(errno)`` and anything unexpected into EIO (logged with its
-traceback), so no exception ever escapes a handler and kills the mount.
+Translation only, and bookkeeping of what the kernel holds (lookup counts,
+cached attributes and pages: ``chunkfs.fuse.inodes``); the rules of each
+operation live in ``chunkfs.core``. One decorator turns every
+``ChunkfsError`` into ``FUSEError(errno)`` and anything unexpected into EIO
+(logged with its traceback), so no exception ever escapes a handler and
+kills the mount.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from .. import errors
-from ..meta import NAME_MAX, Attrs, Ino
-from ..vfs import VFS
-from .inodes import LookupCounts
+from ..core import Caller, FileSystem
+from ..core.fs import privileged_bits
+from ..meta import Attrs, DirEntry, Ino
+from .inodes import KernelCache, LookupCounts
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-BLOCK_SIZE = 4096
 # The preferred I/O size a stat reports (st_blksize): one FUSE request's worth
 # (max_write). cp, cat and stdio size their buffers by it, so a large file is
 # copied in 1 MiB writes, each a request, instead of eight times as many.
@@ -35,12 +38,6 @@ IO_SIZE = 1 << 20
 # readdir offsets 1 and 2 are "." and ".."; a dentry's offset is its cookie + 2.
 _DOT_OFFSETS = 2
 _READDIR_BATCH = 256
-# The xattr namespaces kept, as ext4 keeps them. POSIX ACLs (system.*) are
-# not supported, as on ext4 mounted noacl: cp -a then falls back to chmod.
-_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-# renameat2 flags (linux/fs.h).
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 
 def fuse_errors(fn: F) -> F:
@@ -66,6 +63,10 @@ def fuse_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
+
+
 class _DirHandle:
     """An open directory and the last page of entries read from PostgreSQL.
 
@@ -75,45 +76,49 @@ class _DirHandle:
 
     def __init__(self, ino: Ino) -> None:
         self.ino = ino
-        self._page: list[tuple[bytes, Attrs, int]] = []
+        self._page: list[DirEntry] = []
         self._last = False
 
-    async def entries_after(
-        self, vfs: VFS, after: int
-    ) -> tuple[list[tuple[bytes, Attrs, int]], bool]:
+    async def entries_after(self, fs: FileSystem, after: int) -> tuple[list[DirEntry], bool]:
         """Entries with a cookie above ``after`` (from the cached page when it
         holds ``after``, else from a fresh one), and whether they run to the
         end of the directory.
         """
-        for i, (_, _, cookie) in enumerate(self._page):
-            if cookie == after and i + 1 < len(self._page):
+        for i, e in enumerate(self._page):
+            if e.cookie == after and i + 1 < len(self._page):
                 return self._page[i + 1 :], self._last
-        self._page = await vfs.readdir(self.ino, after, _READDIR_BATCH)
+        self._page = await fs.readdir(self.ino, after, _READDIR_BATCH)
         self._last = len(self._page) < _READDIR_BATCH
         return self._page, self._last
 
 
 class Operations(pyfuse3.Operations):
-    """pyfuse3 request handlers over a ``VFS``.
+    """pyfuse3 request handlers over a ``FileSystem``.
 
-    ``entry_timeout`` and ``attr_timeout`` (seconds) say how long the kernel
-    may cache names and attributes.
+    ``kernel`` is where what the kernel caches is tracked (the same object
+    the ``FileSystem`` reports its commits to); ``entry_timeout`` and
+    ``attr_timeout`` (seconds) say how long the kernel may cache names and
+    attributes.
     """
 
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, vfs: VFS, *, entry_timeout: float = 1.0, attr_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        fs: FileSystem,
+        kernel: KernelCache,
+        *,
+        entry_timeout: float = 1.0,
+        attr_timeout: float = 1.0,
+    ) -> None:
         super().__init__()
-        self.vfs = vfs
+        self.fs = fs
+        self.kernel = kernel
         self.lookups = LookupCounts()
         self._dirs: dict[int, _DirHandle] = {}
-        # Per inode, the content version and the mode last given to the
-        # kernel: an open that finds a newer version drops the kernel's copy;
-        # the mode says when a write must drop setuid / setgid (see write).
-        self._given: dict[int, tuple[int, int]] = {}
-        # Write-only handles of unprivileged callers, by fh: their inode.
-        self._unprivileged_writers: dict[int, int] = {}
+        # Write-only handles of unprivileged callers, by fh: their inode and caller.
+        self._unprivileged_writers: dict[int, tuple[int, Caller]] = {}
         self._dir_fh = itertools.count(1)
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -121,7 +126,7 @@ class Operations(pyfuse3.Operations):
     # ----------------------------------------------------------- helpers
 
     def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
-        self._given[attrs.ino] = (attrs.version, attrs.mode)
+        self.kernel.gave_attrs(attrs.ino, attrs.version, attrs.mode)
         e = pyfuse3.EntryAttributes()
         e.st_ino = attrs.ino
         e.generation = 0
@@ -134,7 +139,7 @@ class Operations(pyfuse3.Operations):
         e.st_rdev = attrs.rdev
         e.st_size = attrs.size
         e.st_blksize = IO_SIZE
-        e.st_blocks = (attrs.size + 511) // 512 if stat.S_ISREG(attrs.mode) else 0
+        e.st_blocks = (attrs.size + 511) // 512 if attrs.is_reg else 0
         e.st_atime_ns = attrs.atime_ns
         e.st_mtime_ns = attrs.mtime_ns
         e.st_ctime_ns = attrs.ctime_ns
@@ -145,31 +150,30 @@ class Operations(pyfuse3.Operations):
         self.lookups.add(attrs.ino)
         return self._entry(attrs)
 
+    def _mode_changed(self, attrs: Attrs) -> None:
+        """The mode changed under the kernel's cached attributes: drop them."""
+        self.kernel.gave_attrs(attrs.ino, attrs.version, attrs.mode)
+        pyfuse3.invalidate_inode(attrs.ino, attr_only=True)
+
     # -------------------------------------------------------- attributes
 
     @fuse_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if name == b".":
-            attrs = await self.vfs.getattr(Ino(parent_inode))
-        elif name == b"..":
-            attrs = await self.vfs.getattr(await self.vfs.parent_of(Ino(parent_inode)))
-        else:
-            attrs = await self.vfs.lookup(Ino(parent_inode), name)
-        return self._looked_up(attrs)
+        return self._looked_up(await self.fs.lookup(Ino(parent_inode), name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for ino in self.lookups.forget(inode_list):
-                self._given.pop(ino, None)
-                await self.vfs.forget(Ino(ino))
-        except Exception:  # forget must never raise
+                self.kernel.forget(ino)
+                await self.fs.forget(Ino(ino))
+        except Exception:
             log.exception("forget failed")
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.vfs.getattr(Ino(inode)))
+        return self._entry(await self.fs.getattr(Ino(inode)))
 
     @fuse_errors
     async def setattr(
@@ -180,82 +184,68 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        attrs = await self.vfs.setattr(
+        attrs = await self.fs.setattr(
             Ino(inode),
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=_clamp_ns(attr.st_atime_ns) if fields.update_atime else None,
-            mtime_ns=_clamp_ns(attr.st_mtime_ns) if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         return self._entry(attrs)
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        capacity, free, inodes = await self.vfs.statfs()
+        st = await self.fs.statfs()
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = BLOCK_SIZE
-        s.f_blocks = capacity // BLOCK_SIZE
-        s.f_bfree = s.f_bavail = free // BLOCK_SIZE
-        # Inodes are rows in PostgreSQL: report plenty free.
-        s.f_files = inodes + (1 << 32)
-        s.f_ffree = s.f_favail = 1 << 32
-        s.f_namemax = NAME_MAX
+        s.f_bsize = s.f_frsize = st.block_size
+        s.f_blocks = st.blocks
+        s.f_bfree = s.f_bavail = st.blocks_free
+        s.f_files = st.files
+        s.f_ffree = s.f_favail = st.files_free
+        s.f_namemax = st.name_max
         return s
 
     # --------------------------------------------------------- namespace
-
-    async def _make(
-        self,
-        parent: int,
-        name: bytes,
-        mode: int,
-        ctx: pyfuse3.RequestContext,
-        *,
-        rdev: int = 0,
-        target: bytes | None = None,
-    ) -> pyfuse3.EntryAttributes:
-        attrs = await self.vfs.create_node(
-            Ino(parent), name, mode, ctx.uid, ctx.gid, rdev=rdev, target=target
-        )
-        return self._looked_up(attrs)
 
     @fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx)
+        return self._looked_up(await self.fs.mkdir(Ino(parent_inode), name, mode, _caller(ctx)))
 
     @fuse_errors
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, mode, ctx, rdev=rdev)
+        attrs = await self.fs.create_node(Ino(parent_inode), name, mode, _caller(ctx), rdev=rdev)
+        return self._looked_up(attrs)
 
     @fuse_errors
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target)
+        attrs = await self.fs.symlink(Ino(parent_inode), name, target, _caller(ctx))
+        return self._looked_up(attrs)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self.vfs.readlink(Ino(inode))
+        return await self.fs.readlink(Ino(inode))
 
     @fuse_errors
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._looked_up(await self.vfs.link(Ino(inode), Ino(new_parent_inode), new_name))
+        return self._looked_up(await self.fs.link(Ino(inode), Ino(new_parent_inode), new_name))
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.vfs.unlink(Ino(parent_inode), name)
+        await self.fs.unlink(Ino(parent_inode), name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.vfs.unlink(Ino(parent_inode), name, is_dir=True)
+        await self.fs.unlink(Ino(parent_inode), name, is_dir=True)
 
     @fuse_errors
     async def rename(
@@ -267,15 +257,8 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise errors.InvalidArgument("unsupported rename flags")
-        await self.vfs.rename(
-            Ino(parent_inode_old),
-            name_old,
-            Ino(parent_inode_new),
-            name_new,
-            noreplace=bool(flags & RENAME_NOREPLACE),
-            exchange=bool(flags & RENAME_EXCHANGE),
+        await self.fs.rename(
+            Ino(parent_inode_old), name_old, Ino(parent_inode_new), name_new, flags
         )
 
     # ------------------------------------------------------- directories
@@ -297,20 +280,19 @@ class Operations(pyfuse3.Operations):
                 return
             start_id = 1
         if start_id < 2:
-            parent = await self.vfs.parent_of(d.ino)
+            parent = await self.fs.parent_of(d.ino)
             if not pyfuse3.readdir_reply(token, b"..", _dir_entry(parent), 2):
                 return
             start_id = 2
         after = start_id - _DOT_OFFSETS
         while True:
-            page, last = await d.entries_after(self.vfs, after)
-            for name, attrs, cookie in page:
-                if not pyfuse3.readdir_reply(
-                    token, name, self._entry(attrs), cookie + _DOT_OFFSETS
-                ):
+            page, last = await d.entries_after(self.fs, after)
+            for e in page:
+                entry = self._entry(e.attrs)
+                if not pyfuse3.readdir_reply(token, e.name, entry, e.cookie + _DOT_OFFSETS):
                     return
-                self.lookups.add(attrs.ino)  # readdirplus: the kernel took a reference
-                after = cookie
+                self.lookups.add(e.attrs.ino)  # readdirplus: the kernel took a reference
+                after = e.cookie
             if last:
                 return
 
@@ -319,7 +301,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.vfs.sync()
+        await self.fs.sync()
 
     # ------------------------------------------------------------- files
 
@@ -327,25 +309,25 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attrs = await self.vfs.create(Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
-        return self._file_info(fh, attrs.ino, flags, ctx), self._looked_up(attrs)
+        made = await self.fs.create(Ino(parent_inode), name, mode, flags, _caller(ctx))
+        return self._file_info(made.fh, made.attrs.ino, flags, ctx), self._looked_up(made.attrs)
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         # The kernel opens directories with opendir, never here.
-        fh, keep_cache, version = await self.vfs.open(Ino(inode), flags)
-        given = self._given.get(inode)
-        if given is not None and given[0] != version:
+        opened = await self.fs.open(Ino(inode), flags, _caller(ctx))
+        given = self.kernel.get(inode)
+        keep_cache = given.pages_version == opened.version and not opened.dirty
+        self.kernel.gave_pages(inode, opened.version)
+        if given.attrs_version not in (-1, opened.version):
             # Another mount committed a new version since the kernel cached
             # the size: make it ask again, or reads would stop at the old size
             # (close-to-open consistency).
             pyfuse3.invalidate_inode(inode, attr_only=True)
-            self._given[inode] = (version, given[1])
-        if flags & os.O_TRUNC and ctx.uid != 0:
-            # The kernel leaves O_TRUNC to us: drop setuid/setgid as a
-            # truncate by an unprivileged caller does on ext4.
-            await self._drop_privileged_bits(inode)
-        return self._file_info(fh, inode, flags, ctx, keep_cache=keep_cache)
+            self.kernel.gave_attrs(inode, opened.version, given.mode)
+        if opened.mode_changed:
+            self._mode_changed(await self.fs.getattr(Ino(inode)))
+        return self._file_info(opened.fh, inode, flags, ctx, keep_cache=keep_cache)
 
     def _file_info(
         self,
@@ -363,47 +345,38 @@ class Operations(pyfuse3.Operations):
         """
         write_only = flags & os.O_ACCMODE == os.O_WRONLY
         if write_only and ctx.uid != 0:
-            self._unprivileged_writers[fh] = inode
+            self._unprivileged_writers[fh] = (inode, _caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=write_only)
-
-    async def _drop_privileged_bits(self, inode: int) -> None:
-        """Clear setuid / setgid as a write or truncate by an unprivileged
-        caller does, and make the kernel forget the mode it holds.
-        """
-        attrs = await self.vfs.getattr(Ino(inode))
-        bits = _privileged_bits(attrs.mode)
-        if bits:
-            attrs = await self.vfs.setattr(Ino(inode), mode=attrs.mode & ~bits)
-            self._given[inode] = (attrs.version, attrs.mode)
-            pyfuse3.invalidate_inode(inode, attr_only=True)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.vfs.read(fh, off, size)
+        return await self.fs.read(fh, off, size)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        inode = self._unprivileged_writers.get(fh)
-        if inode is not None and _privileged_bits(self._given.get(inode, (0, 0))[1]):
+        writer = self._unprivileged_writers.get(fh)
+        if writer is not None and privileged_bits(self.kernel.get(writer[0]).mode):
             # What the kernel does for a write through its page cache, from
             # the mode it holds.
-            await self._drop_privileged_bits(inode)
-        return await self.vfs.write(fh, off, buf)
+            attrs = await self.fs.drop_privileged_bits(Ino(writer[0]), writer[1])
+            if attrs is not None:
+                self._mode_changed(attrs)
+        return await self.fs.write(fh, off, buf)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        await self.vfs.flush(fh)
+        await self.fs.flush(fh)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.vfs.fsync(fh)
+        await self.fs.fsync(fh)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         self._unprivileged_writers.pop(fh, None)
-        ino = await self.vfs.release(fh)
+        ino = await self.fs.release(fh)
         if self.lookups[ino] == 0:
-            await self.vfs.forget(ino)
+            await self.fs.forget(ino)
 
     # ------------------------------------------------------------ xattrs
 
@@ -411,31 +384,24 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        _check_xattr_name(name)
-        await self.vfs.setxattr(Ino(inode), name, value)
+        await self.fs.setxattr(Ino(inode), name, value)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        _check_xattr_name(name)
-        return await self.vfs.getxattr(Ino(inode), name)
+        return await self.fs.getxattr(Ino(inode), name)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = await self.vfs.listxattr(Ino(inode))
-        if ctx.uid != 0:  # as ext4: trusted.* names only for the privileged
-            names = [n for n in names if not n.startswith(b"trusted.")]
-        return names
+        return await self.fs.listxattr(Ino(inode), _caller(ctx))
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        _check_xattr_name(name)
-        await self.vfs.removexattr(Ino(inode), name)
+        await self.fs.removexattr(Ino(inode), name)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        # Only reached without default_permissions: check the mode bits here.
-        attrs = await self.vfs.getattr(Ino(inode))
-        return _may_access(attrs, mode, ctx)
+        # Only reached without default_permissions.
+        return await self.fs.access(Ino(inode), mode, _caller(ctx))
 
 
 def _dir_entry(ino: int) -> pyfuse3.EntryAttributes:
@@ -444,46 +410,3 @@ def _dir_entry(ino: int) -> pyfuse3.EntryAttributes:
     e.st_ino = ino
     e.st_mode = stat.S_IFDIR
     return e
-
-
-def _privileged_bits(mode: int) -> int:
-    """The setuid / setgid bits a write or truncate by an unprivileged
-    caller clears (setgid only with group execute, as the kernel does).
-    """
-    bits = mode & stat.S_ISUID
-    if mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
-        bits |= stat.S_ISGID
-    return bits
-
-
-_NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1
-
-
-def _clamp_ns(ns: int) -> int:
-    """Timestamps are kept as 64-bit nanoseconds (years 1677 to 2262): clamp
-    beyond, as ext4 clamps beyond its own range.
-    """
-    return min(max(ns, _NS_MIN), _NS_MAX)
-
-
-def _check_xattr_name(name: bytes) -> None:
-    if name in _XATTR_NAMESPACES:
-        raise pyfuse3.FUSEError(errno.EINVAL)  # a namespace with no name in it
-    if not name.startswith(_XATTR_NAMESPACES):
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-
-
-def _may_access(attrs: Attrs, want: int, ctx: pyfuse3.RequestContext) -> bool:
-    """access(2) by mode bits, as the kernel does with default_permissions."""
-    if want == os.F_OK:
-        return True
-    if ctx.uid == 0:
-        # root may read and write anything, and execute what someone may execute.
-        return not (want & os.X_OK) or bool(attrs.mode & 0o111) or stat.S_ISDIR(attrs.mode)
-    if ctx.uid == attrs.uid:
-        bits = (attrs.mode >> 6) & 7
-    elif ctx.gid == attrs.gid:
-        bits = (attrs.mode >> 3) & 7
-    else:
-        bits = attrs.mode & 7
-    return want & bits == want

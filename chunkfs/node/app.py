@@ -14,15 +14,17 @@ Routes (ids are 64 lowercase hex digits, the SHA-256 of the chunk's bytes):
 - ``DELETE /v1/chunks/{id}[?before_ns=N]``: 204; 404 missing; 409 refused by
   the guard (the chunk was re-used at or after ``before_ns``).
 - ``GET /v1/chunks?after=ID&limit=N``: ``{"chunks": [...], "next": ID|null}``.
-- ``POST /v1/chunks:batch``: body = repeated ``[64 hex id][8-byte big-endian
-  length][bytes]``; 200 ``{"created": [bool, ...]}`` once all are durable;
-  422 if any digest is wrong (none stored); 400 malformed.
+- ``POST /v1/chunks:batch``: body in the batch framing of ``chunkfs.wire``
+  (repeated ``[64 hex id][8-byte big-endian length][bytes]``); 200
+  ``{"created": [bool, ...]}`` once all are durable; 422 if any digest is
+  wrong (none stored); 400 malformed.
 - ``GET /v1/chunks:batch?ids=ID,ID,...``: several whole chunks (at most 64,
   adding up to the batch limit) in the batch framing above; 404 if any is
   missing, 400 malformed or too large.
 - ``GET /v1/health``: JSON status and space; the only route without a token.
 - ``GET /metrics``: Prometheus text.
 
+A malformed id anywhere under ``/v1/chunks/`` is 400 (with no body for HEAD).
 Every other request needs ``Authorization: Bearer <cluster token>`` (401).
 """
 
@@ -45,12 +47,14 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .. import wire
 from ..errors import ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
-from .storage import ChunkStore, DeleteRefused, LengthMismatch, valid_id
+from .disk import ChunkDisk, DeleteRefused, LengthMismatch
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,25 @@ _SMALL_READ = 1 << 20
 _HEALTH_PATH = "/v1/health"
 _RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})\Z")
 _LENGTH_RE = re.compile(r"\d{1,19}\Z")
-_BATCH_HEADER = 64 + 8
+
+
+class ChunkIdConvertor(Convertor[str]):
+    """Path convertor ``{name:chunk_id}``: matches only a chunk id in wire form.
+
+    Routes using it never see a malformed id: such paths fall through to the
+    catch-all route under /v1/chunks/, which answers 400.
+    """
+
+    regex = wire.ID_PATTERN
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("chunk_id", ChunkIdConvertor())
 
 
 class RangeNotSatisfiable(Exception):
@@ -108,7 +130,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 class _Metrics:
     """The node's Prometheus metrics, in a registry of its own."""
 
-    def __init__(self, store: ChunkStore) -> None:
+    def __init__(self, disk: ChunkDisk) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "chunkfs_node_requests",
@@ -123,9 +145,9 @@ class _Metrics:
             "chunkfs_node_sent_bytes", "Response body bytes sent", registry=self.registry
         )
         chunks = Gauge("chunkfs_node_chunks", "Chunks stored", registry=self.registry)
-        chunks.set_function(lambda: store.chunk_count)
+        chunks.set_function(lambda: disk.chunk_count)
         used = Gauge("chunkfs_node_used_bytes", "Bytes of chunks stored", registry=self.registry)
-        used.set_function(lambda: store.used_bytes)
+        used.set_function(lambda: disk.used_bytes)
 
 
 class _Gate:
@@ -193,16 +215,16 @@ async def _send_last(send: Send, message: Message) -> None:
 
 
 class NodeApp:
-    """The route handlers over one ``ChunkStore``. Sizes are in bytes."""
+    """The route handlers over one ``ChunkDisk``. Sizes are in bytes."""
 
-    def __init__(self, store: ChunkStore, *, max_chunk_size: int, max_batch_bytes: int) -> None:
-        self.store = store
+    def __init__(self, disk: ChunkDisk, *, max_chunk_size: int, max_batch_bytes: int) -> None:
+        self.disk = disk
         self.max_chunk_size = max_chunk_size
         self.max_batch_bytes = max_batch_bytes
 
     def routes(self) -> list[Route]:
         """The Starlette routes; HEAD comes before GET so it gets its own handler."""
-        chunk = "/v1/chunks/{chunk_id}"
+        chunk = "/v1/chunks/{chunk_id:chunk_id}"
         return [
             Route(_HEALTH_PATH, self.health, methods=["GET"]),
             Route("/v1/chunks", self.list_chunks, methods=["GET"]),
@@ -212,7 +234,7 @@ class NodeApp:
             Route(chunk, self.get_chunk, methods=["GET"]),
             Route(chunk, self.put_chunk, methods=["PUT"]),
             Route(chunk, self.delete_chunk, methods=["DELETE"]),
-            # Anything else under /v1/chunks/ (e.g. "../x") is a malformed id.
+            # Anything else under /v1/chunks/ (e.g. "../x", upper case) is a malformed id.
             Route(
                 "/v1/chunks/{rest:path}",
                 self.bad_id,
@@ -221,18 +243,20 @@ class NodeApp:
         ]
 
     async def bad_id(self, request: Request) -> Response:
-        """Any other path under /v1/chunks/: a malformed id (400)."""
+        """Any other path under /v1/chunks/: a malformed id (400; no body for HEAD)."""
+        if request.method == "HEAD":
+            return Response(status_code=400)
         return _error(400, "chunk id must be 64 lowercase hex digits")
 
     # ------------------------------------------------------------ handlers
 
     async def health(self, request: Request) -> Response:
         """GET /v1/health: status, node id, space in bytes, chunk count, clock (ns)."""
-        stats = await self.store.stats()
+        stats = await self.disk.stats()
         return JSONResponse(
             {
                 "status": "ok",
-                "node_id": self.store.node_id,
+                "node_id": self.disk.node_id,
                 "capacity_bytes": stats.capacity_bytes,
                 "used_bytes": stats.used_bytes,
                 "free_bytes": stats.free_bytes,
@@ -244,13 +268,11 @@ class NodeApp:
     async def put_chunk(self, request: Request) -> Response:
         """PUT /v1/chunks/{id}: store a streamed chunk (201 created, 200 present)."""
         chunk_id = request.path_params["chunk_id"]
-        if not valid_id(chunk_id):
-            return _error(400, "chunk id must be 64 lowercase hex digits")
         length, problem = self._declared_length(request, self.max_chunk_size)
         if problem is not None:
             return problem
         try:
-            created = await self.store.put(chunk_id, request.stream(), length)
+            created = await self.disk.put(chunk_id, request.stream(), length)
         except DigestMismatch as exc:
             return _error(422, str(exc))
         except NodeFull as exc:
@@ -278,10 +300,8 @@ class NodeApp:
     async def get_chunk(self, request: Request) -> Response:
         """GET /v1/chunks/{id}: the whole chunk (200) or one byte range (206)."""
         chunk_id = request.path_params["chunk_id"]
-        if not valid_id(chunk_id):
-            return _error(400, "chunk id must be 64 lowercase hex digits")
         try:
-            f = await self.store.open_chunk(chunk_id)
+            f = await self.disk.open_chunk(chunk_id)
         except ChunkMissing:
             return _error(404, "no such chunk")
         try:
@@ -298,7 +318,7 @@ class NodeApp:
             finally:
                 f.close()
             if status == 200 and hashlib.sha256(data).hexdigest() != chunk_id:
-                await self.store.quarantine(chunk_id)
+                await self.disk.quarantine(chunk_id)
                 return _error(404, "no such chunk (quarantined: its bytes did not match its id)")
             return Response(
                 data, status_code=status, headers=headers, media_type="application/octet-stream"
@@ -325,9 +345,7 @@ class NodeApp:
     async def head_chunk(self, request: Request) -> Response:
         """HEAD /v1/chunks/{id}: 200 with the length in Content-Length, or 404."""
         chunk_id = request.path_params["chunk_id"]
-        if not valid_id(chunk_id):
-            return Response(status_code=400)
-        size = await self.store.size(chunk_id)
+        size = await self.disk.size(chunk_id)
         if size is None:
             return Response(status_code=404)
         return Response(
@@ -337,8 +355,6 @@ class NodeApp:
     async def delete_chunk(self, request: Request) -> Response:
         """DELETE /v1/chunks/{id}[?before_ns=N]: 204, 404 missing, 409 guard refused."""
         chunk_id = request.path_params["chunk_id"]
-        if not valid_id(chunk_id):
-            return _error(400, "chunk id must be 64 lowercase hex digits")
         raw = request.query_params.get("before_ns")
         before_ns = None
         if raw is not None:
@@ -346,7 +362,7 @@ class NodeApp:
                 return _error(400, "before_ns must be a non-negative integer")
             before_ns = int(raw)
         try:
-            await self.store.delete(chunk_id, before_ns)
+            await self.disk.delete(chunk_id, before_ns)
         except ChunkMissing:
             return _error(404, "no such chunk")
         except DeleteRefused as exc:
@@ -356,13 +372,13 @@ class NodeApp:
     async def list_chunks(self, request: Request) -> Response:
         """GET /v1/chunks?after=ID&limit=N: ids in ascending order, and the next ``after``."""
         after = request.query_params.get("after") or None
-        if after is not None and not valid_id(after):
+        if after is not None and not wire.is_valid_id(after):
             return _error(400, "after must be a chunk id")
         raw = request.query_params.get("limit", str(LIST_DEFAULT_LIMIT))
         if not _LENGTH_RE.match(raw) or int(raw) < 1:
             return _error(400, "limit must be a positive integer")
         limit = min(int(raw), LIST_MAX_LIMIT)
-        ids = await self.store.list_ids(after, limit)
+        ids = await self.disk.list_ids(after, limit)
         return JSONResponse({"chunks": ids, "next": ids[-1] if len(ids) == limit else None})
 
     async def put_batch(self, request: Request) -> Response:
@@ -377,11 +393,11 @@ class NodeApp:
         except ClientDisconnect:
             return _error(400, "body shorter than its Content-Length")
         try:
-            items = parse_batch(body)
-        except ValueError as exc:
+            entries = wire.decode_batch(body)
+        except wire.MalformedBatch as exc:
             return _error(400, str(exc))
         try:
-            created = await self.store.put_many(items)
+            created = await self.disk.put_many(entries)
         except DigestMismatch as exc:
             return _error(422, str(exc))
         except NodeFull as exc:
@@ -396,13 +412,14 @@ class NodeApp:
         if not ids or len(ids) > _BATCH_GET_MAX:
             return _error(400, f"ids must name 1 to {_BATCH_GET_MAX} chunks")
         try:
-            chunks = await self.store.read_many(ids, self.max_batch_bytes)
+            chunks = await self.disk.read_many(ids, self.max_batch_bytes)
         except ChunkMissing as exc:
             return _error(404, str(exc))
         except InvalidArgument as exc:
             return _error(400, str(exc))
-        body = b"".join(  # a quarantined chunk is left out: the reader tries another replica
-            c.encode("ascii") + len(data).to_bytes(8, "big") + data
+        # A quarantined chunk is left out: the reader tries another replica.
+        body = wire.encode_batch(
+            wire.BatchEntry(c, data)
             for c, data in zip(ids, chunks, strict=False)
             if data is not None
         )
@@ -423,40 +440,20 @@ async def _read_exactly(stream: AsyncIterator[bytes], length: int) -> bytes:
 _BATCH_GET_MAX = 64
 
 
-def parse_batch(body: bytes) -> list[tuple[str, bytes]]:
-    """Split a batch body into ``(hex id, bytes)`` items. Raises ``ValueError`` if malformed."""
-    items = []
-    pos = 0
-    view = memoryview(body)
-    while pos < len(body):
-        if len(body) - pos < _BATCH_HEADER:
-            raise ValueError(f"truncated batch entry header at byte {pos}")
-        chunk_id = body[pos : pos + 64].decode("ascii", "replace")
-        if not valid_id(chunk_id):
-            raise ValueError(f"bad chunk id in batch at byte {pos}")
-        size = int.from_bytes(body[pos + 64 : pos + _BATCH_HEADER], "big")
-        pos += _BATCH_HEADER
-        if size > len(body) - pos:
-            raise ValueError(f"batch entry {chunk_id} runs past the end of the body")
-        items.append((chunk_id, bytes(view[pos : pos + size])))
-        pos += size
-    return items
-
-
 def create_app(
-    store: ChunkStore,
+    disk: ChunkDisk,
     token: str,
     *,
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
 ) -> ASGIApp:
-    """The node's ASGI app over ``store``; requests but health need ``token``.
+    """The node's ASGI app over ``disk``; requests but health need ``token``.
 
     ``max_chunk_size`` bounds a PUT body and ``max_batch_bytes`` a batch
     body (bytes); larger ones get 413 before any byte is read.
     """
-    handlers = NodeApp(store, max_chunk_size=max_chunk_size, max_batch_bytes=max_batch_bytes)
-    metrics = _Metrics(store)
+    handlers = NodeApp(disk, max_chunk_size=max_chunk_size, max_batch_bytes=max_batch_bytes)
+    metrics = _Metrics(disk)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

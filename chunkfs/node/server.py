@@ -19,7 +19,7 @@ from .. import errors, pg
 from ..errors import ChunkfsError
 from ..meta import Meta
 from .app import DEFAULT_MAX_CHUNK_SIZE, create_app
-from .storage import ChunkStore
+from .disk import ChunkDisk
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +74,21 @@ def _hypercorn_config(sock: socket.socket) -> Config:
     return config
 
 
-async def _heartbeats(meta: Meta, store: ChunkStore, interval: float) -> None:
+async def _heartbeats(meta: Meta, disk: ChunkDisk, interval: float) -> None:
     """Every ``interval`` seconds, report space and chunk count; failures are logged."""
     while True:
         await trio.sleep(interval)
         try:
-            stats = await store.stats()
-            await meta.heartbeat(
-                store.node_id,
+            stats = await disk.stats()
+            await meta.registry.heartbeat(
+                disk.node_id,
                 capacity_bytes=stats.capacity_bytes,
                 used_bytes=stats.used_bytes,
                 free_bytes=stats.free_bytes,
                 chunk_count=stats.chunk_count,
             )
         except Exception as exc:  # noqa: BLE001 - keep serving: PostgreSQL may come back
-            log.warning("heartbeat of node %s failed: %s", store.node_id, exc)
+            log.warning("heartbeat of node %s failed: %s", disk.node_id, exc)
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:
@@ -106,7 +106,7 @@ async def _mark_stopped(meta: Meta, node_id: str) -> None:
     with trio.move_on_after(10) as scope:
         scope.shield = True
         try:
-            await meta.node_stopped(node_id)
+            await meta.registry.node_stopped(node_id)
             log.info("node %s marked stopped", node_id)
         except ChunkfsError as exc:
             log.warning("could not mark node %s stopped: %s", node_id, exc)
@@ -135,23 +135,19 @@ async def serve_node(
     is unusable, the port is busy, PostgreSQL does not answer
     (``MetadataUnavailable``) or is not a chunkfs database (``ConfigError``).
     """
-    store = await ChunkStore.open(data_dir, capacity_bytes=capacity_bytes)
+    disk = await ChunkDisk.open(data_dir, capacity_bytes=capacity_bytes)
     sock = listen_socket(host, port)
     base_url = _base_url(host, sock)
     try:
-        async with pg.open_database(dsn, min_size=1, max_size=2) as db:
-            meta = Meta(db)
-            settings = await meta.settings()
-            app = create_app(store, settings.cluster_token, max_chunk_size=max_chunk_size)
-            config = _hypercorn_config(sock)
-            await _run(meta, store, app, config, base_url, heartbeat_interval, task_status)
-    except BaseExceptionGroup as group:
         # Nurseries (ours, trio-asyncio's) wrap errors in groups: surface
         # the ChunkfsError so the caller can print its one-line message.
-        cause = errors.leaf(group)
-        if isinstance(cause, ChunkfsError):
-            raise cause from None
-        raise
+        with errors.unwrapped():
+            async with pg.open_database(dsn, min_size=1, max_size=2) as db:
+                meta = Meta(db)
+                settings = await meta.registry.settings()
+                app = create_app(disk, settings.cluster_token, max_chunk_size=max_chunk_size)
+                config = _hypercorn_config(sock)
+                await _run(meta, disk, app, config, base_url, heartbeat_interval, task_status)
     finally:
         if sock.fileno() != -1:
             sock.close()
@@ -159,7 +155,7 @@ async def serve_node(
 
 async def _run(
     meta: Meta,
-    store: ChunkStore,
+    disk: ChunkDisk,
     app: Any,
     config: Config,
     base_url: str,
@@ -174,9 +170,9 @@ async def _run(
             # The socket already listens: a client that finds the node in the
             # registry before the server runs waits in the accept queue. And
             # a node that answers health is always registered.
-            stats = await store.stats()
-            await meta.register_node(
-                store.node_id,
+            stats = await disk.stats()
+            await meta.registry.register_node(
+                disk.node_id,
                 base_url,
                 capacity_bytes=stats.capacity_bytes,
                 used_bytes=stats.used_bytes,
@@ -190,12 +186,12 @@ async def _run(
                 nursery.cancel_scope.cancel()  # server done: stop the other tasks
 
             await nursery.start(http_server)
-            log.info("node %s serving %s at %s", store.node_id, store.root, base_url)
-            nursery.start_soon(_heartbeats, meta, store, heartbeat_interval)
+            log.info("node %s serving %s at %s", disk.node_id, disk.root, base_url)
+            nursery.start_soon(_heartbeats, meta, disk, heartbeat_interval)
             task_status.started(base_url)
     finally:
         if registered:
-            await _mark_stopped(meta, store.node_id)
+            await _mark_stopped(meta, disk.node_id)
 
 
 def run_node(

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import errors
-from .meta import Meta
-from .store import ChunkStore
+from .. import errors
+from ..meta import Meta
+from ..store import ChunkStore
 
 log = logging.getLogger(__name__)
 PAGE = 1000  # chunk objects per metadata query, and ids per node listing request
@@ -66,10 +66,18 @@ class FsckReport:
         return not self.problems
 
 
-async def node_listings(store: ChunkStore) -> tuple[dict[str, set[bytes]], dict[str, str]]:
-    """The chunk ids every live node holds, and the live nodes that could not
-    be listed (node id -> error).
+@dataclass(frozen=True)
+class Listings:
+    """The chunk ids each live node holds (``held``), and the live nodes
+    that could not be listed (``failed``: node id -> error).
     """
+
+    held: dict[str, set[bytes]]
+    failed: dict[str, str]
+
+
+async def node_listings(store: ChunkStore) -> Listings:
+    """What every live node holds, listed page by page."""
     held: dict[str, set[bytes]] = {}
     failed: dict[str, str] = {}
     for node_id in sorted(store.live_nodes()):
@@ -77,15 +85,16 @@ async def node_listings(store: ChunkStore) -> tuple[dict[str, set[bytes]], dict[
         after = None
         try:
             for _ in range(MAX_PAGES):
-                page, after = await store.client(node_id).list(after=after, limit=PAGE)
-                ids.update(page)
+                page = await store.client(node_id).list(after=after, limit=PAGE)
+                ids.update(page.ids)
+                after = page.after
                 if after is None:
                     break
         except errors.StorageError as exc:
             failed[node_id] = str(exc)
             continue
         held[node_id] = ids
-    return held, failed
+    return Listings(held, failed)
 
 
 async def scan(
@@ -97,21 +106,21 @@ async def scan(
     progress: Callable[[int], None] = lambda n: None,
 ) -> AsyncIterator[ObjectState]:
     """Yield the state of every chunk object a file uses (see the module doc).
-    ``held`` is ``node_listings``' first result; ``progress`` is called with
+    ``held`` is ``node_listings(...).held``; ``progress`` is called with
     the number of objects done after each page.
     """
     after = b""
     for _ in range(MAX_PAGES):
-        page = await meta.used_objects(after, PAGE)
+        page = await meta.maintenance.used_objects(after, PAGE)
         if not page:
             return
         states = []
-        for chunk_id, length, position, nodes in page:
-            state = ObjectState(chunk_id, length, position)
-            for node_id in nodes:
+        for obj in page:
+            state = ObjectState(obj.chunk_id, obj.length, obj.position)
+            for node_id in obj.nodes:
                 if node_id not in held:
                     state.down.append(node_id)
-                elif chunk_id in held[node_id]:
+                elif obj.chunk_id in held[node_id]:
                     state.good.append(node_id)
                 else:
                     state.bad[node_id] = MISSING
@@ -121,7 +130,7 @@ async def scan(
         for state in states:
             yield state
         progress(len(page))
-        after = page[-1][0]
+        after = page[-1].chunk_id
 
 
 async def _verify(store: ChunkStore, states: list[ObjectState]) -> None:
@@ -165,19 +174,19 @@ async def check(
     Raises ``ChunkfsError`` only when PostgreSQL fails.
     """
     report = FsckReport()
-    for ino, what, serious in await meta.inode_problems():
-        (report.problems if serious else report.warnings).append(f"inode {ino}: {what}")
-    report.inodes = (await meta.file_totals())[0]
+    for p in await meta.maintenance.inode_problems():
+        (report.problems if p.serious else report.warnings).append(f"inode {p.ino}: {p.what}")
+    report.inodes = (await meta.maintenance.file_totals()).files
     store = await ChunkStore.for_maintenance(meta)
     try:
         replicas = store.replicas
         for node in store.nodes():
             if not node.live:
                 report.warnings.append(f"node {node.node_id} is down: its replicas are not counted")
-        held, failed = await node_listings(store)
-        for node_id, why in failed.items():
+        listings = await node_listings(store)
+        for node_id, why in listings.failed.items():
             report.problems.append(f"node {node_id} could not be listed: {why}")
-        async for state in scan(meta, store, held, verify=verify, progress=progress):
+        async for state in scan(meta, store, listings.held, verify=verify, progress=progress):
             report.objects += 1
             report.replicas += len(state.good)
             cid = state.chunk_id.hex()

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from .layout import BLOCK_SIZE, Extent
+from ..layout import BLOCK_SIZE, Extent
 
 # Size of the pieces the spool is read in when hashing or uploading.
 PIECE = 1 << 20

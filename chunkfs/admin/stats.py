@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import errors
-from .meta import Ino, Meta
+from .. import errors
+from ..meta import Ino, Meta
 
 
 async def cluster_status(meta: Meta) -> dict[str, Any]:
@@ -15,13 +15,13 @@ async def cluster_status(meta: Meta) -> dict[str, Any]:
     "replicas"}]}``. ``chunks`` is what the node reports holding; ``replicas``
     is how many replicas the metadata records on it.
     """
-    settings = await meta.settings()
-    recorded = await meta.chunk_counts()
-    files, size = await meta.file_totals()
+    settings = await meta.registry.settings()
+    recorded = await meta.maintenance.chunk_counts()
+    totals = await meta.maintenance.file_totals()
     return {
         "settings": {"replicas": settings.replicas, "max_file_size": settings.max_file_size},
-        "files": files,
-        "bytes": size,
+        "files": totals.files,
+        "bytes": totals.bytes,
         "nodes": [
             {
                 "id": n.node_id,
@@ -35,7 +35,7 @@ async def cluster_status(meta: Meta) -> dict[str, Any]:
                 "chunks": n.chunk_count,
                 "replicas": recorded.get(n.node_id, 0),
             }
-            for n in await meta.nodes()
+            for n in await meta.registry.nodes()
         ],
     }
 
@@ -45,7 +45,7 @@ async def file_info(meta: Meta, ino: int) -> dict[str, Any]:
     "length", "sha256", "nodes"}]}`` for the committed version of ``ino``.
     Raises ``NotFound``.
     """
-    cmap = await meta.chunk_map(Ino(ino))
+    cmap = await meta.content.chunk_map(Ino(ino))
     return {
         "ino": cmap.ino,
         "size": cmap.size,

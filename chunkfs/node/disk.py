@@ -37,6 +37,7 @@ import trio
 
 from ..diskio import fsync_dir, syncfs
 from ..errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from ..wire import BatchEntry, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ PIECE_SIZE = 1 << 20
 # the page cache with pages nobody reads soon nor leaves fsync a backlog to
 # write back. Smaller ones (and filesystems without O_DIRECT) go buffered.
 DIRECT_MIN = 4 << 20
-_ID_RE = re.compile(r"[0-9a-f]{64}\Z")
 _NODE_ID_RE = re.compile(r"[0-9a-f]{16}\Z")
 _FANOUT = [f"{i:02x}" for i in range(256)]
 
@@ -71,13 +71,8 @@ class DeleteRefused(ChunkfsError):
     errno = errno.EBUSY
 
 
-def valid_id(chunk_id: str) -> bool:
-    """True when ``chunk_id`` is exactly 64 lowercase hex digits."""
-    return isinstance(chunk_id, str) and _ID_RE.match(chunk_id) is not None
-
-
 def _check_id(chunk_id: str) -> None:
-    if not valid_id(chunk_id):
+    if not is_valid_id(chunk_id):
         raise InvalidArgument("chunk id must be 64 lowercase hex digits")
 
 
@@ -158,8 +153,8 @@ def _no_room(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-class ChunkStore:
-    """The chunks of one data directory. Create with ``await ChunkStore.open(...)``.
+class ChunkDisk:
+    """The chunks of one data directory. Create with ``await ChunkDisk.open(...)``.
 
     Used bytes and chunk count are kept in memory (scanned at open). Puts and
     deletes of one id are serialized by a per-id lock, so the counts stay exact.
@@ -181,7 +176,7 @@ class ChunkStore:
     @classmethod
     async def open(
         cls, data_dir: str | os.PathLike[str], *, capacity_bytes: int | None = None
-    ) -> ChunkStore:
+    ) -> ChunkDisk:
         """Create or open a data directory: make its layout, empty tmp/, scan chunks.
 
         ``capacity_bytes`` caps the bytes stored (None: the disk's size).
@@ -193,8 +188,8 @@ class ChunkStore:
         root = Path(data_dir).absolute()  # noqa: ASYNC240 - no I/O: joins the cwd
         try:
             node_id = await trio.to_thread.run_sync(_prepare_layout, root)
-            store = cls(root, node_id, capacity_bytes)
-            store.used_bytes, store.chunk_count = await trio.to_thread.run_sync(
+            disk = cls(root, node_id, capacity_bytes)
+            disk.used_bytes, disk.chunk_count = await trio.to_thread.run_sync(
                 _scan, root / "chunks"
             )
         except OSError as exc:
@@ -203,10 +198,10 @@ class ChunkStore:
             "data directory %s: node %s, %d chunks, %d bytes",
             root,
             node_id,
-            store.chunk_count,
-            store.used_bytes,
+            disk.chunk_count,
+            disk.used_bytes,
         )
-        return store
+        return disk
 
     # -------------------------------------------------------------- space
 
@@ -330,35 +325,33 @@ class ChunkStore:
                 await trio.to_thread.run_sync(_discard, fd, tmp)
             raise
 
-    async def put_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+    async def put_many(self, entries: list[BatchEntry]) -> list[bool]:
         """Store several chunks held in memory, as ``put`` would store each.
 
         Every digest is checked before anything is written, so a bad chunk
         (``DigestMismatch``, ``InvalidArgument``) stores none. Returns, per
-        item, True if created and False if it already existed; all are
+        entry, True if created and False if it already existed; all are
         durable when this returns. Raises ``NodeFull`` when the batch does
         not fit (room is checked for all of it; chunks written before a disk
         full error stay: they are valid).
         """
-        for chunk_id, _ in items:
-            _check_id(chunk_id)
+        for entry in entries:
+            _check_id(entry.chunk_id)
         async with AsyncExitStack() as stack:
             # Sorted, so two batches never wait on each other's locks in a cycle.
-            for chunk_id in sorted({cid for cid, _ in items}):
+            for chunk_id in sorted({e.chunk_id for e in entries}):
                 await stack.enter_async_context(self._locked(chunk_id))
-            return await self._store_verified(items)
+            return await self._store_verified(entries)
         raise AssertionError("unreachable")
 
-    async def _store_verified(self, items: list[tuple[str, bytes]]) -> list[bool]:
+    async def _store_verified(self, entries: list[BatchEntry]) -> list[bool]:
         # One trip to a worker thread for the whole batch: a small file's
         # chunks are many and tiny, so per-chunk trips would dominate. Room is
         # held for every byte of the batch, including chunks already here.
-        paths = [(self._temp_path(cid), self.path(cid)) for cid, _ in items]
-        async with self._reservation(sum(len(data) for _, data in items)):
-            created = await trio.to_thread.run_sync(_store_batch, self.root, items, paths)
-        self.used_bytes += sum(
-            len(data) for (_, data), new in zip(items, created, strict=False) if new
-        )
+        paths = [(self._temp_path(e.chunk_id), self.path(e.chunk_id)) for e in entries]
+        async with self._reservation(sum(len(e.data) for e in entries)):
+            created = await trio.to_thread.run_sync(_store_batch, self.root, entries, paths)
+        self.used_bytes += sum(len(e.data) for e, new in zip(entries, created, strict=False) if new)
         self.chunk_count += sum(created)
         return created
 
@@ -372,14 +365,6 @@ class ChunkStore:
         except FileNotFoundError:
             raise ChunkMissing(f"chunk {chunk_id} not on node {self.node_id}") from None
         return ChunkFile(fd, size)
-
-    async def read(self, chunk_id: str, start: int = 0, end: int | None = None) -> bytes:
-        """Bytes ``[start, end)`` of a chunk (``end`` None: to its end), clipped to its size."""
-        f = await self.open_chunk(chunk_id)
-        try:
-            return await f.read(start, f.size if end is None else min(end, f.size))
-        finally:
-            f.close()
 
     async def read_many(self, chunk_ids: list[str], max_bytes: int) -> list[bytes | None]:
         """Several whole chunks in one trip to a worker thread (for small
@@ -428,15 +413,6 @@ class ChunkStore:
         except FileNotFoundError:
             return None
         return st.st_size
-
-    async def mtime_ns(self, chunk_id: str) -> int | None:
-        """When the chunk was last stored or re-used (ns), or None when absent."""
-        path = self.path(chunk_id)
-        try:
-            st = await trio.to_thread.run_sync(os.stat, path)
-        except FileNotFoundError:
-            return None
-        return st.st_mtime_ns
 
     # ------------------------------------------------------------- delete
 
@@ -517,7 +493,7 @@ def _scan(chunks: Path) -> tuple[int, int]:
     used = count = 0
     for sub in _FANOUT:
         for entry in os.scandir(chunks / sub):
-            if not (valid_id(entry.name) and entry.name.startswith(sub)):
+            if not (is_valid_id(entry.name) and entry.name.startswith(sub)):
                 log.warning("ignoring stray file %s", entry.path)
                 continue
             used += entry.stat(follow_symlinks=False).st_size
@@ -635,21 +611,21 @@ def _store_bytes(tmp: Path, final: Path, data: bytes, *, fsync: bool = True) -> 
 
 
 def _store_batch(
-    root: Path, items: list[tuple[str, bytes]], paths: list[tuple[Path, Path]]
+    root: Path, entries: list[BatchEntry], paths: list[tuple[Path, Path]]
 ) -> list[bool]:
-    """Store whole chunks ``(id, bytes)`` at ``(temp, final)`` paths: every
-    digest is checked first (a bad one stores nothing, ``DigestMismatch``),
-    chunks already here are touched, the others written and made durable.
-    Returns, per item, whether it was created (an id named twice is created once).
+    """Store whole chunks at their ``(temp, final)`` paths: every digest is
+    checked first (a bad one stores nothing, ``DigestMismatch``), chunks
+    already here are touched, the others written and made durable. Returns,
+    per entry, whether it was created (an id named twice is created once).
     """
-    for chunk_id, data in items:
-        if hashlib.sha256(data).hexdigest() != chunk_id:
-            raise DigestMismatch(f"body does not match chunk id {chunk_id}")
+    for e in entries:
+        if hashlib.sha256(e.data).hexdigest() != e.chunk_id:
+            raise DigestMismatch(f"body does not match chunk id {e.chunk_id}")
     created, new = [], {}
-    for (chunk_id, data), (tmp, final) in zip(items, paths, strict=False):
-        fresh = chunk_id not in new and not _touch(final)
+    for e, (tmp, final) in zip(entries, paths, strict=False):
+        fresh = e.chunk_id not in new and not _touch(final)
         if fresh:
-            new[chunk_id] = (tmp, final, data)
+            new[e.chunk_id] = (tmp, final, e.data)
         created.append(fresh)
     if new:
         _store_all(root, list(new.values()))
@@ -726,7 +702,7 @@ def _list_ids(chunks: Path, after: str | None, limit: int) -> list[str]:
         names = sorted(
             n
             for n in os.listdir(chunks / sub)
-            if valid_id(n) and n.startswith(sub) and (after is None or n > after)
+            if is_valid_id(n) and n.startswith(sub) and (after is None or n > after)
         )
         found.extend(names[: limit - len(found)])
         if len(found) >= limit:

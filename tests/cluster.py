@@ -1,6 +1,8 @@
 """Throwaway chunkfs clusters for the demo, the benchmark and the tests.
 
-Synchronous helpers built on subprocesses:
+Not part of the installed package: the tests, scripts/demo.py and
+scripts/bench.py import it as ``cluster`` from this directory. Synchronous
+helpers built on subprocesses (SQL goes through ``chunkfs.pg``):
 
 - ``Postgres``: a temporary PostgreSQL server made from the machine's
   binaries (initdb / pg_ctl), on 127.0.0.1, trust auth, superuser
@@ -17,7 +19,6 @@ mounts first, then nodes, then servers.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
 import contextlib
@@ -38,10 +39,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+import trio
+
+from chunkfs import errors, pg
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ def run_chunkfs(
         raise ClusterError(f"`chunkfs {' '.join(args)}` ran over {timeout:.0f} s") from None
     if check and proc.returncode != 0:
         raise ClusterError(
-            f"`chunkfs {_redact(' '.join(args))}` exited {proc.returncode}: "
+            f"`chunkfs {pg.redact_dsn(' '.join(args))}` exited {proc.returncode}: "
             f"{_last_line(proc.stderr or proc.stdout)}"
         )
     return proc
@@ -156,12 +161,6 @@ def _tail(path: Path, lines: int = 15, start: int = 0) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
-
-
-def _redact(text: str) -> str:
-    """``text`` with DSN passwords hidden."""
-    text = re.sub(r"(://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
-    return re.sub(r"(password=)\S+", r"\1***", text)
 
 
 def _pdeathsig_setup() -> Callable[[], None] | None:
@@ -257,35 +256,46 @@ atexit.register(stop_all)
 # ------------------------------------------------------------- databases
 
 
-def _run_coroutine(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on a fresh asyncio loop in a helper thread.
-
-    A thread of its own works whatever loop (trio, asyncio) the caller runs.
+def _in_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a helper thread: a thread of its own can run ``trio.run``
+    whatever loop (trio, asyncio) the caller is running.
     """
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
+        return pool.submit(fn).result()
 
 
 def run_sql(dsn: str, *statements: str, timeout: float = 30.0) -> list[list[dict[str, Any]]]:
     """Run SQL statements one by one, outside any transaction, on ``dsn``.
 
-    Returns the rows of each statement as dicts. Raises ``ClusterError``
-    (one line) when the server does not answer within ``timeout`` seconds or
-    a statement fails.
+    Returns the rows of each statement as dicts (one list per statement).
+    Raises ``ClusterError`` (one line) when the server does not answer
+    within ``timeout`` seconds (to connect, then per statement) or a
+    statement fails.
     """
-    import asyncpg  # a chunkfs dependency; imported here to keep import light
+
+    failed: list[Exception] = []
 
     async def run() -> list[list[dict[str, Any]]]:
-        conn = await asyncpg.connect(dsn, timeout=timeout)
-        try:
-            return [[dict(r) for r in await conn.fetch(s, timeout=timeout)] for s in statements]
-        finally:
-            await conn.close(timeout=timeout)
+        async with pg.open_database(
+            dsn, min_size=1, max_size=1, connect_timeout=timeout, command_timeout=timeout
+        ) as db:
+            try:
+                return [[dict(r) for r in await db.fetch(s)] for s in statements]
+            except Exception as exc:
+                # Kept because closing the pool after a statement that ran
+                # out of time can raise a ConnectionError in its place.
+                failed.append(exc)
+                raise
 
     try:
-        return _run_coroutine(run)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ClusterError(f"SQL on {_redact(dsn)} failed: {exc}") from None
+        return _in_thread(lambda: trio.run(run))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line
+        # MetadataUnavailable when the server does not answer; a refused
+        # statement comes as asyncpg's own error (chunkfs.pg exports no base
+        # class for those); trio's nurseries may wrap either in a group.
+        cause = failed[0] if failed else errors.leaf(exc)
+        message = str(cause).strip().partition("\n")[0] or type(cause).__name__
+        raise ClusterError(f"SQL on {pg.redact_dsn(dsn)} failed: {message}") from None
 
 
 def database_dsn(dsn: str, name: str) -> str:
@@ -868,14 +878,54 @@ def _daemon_pids(mountpoint: str) -> list[int]:
     return pids
 
 
+# A record's first line in a mount's log, as chunkfs.fuse.mount.setup_logging
+# formats it ("%(asctime)s %(levelname)s %(name)s: %(message)s"); the lines
+# up to the next such line (a traceback) belong to the record.
+_RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) ", re.M)
+# How a traceback's first line ends (an exception group's too).
+_TRACEBACK = "Traceback (most recent call last):"
+# Every Mount whose mount() was called, oldest first (see mounts_made).
+_mounts_made: list[Mount] = []
+
+
+def log_records(text: str) -> list[tuple[str, str]]:
+    """Split a mount's log into records: (level name, the record's text
+    without its final newline), oldest first. Text before the first record
+    line (e.g. the mount command's own output) is left out.
+    """
+    starts = list(_RECORD_START.finditer(text))
+    if not starts:
+        return []
+    ends = [m.start() for m in starts[1:]] + [len(text)]
+    return [
+        (m["level"], text[m.start() : end].rstrip("\n"))
+        for m, end in zip(starts, ends, strict=True)
+    ]
+
+
+def mounts_made() -> list[Mount]:
+    """Every ``Mount`` this process has mounted (unmounted ones too), oldest
+    first, so that a caller can check their logs (the tests do after each).
+    """
+    return list(_mounts_made)
+
+
+def _option_values(options: Sequence[str]) -> dict[str, str]:
+    """``key=value`` mount options as a dict (the last one of a key wins)."""
+    pairs = (o.partition("=") for opt in options for o in opt.split(","))
+    return {key: value for key, _, value in pairs}
+
+
 class Mount:
     """A chunkfs mount made with ``chunkfs mount DSN MOUNTPOINT [-o OPTS]``.
 
     Path-like: ``os.fspath(m)`` is the mount point and ``m / "name"`` a
-    ``Path`` inside it. The command's output and the daemon's log (mount
-    option ``log=``, unless ``options`` set it) go to ``log_path``; with
-    ``cache_dir`` given, the daemon spools there (option ``cache_dir=``), so
-    concurrent mounts never share spool files.
+    ``Path`` inside it. The daemon logs to ``log_path`` (mount option
+    ``log=``; one given in ``options`` wins over the argument), and the
+    mount command's output goes there too; ``unexpected_errors`` reads back
+    the exceptions it logged with a traceback. With ``cache_dir`` given, the
+    daemon spools there (option ``cache_dir=``), so concurrent mounts never
+    share spool files.
     """
 
     def __init__(
@@ -891,21 +941,19 @@ class Mount:
         self.dsn = dsn
         self.path = Path(os.path.abspath(mountpoint))
         self.timeout = timeout
+        given = _option_values(options)
+        log_path = given.get("log") or log_path
         if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="chunkfs-mount-", suffix=".log")
+            fd, log_path = tempfile.mkstemp(prefix="chunkfs-mount-", suffix=".log")
             os.close(fd)
-            log_path = name
         self.log_path = Path(os.path.abspath(log_path))
         self.cache_dir = Path(os.path.abspath(cache_dir)) if cache_dir else None
-        self.options = self._with_defaults(tuple(options))
-        self._pids: list[int] = []
-
-    def _with_defaults(self, options: tuple[str, ...]) -> tuple[str, ...]:
-        given = {o.partition("=")[0] for opt in options for o in opt.split(",")}
         extra = [] if "log" in given else [f"log={self.log_path}"]
         if self.cache_dir and "cache_dir" not in given:
             extra.append(f"cache_dir={self.cache_dir}")
-        return options + tuple(extra)
+        self.options = (*options, *extra)
+        self._pids: list[int] = []
+        self._log_start: int | None = None  # log size (bytes) at the first mount
 
     def __repr__(self) -> str:
         return f"<Mount {self.path} mounted={self.mounted}>"
@@ -926,6 +974,37 @@ class Mount:
         """True while the kernel has a mount at ``path``."""
         return is_mounted(self.path)
 
+    def log_offset(self) -> int:
+        """The size of the daemon's log now (bytes; 0 before it exists): pass
+        it as ``since`` to ``unexpected_errors`` to see only what comes after.
+        """
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def unexpected_errors(self, since: int | None = None) -> list[str]:
+        """The exceptions the daemon logged with their traceback at ERROR or
+        above (``log.exception``: the FUSE adapter's "unexpected error in
+        <handler>" before it answers EIO, a failed ``forget`` ...), each as
+        the record's text (its line and the traceback), oldest first.
+
+        Reads the log from byte ``since`` on; by default from where it stood
+        when this object first mounted (so a remount's records count too).
+        """
+        start = since if since is not None else self._log_start or 0
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [
+            record
+            for level, record in log_records(text)
+            if level in ("ERROR", "CRITICAL") and _TRACEBACK in record
+        ]
+
     def argv(self) -> list[str]:
         """The mount command line."""
         args = ["mount", self.dsn, str(self.path)]
@@ -942,7 +1021,10 @@ class Mount:
         if self.mounted:
             raise ClusterError(f"{self.path} is already a mount point")
         self.path.mkdir(parents=True, exist_ok=True)
-        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        start = self.log_offset()
+        if self._log_start is None:
+            self._log_start = start
+            _mounts_made.append(self)
         _register(self)
         rc = self._run_mount_command()
         if rc != 0:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from . import errors
-from .meta import Meta
-from .store import ChunkStore
+from .. import errors
+from ..meta import Meta
+from ..store import ChunkStore
 
 log = logging.getLogger(__name__)
 PAGE = 1000
@@ -36,7 +36,7 @@ class GcReport:
 
 async def collect(meta: Meta) -> GcReport:
     """Run one gc pass over every active node; see the module doc."""
-    report = GcReport(sessions=await meta.expire_sessions())
+    report = GcReport(sessions=await meta.maintenance.expire_sessions())
     store = await ChunkStore.for_maintenance(meta)
     try:
         for node_id in sorted(store.live_nodes()):
@@ -55,16 +55,17 @@ async def _collect_node(meta: Meta, store: ChunkStore, node_id: str, report: GcR
     before_ns = int((await client.health())["now_ns"])
     after = None
     for _ in range(MAX_PAGES):
-        ids, after = await client.list(after=after, limit=PAGE)
-        dead = await meta.unneeded(node_id, ids)
+        page = await client.list(after=after, limit=PAGE)
+        ids, after = page.ids, page.after
+        dead = await meta.maintenance.unneeded(node_id, ids)
         for chunk_id in sorted(dead):
             if await client.delete(chunk_id, before_ns=before_ns):
                 report.deleted += 1
-                await meta.drop_replica(chunk_id, node_id)
+                await meta.maintenance.drop_replica(chunk_id, node_id)
             else:
                 report.kept += 1
         report.kept += len(ids) - len(dead)
         if dead:
-            await meta.forget_objects(sorted(dead))
+            await meta.maintenance.forget_objects(sorted(dead))
         if after is None:
             return

@@ -16,10 +16,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import errors
+from .. import errors
+from ..meta import Ino, Meta
+from ..store import ChunkStore
 from .fsck import CORRUPT, ObjectState, node_listings, scan
-from .meta import Ino, Meta
-from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 MAINTENANCE_INO = Ino(0)  # the inode named by upload sessions of these tools
@@ -35,6 +35,7 @@ class MoveReport:
     short: int = 0  # objects left with fewer than R good replicas
     lost: int = 0  # objects with no good replica at all
     unlisted: int = 0  # live nodes that could not be listed
+    left: int = 0  # drain: chunks files use still recorded on the drained node
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,7 @@ async def copy_replica(
     bytes the target accepts, and record it; an upload session of ``ttl_s``
     seconds guards the copy from gc. Returns whether it worked.
     """
-    session = await meta.begin_upload(MAINTENANCE_INO, [state.chunk_id], ttl_s)
+    session = await meta.content.begin_upload(MAINTENANCE_INO, [state.chunk_id], ttl_s)
     try:
         for source in list(state.good):
             try:
@@ -63,19 +64,19 @@ async def copy_replica(
                     exc,
                 )
                 continue
-            await meta.add_replica(state.chunk_id, target)
+            await meta.maintenance.add_replica(state.chunk_id, target)
             state.good.append(target)
             return True
         return False
     finally:
-        await meta.end_upload(session)
+        await meta.content.end_upload(session)
 
 
 async def drop_replica(meta: Meta, store: ChunkStore, chunk_id: bytes, node_id: str) -> None:
     """Forget a replica, then delete its file (best effort: gc deletes a
     file left behind, as nothing records it).
     """
-    await meta.drop_replica(chunk_id, node_id)
+    await meta.maintenance.drop_replica(chunk_id, node_id)
     try:
         await store.client(node_id).delete(chunk_id)
     except errors.StorageError as exc:
@@ -90,12 +91,12 @@ async def _walk(
 ) -> MoveReport:
     """Scan every used chunk object and ``act`` on each that has a good replica."""
     report = MoveReport()
-    ttl_s = (await meta.settings()).upload_ttl_s
+    ttl_s = (await meta.registry.settings()).upload_ttl_s
     store = await ChunkStore.for_maintenance(meta)
     try:
-        held, failed = await node_listings(store)
-        report.unlisted = len(failed)
-        async for state in scan(meta, store, held, verify=verify, progress=progress):
+        listings = await node_listings(store)
+        report.unlisted = len(listings.failed)
+        async for state in scan(meta, store, listings.held, verify=verify, progress=progress):
             report.objects += 1
             if state.good:
                 await act(store, state, report, ttl_s)
@@ -119,7 +120,7 @@ async def repair(meta: Meta, *, progress: Callable[[int], None] = lambda n: None
             if reason == CORRUPT:
                 await drop_replica(meta, store, state.chunk_id, node_id)
             else:
-                await meta.drop_replica(state.chunk_id, node_id)
+                await meta.maintenance.drop_replica(state.chunk_id, node_id)
             report.dropped += 1
         # To the ring owners first, then the next nodes, until R good replicas.
         for target in store.placement(state.position):
@@ -138,7 +139,7 @@ async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: N
     """
 
     async def act(store: ChunkStore, state: ObjectState, report: MoveReport, ttl_s: int) -> None:
-        owners = store.placement(state.position)[: store.replicas]
+        owners = store.placement(state.position, store.replicas)
         for target in owners:
             if target not in state.good and await copy_replica(meta, store, state, target, ttl_s):
                 report.copied += 1
@@ -153,13 +154,13 @@ async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: N
 
 async def drain(
     meta: Meta, node_id: str, *, progress: Callable[[int], None] = lambda n: None
-) -> tuple[MoveReport, int]:
+) -> MoveReport:
     """Mark ``node_id`` draining and move every replica it holds to the
-    ring owners. Returns the report and the number of chunks files use that
+    ring owners; the report's ``left`` counts the chunks files use that
     are still recorded on the node (0 when it may be removed).
     Raises ``NotFound`` for an unknown node.
     """
-    await meta.set_draining(node_id, True)
+    await meta.registry.set_draining(node_id, True)
     report = await rebalance(meta, progress=progress)
-    left = await meta.used_replicas_on(node_id)
-    return report, left
+    report.left = await meta.maintenance.used_replicas_on(node_id)
+    return report

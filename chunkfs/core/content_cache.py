@@ -24,7 +24,7 @@ import logging
 import os
 from collections import OrderedDict
 
-from .diskio import fsync_dir, link_open_file, syncfs
+from ..diskio import fsync_dir, link_open_file, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ class ContentCache:
             self._used,
             "" if clean else " (emptied after an unclean shutdown)",
         )
-
-    @property
-    def used(self) -> int:
-        """Bytes held."""
-        return self._used
-
-    def __contains__(self, digest: bytes | None) -> bool:
-        return digest is not None and digest in self._sizes
 
     def _path(self, digest: bytes) -> str:
         assert self.directory is not None

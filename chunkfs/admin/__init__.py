@@ -1,0 +1,3 @@
+"""The operator's tools over a running cluster: ``stats`` (status, file
+info), ``gc``, ``fsck`` and ``replicas`` (repair, rebalance, drain).
+"""

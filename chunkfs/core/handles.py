@@ -1,0 +1,312 @@
+"""Open files: one spool-backed buffer per open inode, its handles, and reads.
+
+Every open inode has one ``OpenFile`` shared by all its handles: writes go
+to its spool, reads come from the spool where it holds the current bytes
+and from the committed version (the local content cache, else the storage
+nodes) elsewhere. Committing is ``chunkfs.core.writer``'s job.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import errors, layout
+from ..meta import ChunkMap, ChunkRef, Content, Ino, now_ns
+from ..store import WINDOW, ChunkStore
+from .content_cache import ContentCache
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """The state of one open inode, shared by all its handles.
+
+    ``base`` is the committed version the spool builds on. The spool holds
+    the current content where it differs from ``base``: every base chunk in
+    ``loaded`` has been copied in, and base bytes past ``base_valid`` were cut
+    off by a truncate. ``dirty`` means the content differs from ``base``.
+    ``pending`` holds the attribute changes (``mode`` permission bits,
+    ``uid``, ``gid``, ``atime_ns``, ``mtime_ns``) made while the file is dirty
+    or open for writing (``writers`` handles), published at the next flush or
+    when the last writer goes; later changes join them until then, in order.
+    """
+
+    ino: Ino
+    base: ChunkMap
+    size: int
+    base_valid: int
+    handles: int = 0
+    writers: int = 0
+    spool: Spool | None = None
+    loaded: set[int] = field(default_factory=set)
+    dirty: bool = False
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    pending: dict[str, int] = field(default_factory=dict)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def holds_changes(self) -> bool:
+        """Whether an attribute change now waits for the next flush."""
+        return self.dirty or self.writers > 0 or bool(self.pending)
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a handle or an unflushed change keeps the file open."""
+        return self.handles > 0 or self.dirty or bool(self.pending)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """An open file description: the inode, the open(2) flags, and whether
+    the opener was privileged (uid 0).
+    """
+
+    ino: Ino
+    flags: int
+    privileged: bool = True
+
+    @property
+    def readable(self) -> bool:
+        """Whether the handle was opened for reading."""
+        return self.flags & os.O_ACCMODE != os.O_WRONLY
+
+    @property
+    def writable(self) -> bool:
+        """Whether the handle was opened for writing."""
+        return self.flags & os.O_ACCMODE != os.O_RDONLY
+
+
+class OpenFiles:
+    """The open inodes and handles of one mount (or other front end), with
+    their spools in ``cache_dir`` and reads of committed versions through
+    ``cache`` and ``store``.
+    """
+
+    def __init__(
+        self, content: Content, store: ChunkStore, cache: ContentCache, cache_dir: str
+    ) -> None:
+        self._content = content
+        self.store = store
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.files: dict[Ino, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+
+    # ----------------------------------------------------------- handles
+
+    async def get(self, ino: Ino) -> OpenFile:
+        """The inode's ``OpenFile``, made (with its latest committed chunk map)
+        when none exists, or brought up to date when it is clean. Raises
+        ``NotFound``.
+        """
+        f = self.files.get(ino)
+        if f is not None and (f.dirty or f.handles):
+            return f
+        cmap = await self._content.chunk_map(ino)
+        f = self.files.get(ino)  # another task may have made it meanwhile
+        if f is not None and (f.dirty or f.handles):
+            return f
+        if f is not None:
+            self.close_spool(f)
+        f = OpenFile(ino=ino, base=cmap, size=cmap.size, base_valid=cmap.size)
+        self.files[ino] = f
+        return f
+
+    def new_file(self, ino: Ino) -> OpenFile:
+        """The ``OpenFile`` of a file just created (empty, version 0)."""
+        empty = ChunkMap(ino=ino, version=0, size=0, sha256=None, chunks=())
+        f = self.files[ino] = OpenFile(ino=ino, base=empty, size=0, base_valid=0)
+        return f
+
+    def open(self, f: OpenFile, flags: int, *, privileged: bool) -> int:
+        """A new handle on ``f`` with open(2) ``flags``; return its number."""
+        h = Handle(f.ino, flags, privileged)
+        f.handles += 1
+        f.writers += h.writable
+        fh = next(self._fh)
+        self._handles[fh] = h
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        """The handle ``fh``. Raises ``BadDescriptor`` if unknown."""
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise errors.BadDescriptor(f"unknown file handle {fh}") from None
+
+    def file(self, fh: int) -> OpenFile:
+        """The ``OpenFile`` of handle ``fh``. Raises ``BadDescriptor``."""
+        return self.files[self.handle(fh).ino]
+
+    def close(self, fh: int) -> OpenFile:
+        """Forget handle ``fh``; return its file (the caller commits what
+        waited for the last writer and drops the file when unused). Raises
+        ``BadDescriptor``.
+        """
+        h = self.handle(fh)
+        del self._handles[fh]
+        f = self.files[h.ino]
+        f.handles -= 1
+        f.writers -= h.writable
+        return f
+
+    def drop_if_unused(self, f: OpenFile) -> None:
+        """Free ``f`` and its spool once nothing keeps it open."""
+        if not f.in_use and self.files.get(f.ino) is f:
+            del self.files[f.ino]
+            self.close_spool(f)
+
+    def close_all(self) -> list[OpenFile]:
+        """Forget every open file (unmount); return them, spools closed."""
+        files = list(self.files.values())
+        for f in files:
+            self.close_spool(f)
+        self.files.clear()
+        return files
+
+    # ------------------------------------------------------------- spool
+
+    def spool(self, f: OpenFile) -> Spool:
+        """The file's spool, made (as long as the file) on first use.
+        Raises ``NoSpace`` or ``ChunkfsError`` when it cannot be made.
+        """
+        if f.spool is None:
+            try:
+                f.spool = Spool(self.cache_dir)
+                f.spool.truncate(f.size)
+            except OSError as exc:
+                raise os_error(exc, "cannot create a spool file") from exc
+        return f.spool
+
+    def close_spool(self, f: OpenFile) -> None:
+        """Free the spool, keeping it in the content cache when it holds
+        exactly the committed version.
+        """
+        if f.spool is None:
+            return
+        if (
+            not f.dirty
+            and f.base.sha256 is not None
+            and f.base_valid == f.base.size == f.size
+            and len(f.loaded) == len(f.base.chunks)
+        ):
+            self.cache.adopt(f.spool.fileno(), f.base.sha256, f.size)
+        f.spool.close()
+        f.spool = None
+
+    def mark_dirty(self, f: OpenFile) -> None:
+        """The content of ``f`` changed now."""
+        f.dirty = True
+        f.mtime_ns = f.ctime_ns = now_ns()
+
+    async def write(self, f: OpenFile, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (bytes) into the spool. Raises
+        ``NoSpace`` when the spool's disk is full.
+        """
+        end = offset + len(data)
+        async with f.lock:
+            spool = self.spool(f)
+            await self.load(f, offset, end)
+            try:
+                spool.pwrite(offset, data)
+            except OSError as exc:
+                raise os_error(exc, "spool write failed") from exc
+            f.size = max(f.size, end)
+            self.mark_dirty(f)
+
+    async def truncate(self, f: OpenFile, size: int) -> None:
+        """Cut or extend the spooled content to ``size`` bytes (committed later)."""
+        async with f.lock:
+            spool = self.spool(f)
+            await trio.to_thread.run_sync(spool.truncate, size)
+            f.base_valid = min(f.base_valid, size)
+            f.size = size
+            self.mark_dirty(f)
+
+    # ------------------------------------------------------------- reads
+
+    async def read(self, f: OpenFile, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; short at the end of the file."""
+        end = min(offset + length, f.size)
+        if end <= offset:
+            return b""
+        if f.spool is None:
+            return await self.read_base(f.base, offset, end)
+        if self._unloaded(f, offset, end):
+            async with f.lock:  # loads must not race with writes and truncates
+                await self.load(f, offset, end)
+        return await trio.to_thread.run_sync(f.spool.pread, offset, end - offset)
+
+    async def read_base(self, cmap: ChunkMap, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a committed version; the chunks it spans
+        are fetched concurrently, unless the local content cache holds it.
+        Raises ``StorageError`` when a chunk has no good replica.
+        """
+        data = self.cache.pread(cmap.sha256, start, end - start)
+        if data is not None and len(data) == end - start:
+            return data
+        wanted = [
+            _Piece(ref, start, end) for ref in cmap.chunks if ref.offset < end and start < ref.end
+        ]
+        if len(wanted) == 1:
+            return await wanted[0].fetch(self.store)
+        await self.store.prefetch([p.ref for p in wanted])
+        parts: list[bytes] = [b""] * len(wanted)
+
+        async def fetch(i: int) -> None:
+            parts[i] = await wanted[i].fetch(self.store)
+
+        with errors.unwrapped():
+            async with trio.open_nursery() as nursery:
+                for i in range(len(wanted)):
+                    nursery.start_soon(fetch, i)
+        return b"".join(parts)
+
+    def _unloaded(self, f: OpenFile, start: int, end: int) -> list[layout.Extent]:
+        """Base chunks overlapping ``[start, end)`` not yet copied to the spool."""
+        end = min(end, f.base_valid)
+        exts = [layout.Extent(c.index, c.offset, c.length) for c in f.base.chunks]
+        return [e for e in layout.overlapping(exts, start, end) if e.index not in f.loaded]
+
+    async def load(self, f: OpenFile, start: int, end: int) -> None:
+        """Copy the committed bytes of every base chunk overlapping
+        ``[start, end)`` into the spool, once, before anything overwrites them.
+        The caller holds ``f.lock``.
+        """
+        for ext in self._unloaded(f, start, end):
+            stop = min(ext.end, f.base_valid)
+            for pos in range(ext.offset, stop, WINDOW):
+                piece = await self.read_base(f.base, pos, min(pos + WINDOW, stop))
+                self.spool(f).pwrite(pos, piece)
+            f.loaded.add(ext.index)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The part of chunk ``ref`` that file bytes ``[start, end)`` cover."""
+
+    ref: ChunkRef
+    start: int
+    end: int
+
+    async def fetch(self, store: ChunkStore) -> bytes:
+        ref = self.ref
+        return await store.read(
+            ref, max(self.start, ref.offset) - ref.offset, min(self.end, ref.end) - ref.offset
+        )
+
+
+def os_error(exc: OSError, what: str) -> errors.ChunkfsError:
+    """The ``ChunkfsError`` for a local I/O failure: ``NoSpace`` for a full disk."""
+    cls = errors.NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errors.ChunkfsError
+    return cls(f"{what}: {os.strerror(exc.errno or errno.EIO)}")

@@ -1,0 +1,214 @@
+"""The commit of an open file: data first, then metadata.
+
+On every flush (each close) and fsync of a changed file, the spool is cut
+into six chunks (``chunkfs.layout``), each is hashed and pushed to its R
+replicas, and only then is the chunk map switched in one PostgreSQL
+statement, through an upload session that protects the new chunks from gc
+meanwhile, so that a reader sees the old version or the new one, never a
+mix, and nothing acknowledged is lost. A failed commit raises and keeps the
+spool, so the caller sees the error and a later flush can retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import trio
+
+from .. import errors, layout, ring
+from ..meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, UploadSession, now_ns
+from ..store import BATCH_ITEM_MAX, INLINE_PUT_MAX, PutItem
+from .handles import OpenFile, OpenFiles
+from .spool import extent_digests
+
+log = logging.getLogger(__name__)
+
+# Files up to this size (bytes) are read and hashed at once on the commit.
+SMALL_COMMIT_MAX = 256 << 10
+
+
+class Writer:
+    """Commits the open files of ``files`` through ``meta`` and their store.
+
+    ``on_commit(ino, version)`` is called after each new content version is
+    committed from this mount (a front end's caches then hold that version).
+    """
+
+    def __init__(
+        self,
+        meta: Meta,
+        files: OpenFiles,
+        settings: Settings,
+        on_commit: Callable[[Ino, int], None] = lambda ino, version: None,
+    ) -> None:
+        self._meta = meta
+        self._files = files
+        self._store = files.store
+        self._settings = settings
+        self._on_commit = on_commit
+
+    async def commit(self, f: OpenFile) -> Attrs | None:
+        """Commit the unflushed writes of ``f`` with the attribute changes
+        waiting on it, or those changes alone; return the attributes the
+        commit wrote (None when there was nothing to commit, or the file
+        was removed elsewhere: its changes are then dropped, as a local
+        filesystem drops writes to a file no name reaches).
+
+        Raises ``StorageError`` (EIO), ``NoSpace``, ``FileTooLarge`` and
+        ``MetadataUnavailable``; the spool is kept for a retry.
+        """
+        async with f.lock:
+            if not f.dirty:
+                return await self._publish_pending(f)
+            t0 = time.perf_counter()
+            await self._files.load(f, 0, f.size)
+            new, content = await self._cut(f)
+            t1 = time.perf_counter()
+            session, holders = await self._upload(f, new, content)
+            t2 = time.perf_counter()
+            attrs = await self._switch(f, new, session, holders)
+            log.debug(
+                "commit of inode %d: hash %.2f ms, upload %.2f ms, metadata %.2f ms",
+                f.ino,
+                (t1 - t0) * 1e3,
+                (t2 - t1) * 1e3,
+                (time.perf_counter() - t2) * 1e3,
+            )
+            return attrs
+
+    async def _upload(
+        self, f: OpenFile, new: ChunkMap, content: bytes | None
+    ) -> tuple[UploadSession, dict[bytes, Sequence[str]]]:
+        """Open the upload session and bring every chunk of ``new`` that no
+        committed file already holds R times to R nodes; return the session
+        and the holders of every chunk (``{chunk_id: node ids}``, the ones
+        just placed included). The session fails with the upload.
+        """
+        known: dict[bytes, Sequence[str]] = {c.chunk_id: c.nodes for c in f.base.chunks}
+        fresh = [c for c in new.chunks if c.chunk_id not in known]
+        session = await self._meta.content.begin_commit(
+            f.ino, [c.chunk_id for c in fresh], self._settings.upload_ttl_s, self._store.replicas
+        )
+        known.update(session.reusable)  # identical chunks other files hold: stored once
+        try:
+            items = [await self._put_item(f, c, content) for c in fresh if c.chunk_id not in known]
+            placed = await self._store.put(items)
+        except errors.ChunkfsError:
+            await self._fail_upload(session.session_id)
+            raise
+        return replace(session, placed=placed), {**known, **placed}
+
+    async def _switch(
+        self,
+        f: OpenFile,
+        new: ChunkMap,
+        session: UploadSession,
+        holders: dict[bytes, Sequence[str]],
+    ) -> Attrs | None:
+        """Commit ``new`` as the file's version (with its waiting attribute
+        changes) and make it the base the spool builds on.
+        """
+        try:
+            attrs = await self._meta.content.commit_chunks(
+                f.ino,
+                session.session_id,
+                size=new.size,
+                sha256=new.sha256 or b"",
+                chunks=new.chunks,
+                placed=session.placed,
+                mtime_ns=f.mtime_ns or now_ns(),
+                ctime_ns=f.ctime_ns or now_ns(),
+                changes=f.pending,
+                max_file_size=self._settings.max_file_size,
+            )
+        except errors.NotFound:
+            await self._fail_upload(session.session_id)
+            f.dirty = False
+            f.pending.clear()
+            log.info("inode %d was removed elsewhere: its unflushed writes are dropped", f.ino)
+            return None
+        f.base = replace(
+            new,
+            version=attrs.version,
+            chunks=tuple(replace(c, nodes=tuple(holders[c.chunk_id])) for c in new.chunks),
+        )
+        f.base_valid = f.size
+        f.loaded = {c.index for c in new.chunks}
+        f.dirty = False
+        f.pending.clear()
+        self._on_commit(f.ino, attrs.version)
+        return attrs
+
+    async def _cut(self, f: OpenFile) -> tuple[ChunkMap, bytes | None]:
+        """The new version's chunk map (no holders yet, version 0) and, for
+        a small file, its whole content, read once for hashing and upload.
+        """
+        exts = layout.extents(f.size)
+        spool = self._files.spool(f)
+        content: bytes | None = None
+        if f.size <= SMALL_COMMIT_MAX:
+            # Read and hashed on the event loop: cheaper than thread trips.
+            whole = content = spool.pread(0, f.size).ljust(f.size, b"\0")
+            ids, blocks = extent_digests(lambda offset, n: whole[offset : offset + n], exts)
+            digest = hashlib.sha256(content).digest()
+        else:
+            ids, blocks, digest = await spool.digests(exts)
+        chunks = tuple(
+            ChunkRef(e.index, e.offset, e.length, i, (), b, _position(f.ino, e, i))
+            for e, i, b in zip(exts, ids, blocks, strict=True)
+        )
+        return ChunkMap(ino=f.ino, version=0, size=f.size, sha256=digest, chunks=chunks), content
+
+    async def _publish_pending(self, f: OpenFile) -> Attrs | None:
+        """Commit the attribute changes waiting on a file with no unflushed writes."""
+        if not f.pending:
+            return None
+        try:
+            attrs: Attrs | None = await self._meta.namespace.setattr(
+                f.ino, ctime_ns=f.ctime_ns, **f.pending
+            )
+        except errors.NotFound:
+            log.info("inode %d was removed elsewhere: its attribute changes are dropped", f.ino)
+            attrs = None
+        f.pending.clear()
+        return attrs
+
+    async def _put_item(self, f: OpenFile, ref: ChunkRef, content: bytes | None) -> PutItem:
+        """What to upload for one chunk: its bytes sliced from ``content`` (the
+        whole file, when it was read at once), read from the spool, or a
+        stream of them for a large chunk.
+        """
+        if content is not None:
+            return PutItem(
+                ref.chunk_id, ref.length, ref.position, data=content[ref.offset : ref.end]
+            )
+        spool = self._files.spool(f)
+        if ref.length <= INLINE_PUT_MAX:
+            data = await trio.to_thread.run_sync(spool.pread, ref.offset, ref.length)
+            return PutItem(ref.chunk_id, ref.length, ref.position, data=data)
+        return PutItem(
+            ref.chunk_id,
+            ref.length,
+            ref.position,
+            stream=lambda: spool.stream(ref.offset, ref.length),
+        )
+
+    async def _fail_upload(self, session_id: int) -> None:
+        try:
+            await self._meta.content.fail_upload(session_id)
+        except errors.ChunkfsError as exc:
+            log.warning("could not mark upload session %d failed: %s", session_id, exc)
+
+
+def _position(ino: Ino, ext: layout.Extent, chunk_id: bytes) -> int:
+    """Where the ring places a chunk: small chunks at their file's position
+    (one batch request per replica node for the whole file), others at
+    their own (a large file's chunks spread over the nodes).
+    """
+    if ext.length <= BATCH_ITEM_MAX:
+        return ring.file_position(ino)
+    return ring.key_position(chunk_id)

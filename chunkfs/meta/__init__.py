@@ -1,0 +1,77 @@
+"""The metadata engine: all of chunkfs's SQL, split by concern.
+
+``Meta`` bundles one object per concern over a ``Database``: ``namespace``
+(inodes, names, attributes, xattrs), ``content`` (chunk maps, upload
+sessions, the commit), ``registry`` (settings, storage nodes, ring vnodes)
+and ``maintenance`` (the queries of gc, fsck, repair and rebalance). The
+records they take and return are in ``chunkfs.meta.records``. Nothing here
+knows of FUSE or HTTP.
+"""
+
+from __future__ import annotations
+
+from ..pg import Database
+from .content import Content
+from .maintenance import Maintenance
+from .namespace import Namespace
+from .records import (
+    LINK_MAX,
+    NAME_MAX,
+    ROOT_INO,
+    Attrs,
+    ChunkMap,
+    ChunkRef,
+    DirEntry,
+    FileTotals,
+    FsStats,
+    Ino,
+    InodeProblem,
+    NodeInfo,
+    Renamed,
+    Settings,
+    UploadSession,
+    UsedObject,
+    now_ns,
+)
+from .registry import SCHEMA_VERSION, Registry
+
+__all__ = [
+    "LINK_MAX",
+    "NAME_MAX",
+    "ROOT_INO",
+    "SCHEMA_VERSION",
+    "Attrs",
+    "ChunkMap",
+    "ChunkRef",
+    "Content",
+    "DirEntry",
+    "FileTotals",
+    "FsStats",
+    "Ino",
+    "InodeProblem",
+    "Maintenance",
+    "Meta",
+    "Namespace",
+    "NodeInfo",
+    "Registry",
+    "Renamed",
+    "Settings",
+    "UploadSession",
+    "UsedObject",
+    "now_ns",
+]
+
+
+class Meta:
+    """The metadata engine over one ``Database``: one object per concern."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.namespace = Namespace(db)
+        self.content = Content(db)
+        self.registry = Registry(db)
+        self.maintenance = Maintenance(db)
+
+    async def sync(self) -> None:
+        """Make every metadata change committed so far durable (fsync)."""
+        await self.db.sync()

@@ -1,0 +1,206 @@
+"""File content: chunk maps, upload sessions and the commit of a new version.
+
+The commit protocol (README, "How it works": never a torn file, no leaks): a writer opens an
+upload session naming the chunks it is about to push, pushes them, and only
+then switches the file's chunk map in one statement that also completes the
+session. gc never deletes a chunk that a live session or a committed map
+references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .. import errors, ring
+from ..pg import Connection, Database
+from .records import ATTR_COLUMNS, Attrs, ChunkMap, ChunkRef, Ino, UploadSession
+
+
+class Content:
+    """File content: chunk maps, upload sessions and the commit of a new version."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def chunk_map(self, ino: Ino) -> ChunkMap:
+        """The committed version of a file: size, digest and its chunks with
+        the nodes holding each. Raises ``NotFound``.
+        """
+        # One statement, so the inode row and its chunk rows come from one snapshot.
+        rows = await self.db.fetch(
+            """SELECT i.version, i.size, i.sha256,
+                      c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256, o.ring_key,
+                      coalesce(array_agg(r.node_id ORDER BY r.node_id)
+                               FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
+               FROM inodes i
+               LEFT JOIN (chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id) ON c.ino = i.ino
+               LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
+               WHERE i.ino = $1 GROUP BY i.ino, c.ino, c.chunk_index, o.chunk_id
+               ORDER BY c.chunk_index""",
+            ino,
+        )
+        if not rows:
+            raise errors.NotFound(f"no inode {ino}")
+        head = rows[0]
+        return ChunkMap(
+            ino=ino,
+            version=head["version"],
+            size=head["size"],
+            sha256=head["sha256"],
+            chunks=tuple(
+                ChunkRef(
+                    r["chunk_index"],
+                    r["offset"],
+                    r["length"],
+                    bytes(r["chunk_id"]),
+                    tuple(r["nodes"]),
+                    r["block_sha256"],
+                    ring.to_unsigned(r["ring_key"]),
+                )
+                for r in rows
+                if r["chunk_index"] is not None
+            ),
+        )
+
+    async def begin_upload(self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int) -> int:
+        """Open an upload session protecting ``chunk_ids`` from gc for
+        ``ttl_s`` seconds; return its id. One statement, so one round trip.
+        """
+        return await self.db.fetchval(_BEGIN_UPLOAD, ino, float(ttl_s), sorted(set(chunk_ids)))
+
+    async def begin_commit(
+        self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int, replicas: int
+    ) -> UploadSession:
+        """``begin_upload``, then the chunks among ``chunk_ids`` that a
+        committed file uses with at least ``replicas`` recorded holders:
+        those need no upload.
+
+        The session commits first and the reuse check reads a later snapshot:
+        gc either sees the session (and keeps the chunks) or decided before
+        it, when a chunk it found unused can have a committed user now only
+        through an upload that gc's delete guard refuses to undo.
+        """
+
+        async def body(conn: Connection) -> UploadSession:
+            ids = sorted(set(chunk_ids))
+            session = await conn.fetchval(_BEGIN_UPLOAD, ino, float(ttl_s), ids)
+            rows = await conn.fetch(
+                """SELECT r.chunk_id, array_agg(r.node_id ORDER BY r.node_id) AS nodes
+                   FROM chunk_replicas r
+                   WHERE r.chunk_id = ANY ($1::bytea[])
+                     AND EXISTS (SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)
+                   GROUP BY r.chunk_id HAVING count(*) >= $2""",
+                ids,
+                replicas,
+            )
+            return UploadSession(session, {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows})
+
+        return await self.db.run(body)
+
+    async def fail_upload(self, session_id: int) -> None:
+        """Mark an upload session failed; gc reclaims what it pushed."""
+        await self.end_upload(session_id, "failed")
+
+    async def end_upload(self, session_id: int, status: str = "completed") -> None:
+        """Close an upload session as 'completed' or 'failed'."""
+        await self.db.execute(
+            "UPDATE upload_sessions SET status = $2 WHERE session_id = $1", session_id, status
+        )
+
+    async def commit_chunks(
+        self,
+        ino: Ino,
+        session_id: int | None,
+        *,
+        size: int,
+        sha256: bytes,
+        chunks: Sequence[ChunkRef],
+        placed: Mapping[bytes, Sequence[str]],
+        mtime_ns: int,
+        max_file_size: int,
+        ctime_ns: int | None = None,
+        changes: Mapping[str, int] | None = None,
+    ) -> Attrs:
+        """Switch a file to a new version in one transaction: its ``chunks``
+        (their ``nodes`` are not read), the replicas just written (``placed``:
+        ``{chunk_id: node ids}``), size, digest, times (ns; ctime, by
+        default mtime, only moves forward) and the ``changes`` made meanwhile
+        (``mode`` permission bits, ``uid``, ``gid``, ``atime_ns``); the version
+        is bumped and the upload session completed. Raises ``NotFound`` and
+        ``FileTooLarge``.
+        """
+        if size > max_file_size:
+            raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
+        changes = changes or {}
+        objects = {c.chunk_id: c for c in chunks}
+        pairs = [(c, n) for c, nodes in placed.items() for n in nodes]
+        # One statement (one round trip, atomic): the inode row is updated
+        # first, which locks it against a concurrent commit of the same file;
+        # foreign keys are checked at the end of the statement.
+        row = await self.db.fetchrow(
+            f"""WITH i AS (
+                    UPDATE inodes SET size = $2, sha256 = $3, mtime_ns = $4,
+                        ctime_ns = greatest(ctime_ns, $16), version = version + 1,
+                        mode = CASE WHEN $17::integer IS NULL THEN mode
+                                    ELSE (mode & ~4095) | $17::integer END,
+                        uid = coalesce($18::bigint, uid), gid = coalesce($19::bigint, gid),
+                        atime_ns = coalesce($20::bigint, atime_ns)
+                    WHERE ino = $1 RETURNING {ATTR_COLUMNS}),
+                s AS (
+                    UPDATE upload_sessions SET status = 'completed'
+                    WHERE session_id = $5 AND EXISTS (SELECT 1 FROM i)),
+                o AS (
+                    INSERT INTO chunk_objects (chunk_id, length, block_sha256, ring_key)
+                    SELECT * FROM unnest($6::bytea[], $7::bigint[], $14::bytea[], $15::bigint[])
+                    WHERE EXISTS (SELECT 1 FROM i)
+                    ON CONFLICT DO NOTHING),
+                r AS (
+                    INSERT INTO chunk_replicas (chunk_id, node_id)
+                    SELECT * FROM unnest($8::bytea[], $9::text[]) WHERE EXISTS (SELECT 1 FROM i)
+                    ON CONFLICT DO NOTHING),
+                d AS (
+                    DELETE FROM chunks WHERE ino = $1 AND chunk_index <> ALL ($10::smallint[])
+                    AND EXISTS (SELECT 1 FROM i)),
+                c AS (
+                    INSERT INTO chunks (ino, chunk_index, "offset", length, chunk_id)
+                    SELECT $1, * FROM unnest($10::smallint[], $11::bigint[], $12::bigint[], $13::bytea[])
+                    WHERE EXISTS (SELECT 1 FROM i)
+                    ON CONFLICT (ino, chunk_index) DO UPDATE SET "offset" = excluded."offset",
+                        length = excluded.length, chunk_id = excluded.chunk_id)
+                SELECT * FROM i""",
+            ino,
+            size,
+            sha256 if size else None,
+            mtime_ns,
+            session_id,
+            list(objects),
+            [o.length for o in objects.values()],
+            [c for c, _ in pairs],
+            [n for _, n in pairs],
+            [c.index for c in chunks],
+            [c.offset for c in chunks],
+            [c.length for c in chunks],
+            [c.chunk_id for c in chunks],
+            [o.blocks for o in objects.values()],
+            [ring.to_signed(o.position) for o in objects.values()],
+            mtime_ns if ctime_ns is None else ctime_ns,
+            *(changes.get(k) for k in ("mode", "uid", "gid", "atime_ns")),
+            durable=True,  # close() and fsync() return once this is on disk
+        )
+        if row is None:
+            raise errors.NotFound(f"no inode {ino}")
+        return Attrs.from_row(row)
+
+
+# An upload session for ino $1 that expires in $2 seconds, protecting the
+# chunk ids $3 from gc; returns its id.
+_BEGIN_UPLOAD = """
+    WITH s AS (
+        INSERT INTO upload_sessions (ino, status, expires_at)
+        VALUES ($1, 'uploading', now() + make_interval(secs => $2))
+        RETURNING session_id
+    ), c AS (
+        INSERT INTO upload_session_chunks (session_id, chunk_id)
+        SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u
+    )
+    SELECT session_id FROM s"""

@@ -1,0 +1,227 @@
+"""The cluster's registry: its settings (made by mkfs, with the schema),
+the storage nodes with their heartbeats and space, and the ring's vnodes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import stat
+from importlib import resources
+
+from .. import errors, ring
+from ..pg import Connection, Database
+from .records import HEARTBEAT_TIMEOUT_S, ROOT_INO, FsStats, NodeInfo, Settings, now_ns
+
+# The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
+SCHEMA_VERSION = 2
+
+
+class Registry:
+    """The cluster: its settings (mkfs), storage nodes, heartbeats and ring vnodes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def mkfs(
+        self, *, replicas: int, max_file_size: int, uid: int, gid: int, upload_ttl_s: int = 3600
+    ) -> bool:
+        """Apply schema.sql and create the settings row and the root inode.
+
+        Safe to run twice: an existing filesystem keeps its settings. Returns
+        True when a new filesystem was made. Raises ``InvalidArgument`` for
+        settings out of range.
+        """
+        if not 1 <= replicas <= 16:
+            raise errors.InvalidArgument("replicas must be between 1 and 16")
+        if max_file_size <= 0:
+            raise errors.InvalidArgument("max file size must be positive")
+        if upload_ttl_s <= 0:
+            raise errors.InvalidArgument("upload TTL must be positive")
+        ddl = resources.files("chunkfs").joinpath("schema.sql").read_text()
+
+        async def body(conn: Connection) -> bool:
+            # Serialize concurrent mkfs runs on the same database.
+            await conn.execute("SELECT pg_advisory_xact_lock(727274)")
+            await conn.execute(ddl)
+            made = await conn.fetchval(
+                "INSERT INTO settings (replicas, max_file_size, cluster_token, upload_ttl_s) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                replicas,
+                max_file_size,
+                secrets.token_hex(32),
+                upload_ttl_s,
+            )
+            t = now_ns()
+            await conn.execute(
+                "INSERT INTO inodes (ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
+                "VALUES ($1, $2, $3, $4, 2, $5, $5, $5) ON CONFLICT DO NOTHING",
+                ROOT_INO,
+                stat.S_IFDIR | 0o755,
+                uid,
+                gid,
+                t,
+            )
+            return bool(made)
+
+        return await self.db.transaction(body)
+
+    async def settings(self) -> Settings:
+        """The cluster settings. Raises ``ConfigError`` when mkfs never ran
+        or the schema is older than ``SCHEMA_VERSION``.
+        """
+        try:
+            row = await self.db.fetchrow(
+                "SELECT replicas, max_file_size, cluster_token, upload_ttl_s, "
+                "(SELECT version FROM schema_version) AS schema_version FROM settings"
+            )
+        except Exception as exc:  # undefined table: not a chunkfs database
+            if isinstance(exc, errors.ChunkfsError):
+                raise
+            row = None
+        if row is None:
+            raise errors.ConfigError("not a chunkfs filesystem (run `chunkfs mkfs` first)")
+        settings = dict(row)
+        if settings.pop("schema_version") < SCHEMA_VERSION:
+            raise errors.ConfigError(
+                "the filesystem's metadata schema is older than this chunkfs: "
+                "run `chunkfs mkfs` on it to upgrade (files and settings are kept)"
+            )
+        return Settings(**settings)
+
+    async def register_node(
+        self,
+        node_id: str,
+        base_url: str,
+        *,
+        capacity_bytes: int,
+        used_bytes: int,
+        free_bytes: int,
+        chunk_count: int,
+    ) -> None:
+        """Register (or re-register) a node as active, with its 150 vnodes."""
+        vnodes = [
+            (ring.to_signed(p), node_id, i) for i, p in enumerate(ring.vnode_positions(node_id))
+        ]
+
+        async def body(conn: Connection) -> None:
+            await conn.execute(
+                """INSERT INTO storage_nodes (node_id, base_url, status, capacity_bytes,
+                       used_bytes, free_bytes, chunk_count, last_heartbeat)
+                   VALUES ($1, $2, 'active', $3, $4, $5, $6, now())
+                   ON CONFLICT (node_id) DO UPDATE SET base_url = $2, status = 'active',
+                       capacity_bytes = $3, used_bytes = $4, free_bytes = $5,
+                       chunk_count = $6, last_heartbeat = now()""",
+                node_id,
+                base_url,
+                capacity_bytes,
+                used_bytes,
+                free_bytes,
+                chunk_count,
+            )
+            await conn.executemany(
+                "INSERT INTO hash_ring_vnodes (hash, node_id, vnode) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING",
+                vnodes,
+            )
+
+        await self.db.transaction(body)
+
+    async def heartbeat(
+        self,
+        node_id: str,
+        *,
+        capacity_bytes: int,
+        used_bytes: int,
+        free_bytes: int,
+        chunk_count: int,
+    ) -> None:
+        """Move the node's last_heartbeat to now and record its space (bytes)."""
+        await self.db.execute(
+            """UPDATE storage_nodes SET last_heartbeat = now(), status = 'active',
+                   capacity_bytes = $2, used_bytes = $3, free_bytes = $4, chunk_count = $5
+               WHERE node_id = $1""",
+            node_id,
+            capacity_bytes,
+            used_bytes,
+            free_bytes,
+            chunk_count,
+        )
+
+    async def node_stopped(self, node_id: str) -> None:
+        """Mark a node as cleanly stopped (it stays registered, not active)."""
+        await self.db.execute(
+            "UPDATE storage_nodes SET status = 'stopped' WHERE node_id = $1", node_id
+        )
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every registered node, ordered by id."""
+        rows = await self.db.fetch(
+            """SELECT node_id, base_url, status, capacity_bytes, used_bytes, free_bytes,
+                      chunk_count, draining,
+                      extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s
+               FROM storage_nodes ORDER BY node_id"""
+        )
+        return [NodeInfo(**dict(r)) for r in rows]
+
+    async def set_draining(self, node_id: str, draining: bool) -> None:
+        """Mark a node as draining (no new replicas) or not. Raises ``NotFound``."""
+        status = await self.db.execute(
+            "UPDATE storage_nodes SET draining = $2 WHERE node_id = $1", node_id, draining
+        )
+        if status.endswith(" 0"):
+            raise errors.NotFound(f"no storage node {node_id}")
+
+    async def remove_node(self, node_id: str) -> int:
+        """Unregister a node: its vnodes and its replica records go. Returns
+        how many replica records were dropped.
+
+        Raises ``NotFound``, and ``NotPermitted`` while the node holds the
+        only recorded copy of a chunk that a file uses.
+        """
+
+        async def body(conn: Connection) -> int:
+            if not await conn.fetchval(
+                "SELECT true FROM storage_nodes WHERE node_id = $1 FOR UPDATE", node_id
+            ):
+                raise errors.NotFound(f"no storage node {node_id}")
+            only = await conn.fetchval(
+                """SELECT count(*) FROM chunk_replicas r
+                   WHERE r.node_id = $1
+                     AND EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = r.chunk_id)
+                     AND NOT EXISTS (SELECT 1 FROM chunk_replicas o
+                                     WHERE o.chunk_id = r.chunk_id AND o.node_id <> $1)""",
+                node_id,
+            )
+            if only:
+                raise errors.NotPermitted(
+                    f"node {node_id} holds the only copy of {only} chunks: "
+                    f"drain it first (chunkfs node drain)"
+                )
+            status = await conn.execute("DELETE FROM chunk_replicas WHERE node_id = $1", node_id)
+            await conn.execute("DELETE FROM storage_nodes WHERE node_id = $1", node_id)
+            return int(status.split()[-1])
+
+        return await self.db.transaction(body)
+
+    async def ring_vnodes(self) -> list[ring.Vnode]:
+        """Every vnode of the ring."""
+        rows = await self.db.fetch("SELECT hash, node_id FROM hash_ring_vnodes")
+        return [ring.Vnode(ring.to_unsigned(r["hash"]), r["node_id"]) for r in rows]
+
+    async def statfs(self) -> FsStats:
+        """The space of the live nodes divided by the replica count, and the
+        number of inodes.
+        """
+        row = await self.db.fetchrow(
+            """SELECT coalesce(sum(capacity_bytes), 0)::bigint AS cap,
+                      coalesce(sum(free_bytes), 0)::bigint AS free,
+                      (SELECT count(*) FROM inodes) AS inodes,
+                      (SELECT replicas FROM settings) AS r
+               FROM storage_nodes
+               WHERE status = 'active'
+                 AND last_heartbeat > now() - make_interval(secs => $1)""",
+            HEARTBEAT_TIMEOUT_S,
+        )
+        assert row is not None  # an aggregate without GROUP BY gives one row
+        r = max(1, row["r"] or 1)
+        return FsStats(row["cap"] // r, row["free"] // r, row["inodes"])

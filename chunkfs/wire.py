@@ -1,0 +1,100 @@
+"""The storage-node protocol's shared parts, used by the client and the node.
+
+Chunk ids: a chunk is named by the SHA-256 of its bytes. The client handles
+the 32-byte digest; URLs, JSON and batch bodies carry it as exactly 64
+lowercase hex digits, and the node names its chunk files so. Nothing else is
+accepted as an id, so no id can name a path outside the node's data directory.
+
+Batch framing (``POST /v1/chunks:batch`` bodies, ``GET /v1/chunks:batch``
+answers): entries back to back, each ``[64 hex id][8-byte big-endian
+length][length bytes]``, nothing before, between or after them.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DIGEST_SIZE = 32
+# Also the pattern of the node's {chunk_id} route.
+ID_PATTERN = "[0-9a-f]{64}"
+_ID_RE = re.compile(ID_PATTERN + r"\Z")
+_ENTRY_HEADER = struct.Struct(">64sQ")
+
+
+class MalformedBatch(ValueError):
+    """A batch body that does not follow the framing."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEntry:
+    """One chunk in a batch: its id (64 lowercase hex digits) and its bytes."""
+
+    chunk_id: str
+    data: bytes
+
+
+def is_valid_id(text: str) -> bool:
+    """True when ``text`` is a chunk id as the wire carries it: 64 lowercase hex digits."""
+    return isinstance(text, str) and _ID_RE.match(text) is not None
+
+
+def id_to_hex(digest: bytes) -> str:
+    """The wire form of a chunk id given as its 32-byte SHA-256 digest.
+
+    Raises ``ValueError`` when ``digest`` is not 32 bytes long.
+    """
+    if len(digest) != DIGEST_SIZE:
+        raise ValueError("chunk id must be a 32-byte SHA-256 digest")
+    return digest.hex()
+
+
+def id_from_hex(text: str) -> bytes:
+    """The 32-byte digest of a chunk id in wire form (64 lowercase hex digits).
+
+    Raises ``ValueError`` for anything else (upper case, other lengths, non-hex).
+    """
+    if not is_valid_id(text):
+        raise ValueError(f"chunk id must be 64 lowercase hex digits, not {text[:80]!r}")
+    return bytes.fromhex(text)
+
+
+def encode_batch(entries: Iterable[BatchEntry]) -> bytes:
+    """The batch body carrying ``entries`` in order (empty for none).
+
+    Raises ``ValueError`` for an entry whose id is not in wire form.
+    """
+    parts = []
+    for entry in entries:
+        if not is_valid_id(entry.chunk_id):
+            raise ValueError(f"bad chunk id {entry.chunk_id[:80]!r} in batch")
+        parts.append(_ENTRY_HEADER.pack(entry.chunk_id.encode("ascii"), len(entry.data)))
+        parts.append(entry.data)
+    return b"".join(parts)
+
+
+def decode_batch(body: bytes) -> list[BatchEntry]:
+    """The entries of a batch body, in order; an empty body has none.
+
+    Raises ``MalformedBatch`` (a ``ValueError``) when an entry header is cut
+    short, an id is not 64 lowercase hex digits, or a length runs past the
+    end of the body.
+    """
+    entries = []
+    view = memoryview(body)
+    pos = 0
+    while pos < len(body):
+        if len(body) - pos < _ENTRY_HEADER.size:
+            raise MalformedBatch(f"truncated batch entry header at byte {pos}")
+        raw_id, size = _ENTRY_HEADER.unpack_from(body, pos)
+        chunk_id = raw_id.decode("ascii", "replace")
+        if not is_valid_id(chunk_id):
+            raise MalformedBatch(f"bad chunk id in batch at byte {pos}")
+        pos += _ENTRY_HEADER.size
+        if size > len(body) - pos:
+            raise MalformedBatch(f"batch entry {chunk_id} runs past the end of the body")
+        entries.append(BatchEntry(chunk_id, bytes(view[pos : pos + size])))
+        pos += size
+    return entries

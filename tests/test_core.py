@@ -1,0 +1,238 @@
+"""The filesystem core driven directly, as a front end other than FUSE would:
+a real PostgreSQL and six real node processes, no kernel mount.
+
+Each ``FileSystem`` here stands for one mount (its own spools and caches);
+two of them on one cluster show what another mount sees.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import cluster as cl
+from chunkfs import errors
+from chunkfs.core import ROOT, Caller, FileSystem, open_filesystem
+from chunkfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
+from chunkfs.meta import ROOT_INO, Attrs, Ino
+
+FILE = stat.S_IFREG | 0o644
+NOBODY = Caller(65534, 65534)
+
+
+@pytest.fixture
+async def pair(cluster: cl.Cluster, tmp_path: Path) -> AsyncIterator[tuple[FileSystem, FileSystem]]:
+    """Two ``FileSystem``s on the cluster, each with spools and caches of its
+    own as two mounts have (they share one connection pool: one event loop
+    bridges to asyncio per trio run).
+    """
+    for name in ("fs", "other"):
+        (tmp_path / name).mkdir()
+    async with open_filesystem(cluster.dsn, str(tmp_path / "fs"), node_timeout=5.0) as fs:
+        other = FileSystem(fs.meta, fs.files.store, fs.settings, str(tmp_path / "other"))
+        try:
+            yield fs, other
+        finally:
+            await other.close()
+
+
+async def workdir(fs: FileSystem, request: pytest.FixtureRequest) -> Ino:
+    """A directory of the test's own (the cluster is shared by the module)."""
+    return (await fs.mkdir(ROOT_INO, request.node.name.encode()[:255], 0o755, ROOT)).ino
+
+
+async def write_file(fs: FileSystem, parent: Ino, name: bytes, data: bytes) -> Attrs:
+    """Create ``name``, write ``data`` in 128 KiB pieces, close it."""
+    made = await fs.create(parent, name, FILE, os.O_WRONLY, ROOT)
+    for pos in range(0, len(data), 128 << 10):
+        await fs.write(made.fh, pos, data[pos : pos + (128 << 10)])
+    await fs.flush(made.fh)
+    await fs.release(made.fh)
+    return made.attrs
+
+
+async def read_all(fs: FileSystem, ino: Ino) -> bytes:
+    opened = await fs.open(ino, os.O_RDONLY, ROOT)
+    try:
+        return await fs.read(opened.fh, 0, 1 << 30)
+    finally:
+        await fs.release(opened.fh)
+
+
+async def test_a_closed_file_is_six_chunks_on_two_nodes_and_reads_back_elsewhere(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    writer, reader = pair
+    d = await workdir(writer, request)
+    data = os.urandom(700_001)
+    attrs = await write_file(writer, d, b"f", data)
+    cmap = await writer.meta.content.chunk_map(attrs.ino)
+    assert cmap.size == len(data) and cmap.sha256 == hashlib.sha256(data).digest()
+    assert [c.index for c in cmap.chunks] == list(range(6))
+    assert b"".join(data[c.offset : c.end] for c in cmap.chunks) == data
+    for c in cmap.chunks:
+        assert c.chunk_id == hashlib.sha256(data[c.offset : c.end]).digest()
+        assert len(set(c.nodes)) == 2
+    found = await reader.lookup(d, b"f")
+    assert (found.ino, found.size) == (attrs.ino, len(data))
+    assert await read_all(reader, attrs.ino) == data
+
+
+async def test_an_open_reader_keeps_its_version_until_it_opens_again(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    writer, reader = pair
+    d = await workdir(writer, request)
+    old, new = os.urandom(50_000), os.urandom(60_000)
+    ino = (await write_file(writer, d, b"f", old)).ino
+    held = await reader.open(ino, os.O_RDONLY, ROOT)
+    opened = await writer.open(ino, os.O_WRONLY | os.O_TRUNC, ROOT)
+    await writer.write(opened.fh, 0, new)
+    await writer.release(opened.fh)  # the last close commits
+    assert await reader.read(held.fh, 0, 1 << 20) == old  # never a mix of the two
+    await reader.release(held.fh)
+    assert await read_all(reader, ino) == new  # close-to-open
+
+
+async def test_two_handles_share_one_spool_and_one_commit(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    ino = (await write_file(fs, d, b"f", b"")).ino
+    a = await fs.open(ino, os.O_RDWR, ROOT)
+    b = await fs.open(ino, os.O_RDWR, ROOT)
+    pieces = {i: bytes([65 + i]) * 4096 for i in range(16)}
+
+    async def put(i: int) -> None:
+        await fs.write((a if i % 2 else b).fh, i * 4096, pieces[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in pieces:
+            nursery.start_soon(put, i)
+    expected = b"".join(pieces[i] for i in range(16))
+    assert await fs.read(a.fh, 0, 1 << 20) == expected  # unflushed, seen by both
+    assert (await fs.getattr(ino)).size == len(expected)
+    assert await read_all(other, ino) == b""  # nothing committed yet
+    await fs.flush(b.fh)
+    assert await read_all(other, ino) == expected
+    version = (await fs.getattr(ino)).version
+    await fs.flush(a.fh)  # nothing new: no new version
+    await fs.release(a.fh)
+    await fs.release(b.fh)
+    assert (await other.getattr(ino)).version == version
+
+
+async def test_a_failed_commit_reports_eio_keeps_the_old_version_and_retries(
+    cluster: cl.Cluster, pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    old, new = os.urandom(100_000), os.urandom(90_000)
+    ino = (await write_file(fs, d, b"f", old)).ino
+    opened = await fs.open(ino, os.O_WRONLY | os.O_TRUNC, ROOT)
+    await fs.write(opened.fh, 0, new)
+    for n in cluster.nodes[1:]:
+        n.kill()
+    try:
+        with pytest.raises(errors.StorageError) as info:
+            await fs.flush(opened.fh)
+        assert info.value.errno == errno.EIO
+    finally:
+        for n in cluster.nodes[1:]:
+            n.start()
+        cluster.wait_nodes_active(timeout=60)
+    assert await read_all(other, ino) == old  # (its replicas may have been on the dead nodes)
+    await fs.files.store.refresh(force=True)
+    await fs.flush(opened.fh)  # the spool was kept: the retry commits it
+    await fs.release(opened.fh)
+    assert await read_all(other, ino) == new
+
+
+async def test_posix_rules_hold_without_a_kernel(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, _ = pair
+    d = await workdir(fs, request)
+    f = await write_file(fs, d, b"f", b"x")
+    with pytest.raises(errors.NameTooLong):
+        await fs.create(d, b"n" * 256, FILE, os.O_WRONLY, ROOT)
+    with pytest.raises(errors.InvalidArgument):
+        await fs.create(d, b"dir", stat.S_IFDIR | 0o755, os.O_WRONLY, ROOT)
+    bare = await fs.create(d, b"bare", 0o600, os.O_WRONLY, ROOT)  # no type: a regular file
+    await fs.release(bare.fh)
+    assert bare.attrs.mode == stat.S_IFREG | 0o600
+    # Extended attributes: the kept namespaces only, trusted.* for root only.
+    with pytest.raises(errors.NotSupported) as unsupported:
+        await fs.setxattr(f.ino, b"system.posix_acl_access", b"")
+    assert unsupported.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(errors.InvalidArgument):
+        await fs.getxattr(f.ino, b"user.")
+    await fs.setxattr(f.ino, b"trusted.t", b"1")
+    await fs.setxattr(f.ino, b"user.u", b"2")
+    assert await fs.listxattr(f.ino, ROOT) == [b"trusted.t", b"user.u"]
+    assert await fs.listxattr(f.ino, NOBODY) == [b"user.u"]
+    with pytest.raises(errors.NoAttribute):
+        await fs.getxattr(f.ino, b"user.none")
+    # Rename flags.
+    g = await write_file(fs, d, b"g", b"y")
+    with pytest.raises(errors.InvalidArgument):
+        await fs.rename(d, b"f", d, b"g", 4)  # RENAME_WHITEOUT
+    with pytest.raises(errors.Exists):
+        await fs.rename(d, b"f", d, b"g", RENAME_NOREPLACE)
+    await fs.rename(d, b"f", d, b"g", RENAME_EXCHANGE)
+    assert (await fs.lookup(d, b"g")).ino == f.ino and (await fs.lookup(d, b"f")).ino == g.ino
+    # What a handle was opened for.
+    ro = await fs.open(f.ino, os.O_RDONLY, ROOT)
+    wo = await fs.open(f.ino, os.O_WRONLY, ROOT)
+    with pytest.raises(errors.BadDescriptor):
+        await fs.write(ro.fh, 0, b"z")
+    with pytest.raises(errors.BadDescriptor):
+        await fs.read(wo.fh, 0, 1)
+    await fs.release(ro.fh)
+    await fs.release(wo.fh)
+    # Times beyond 64-bit nanoseconds are clamped.
+    attrs = await fs.setattr(f.ino, mtime_ns=1 << 70, atime_ns=-(1 << 70))
+    assert (attrs.mtime_ns, attrs.atime_ns) == ((1 << 63) - 1, -(1 << 63))
+
+
+async def test_unprivileged_truncate_drops_setuid_and_access_follows_mode_bits(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, _ = pair
+    d = await workdir(fs, request)
+    f = await write_file(fs, d, b"f", b"data")
+    await fs.setattr(f.ino, mode=0o6755, uid=1000, gid=1000)
+    owner = Caller(1000, 1000)
+    assert await fs.access(f.ino, os.R_OK | os.W_OK | os.X_OK, owner)
+    assert await fs.access(f.ino, os.R_OK | os.X_OK, NOBODY)
+    assert not await fs.access(f.ino, os.W_OK, NOBODY)
+    assert await fs.access(f.ino, os.W_OK, ROOT)
+    opened = await fs.open(f.ino, os.O_WRONLY | os.O_TRUNC, owner)
+    assert opened.mode_changed
+    await fs.release(opened.fh)
+    attrs = await fs.getattr(f.ino)
+    assert stat.S_IMODE(attrs.mode) == 0o755 and attrs.size == 0
+
+
+async def test_names_found_absent_are_trusted_until_given_here(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    with pytest.raises(errors.NotFound):
+        await fs.lookup(d, b"later")
+    await write_file(other, d, b"later", b"1")  # made elsewhere: still trusted absent here
+    with pytest.raises(errors.NotFound):
+        await fs.lookup(d, b"later")
+    with pytest.raises(errors.Exists):  # the database decides an exclusive create
+        await fs.create(d, b"later", FILE, os.O_WRONLY | os.O_EXCL, ROOT)
+    made = await fs.mkdir(d, b"mine", 0o755, ROOT)
+    assert (await fs.lookup(d, b"mine")).ino == made.ino
