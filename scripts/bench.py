@@ -509,10 +509,13 @@ def main() -> int:
             )
             targets.append(Local(workdir))
             say("starting PostgreSQL, six chunkfs nodes and the mount")
-            targets.append(Chunkfs(workdir))
+            chunkfs = Chunkfs(workdir)
+            targets.append(chunkfs)
             if args.peer == "juicefs":
                 say("formatting and mounting JuiceFS on the same PostgreSQL")
-                postgres = targets[1].cluster.postgres  # type: ignore[attr-defined]
+                postgres = chunkfs.cluster.postgres
+                if postgres is None:  # the cluster started its own: it always does here
+                    raise BenchError("the chunkfs cluster has no PostgreSQL of its own")
                 targets.append(Juicefs(workdir, postgres))
             samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
             for i in range(args.runs):

@@ -254,9 +254,10 @@ def resolve(children: Children, rel: str) -> int | None:
     """The inode of ``rel`` (a path inside the mount), walking dentries from the root."""
     ino = 1
     for part in Path(rel).parts:
-        ino = children.get(ino, {}).get(part)  # type: ignore[assignment]
-        if ino is None:
+        child = children.get(ino, {}).get(part)
+        if child is None:
             return None
+        ino = child
     return ino
 
 

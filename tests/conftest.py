@@ -204,7 +204,7 @@ def node_factory(pg_dsn: str, tmp_path: Path) -> Iterator[NodeFactory]:
         dsn: str | None = None, data_dir: str | os.PathLike[str] | None = None, **kwargs: object
     ) -> cl.NodeProcess:
         data_dir = Path(data_dir) if data_dir else tmp_path / f"node{len(nodes)}"
-        node = cl.NodeProcess(dsn or pg_dsn, data_dir, **kwargs)  # type: ignore[arg-type]
+        node = cl.NodeProcess(dsn or pg_dsn, data_dir, **kwargs)  # type: ignore[arg-type]  # keywords pass through
         nodes.append(node)
         return node.start()
 

@@ -117,9 +117,10 @@ def test_cluster_stops_everything_it_started(tmp_path: Path, fuse_ready: None) -
         m = c.mount(tmp_path / "mnt")
         (m / "f").write_bytes(b"abc")
         assert (m / "f").read_bytes() == b"abc"
-        pids = [n.pid for n in c.nodes] + m._pids
+        pids = [n.pid for n in c.nodes if n.pid is not None] + m._pids
         assert m._pids, "the mount daemon was not found"
-    assert not _alive(pids)  # type: ignore[arg-type]
+        assert len(pids) == len(c.nodes) + len(m._pids), "a node had no pid"
+    assert not _alive(pids)
     assert not m.mounted
     assert pg_dir is not None and not pg_dir.exists()
 

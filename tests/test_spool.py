@@ -35,7 +35,10 @@ async def test_spool_digests_name_each_chunk_its_blocks_and_the_whole(tmp_path, 
 def test_short_reads_count_as_zeros():
     # A spool extended by truncate reads short past what was written.
     data = b"abc"
-    read = lambda offset, length: data[offset : offset + length]  # noqa: E731
+
+    def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
     exts = layout.extents(12)
     ids, _ = extent_digests(read, exts)
     padded = data.ljust(12, b"\0")

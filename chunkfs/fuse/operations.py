@@ -60,7 +60,7 @@ def fuse_errors(fn: F) -> F:
         finally:
             log.debug("%s took %.2f ms", fn.__name__, (time.perf_counter() - start) * 1e3)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps fn's signature
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
