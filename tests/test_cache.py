@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from chunkfs.core.content_cache import ContentCache
+from chunkfs.core.content_cache import ContentCache, short_of_room
 
 
 def held(cache: ContentCache, digest: bytes) -> bool:
@@ -88,3 +88,11 @@ def test_one_owner_at_a_time(tmp_path):
     os.close(fd)
     second.close()
     first.close()
+
+
+def test_room_is_short_under_a_tenth_of_the_disk_or_one_gib():
+    gib = 1 << 30
+    assert not short_of_room(22 * gib, 260 * gib)  # 8.5 % available, plenty of room
+    assert short_of_room(gib // 2, 260 * gib)
+    assert short_of_room(gib // 2, 10 * gib)  # a small disk keeps a tenth
+    assert not short_of_room(2 * gib, 10 * gib)

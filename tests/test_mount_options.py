@@ -1,9 +1,11 @@
 """Mount option parsing and the checks made before mounting."""
 
+import os
+
 import pytest
 
 from chunkfs import errors
-from chunkfs.fuse.mount import check_mountpoint, parse_options
+from chunkfs.fuse.mount import check_mountpoint, default_cache_dir, parse_options
 
 
 def test_defaults_for_root_serve_every_user():
@@ -58,3 +60,11 @@ def test_mountpoint_must_be_an_empty_directory(tmp_path):
         check_mountpoint(str(tmp_path / "f"))
     with pytest.raises(errors.ConfigError, match="not a directory"):
         check_mountpoint(str(tmp_path / "missing"))
+
+
+def test_each_mount_gets_a_cache_dir_of_its_own_by_default():
+    a = default_cache_dir("postgresql://u:one@h/db", "/mnt/a")
+    assert a == default_cache_dir("postgresql://u:two@h/db", "/mnt/a")  # password left out
+    assert a != default_cache_dir("postgresql://u@h/db", "/mnt/b")
+    assert a != default_cache_dir("postgresql://u@h/other", "/mnt/a")
+    assert "one" not in a and os.path.dirname(os.path.dirname(a)) == "/var/cache/chunkfs"

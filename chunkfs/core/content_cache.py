@@ -13,7 +13,7 @@ filesystem (syncfs) and leaves a ``clean`` marker, removed again (durably)
 before any new entry is made. After a crash the entries are deleted, since
 the last pages written before it may never have reached the disk.
 The oldest entries go when the cache is over its budget or its filesystem
-has less than ``MIN_FREE`` of its space free.
+is short of room (see ``short_of_room``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ from ..diskio import fsync_dir, link_open_file, syncfs
 
 log = logging.getLogger(__name__)
 
-# Keep at least this share of the cache's filesystem free (as JuiceFS does).
+# Keep this share of the cache's filesystem available (as JuiceFS does), but
+# never more than RESERVE_MAX bytes: on a large disk a tenth is far more than
+# the other users of the disk need, and statvfs can report a tenth short
+# while many gigabytes are free.
 MIN_FREE = 0.1
+RESERVE_MAX = 1 << 30
 _OPEN_FDS = 32
 _MARKER = "clean"
 _LOCK = ".lock"
@@ -186,6 +190,14 @@ def _digest_of(name: str) -> bytes | None:
         return None
 
 
+def short_of_room(available: int, total: int) -> bool:
+    """Whether a filesystem of ``total`` bytes with ``available`` bytes an
+    unprivileged writer can still use (statvfs's ``f_bavail``) has less
+    than its reserve: ``MIN_FREE`` of it, at most ``RESERVE_MAX``.
+    """
+    return available < min(total * MIN_FREE, RESERVE_MAX)
+
+
 def _low_on_space(directory: str) -> bool:
     st = os.statvfs(directory)
-    return st.f_bavail < st.f_blocks * MIN_FREE
+    return short_of_room(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)

@@ -4,12 +4,13 @@ trio main that runs the FUSE session until unmount.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyfuse3
@@ -140,12 +141,23 @@ def check_mountpoint(path: str) -> str:
     return str(p.resolve())
 
 
-def default_cache_dir() -> str:
-    """Where spool files go: /var/cache/chunkfs for root, else ~/.cache/chunkfs."""
+def default_cache_dir(dsn: str, mountpoint: str) -> str:
+    """Where a mount keeps its spools, content cache and log unless told:
+    ``BASE/FS/MOUNT`` under /var/cache/chunkfs for root, else
+    ~/.cache/chunkfs, with ``FS`` and ``MOUNT`` hashes of the DSN (its
+    password left out) and the mount point, so that every mount on a machine
+    has a cache of its own, and finds it again when mounted again.
+    """
     if os.geteuid() == 0:
-        return "/var/cache/chunkfs"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "chunkfs")
+        base = "/var/cache/chunkfs"
+    else:
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        base = os.path.join(home, "chunkfs")
+    return os.path.join(base, _short_hash(redact_dsn(dsn)), _short_hash(mountpoint))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
@@ -154,7 +166,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
     ``ready`` is called once the kernel has the mount. Raises
     ``ChunkfsError`` when the filesystem cannot be mounted.
     """
-    cache_dir = opts.cache_dir or default_cache_dir()
+    cache_dir = opts.cache_dir or default_cache_dir(dsn, mountpoint)
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     kernel = KernelCache()
     async with open_filesystem(
@@ -198,14 +210,14 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
             pyfuse3.close(unmount=signalled)
 
 
-def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
-    """Log to ``log=`` (or the cache dir's mount.log) or, in the foreground, stderr."""
+def setup_logging(opts: MountOptions, cache_dir: str, *, to_stderr: bool) -> None:
+    """Log to ``log=`` (or ``cache_dir``'s mount.log) or, in the foreground, stderr."""
     level = logging.DEBUG if opts.debug else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if to_stderr and not opts.log_file:
         logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
         return
-    path = opts.log_file or os.path.join(opts.cache_dir or default_cache_dir(), "mount.log")
+    path = opts.log_file or os.path.join(cache_dir, "mount.log")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     logging.basicConfig(level=level, format=fmt, filename=path)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -217,8 +229,10 @@ def mount(dsn: str, mountpoint: str, opts: MountOptions, *, foreground: bool) ->
     Raises ``ChunkfsError`` with a one-line message when it cannot mount.
     """
     mountpoint = check_mountpoint(mountpoint)
+    cache_dir = opts.cache_dir or default_cache_dir(dsn, mountpoint)
+    opts = replace(opts, cache_dir=cache_dir)
     if foreground:
-        setup_logging(opts, to_stderr=True)
+        setup_logging(opts, cache_dir, to_stderr=True)
         with errors.unwrapped():
             trio.run(serve, dsn, mountpoint, opts, lambda: None)
         return
@@ -226,7 +240,7 @@ def mount(dsn: str, mountpoint: str, opts: MountOptions, *, foreground: bool) ->
     pid = os.fork()
     if pid == 0:  # the child: detach, serve, and report readiness through the pipe
         os.close(read_fd)
-        _run_daemon(dsn, mountpoint, opts, write_fd)
+        _run_daemon(dsn, mountpoint, opts, cache_dir, write_fd)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
@@ -237,7 +251,9 @@ def mount(dsn: str, mountpoint: str, opts: MountOptions, *, foreground: bool) ->
         )
 
 
-def _run_daemon(dsn: str, mountpoint: str, opts: MountOptions, write_fd: int) -> None:
+def _run_daemon(
+    dsn: str, mountpoint: str, opts: MountOptions, cache_dir: str, write_fd: int
+) -> None:
     os.setsid()
     os.chdir("/")
     status = 1
@@ -250,7 +266,7 @@ def _run_daemon(dsn: str, mountpoint: str, opts: MountOptions, write_fd: int) ->
             os.dup2(devnull, fd)
 
     try:
-        setup_logging(opts, to_stderr=False)
+        setup_logging(opts, cache_dir, to_stderr=False)
         trio.run(serve, dsn, mountpoint, opts, ready)
         status = 0
     except BaseException as exc:
