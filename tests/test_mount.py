@@ -555,7 +555,14 @@ def test_bad_input_gives_one_line_errors(cluster, tmp_path):
     empty.mkdir()
     proc = cl.run_chunkfs("mount", cluster.dsn, str(empty), "-o", "bogus", check=False)
     assert proc.returncode != 0 and "unknown mount option: bogus" in proc.stderr
-    proc = cl.run_chunkfs("mount", "postgresql://nobody@127.0.0.1:1/none", str(empty), check=False)
+    proc = cl.run_chunkfs(
+        "mount",
+        "postgresql://nobody@127.0.0.1:1/none",
+        str(empty),
+        "-o",
+        f"cache_dir={tmp_path / 'cache'}",  # its log goes there, not to the machine's default
+        check=False,
+    )
     assert proc.returncode != 0 and "cannot connect" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = cl.run_chunkfs("status", "postgresql://nobody@127.0.0.1:1/none", check=False)
