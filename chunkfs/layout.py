@@ -1,9 +1,18 @@
 """How a file's bytes are cut into its six chunks. Pure logic, no I/O.
 
 A non-empty file of ``size`` bytes has exactly ``CHUNKS_PER_FILE`` contiguous
-extents tiling ``[0, size)``; the first ``size % 6`` extents are one byte
-longer than the rest, so lengths differ by at most one byte. A file of 1 byte
-has one extent of 1 byte and five of 0 bytes. An empty file has no chunks.
+extents tiling ``[0, size)``, at multiples of a unit ``U``: the smallest
+power of two, at least ``MIN_UNIT``, with ``6 * U >= size``. Chunk ``i``
+covers ``[i * U, min((i + 1) * U, size))``; the chunks past the end are
+empty (a 1-byte file has one chunk of 1 byte and five of 0 bytes). An empty
+file has no chunks.
+
+Why powers of two: the boundaries move only when the size crosses a power
+of two (as a growing array's capacity does), so an append or a write in
+place changes only the chunks it lands in and the others keep their ids
+(they are not uploaded again); and every chunk of a file over 3 MiB starts
+on the 1 MiB block grid. Files committed before this layout keep their
+recorded extents (six near-equal ones): readers go by the recorded offsets.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CHUNKS_PER_FILE = 6
+MIN_UNIT = 4096
 # Chunks longer than one block also carry the SHA-256 of each BLOCK_SIZE
 # block (the last one may be shorter), so that a range read can be verified
 # without fetching the whole chunk.
@@ -32,6 +42,14 @@ class Extent:
         return self.offset + self.length
 
 
+def unit(size: int) -> int:
+    """The chunk unit (bytes) of a file of ``size`` bytes: the smallest power
+    of two, at least ``MIN_UNIT``, of which ``CHUNKS_PER_FILE`` cover ``size``.
+    """
+    per_chunk = -(-size // CHUNKS_PER_FILE)  # ceil(size / 6)
+    return max(MIN_UNIT, 1 << (per_chunk - 1).bit_length())
+
+
 def extents(size: int) -> list[Extent]:
     """The six extents of a file of ``size`` bytes (none when ``size`` is 0).
 
@@ -41,13 +59,11 @@ def extents(size: int) -> list[Extent]:
         raise ValueError("size must be >= 0")
     if size == 0:
         return []
-    base, extra = divmod(size, CHUNKS_PER_FILE)
+    u = unit(size)
     out = []
-    offset = 0
     for index in range(CHUNKS_PER_FILE):
-        length = base + (1 if index < extra else 0)
-        out.append(Extent(index, offset, length))
-        offset += length
+        start, end = min(index * u, size), min((index + 1) * u, size)
+        out.append(Extent(index, start, end - start))
     return out
 
 

@@ -14,6 +14,7 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -236,3 +237,36 @@ async def test_names_found_absent_are_trusted_until_given_here(
         await fs.create(d, b"later", FILE, os.O_WRONLY | os.O_EXCL, ROOT)
     made = await fs.mkdir(d, b"mine", 0o755, ROOT)
     assert (await fs.lookup(d, b"mine")).ino == made.ino
+
+
+async def received_bytes(fs: FileSystem) -> float:
+    """Request body bytes all the cluster's nodes have received so far (their metrics)."""
+    total = 0.0
+    headers = {"Authorization": f"Bearer {fs.settings.cluster_token}"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for node in await fs.meta.registry.nodes():
+            text = (await http.get(f"{node.base_url}/metrics", headers=headers)).text
+            for line in text.splitlines():
+                if line.startswith("chunkfs_node_received_bytes_total "):
+                    total += float(line.split()[1])
+    return total
+
+
+async def test_an_append_sends_only_the_chunks_it_lands_in(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    data = os.urandom(5 * 8192 + 100)  # five full chunks of 8 KiB and a short sixth
+    ino = (await write_file(fs, d, b"log", data)).ino
+    before = await fs.meta.content.chunk_map(ino)
+    sent = await received_bytes(fs)
+    opened = await fs.open(ino, os.O_WRONLY | os.O_APPEND, ROOT)
+    await fs.write(opened.fh, len(data), b"x" * 100)
+    await fs.release(opened.fh)
+    after = await fs.meta.content.chunk_map(ino)
+    assert [c.chunk_id for c in after.chunks[:5]] == [c.chunk_id for c in before.chunks[:5]]
+    assert after.chunks[5].length == 200
+    # The new last chunk on R = 2 nodes, in batch framing: nothing else was sent.
+    assert await received_bytes(fs) - sent < 2 * (200 + 4096)
+    assert await read_all(other, ino) == data + b"x" * 100

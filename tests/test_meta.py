@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import stat
 
 import pytest
 import trio
 
 import cluster as cl
-from chunkfs import errors
+from chunkfs import errors, layout
 from chunkfs.meta import ROOT_INO, ChunkRef, Meta, Renamed, now_ns
 from chunkfs.pg import open_database
 
@@ -385,3 +386,36 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         renamed = await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b")
         assert renamed == Renamed(a.ino, None)
         assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == a.ino
+
+
+async def test_fsck_accepts_both_layouts_and_flags_any_other_tiling(meta):
+    settings = await meta.registry.settings()
+
+    async def commit(name: bytes, size: int, lengths: list[int]) -> int:
+        f = await meta.namespace.create(ROOT_INO, name, FILE, 0, 0)
+        data = os.urandom(size)
+        chunks, offset = [], 0
+        for i, n in enumerate(lengths):
+            piece = data[offset : offset + n]
+            chunks.append(ChunkRef(i, offset, n, hashlib.sha256(piece).digest(), ()))
+            offset += n
+        await meta.content.commit_chunks(
+            f.ino,
+            None,
+            size=size,
+            sha256=hashlib.sha256(data).digest(),
+            chunks=chunks,
+            placed={},
+            mtime_ns=1,
+            max_file_size=settings.max_file_size,
+        )
+        return f.ino
+
+    sizes = [1, 4097, 6 * 4096 + 1, 100_000]
+    for size in sizes:  # this version's layout, and the near-equal sixths of older ones
+        await commit(b"new%d" % size, size, [e.length for e in layout.extents(size)])
+        q, r = divmod(size, 6)
+        await commit(b"old%d" % size, size, [q + (i < r) for i in range(6)])
+    bad = await commit(b"bad", 100_000, [50_000, 50_000, 0, 0, 0, 0])
+    problems = [p for p in await meta.maintenance.inode_problems() if "tile" in p.what]
+    assert [p.ino for p in problems] == [bad], problems

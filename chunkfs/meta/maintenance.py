@@ -143,15 +143,12 @@ class Maintenance:
                FROM inodes i WHERE i.ino <> 1
                  AND NOT EXISTS (SELECT 1 FROM dentries d WHERE d.ino = i.ino)
                UNION ALL
-               SELECT i.ino, 'chunk map does not tile its ' || i.size || ' bytes in six chunks', true
-               FROM inodes i LEFT JOIN chunks c ON c.ino = i.ino
-               WHERE i.mode & {S_IFMT} = {S_IFREG}
-               GROUP BY i.ino
-               HAVING (i.size = 0 AND count(c.ino) > 0)
-                   OR (i.size > 0 AND (count(c.ino) <> 6 OR bool_or(
-                          c."offset" <> c.chunk_index * (i.size / 6) + least(c.chunk_index, i.size % 6)
-                          OR c.length <> i.size / 6 + CASE WHEN c.chunk_index < i.size % 6
-                                                           THEN 1 ELSE 0 END)))
+               SELECT ino, 'chunk map does not tile its ' || size || ' bytes in six chunks', true
+               FROM ({_TILING}) t
+               GROUP BY ino, size
+               HAVING (size = 0 AND count(chunk_index) > 0)
+                   OR (size > 0 AND (count(chunk_index) <> 6
+                                     OR NOT (bool_and(sixths) OR bool_and(power_of_two))))
                UNION ALL
                SELECT DISTINCT i.ino, 'chunks on what is not a regular file', true
                FROM inodes i JOIN chunks c ON c.ino = i.ino WHERE i.mode & {S_IFMT} <> {S_IFREG}
@@ -163,3 +160,25 @@ class Maintenance:
                ORDER BY 1"""
         )
         return [InodeProblem(r["ino"], r["what"], r["serious"]) for r in rows]
+
+
+# Per chunk row of every regular file (LEFT JOIN: a file without chunks gives
+# one row of NULLs): whether it sits where each layout of chunkfs.layout puts
+# it, the near-equal sixths of older versions or the power-of-two units of
+# this one (unit: the larger of MIN_UNIT and ceil(size / 6) rounded up to a
+# power of two, from the bit length of ceil(size / 6) - 1).
+_TILING = f"""
+    SELECT i.ino, i.size, c.chunk_index,
+           c."offset" = c.chunk_index * (i.size / 6) + least(c.chunk_index, i.size % 6)
+               AND c.length = i.size / 6 + CASE WHEN c.chunk_index < i.size % 6
+                                                THEN 1 ELSE 0 END AS sixths,
+           c."offset" = least(c.chunk_index * u.u, i.size)
+               AND c.length = least((c.chunk_index + 1) * u.u, i.size)
+                              - least(c.chunk_index * u.u, i.size) AS power_of_two
+    FROM inodes i
+    CROSS JOIN LATERAL (
+        SELECT greatest({layout.MIN_UNIT}::bigint, 1::bigint << length(ltrim(
+                   (greatest((i.size + 5) / 6 - 1, 0))::bit(64)::text, '0'))) AS u
+    ) u
+    LEFT JOIN chunks c ON c.ino = i.ino
+    WHERE i.mode & {S_IFMT} = {S_IFREG}"""
