@@ -74,9 +74,11 @@ class _ChunkCache:
         self._blobs: LRUCache[object, bytes] = LRUCache(maxsize=budget, getsizeof=len)
 
     def get(self, key: object) -> bytes | None:
+        """The blob kept under ``key`` (now the most recently used), or None."""
         return self._blobs.get(key)
 
     def put(self, key: object, data: bytes) -> None:
+        """Keep ``data`` under ``key``, the least recently used going first."""
         if len(data) <= self._blobs.maxsize:
             self._blobs[key] = data
 

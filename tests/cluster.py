@@ -181,6 +181,25 @@ def _pdeathsig_setup() -> Callable[[], None] | None:
     return setup
 
 
+def _spawn(
+    argv: list[str], log_path: Path, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its output appended to ``log_path`` (a file, not a
+    pipe: a daemon it leaves behind inherits it) in a session of its own, so
+    Ctrl-C reaches only us and we stop what we started in order.
+    """
+    with open(log_path, "ab") as logf:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+
+
 def _stat_fields(pid: int | str) -> list[bytes]:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...);
     empty when the process is gone.
@@ -752,17 +771,7 @@ class NodeProcess:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as logf:
-            # Own session: Ctrl-C reaches only us, and we stop nodes in order.
-            self._proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=_child_env(),
-                start_new_session=True,
-                preexec_fn=_pdeathsig_setup(),
-            )
+        self._proc = _spawn(self.argv(), self.log_path, preexec_fn=_pdeathsig_setup())
         _register(self)
         log.debug("node launched: pid %d on port %d", self._proc.pid, self.port)
 
@@ -1039,16 +1048,7 @@ class Mount:
         return self
 
     def _run_mount_command(self) -> int:
-        # Output to a file, not a pipe: the daemon inherits it and outlives the command.
-        with open(self.log_path, "ab") as logf:
-            proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=_child_env(),
-                start_new_session=True,
-            )
+        proc = _spawn(self.argv(), self.log_path)
         try:
             return proc.wait(self.timeout)
         except subprocess.TimeoutExpired:

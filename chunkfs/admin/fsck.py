@@ -63,6 +63,7 @@ class FsckReport:
 
     @property
     def clean(self) -> bool:
+        """Whether fsck found no problem (warnings aside)."""
         return not self.problems
 
 

@@ -39,6 +39,7 @@ class MoveReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every object was left with R good replicas and every node listed."""
         return not (self.short or self.lost or self.unlisted)
 
 

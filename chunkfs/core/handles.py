@@ -300,6 +300,7 @@ class _Piece:
     end: int
 
     async def fetch(self, store: ChunkStore) -> bytes:
+        """The covered bytes, read (and verified) through ``store``. Raises ``StorageError``."""
         ref = self.ref
         return await store.read(
             ref, max(self.start, ref.offset) - ref.offset, min(self.end, ref.end) - ref.offset
