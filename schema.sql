@@ -156,8 +156,9 @@ CREATE TABLE IF NOT EXISTS chunks (
     -- Byte offset of the extent in the file, and its length in bytes.
     "offset" bigint NOT NULL CHECK ("offset" >= 0),
     length bigint NOT NULL CHECK (length >= 0),
-    -- SHA-256 of the extent's bytes: the chunk object holding them.
-    chunk_id bytea NOT NULL REFERENCES chunk_objects (chunk_id),
+    -- SHA-256 of the extent's bytes: the chunk object holding them; NULL
+    -- for a hole (a non-empty extent of zeros only, stored on no node).
+    chunk_id bytea REFERENCES chunk_objects (chunk_id),
     PRIMARY KEY (ino, chunk_index)
 );
 CREATE INDEX IF NOT EXISTS chunks_chunk_id ON chunks (chunk_id);
@@ -255,3 +256,9 @@ $fn$;
 
 INSERT INTO schema_version (version) VALUES (2)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 2);
+
+-- Version 3: holes. A chunk row without a chunk object is an extent of zeros.
+ALTER TABLE chunks ALTER COLUMN chunk_id DROP NOT NULL;
+
+INSERT INTO schema_version (version) VALUES (3)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 3);

@@ -194,11 +194,12 @@ def info(path: str, dsn: str | None, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"inode {report['ino']}  size {report['size']}  version {report['version']}")
-    click.echo(f"sha256 {report['sha256']}")
+    click.echo(f"digest {report['digest']}")
     for c in report["chunks"]:
+        where = "a hole (zeros, stored nowhere)" if c["hole"] else "on " + ", ".join(c["nodes"])
         click.echo(
             f"  chunk {c['index']}  offset {c['offset']:>12}  length {c['length']:>12}  "
-            f"{c['sha256'][:16]}…  on {', '.join(c['nodes'])}"
+            f"{(c['sha256'] or '-')[:16]}…  {where}"
         )
 
 

@@ -17,6 +17,8 @@ recorded extents (six near-equal ones): readers go by the recorded offsets.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 CHUNKS_PER_FILE = 6
@@ -26,6 +28,9 @@ MIN_UNIT = 4096
 # without fetching the whole chunk.
 BLOCK_SIZE = 1 << 20
 DIGEST_SIZE = 32
+# The id recorded for a hole: a non-empty extent of zeros only, which is
+# never uploaded and reads as zeros (no SHA-256 output is all zeros).
+HOLE = bytes(DIGEST_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +75,15 @@ def extents(size: int) -> list[Extent]:
 def overlapping(exts: list[Extent], start: int, end: int) -> list[Extent]:
     """The non-empty extents that share at least one byte with ``[start, end)``."""
     return [e for e in exts if e.length and e.offset < end and start < e.end]
+
+
+def file_digest(size: int, chunk_ids: Sequence[bytes]) -> bytes:
+    """A file version's content digest (32 bytes): the SHA-256 of its size
+    (8 bytes, big-endian) followed by its chunk ids in index order, a hash
+    list as Dropbox's content hash is. Equal digests mean equal bytes, and a
+    commit gets it without reading the chunks it did not change.
+    """
+    h = hashlib.sha256(size.to_bytes(8, "big"))
+    for chunk_id in chunk_ids:
+        h.update(chunk_id)
+    return h.digest()

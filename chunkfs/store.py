@@ -270,6 +270,8 @@ class ChunkStore:
         """
         if end <= start:
             return b""
+        if ref.hole:
+            return bytes(end - start)
         if ref.length <= WHOLE_FETCH_MAX:
             data = await self._cached(ref.chunk_id, lambda: self._fetch(ref, 0, ref.length))
             return data[start:end]
@@ -316,6 +318,7 @@ class ChunkStore:
             r.chunk_id: r
             for r in refs
             if 0 < r.length <= WHOLE_FETCH_MAX
+            and not r.hole
             and self._cache.get(r.chunk_id) is None
             and r.chunk_id not in self._inflight
         }

@@ -19,12 +19,13 @@ import pytest
 import trio
 
 import cluster as cl
-from chunkfs import errors
+from chunkfs import errors, layout
 from chunkfs.core import ROOT, Caller, FileSystem, open_filesystem
 from chunkfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from chunkfs.meta import ROOT_INO, Attrs, Ino
 
 FILE = stat.S_IFREG | 0o644
+MiB = 1 << 20
 NOBODY = Caller(65534, 65534)
 
 
@@ -75,7 +76,8 @@ async def test_a_closed_file_is_six_chunks_on_two_nodes_and_reads_back_elsewhere
     data = os.urandom(700_001)
     attrs = await write_file(writer, d, b"f", data)
     cmap = await writer.meta.content.chunk_map(attrs.ino)
-    assert cmap.size == len(data) and cmap.sha256 == hashlib.sha256(data).digest()
+    assert cmap.size == len(data)
+    assert cmap.sha256 == layout.file_digest(len(data), [c.chunk_id for c in cmap.chunks])
     assert [c.index for c in cmap.chunks] == list(range(6))
     assert b"".join(data[c.offset : c.end] for c in cmap.chunks) == data
     for c in cmap.chunks:
@@ -239,15 +241,17 @@ async def test_names_found_absent_are_trusted_until_given_here(
     assert (await fs.lookup(d, b"mine")).ino == made.ino
 
 
-async def received_bytes(fs: FileSystem) -> float:
-    """Request body bytes all the cluster's nodes have received so far (their metrics)."""
+async def received_bytes(fs: FileSystem, direction: str = "received") -> float:
+    """Body bytes all the cluster's nodes have ``received`` (or ``sent``) so
+    far, from their metrics.
+    """
     total = 0.0
     headers = {"Authorization": f"Bearer {fs.settings.cluster_token}"}
     async with httpx.AsyncClient(timeout=10) as http:
         for node in await fs.meta.registry.nodes():
             text = (await http.get(f"{node.base_url}/metrics", headers=headers)).text
             for line in text.splitlines():
-                if line.startswith("chunkfs_node_received_bytes_total "):
+                if line.startswith(f"chunkfs_node_{direction}_bytes_total "):
                     total += float(line.split()[1])
     return total
 
@@ -270,3 +274,58 @@ async def test_an_append_sends_only_the_chunks_it_lands_in(
     # The new last chunk on R = 2 nodes, in batch framing: nothing else was sent.
     assert await received_bytes(fs) - sent < 2 * (200 + 4096)
     assert await read_all(other, ino) == data + b"x" * 100
+
+
+async def test_a_write_in_place_fetches_and_sends_only_the_chunk_it_lands_in(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    data = bytearray(os.urandom(6 * MiB))  # six chunks of 1 MiB
+    ino = (await write_file(fs, d, b"db", bytes(data))).ino
+    before = await fs.meta.content.chunk_map(ino)
+    sent, received = await received_bytes(fs, "sent"), await received_bytes(fs)
+    # Another front end, with nothing of the file in its spool or caches.
+    opened = await other.open(ino, os.O_WRONLY, ROOT)
+    await other.write(opened.fh, 2 * MiB + MiB // 2, b"0123456789")
+    await other.release(opened.fh)
+    data[2 * MiB + MiB // 2 : 2 * MiB + MiB // 2 + 10] = b"0123456789"
+    after = await fs.meta.content.chunk_map(ino)
+    changed = [i for i in range(6) if after.chunks[i].chunk_id != before.chunks[i].chunk_id]
+    assert changed == [2]
+    # Chunk 2 was fetched once and sent to R = 2 nodes; the five others stayed put.
+    assert await received_bytes(fs, "sent") - sent < 1.1 * MiB
+    assert await received_bytes(fs) - received < 2.1 * MiB
+    assert after.sha256 == layout.file_digest(len(data), [c.chunk_id for c in after.chunks])
+    assert await read_all(fs, ino) == data
+
+
+async def test_zeros_are_holes_recorded_and_never_uploaded(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    received = await received_bytes(fs)
+    made = await fs.create(d, b"sparse", FILE, os.O_RDWR, ROOT)
+    await fs.setattr(made.attrs.ino, size=96 * MiB)  # six holes of 16 MiB
+    await fs.write(made.fh, 20 * MiB, b"data")  # chunk 1
+    await fs.write(made.fh, 40 * MiB, bytes(MiB))  # zeros written into chunk 2
+    await fs.release(made.fh)
+    cmap = await fs.meta.content.chunk_map(made.attrs.ino)
+    assert [c.hole for c in cmap.chunks] == [True, False, True, True, True, True]
+    assert all(not c.nodes for c in cmap.chunks if c.hole)
+    # Only chunk 1 (16 MiB) went to the nodes, twice.
+    assert await received_bytes(fs) - received < 2 * 16.1 * MiB
+    opened = await other.open(made.attrs.ino, os.O_RDONLY, ROOT)
+    try:
+        assert await other.read(opened.fh, 20 * MiB - 2, 8) == b"\0\0data\0\0"
+        assert await other.read(opened.fh, 45 * MiB, 4) == bytes(4)
+        assert len(await other.read(opened.fh, 0, 128 * MiB)) == 96 * MiB
+    finally:
+        await other.release(opened.fh)
+    # Writing into a hole makes it a chunk; the others stay holes.
+    opened = await other.open(made.attrs.ino, os.O_WRONLY, ROOT)
+    await other.write(opened.fh, 5, b"x")
+    await other.release(opened.fh)
+    cmap = await fs.meta.content.chunk_map(made.attrs.ino)
+    assert [c.hole for c in cmap.chunks] == [False, False, True, True, True, True]

@@ -12,7 +12,7 @@ import trio
 
 import cluster as cl
 from chunkfs import errors, layout
-from chunkfs.meta import ROOT_INO, ChunkRef, Meta, Renamed, now_ns
+from chunkfs.meta import ROOT_INO, SCHEMA_VERSION, ChunkRef, Meta, Renamed, now_ns
 from chunkfs.pg import open_database
 
 FILE = stat.S_IFREG | 0o644
@@ -375,14 +375,20 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
     async with open_database(pg_dsn) as db:
         meta = Meta(db)
         a = await meta.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
-        # A filesystem made before rename_file existed (schema version 1).
+        # A filesystem made before rename_file and holes existed (schema version 1).
         await db.execute("DROP FUNCTION rename_file")
+        await db.execute("ALTER TABLE chunks ALTER COLUMN chunk_id SET NOT NULL")
         await db.execute("UPDATE schema_version SET version = 1")
         with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):
             await meta.registry.settings()
         await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", pg_dsn)
         assert (await meta.registry.settings()).replicas == 2  # kept
-        assert await db.fetchval("SELECT version FROM schema_version") == 2
+        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 3
+        nullable = await db.fetchval(
+            "SELECT is_nullable FROM information_schema.columns "
+            "WHERE table_name = 'chunks' AND column_name = 'chunk_id'"
+        )
+        assert nullable == "YES"  # holes can be recorded
         renamed = await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b")
         assert renamed == Renamed(a.ino, None)
         assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == a.ino

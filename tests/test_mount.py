@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import cluster as cl
+from chunkfs import layout
 
 MiB = 1 << 20
 MOUNT8_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -29,8 +30,9 @@ def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
     """The file's chunk map tiles its bytes in six chunks, each on two live nodes."""
     report = info(path)
     assert report["size"] == len(data)
-    assert report["sha256"] == hashlib.sha256(data).hexdigest()
     chunks = report["chunks"]
+    ids = [bytes.fromhex(c["sha256"]) for c in chunks]
+    assert report["digest"] == layout.file_digest(len(data), ids).hex()
     assert [c["index"] for c in chunks] == list(range(6))
     node_ids = {n.node_id for n in cluster.nodes}
     offset = 0

@@ -1,4 +1,4 @@
-"""The spool's digests: what the commit names chunks and versions by."""
+"""The spool's digests: what the commit names chunks by, holes included."""
 
 from __future__ import annotations
 
@@ -8,20 +8,19 @@ import os
 import pytest
 
 from chunkfs import layout
-from chunkfs.core.spool import Spool, extent_digests, sha256_of
+from chunkfs.core.spool import Spool, extent_digests
 
 
 @pytest.mark.parametrize("size", [1, 5, 6 * layout.BLOCK_SIZE + 7, 13 * layout.BLOCK_SIZE - 3])
-async def test_spool_digests_name_each_chunk_its_blocks_and_the_whole(tmp_path, size):
+async def test_spool_digests_name_each_chunk_and_its_blocks(tmp_path, size):
     content = os.urandom(size)
     spool = Spool(str(tmp_path))
     try:
         spool.pwrite(0, content)
         exts = layout.extents(size)
-        ids, blocks, whole = await spool.digests(exts)
+        ids, blocks = await spool.digests(exts)
     finally:
         spool.close()
-    assert whole == hashlib.sha256(content).digest()
     for ext, chunk_id, block_digests in zip(exts, ids, blocks, strict=True):
         chunk = content[ext.offset : ext.end]
         assert chunk_id == hashlib.sha256(chunk).digest()
@@ -30,6 +29,28 @@ async def test_spool_digests_name_each_chunk_its_blocks_and_the_whole(tmp_path, 
             for p in range(0, len(chunk), layout.BLOCK_SIZE)
         ]
         assert block_digests == (b"".join(expected) if len(expected) > 1 else None)
+
+
+async def test_extents_of_zeros_are_holes_whether_written_or_never_written(tmp_path):
+    size = 6 * 4 * layout.BLOCK_SIZE  # six chunks of 4 MiB
+    spool = Spool(str(tmp_path))
+    try:
+        spool.truncate(size)  # chunks 0, 3 and 5 stay holes in the spool file
+        spool.pwrite(4 * layout.BLOCK_SIZE + 5, b"x")  # chunk 1: one byte of data
+        spool.pwrite(8 * layout.BLOCK_SIZE, bytes(4 * layout.BLOCK_SIZE))  # chunk 2: zeros
+        spool.pwrite(17 * layout.BLOCK_SIZE - 1, b"y")  # chunk 4: its last byte
+        assert not spool.has_data(0, 4 * layout.BLOCK_SIZE)
+        assert spool.has_data(4 * layout.BLOCK_SIZE, 4 * layout.BLOCK_SIZE)
+        ids, blocks = await spool.digests(layout.extents(size))
+    finally:
+        spool.close()
+    holes = [i for i, chunk_id in enumerate(ids) if chunk_id == layout.HOLE]
+    assert holes == [0, 2, 3, 5]
+    assert all(blocks[i] is None for i in holes)
+    one = bytearray(4 * layout.BLOCK_SIZE)
+    one[5] = ord("x")
+    assert ids[1] == hashlib.sha256(one).digest()
+    assert blocks[1] is not None and len(blocks[1]) == 4 * layout.DIGEST_SIZE
 
 
 def test_short_reads_count_as_zeros():
@@ -43,4 +64,10 @@ def test_short_reads_count_as_zeros():
     ids, _ = extent_digests(read, exts)
     padded = data.ljust(12, b"\0")
     assert ids == [hashlib.sha256(padded[e.offset : e.end]).digest() for e in exts]
-    assert sha256_of(read, 12) == hashlib.sha256(padded).digest()
+
+
+def test_the_file_digest_is_a_hash_list_of_size_and_chunk_ids():
+    a, b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+    assert layout.file_digest(2, [a, b]) == hashlib.sha256((2).to_bytes(8, "big") + a + b).digest()
+    assert layout.file_digest(2, [a, b]) != layout.file_digest(2, [b, a])
+    assert layout.file_digest(2, [a]) != layout.file_digest(3, [a])

@@ -41,22 +41,25 @@ async def cluster_status(meta: Meta) -> dict[str, Any]:
 
 
 async def file_info(meta: Meta, ino: int) -> dict[str, Any]:
-    """``{"ino", "size", "version", "sha256", "chunks": [{"index", "offset",
-    "length", "sha256", "nodes"}]}`` for the committed version of ``ino``.
-    Raises ``NotFound``.
+    """``{"ino", "size", "version", "digest", "chunks": [{"index", "offset",
+    "length", "sha256", "hole", "nodes"}]}`` for the committed version of
+    ``ino``: ``digest`` is the version's content digest (hex; for files
+    committed by this version of chunkfs, ``layout.file_digest``), a chunk's
+    ``sha256`` its id (None for a hole). Raises ``NotFound``.
     """
     cmap = await meta.content.chunk_map(Ino(ino))
     return {
         "ino": cmap.ino,
         "size": cmap.size,
         "version": cmap.version,
-        "sha256": cmap.sha256.hex() if cmap.sha256 else None,
+        "digest": cmap.sha256.hex() if cmap.sha256 else None,
         "chunks": [
             {
                 "index": c.index,
                 "offset": c.offset,
                 "length": c.length,
-                "sha256": c.chunk_id.hex(),
+                "sha256": None if c.hole else c.chunk_id.hex(),
+                "hole": c.hole,
                 "nodes": list(c.nodes),
             }
             for c in cmap.chunks

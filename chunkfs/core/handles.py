@@ -32,7 +32,9 @@ class OpenFile:
     ``base`` is the committed version the spool builds on. The spool holds
     the current content where it differs from ``base``: every base chunk in
     ``loaded`` has been copied in, and base bytes past ``base_valid`` were cut
-    off by a truncate. ``dirty`` means the content differs from ``base``.
+    off by a truncate; the base chunks in ``touched`` (by index) no longer
+    hold the current bytes of their extent, the others still do (a commit
+    keeps them as they are). ``dirty`` means the content differs from ``base``.
     ``pending`` holds the attribute changes (``mode`` permission bits,
     ``uid``, ``gid``, ``atime_ns``, ``mtime_ns``) made while the file is dirty
     or open for writing (``writers`` handles), published at the next flush or
@@ -47,6 +49,7 @@ class OpenFile:
     writers: int = 0
     spool: Spool | None = None
     loaded: set[int] = field(default_factory=set)
+    touched: set[int] = field(default_factory=set)
     dirty: bool = False
     mtime_ns: int | None = None
     ctime_ns: int | None = None
@@ -222,6 +225,7 @@ class OpenFiles:
             except OSError as exc:
                 raise os_error(exc, "spool write failed") from exc
             f.size = max(f.size, end)
+            f.touched.update(c.index for c in f.base.chunks if c.offset < end and offset < c.end)
             self.mark_dirty(f)
 
     async def truncate(self, f: OpenFile, size: int) -> None:
@@ -229,6 +233,8 @@ class OpenFiles:
         async with f.lock:
             spool = self.spool(f)
             await trio.to_thread.run_sync(spool.truncate, size)
+            cut = min(size, f.size)  # bytes past here vanish, or become zeros
+            f.touched.update(c.index for c in f.base.chunks if c.end > cut)
             f.base_valid = min(f.base_valid, size)
             f.size = size
             self.mark_dirty(f)
@@ -283,9 +289,10 @@ class OpenFiles:
         ``[start, end)`` into the spool, once, before anything overwrites them.
         The caller holds ``f.lock``.
         """
+        holes = {c.index for c in f.base.chunks if c.hole}
         for ext in self._unloaded(f, start, end):
-            stop = min(ext.end, f.base_valid)
-            for pos in range(ext.offset, stop, WINDOW):
+            stop = min(ext.end, f.base_valid) if ext.index not in holes else ext.offset
+            for pos in range(ext.offset, stop, WINDOW):  # the spool reads zeros elsewhere
                 piece = await self.read_base(f.base, pos, min(pos + WINDOW, stop))
                 self.spool(f).pwrite(pos, piece)
             f.loaded.add(ext.index)

@@ -11,14 +11,14 @@ import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
 
 import trio
 
-from ..layout import BLOCK_SIZE, Extent
+from ..layout import BLOCK_SIZE, HOLE, Extent
 
 # Size of the pieces the spool is read in when hashing or uploading.
 PIECE = 1 << 20
+_ZEROS = bytes(BLOCK_SIZE)
 
 
 class Spool:
@@ -46,6 +46,15 @@ class Spool:
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
 
+    def has_data(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset + length)`` may hold a non-zero byte:
+        False only where the spool file has a hole (SEEK_DATA finds none).
+        """
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_DATA) < offset + length
+        except OSError:  # ENXIO: no data at or past offset
+            return False
+
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the spool to ``size`` bytes."""
         os.ftruncate(self._fd, size)
@@ -62,28 +71,34 @@ class Spool:
             offset += n
             yield piece
 
-    async def digests(
-        self, extents: Sequence[Extent]
-    ) -> tuple[list[bytes], list[bytes | None], bytes]:
-        """The extents' ``extent_digests`` and the SHA-256 of the whole
-        content, computed by three worker threads at once (hashlib releases
-        the GIL): the whole content in one, each half of the extents in another.
+    async def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], list[bytes | None]]:
+        """The extents' ``extent_digests``, computed by worker threads
+        (hashlib releases the GIL) that share the bytes out evenly; an extent
+        the spool holds no data in is a hole, found without reading it.
         """
-        half = len(extents) // 2
-        size = extents[-1].end if extents else 0
-        whole: list[bytes] = []
-        head: list[Any] = []
-        tail: list[Any] = []
+        ids: dict[int, bytes] = {}
+        blocks: dict[int, bytes | None] = {}
+        todo = []
+        for e in extents:
+            if not e.length or self.has_data(e.offset, e.length):
+                todo.append(e)
+            else:
+                ids[e.index], blocks[e.index] = HOLE, None
+        # Two shares of about equal bytes: largest first, to the lighter one.
+        shares: list[list[Extent]] = [[], []]
+        for e in sorted(todo, key=lambda e: -e.length):
+            min(shares, key=lambda share: sum(x.length for x in share)).append(e)
 
-        async def run(out: list[Any], fn: Callable[..., Any], *args: Any) -> None:
-            out.append(await trio.to_thread.run_sync(fn, *args))
+        async def run(share: list[Extent]) -> None:
+            got = await trio.to_thread.run_sync(extent_digests, self.pread, share)
+            for e, i, b in zip(share, *got, strict=True):
+                ids[e.index], blocks[e.index] = i, b
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, whole, sha256_of, self.pread, size)
-            nursery.start_soon(run, head, extent_digests, self.pread, extents[:half])
-            nursery.start_soon(run, tail, extent_digests, self.pread, extents[half:])
-        (head_ids, head_blocks), (tail_ids, tail_blocks) = head[0], tail[0]
-        return head_ids + tail_ids, head_blocks + tail_blocks, whole[0]
+            for share in shares:
+                if share:
+                    nursery.start_soon(run, share)
+        return [ids[e.index] for e in extents], [blocks[e.index] for e in extents]
 
     def close(self) -> None:
         """Release the spool's disk space."""
@@ -98,32 +113,23 @@ def extent_digests(
     """Over the bytes ``read(offset, length)`` returns (zeros where it returns
     short): the SHA-256 of each extent, and its block digests (the SHA-256 of
     each ``BLOCK_SIZE`` block, concatenated; None for an extent of one block
-    or less).
+    or less). A non-empty extent of zeros only is a hole: ``HOLE``, no blocks.
     """
     ids: list[bytes] = []
     blocks: list[bytes | None] = []
     for ext in extents:
         h = hashlib.sha256()
         per_block = []
+        zeros = ext.length > 0
         for pos in range(ext.offset, ext.end, BLOCK_SIZE):
             n = min(BLOCK_SIZE, ext.end - pos)
             piece = read(pos, n).ljust(n, b"\0")
+            zeros = zeros and piece == (_ZEROS if n == BLOCK_SIZE else bytes(n))
             h.update(piece)
             per_block.append(hashlib.sha256(piece).digest())
-        ids.append(h.digest())
-        blocks.append(b"".join(per_block) if len(per_block) > 1 else None)
+        ids.append(HOLE if zeros else h.digest())
+        blocks.append(b"".join(per_block) if len(per_block) > 1 and not zeros else None)
     return ids, blocks
-
-
-def sha256_of(read: Callable[[int, int], bytes], size: int) -> bytes:
-    """The SHA-256 of the first ``size`` bytes ``read(offset, length)`` returns
-    (zeros where it returns short), read in ``PIECE`` pieces.
-    """
-    h = hashlib.sha256()
-    for pos in range(0, size, PIECE):
-        n = min(PIECE, size - pos)
-        h.update(read(pos, n).ljust(n, b"\0"))
-    return h.digest()
 
 
 def _unlinked_tempfile(cache_dir: str) -> int:

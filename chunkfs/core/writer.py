@@ -1,8 +1,10 @@
 """The commit of an open file: data first, then metadata.
 
 On every flush (each close) and fsync of a changed file, the spool is cut
-into six chunks (``chunkfs.layout``), each is hashed and pushed to its R
-replicas, and only then is the chunk map switched in one PostgreSQL
+into six chunks (``chunkfs.layout``); the chunks whose bytes changed are
+hashed and pushed to their R replicas (an unchanged chunk keeps its id and
+is neither read nor sent, a chunk of zeros is a hole and goes nowhere), and
+only then is the chunk map switched in one PostgreSQL
 statement, through an upload session that protects the new chunks from gc
 meanwhile, so that a reader sees the old version or the new one, never a
 mix, and nothing acknowledged is lost. A failed commit raises and keeps the
@@ -11,7 +13,6 @@ spool, so the caller sees the error and a later flush can retry.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -65,12 +66,11 @@ class Writer:
             if not f.dirty:
                 return await self._publish_pending(f)
             t0 = time.perf_counter()
-            await self._files.load(f, 0, f.size)
-            new, content = await self._cut(f)
+            new, content, in_spool = await self._cut(f)
             t1 = time.perf_counter()
             session, holders = await self._upload(f, new, content)
             t2 = time.perf_counter()
-            attrs = await self._switch(f, new, session, holders)
+            attrs = await self._switch(f, new, session, holders, in_spool)
             log.debug(
                 "commit of inode %d: hash %.2f ms, upload %.2f ms, metadata %.2f ms",
                 f.ino,
@@ -81,15 +81,17 @@ class Writer:
             return attrs
 
     async def _upload(
-        self, f: OpenFile, new: ChunkMap, content: bytes | None
+        self, f: OpenFile, new: ChunkMap, content: dict[int, bytes]
     ) -> tuple[UploadSession, dict[bytes, Sequence[str]]]:
         """Open the upload session and bring every chunk of ``new`` that no
         committed file already holds R times to R nodes; return the session
         and the holders of every chunk (``{chunk_id: node ids}``, the ones
         just placed included). The session fails with the upload.
         """
-        known: dict[bytes, Sequence[str]] = {c.chunk_id: c.nodes for c in f.base.chunks}
-        fresh = [c for c in new.chunks if c.chunk_id not in known]
+        known: dict[bytes, Sequence[str]] = {
+            c.chunk_id: c.nodes for c in f.base.chunks if not c.hole
+        }
+        fresh = [c for c in new.chunks if not c.hole and c.chunk_id not in known]
         session = await self._meta.content.begin_commit(
             f.ino, [c.chunk_id for c in fresh], self._settings.upload_ttl_s, self._store.replicas
         )
@@ -108,9 +110,11 @@ class Writer:
         new: ChunkMap,
         session: UploadSession,
         holders: dict[bytes, Sequence[str]],
+        in_spool: set[int],
     ) -> Attrs | None:
         """Commit ``new`` as the file's version (with its waiting attribute
-        changes) and make it the base the spool builds on.
+        changes) and make it the base the spool builds on; ``in_spool`` are
+        the chunks (by index) whose bytes the spool holds.
         """
         try:
             attrs = await self._meta.content.commit_chunks(
@@ -134,34 +138,77 @@ class Writer:
         f.base = replace(
             new,
             version=attrs.version,
-            chunks=tuple(replace(c, nodes=tuple(holders[c.chunk_id])) for c in new.chunks),
+            chunks=tuple(
+                replace(c, nodes=() if c.hole else tuple(holders[c.chunk_id])) for c in new.chunks
+            ),
         )
         f.base_valid = f.size
-        f.loaded = {c.index for c in new.chunks}
+        f.loaded = in_spool
+        f.touched = set()
         f.dirty = False
         f.pending.clear()
         self._on_commit(f.ino, attrs.version)
         return attrs
 
-    async def _cut(self, f: OpenFile) -> tuple[ChunkMap, bytes | None]:
-        """The new version's chunk map (no holders yet, version 0) and, for
-        a small file, its whole content, read once for hashing and upload.
+    async def _cut(self, f: OpenFile) -> tuple[ChunkMap, dict[int, bytes], set[int]]:
+        """The new version's chunk map (no holders yet, version 0); the bytes
+        of its changed chunks (by index) when the file is small, read once
+        for hashing and upload; and the chunks whose bytes the spool holds.
+
+        A chunk of the base version that no write or truncate touched and
+        that sits where the new layout puts a chunk is kept as it is; only
+        the others are loaded into the spool (where they are not yet) and
+        hashed.
         """
+        untouched = {
+            (c.offset, c.length): c
+            for c in f.base.chunks
+            if c.index not in f.touched and c.end <= f.base_valid
+        }
         exts = layout.extents(f.size)
+        changed = [e for e in exts if (e.offset, e.length) not in untouched]
+        for e in changed:
+            await self._files.load(f, e.offset, e.end)
         spool = self._files.spool(f)
-        content: bytes | None = None
+        content: dict[int, bytes] = {}
         if f.size <= SMALL_COMMIT_MAX:
             # Read and hashed on the event loop: cheaper than thread trips.
-            whole = content = spool.pread(0, f.size).ljust(f.size, b"\0")
-            ids, blocks = extent_digests(lambda offset, n: whole[offset : offset + n], exts)
-            digest = hashlib.sha256(content).digest()
+            for e in changed:
+                content[e.index] = spool.pread(e.offset, e.length).ljust(e.length, b"\0")
+            ids, blocks = extent_digests(lambda offset, n: spool.pread(offset, n), changed)
         else:
-            ids, blocks, digest = await spool.digests(exts)
-        chunks = tuple(
-            ChunkRef(e.index, e.offset, e.length, i, (), b, _position(f.ino, e, i))
-            for e, i, b in zip(exts, ids, blocks, strict=True)
+            ids, blocks = await spool.digests(changed)
+        digests = {e.index: (i, b) for e, i, b in zip(changed, ids, blocks, strict=True)}
+        chunks = []
+        in_spool = set()
+        for e in exts:
+            kept = untouched.get((e.offset, e.length))
+            if kept is not None:
+                chunks.append(replace(kept, index=e.index))
+                if kept.index in f.loaded or kept.hole:
+                    in_spool.add(e.index)
+                continue
+            chunk_id, block_digests = digests[e.index]
+            chunks.append(
+                ChunkRef(
+                    e.index,
+                    e.offset,
+                    e.length,
+                    chunk_id,
+                    (),
+                    block_digests,
+                    0 if chunk_id == layout.HOLE else _position(f.ino, e, chunk_id),
+                )
+            )
+            in_spool.add(e.index)
+        cmap = ChunkMap(
+            ino=f.ino,
+            version=0,
+            size=f.size,
+            sha256=layout.file_digest(f.size, [c.chunk_id for c in chunks]),
+            chunks=tuple(chunks),
         )
-        return ChunkMap(ino=f.ino, version=0, size=f.size, sha256=digest, chunks=chunks), content
+        return cmap, content, in_spool
 
     async def _publish_pending(self, f: OpenFile) -> Attrs | None:
         """Commit the attribute changes waiting on a file with no unflushed writes."""
@@ -177,15 +224,13 @@ class Writer:
         f.pending.clear()
         return attrs
 
-    async def _put_item(self, f: OpenFile, ref: ChunkRef, content: bytes | None) -> PutItem:
-        """What to upload for one chunk: its bytes sliced from ``content`` (the
-        whole file, when it was read at once), read from the spool, or a
-        stream of them for a large chunk.
+    async def _put_item(self, f: OpenFile, ref: ChunkRef, content: dict[int, bytes]) -> PutItem:
+        """What to upload for one chunk: its bytes from ``content`` (when the
+        commit read them already), read from the spool, or a stream of them
+        for a large chunk.
         """
-        if content is not None:
-            return PutItem(
-                ref.chunk_id, ref.length, ref.position, data=content[ref.offset : ref.end]
-            )
+        if ref.index in content:
+            return PutItem(ref.chunk_id, ref.length, ref.position, data=content[ref.index])
         spool = self._files.spool(f)
         if ref.length <= INLINE_PUT_MAX:
             data = await trio.to_thread.run_sync(spool.pread, ref.offset, ref.length)

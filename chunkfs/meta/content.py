@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from .. import errors, ring
+from ..layout import HOLE
 from ..pg import Connection, Database
 from .records import ATTR_COLUMNS, Attrs, ChunkMap, ChunkRef, Ino, UploadSession
 
@@ -33,7 +34,8 @@ class Content:
                       coalesce(array_agg(r.node_id ORDER BY r.node_id)
                                FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
                FROM inodes i
-               LEFT JOIN (chunks c JOIN chunk_objects o ON o.chunk_id = c.chunk_id) ON c.ino = i.ino
+               LEFT JOIN chunks c ON c.ino = i.ino
+               LEFT JOIN chunk_objects o ON o.chunk_id = c.chunk_id
                LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
                WHERE i.ino = $1 GROUP BY i.ino, c.ino, c.chunk_index, o.chunk_id
                ORDER BY c.chunk_index""",
@@ -52,10 +54,10 @@ class Content:
                     r["chunk_index"],
                     r["offset"],
                     r["length"],
-                    bytes(r["chunk_id"]),
+                    HOLE if r["chunk_id"] is None else bytes(r["chunk_id"]),
                     tuple(r["nodes"]),
                     r["block_sha256"],
-                    ring.to_unsigned(r["ring_key"]),
+                    0 if r["ring_key"] is None else ring.to_unsigned(r["ring_key"]),
                 )
                 for r in rows
                 if r["chunk_index"] is not None
@@ -122,7 +124,7 @@ class Content:
         changes: Mapping[str, int] | None = None,
     ) -> Attrs:
         """Switch a file to a new version in one transaction: its ``chunks``
-        (their ``nodes`` are not read), the replicas just written (``placed``:
+        (their ``nodes`` are not read; holes get no chunk object), the replicas just written (``placed``:
         ``{chunk_id: node ids}``), size, digest, times (ns; ctime, by
         default mtime, only moves forward) and the ``changes`` made meanwhile
         (``mode`` permission bits, ``uid``, ``gid``, ``atime_ns``); the version
@@ -132,7 +134,7 @@ class Content:
         if size > max_file_size:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
         changes = changes or {}
-        objects = {c.chunk_id: c for c in chunks}
+        objects = {c.chunk_id: c for c in chunks if not c.hole}
         pairs = [(c, n) for c, nodes in placed.items() for n in nodes]
         # One statement (one round trip, atomic): the inode row is updated
         # first, which locks it against a concurrent commit of the same file;
@@ -180,7 +182,7 @@ class Content:
             [c.index for c in chunks],
             [c.offset for c in chunks],
             [c.length for c in chunks],
-            [c.chunk_id for c in chunks],
+            [None if c.hole else c.chunk_id for c in chunks],
             [o.blocks for o in objects.values()],
             [ring.to_signed(o.position) for o in objects.values()],
             mtime_ns if ctime_ns is None else ctime_ns,

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
+from ..layout import HOLE
+
 Ino = NewType("Ino", int)
 ROOT_INO = Ino(1)
 NAME_MAX = 255  # bytes in a name, as on ext4
@@ -143,7 +145,8 @@ class ChunkRef:
     """One chunk of a file version: its extent (index 0..5, offset and
     length in bytes), object id, the nodes holding it, the SHA-256 of each
     1 MiB block concatenated (chunks over one block only), and the ring
-    position its replicas were placed from.
+    position its replicas were placed from. A hole (zeros only, stored
+    nowhere) has the id ``layout.HOLE`` and no nodes.
     """
 
     index: int
@@ -158,6 +161,11 @@ class ChunkRef:
     def end(self) -> int:
         """The file offset just past the chunk (bytes)."""
         return self.offset + self.length
+
+    @property
+    def hole(self) -> bool:
+        """Whether the chunk is a hole: zeros, stored on no node."""
+        return self.chunk_id == HOLE
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from ..pg import Connection, Database
 from .records import HEARTBEAT_TIMEOUT_S, ROOT_INO, FsStats, NodeInfo, Settings, now_ns
 
 # The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Registry:
