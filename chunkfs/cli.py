@@ -104,9 +104,21 @@ def mkfs(dsn: str, replicas: int, max_file_size: int, upload_ttl: int) -> None:
     default=None,
     help="Cap on stored bytes (default: the disk's size).",
 )
+@click.option(
+    "--reclaim-interval",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="Seconds between passes that delete the chunks nothing needs (0: only `chunkfs gc`).",
+)
 @click.pass_context
 def node(
-    ctx: click.Context, dsn: str | None, data_dir: str | None, listen: str, capacity: int | None
+    ctx: click.Context,
+    dsn: str | None,
+    data_dir: str | None,
+    listen: str,
+    capacity: int | None,
+    reclaim_interval: float,
 ) -> None:
     """Run one storage node until SIGTERM (node --dsn DSN --data-dir DIR), or
     manage the nodes (node drain / node remove).
@@ -121,7 +133,14 @@ def node(
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.ClickException(f"--listen needs HOST:PORT, not {listen!r}")
     try:
-        run_node(dsn, data_dir, host, int(port), capacity_bytes=capacity)
+        run_node(
+            dsn,
+            data_dir,
+            host,
+            int(port),
+            capacity_bytes=capacity,
+            reclaim_interval=reclaim_interval,
+        )
     except errors.ChunkfsError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -259,6 +259,10 @@ class NodeClient:
         ids = [wire.id_from_hex(c) for c in payload["chunks"]]
         return ChunkPage(ids, wire.id_from_hex(nxt) if nxt else None)
 
+    async def clock_ns(self) -> int:
+        """The node's clock (ns since the epoch), from its health. Raises ``StorageError``."""
+        return int((await self.health())["now_ns"])
+
     async def health(self) -> dict[str, Any]:
         """The node's health: status, node_id, capacity/used/free bytes, chunk_count, now_ns."""
         what = "health"

@@ -2,19 +2,27 @@
 
 A chunk file on a node is deleted only when no live upload session protects
 it and either no committed chunk map uses it or no replica record names that
-node for it (a copy a failed or superseded move left behind). A writer may reuse an identical object
-while gc runs; the node bumps an existing object's mtime on every PUT, and gc
-deletes with ``before_ns`` = the node's clock read before the reference check,
-so an object put again after that check survives.
+node for it (a copy a failed or superseded move left behind). A writer may
+reuse an identical object while gc runs; the node bumps an existing object's
+mtime on every PUT, and gc deletes with ``before_ns`` = the node's clock read
+before the reference check, so an object put again after that check survives.
+
+``collect`` is one pass over every live node through its HTTP API (``chunkfs
+gc``); every node also runs ``collect_node`` on its own disk continuously
+(``chunkfs.node.reclaim``), so nothing waits for an operator.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
+
+import trio
 
 from .. import errors
 from ..meta import Meta
+from ..nodeclient import ChunkPage
 from ..store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,24 @@ class GcReport:
     unreachable: int = 0
 
 
+class NodeChunks(Protocol):
+    """What a collection needs of one node's chunks: a ``NodeClient``, or
+    the node's own disk (``chunkfs.node.reclaim.LocalChunks``).
+    """
+
+    async def clock_ns(self) -> int:
+        """The node's clock (ns since the epoch), as its chunk mtimes read."""
+        ...
+
+    async def list(self, after: bytes | None = None, limit: int = 1000) -> ChunkPage:
+        """Up to ``limit`` chunk ids above ``after``, ascending."""
+        ...
+
+    async def delete(self, chunk_id: bytes, before_ns: int | None = None) -> bool:
+        """Delete a chunk unless used at or after ``before_ns``; False when kept."""
+        ...
+
+
 async def collect(meta: Meta) -> GcReport:
     """Run one gc pass over every active node; see the module doc."""
     report = GcReport(sessions=await meta.maintenance.expire_sessions())
@@ -41,7 +67,7 @@ async def collect(meta: Meta) -> GcReport:
     try:
         for node_id in sorted(store.live_nodes()):
             try:
-                await _collect_node(meta, store, node_id, report)
+                await collect_node(meta, store.client(node_id), node_id, report)
             except errors.StorageError as exc:
                 log.warning("node %s skipped: %s", node_id, exc)
                 report.unreachable += 1
@@ -50,22 +76,27 @@ async def collect(meta: Meta) -> GcReport:
     return report
 
 
-async def _collect_node(meta: Meta, store: ChunkStore, node_id: str, report: GcReport) -> None:
-    client = store.client(node_id)
-    before_ns = int((await client.health())["now_ns"])
+async def collect_node(
+    meta: Meta, chunks: NodeChunks, node_id: str, report: GcReport, *, pause_s: float = 0.0
+) -> None:
+    """Delete every chunk of node ``node_id`` that nothing needs (see the
+    module doc), a page of ``PAGE`` ids at a time with ``pause_s`` seconds
+    between pages; counts go to ``report``. Raises ``StorageError`` and
+    ``MetadataUnavailable``.
+    """
+    before_ns = await chunks.clock_ns()
     after = None
     for _ in range(MAX_PAGES):
-        page = await client.list(after=after, limit=PAGE)
+        page = await chunks.list(after=after, limit=PAGE)
         ids, after = page.ids, page.after
         dead = await meta.maintenance.unneeded(node_id, ids)
-        for chunk_id in sorted(dead):
-            if await client.delete(chunk_id, before_ns=before_ns):
-                report.deleted += 1
-                await meta.maintenance.drop_replica(chunk_id, node_id)
-            else:
-                report.kept += 1
-        report.kept += len(ids) - len(dead)
+        deleted = [c for c in sorted(dead) if await chunks.delete(c, before_ns=before_ns)]
+        report.deleted += len(deleted)
+        report.kept += len(ids) - len(deleted)
+        if deleted:
+            await meta.maintenance.drop_replicas(node_id, deleted)
         if dead:
             await meta.maintenance.forget_objects(sorted(dead))
         if after is None:
             return
+        await trio.sleep(pause_s)

@@ -92,8 +92,13 @@ class Writer:
             c.chunk_id: c.nodes for c in f.base.chunks if not c.hole
         }
         fresh = [c for c in new.chunks if not c.hole and c.chunk_id not in known]
+        # The session protects the kept chunks too: were the file rewritten
+        # elsewhere meanwhile, reclamation must not take them before the switch.
         session = await self._meta.content.begin_commit(
-            f.ino, [c.chunk_id for c in fresh], self._settings.upload_ttl_s, self._store.replicas
+            f.ino,
+            [c.chunk_id for c in new.chunks if not c.hole],
+            self._settings.upload_ttl_s,
+            self._store.replicas,
         )
         known.update(session.reusable)  # identical chunks other files hold: stored once
         try:

@@ -88,8 +88,14 @@ class Maintenance:
 
     async def drop_replica(self, chunk_id: bytes, node_id: str) -> None:
         """Forget that ``node_id`` holds ``chunk_id``."""
+        await self.drop_replicas(node_id, [chunk_id])
+
+    async def drop_replicas(self, node_id: str, chunk_ids: Sequence[bytes]) -> None:
+        """Forget that ``node_id`` holds any of ``chunk_ids``."""
         await self.db.execute(
-            "DELETE FROM chunk_replicas WHERE chunk_id = $1 AND node_id = $2", chunk_id, node_id
+            "DELETE FROM chunk_replicas WHERE node_id = $1 AND chunk_id = ANY($2::bytea[])",
+            node_id,
+            list(chunk_ids),
         )
 
     async def used_objects(self, after: bytes, limit: int) -> list[UsedObject]:

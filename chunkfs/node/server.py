@@ -20,6 +20,7 @@ from ..errors import ChunkfsError
 from ..meta import Meta
 from .app import DEFAULT_MAX_CHUNK_SIZE, create_app
 from .disk import ChunkDisk
+from .reclaim import reclaim_forever
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ async def serve_node(
     heartbeat_interval: float = 3.0,
     capacity_bytes: int | None = None,
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+    reclaim_interval: float = 10.0,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a storage node until SIGTERM/SIGINT (or cancellation).
@@ -128,7 +130,9 @@ async def serve_node(
     Opens the data directory, connects to PostgreSQL at ``dsn``, listens on
     ``host:port``, registers the node (URL ``http://host:port``) and its
     vnodes, then serves and sends a heartbeat every ``heartbeat_interval``
-    seconds. On stop it drains requests and marks the node 'stopped'.
+    seconds, and gives back the space of chunks nothing needs every
+    ``reclaim_interval`` seconds (0: never; ``chunkfs.node.reclaim``). On
+    stop it drains requests and marks the node 'stopped'.
     ``task_status.started`` receives the node's base URL once it serves.
 
     Raises ``ChunkfsError`` with a one-line message when the data directory
@@ -147,7 +151,16 @@ async def serve_node(
                 settings = await meta.registry.settings()
                 app = create_app(disk, settings.cluster_token, max_chunk_size=max_chunk_size)
                 config = _hypercorn_config(sock)
-                await _run(meta, disk, app, config, base_url, heartbeat_interval, task_status)
+                await _run(
+                    meta,
+                    disk,
+                    app,
+                    config,
+                    base_url,
+                    heartbeat_interval,
+                    reclaim_interval,
+                    task_status,
+                )
     finally:
         if sock.fileno() != -1:
             sock.close()
@@ -160,6 +173,7 @@ async def _run(
     config: Config,
     base_url: str,
     heartbeat_interval: float,
+    reclaim_interval: float,
     task_status: Any,
 ) -> None:
     stop = trio.Event()
@@ -188,6 +202,8 @@ async def _run(
             await nursery.start(http_server)
             log.info("node %s serving %s at %s", disk.node_id, disk.root, base_url)
             nursery.start_soon(_heartbeats, meta, disk, heartbeat_interval)
+            if reclaim_interval > 0:
+                nursery.start_soon(reclaim_forever, meta, disk, reclaim_interval)
             task_status.started(base_url)
     finally:
         if registered:
@@ -202,6 +218,7 @@ def run_node(
     *,
     heartbeat_interval: float = 3.0,
     capacity_bytes: int | None = None,
+    reclaim_interval: float = 10.0,
 ) -> None:
     """Run a storage node in this process until SIGTERM/SIGINT (blocking).
 
@@ -220,6 +237,7 @@ def run_node(
                 port,
                 heartbeat_interval=heartbeat_interval,
                 capacity_bytes=capacity_bytes,
+                reclaim_interval=reclaim_interval,
             )
         )
     except KeyboardInterrupt:  # a SIGINT before the signal handler was installed
