@@ -81,6 +81,8 @@ class StressResult:
     allocated_bytes: int = 0
     read_back_bytes: int = 0
     kernel_write_bytes: int = 0
+    close_seconds: float = 0.0
+    close_max: float = 0.0
     errors: list[list[str]] = field(default_factory=list)
 
     @property
@@ -91,6 +93,11 @@ class StressResult:
     @property
     def ops_per_s(self) -> float:
         return self.ops / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def close_mean(self) -> float:
+        """Mean seconds a close took."""
+        return self.close_seconds / self.closes if self.closes else 0.0
 
     @property
     def error_count(self) -> int:
@@ -106,6 +113,8 @@ class StressResult:
             "truncates": (self.truncates, "ops"),
             "appends": (self.appends, "ops"),
             "closes": (self.closes, "closes"),
+            "close_mean": (self.close_mean * 1000, "ms"),
+            "close_max": (self.close_max * 1000, "ms"),
             "elapsed": (self.elapsed, "s"),
             "ops_per_s": (self.ops_per_s, "ops/s"),
             "live": (self.live_bytes / MiB, "MiB"),
@@ -141,6 +150,8 @@ class _Outcome:
     closes: int = 0
     app_bytes: int = 0
     loop_seconds: float = 0.0
+    close_seconds: float = 0.0
+    close_max: float = 0.0
     read_back: int = 0
     kernel_write_bytes: int = 0
     errors: list[str] = field(default_factory=list)
@@ -318,11 +329,15 @@ def _worker(job: _Job) -> _Outcome:
         except OSError as exc:
             failed(what, j, exc)
         finally:
+            t0 = time.monotonic()
             try:
                 os.close(fd)
                 out.closes += 1
             except OSError as exc:
                 failed("close", j, exc)
+            took = time.monotonic() - t0
+            out.close_seconds += took
+            out.close_max = max(out.close_max, took)
     out.loop_seconds = time.monotonic() - start
     out.kernel_write_bytes = _io_written() - io0
     for j, path in enumerate(paths):
@@ -369,7 +384,9 @@ def run_stress(
 ) -> StressResult:
     """Run the stress under ``root`` (made if missing; the files ``root/pN/fM``
     are created or emptied) and return what it did. The files stay.
-    ``max_ops`` bounds each process's operations.
+    ``max_ops`` bounds each process's operations. The processes are spawned,
+    so the caller's main module must be importable without side effects
+    (``if __name__ == "__main__"``).
     """
     if processes < 1 or files_per_process < 1 or max_file_bytes < 1:
         raise ValueError("processes, files_per_process and max_file_bytes must be positive")
@@ -407,6 +424,8 @@ def run_stress(
             result.closes += o.closes
             result.app_bytes_written += o.app_bytes
             result.elapsed = max(result.elapsed, o.loop_seconds)
+            result.close_seconds += o.close_seconds
+            result.close_max = max(result.close_max, o.close_max)
             result.read_back_bytes += o.read_back
             result.kernel_write_bytes += o.kernel_write_bytes
             result.errors.append(o.errors)
