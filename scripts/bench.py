@@ -17,7 +17,13 @@ default options. Workloads (each run ``--runs`` times; the median is kept):
 6. ``cp_tree`` / ``diff_tree``: ``cp -a`` of a real tree (``/usr/include``) and
    ``diff -r`` against it (s);
 7. resources: peak RSS (MiB) and CPU seconds of the filesystem's processes
-   (the mount; for chunkfs also the six nodes) during workloads 1 and 6.
+   (the mount; for chunkfs also the six nodes) during workloads 1 and 6;
+8. ``stress``, once per target after the runs (``--stress-seconds``, 0: none):
+   ``scripts/stress.py``'s four processes of random writes, truncates and
+   appends with a close every few operations on files of up to 256 MiB; see
+   ``stress_figures`` for what it records (MiB written, operations, and for
+   chunkfs the bytes the nodes received and their disk use against the live
+   data, as ratios).
 
 ``--rss-file-gib N`` also writes an N GiB file once and reports the mount's
 peak RSS. Output: one line per figure (``target workload value unit``), then
@@ -42,16 +48,24 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The throwaway-cluster harness lives beside the tests, outside the package.
+from prometheus_client.parser import text_string_to_metric_families
+
+# The throwaway-cluster harness lives beside the tests, outside the package;
+# the stress workload beside this script (on the path when it runs).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import stress
+
 import cluster as cl
 
 MiB = 1 << 20
+# Loopback requests (the nodes' /metrics) must not go through a proxy set in the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Workload -> (unit, higher is better).
 UNITS = {
     "write": ("MiB/s", True),
@@ -71,6 +85,21 @@ UNITS = {
     "cp_tree_rss": ("MiB", False),
     "cp_tree_cpu": ("s", False),
     "rss_big_file": ("MiB", False),
+    "stress_app_mib": ("MiB", True),
+    "stress_ops": ("ops", True),
+    "stress_ops_per_s": ("ops/s", True),
+    "stress_errors": ("errors", False),
+    "stress_close_mean_ms": ("ms", False),
+    "stress_close_max_ms": ("ms", False),
+    "stress_live_mib": ("MiB", False),
+    "stress_nodes_in_mib": ("MiB", False),
+    "stress_write_amplification": ("x", False),
+    "stress_nodes_disk_end_mib": ("MiB", False),
+    "stress_nodes_disk_mib": ("MiB", False),
+    "stress_settle_s": ("s", False),
+    "stress_space_amplification": ("x", False),
+    "stress_nodes_disk_after_gc_mib": ("MiB", False),
+    "stress_space_amplification_after_gc": ("x", False),
 }
 COMMAND_TIMEOUT = 3600.0
 
@@ -423,6 +452,108 @@ def rss_big_file(t: Target, gib: int) -> float:
     return u.peak_rss
 
 
+def stress_figures(
+    t: Target, seconds: float, settle: float, max_file_mib: int = 256
+) -> dict[str, float]:
+    """``scripts/stress.py`` for ``seconds`` on ``t.root / "stress"``, then the
+    files are deleted. Records the MiB the application wrote
+    (``stress_app_mib``), its operations, their rate, its errors (0 in a good
+    run), the mean and longest close, and the live data (the final files'
+    sizes). For chunkfs also: the request bytes the nodes received during the
+    run (``chunkfs_node_received_bytes`` at each node's ``/metrics``) and
+    their ratio to the application's (``stress_write_amplification``); the
+    nodes' disk use (their data directories, ``st_blocks``) right at the end
+    (``stress_nodes_disk_end_mib``), once it has stopped shrinking for 10 s
+    or ``settle`` s have passed (``stress_nodes_disk_mib``;
+    ``stress_settle_s``: when it last shrank), and after a ``chunkfs gc``
+    (``..._after_gc_mib``), with their ratios to the live data
+    (``stress_space_amplification``, ``..._after_gc``). A ``chunkfs gc``
+    before the run clears what the earlier workloads left. For the local
+    directory, the same two ratios from the bytes the kernel accounted as
+    written to the disk and the files' allocated bytes.
+    """
+    root = t.root / "stress"
+    out: dict[str, float] = {}
+    chunkfs = t if isinstance(t, Chunkfs) else None
+    if chunkfs:
+        cluster = chunkfs.cluster
+        cl.run_chunkfs("gc", cluster.dsn, timeout=COMMAND_TIMEOUT)
+        token = cl.run_sql(cluster.dsn, "SELECT cluster_token FROM settings")[0][0]
+        received0 = _nodes_received(cluster, token["cluster_token"])
+        log_start = chunkfs.mount.log_offset()
+    try:
+        r = stress.run_stress(root, processes=4, seconds=seconds, max_file_bytes=max_file_mib * MiB)
+        for errors in r.errors:
+            for e in errors:
+                say(f"stress on {t.name}: {e}")
+        app, live = r.app_bytes_written, r.live_bytes
+        out["stress_app_mib"] = app / MiB
+        out["stress_ops"] = r.ops
+        out["stress_ops_per_s"] = r.ops_per_s
+        out["stress_errors"] = r.error_count
+        out["stress_close_mean_ms"] = r.close_mean * 1000
+        out["stress_close_max_ms"] = r.close_max * 1000
+        out["stress_live_mib"] = live / MiB
+        if isinstance(t, Local):
+            out["stress_write_amplification"] = r.kernel_write_bytes / app if app else 0.0
+            out["stress_space_amplification"] = r.allocated_bytes / live if live else 0.0
+        if chunkfs:
+            nodes_in = _nodes_received(cluster, token["cluster_token"]) - received0
+            for e in chunkfs.mount.unexpected_errors(since=log_start):
+                say(f"stress on chunkfs: the mount logged: {e.splitlines()[0]}")
+
+            def disk() -> int:
+                return sum(stress.disk_usage(n.data_dir) for n in cluster.nodes)
+
+            out["stress_nodes_in_mib"] = nodes_in / MiB
+            out["stress_write_amplification"] = nodes_in / app if app else 0.0
+            out["stress_nodes_disk_end_mib"] = disk() / MiB
+            settled, out["stress_settle_s"] = _settle(disk, settle)
+            out["stress_nodes_disk_mib"] = settled / MiB
+            out["stress_space_amplification"] = settled / live if live else 0.0
+            cl.run_chunkfs("gc", cluster.dsn, timeout=COMMAND_TIMEOUT)
+            after_gc = disk()
+            out["stress_nodes_disk_after_gc_mib"] = after_gc / MiB
+            out["stress_space_amplification_after_gc"] = after_gc / live if live else 0.0
+    finally:
+        run(["rm", "-rf", str(root)])
+    return out
+
+
+def _nodes_received(cluster: cl.Cluster, token: str) -> float:
+    """Request body bytes all the cluster's nodes have received (their ``/metrics``)."""
+    total = 0.0
+    for node in cluster.nodes:
+        req = urllib.request.Request(
+            node.url + "/metrics", headers={"Authorization": f"Bearer {token}"}
+        )
+        with _NO_PROXY.open(req, timeout=30) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in (
+                    "chunkfs_node_received_bytes_total",
+                    "chunkfs_node_received_bytes",
+                ):
+                    total += sample.value
+    return total
+
+
+def _settle(measure: Callable[[], int], limit: float, quiet: float = 10.0) -> tuple[int, float]:
+    """Sample ``measure`` every second until it has not shrunk for ``quiet`` s
+    or ``limit`` s have passed; the last value and when it last shrank (s).
+    """
+    start = time.monotonic()
+    value = low = measure()
+    last_drop = start
+    while (now := time.monotonic()) - start < limit and now - last_drop < quiet:
+        time.sleep(1.0)
+        value = measure()
+        if value < low:
+            low, last_drop = value, time.monotonic()
+    return value, last_drop - start
+
+
 # ----------------------------------------------------------------- report
 
 
@@ -492,6 +623,21 @@ def main() -> int:
         default=Path("/var/tmp"),
         help="where the temp dir goes (local side, buckets, data dirs)",
     )
+    p.add_argument(
+        "--stress-seconds",
+        type=float,
+        default=120.0,
+        help="how long the stress workload runs on each target (0: not at all)",
+    )
+    p.add_argument(
+        "--stress-settle",
+        type=float,
+        default=30.0,
+        help="seconds to wait at most after the stress for the nodes' disk use to stop shrinking",
+    )
+    p.add_argument(
+        "--stress-max-file-mib", type=int, default=256, help="largest file of the stress"
+    )
     p.add_argument("--json", type=Path, help="write the figures and ratios here")
     args = p.parse_args()
     if not args.tree.is_dir():
@@ -530,6 +676,14 @@ def main() -> int:
                 for t in targets[1:]:
                     say(f"{args.rss_file_gib} GiB file on {t.name}")
                     results[t.name]["rss_big_file"] = rss_big_file(t, args.rss_file_gib)
+            if args.stress_seconds > 0:
+                for t in targets:
+                    say(f"stress ({args.stress_seconds:g} s) on {t.name}")
+                    results[t.name].update(
+                        stress_figures(
+                            t, args.stress_seconds, args.stress_settle, args.stress_max_file_mib
+                        )
+                    )
             out = report(results)
             out["runs"] = args.runs
             out["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release}

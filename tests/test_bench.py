@@ -40,6 +40,12 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
             str(tmp_path),
             "--json",
             str(out),
+            "--stress-seconds",
+            "3",
+            "--stress-settle",
+            "0",
+            "--stress-max-file-mib",
+            "4",
         ],
         capture_output=True,
         text=True,
@@ -66,6 +72,14 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
         assert workloads <= set(figures), set(figures)
         assert all(figures[w] > 0 for w in workloads), figures
     assert report["figures"]["chunkfs"]["write_rss"] > 0  # the mount was sampled
+    for target in ("local", "chunkfs"):
+        figures = report["figures"][target]
+        assert figures["stress_ops"] > 0, figures
+        assert figures["stress_errors"] == 0, figures
+    chunkfs = report["figures"]["chunkfs"]
+    assert chunkfs["stress_nodes_in_mib"] > 0, chunkfs
+    assert chunkfs["stress_nodes_disk_mib"] > 0, chunkfs
+    assert chunkfs["stress_nodes_disk_after_gc_mib"] <= chunkfs["stress_nodes_disk_mib"], chunkfs
     assert set(report["ratios"]) >= workloads
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("chunkfs ")]
     assert {fields[1] for fields in lines} >= workloads
