@@ -1117,7 +1117,8 @@ class Cluster:
     ``workdir`` holds the node data directories (``node0`` ...), their
     logs, and the mounts' logs and spool directories. With ``dsn`` given, that (existing) database is
     used instead of starting PostgreSQL; ``mkfs=False`` then skips mkfs.
-    ``fast`` is passed to ``Postgres`` (no fsync: tests only).
+    ``fast`` is passed to ``Postgres`` (no fsync: tests only); ``node_args``
+    are added to every node's command line.
     """
 
     def __init__(
@@ -1131,8 +1132,10 @@ class Cluster:
         mkfs: bool = True,
         max_file_size: int | None = None,
         node_capacity: int | None = None,
+        node_args: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
+        self.node_args = tuple(node_args)
         self.node_count = nodes
         self.replicas = replicas
         self.fast = fast
@@ -1179,7 +1182,13 @@ class Cluster:
     def _start_nodes(self) -> None:
         ports = free_ports(self.node_count)
         self.nodes = [
-            NodeProcess(self.dsn, self.workdir / f"node{i}", port, capacity=self.node_capacity)
+            NodeProcess(
+                self.dsn,
+                self.workdir / f"node{i}",
+                port,
+                capacity=self.node_capacity,
+                extra_args=self.node_args,
+            )
             for i, port in enumerate(ports)
         ]
         for node in self.nodes:  # launch all, then wait: they start in parallel

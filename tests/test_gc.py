@@ -76,3 +76,34 @@ def test_mkfs_sets_the_upload_ttl_and_keeps_settings_when_run_again(empty_dsn):
     assert (row["replicas"], row["upload_ttl_s"]) == (1, 5)
     bad = cl.run_chunkfs("mkfs", empty_dsn, "--upload-ttl", "0", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_nodes_give_back_deleted_and_superseded_chunks_without_gc(
+    pg_server, mkfs_template, tmp_path, mount_factory
+):
+    name, dsn = pg_server.new_database(template=mkfs_template)
+    c = cl.Cluster(
+        tmp_path / "c", nodes=3, dsn=dsn, mkfs=False, node_args=["--reclaim-interval", "0.5"]
+    )
+    try:
+        c.start()
+        m = mount_factory(dsn)
+        f = m / "rewritten"
+        f.write_bytes(os.urandom(30_000))
+        superseded = chunk_ids(f)
+        f.write_bytes(os.urandom(30_000))
+        live = chunk_ids(f)
+        g = m / "deleted"
+        g.write_bytes(os.urandom(50_000))
+        deleted = chunk_ids(g)
+        g.unlink()
+        cl.wait_until(
+            lambda: not any(on_disk(c, x) for x in superseded | deleted), 30, "reclamation"
+        )
+        assert all(len(on_disk(c, x)) == 2 for x in live)
+        assert len(f.read_bytes()) == 30_000
+        fsck = cl.run_chunkfs("fsck", dsn, "--verify")
+        assert "clean" in fsck.stdout and "NOT" not in fsck.stdout
+    finally:
+        c.stop()
+        pg_server.drop(name)

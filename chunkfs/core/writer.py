@@ -178,9 +178,9 @@ class Writer:
         content: dict[int, bytes] = {}
         if f.size <= SMALL_COMMIT_MAX:
             # Read and hashed on the event loop: cheaper than thread trips.
-            for e in changed:
-                content[e.index] = spool.pread(e.offset, e.length).ljust(e.length, b"\0")
-            ids, blocks = extent_digests(lambda offset, n: spool.pread(offset, n), changed)
+            whole = spool.pread(0, f.size).ljust(f.size, b"\0")
+            content = {e.index: whole[e.offset : e.end] for e in changed}
+            ids, blocks = extent_digests(lambda offset, n: whole[offset : offset + n], changed)
         else:
             ids, blocks = await spool.digests(changed)
         digests = {e.index: (i, b) for e, i, b in zip(changed, ids, blocks, strict=True)}
