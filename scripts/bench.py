@@ -6,18 +6,30 @@ a throwaway PostgreSQL (the machine's binaries, real fsync), six chunkfs
 storage nodes, a chunkfs mount with default options and replica count 2, and
 for JuiceFS a filesystem formatted on a second database of the same
 PostgreSQL with its local ``file`` storage on the same disk, mounted with its
-default options. Workloads (each run ``--runs`` times; the median is kept):
+default options.
+
+Workloads (each run ``--runs`` times; the median is kept). A read is measured
+twice: warm (the mount that wrote the data, page cache dropped: its content
+cache may serve it) and cold (a fresh mount whose cache directory was
+emptied, page cache dropped). The cold figure is the one to compare.
 
 1. ``write``: ``cp`` of a file of random data (1 GiB), then ``sync`` (MiB/s);
-2. ``read``: ``cat`` of that file after a remount and dropping the page cache (MiB/s);
-3. ``randread``: fio, 4 KiB random reads over a 256 MiB file (IOPS, p50/p99 in µs);
+2. ``read_warm`` / ``read``: ``cat`` of that file, warm / cold (MiB/s);
+3. ``randread_warm_iops`` / ``randread_iops``: fio, 4 KiB random reads over a
+   256 MiB file, warm / cold (IOPS); ``randread_p50`` / ``randread_p99``:
+   completion latency of the cold run (µs);
 4. ``cp_small`` / ``rsync_small``: ``cp -r`` and ``rsync -a`` of 20 directories
    of 100 files of 4 KiB (files/s);
-5. ``ls_lR`` / ``find`` over that tree (s), ``rm_rf`` of both copies (files/s);
-6. ``cp_tree`` / ``diff_tree``: ``cp -a`` of a real tree (``/usr/include``) and
-   ``diff -r`` against it (s);
-7. resources: peak RSS (MiB) and CPU seconds of the filesystem's processes
-   (the mount; for chunkfs also the six nodes) during workloads 1 and 6.
+5. ``ls_lR`` / ``find`` over that tree after a cold remount (s), ``rm_rf`` of
+   both copies (files/s);
+6. ``cp_tree``: ``cp -a`` of a real tree (``/usr/include``) (s);
+   ``diff_tree_warm`` / ``diff_tree``: ``diff -r`` against it, warm / cold (s);
+7. resources of the filesystem's processes (chunkfs: the mount and the six
+   nodes; JuiceFS: the mount; PostgreSQL counts for neither): peak RSS (MiB,
+   the largest process) and CPU seconds during workloads 1 and 6
+   (``write_rss``, ``write_cpu``, ``cp_tree_rss``, ``cp_tree_cpu``), and CPU
+   seconds per GiB of the write and of the cold read (``write_cpu_per_gib``,
+   ``read_cpu_per_gib``).
 
 ``--rss-file-gib N`` also writes an N GiB file once and reports the mount's
 peak RSS. Output: one line per figure (``target workload value unit``), then
@@ -45,17 +57,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 # The throwaway-cluster harness lives beside the tests, outside the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import cluster as cl
 
 MiB = 1 << 20
+GiB = 1 << 30
 # Workload -> (unit, higher is better).
 UNITS = {
     "write": ("MiB/s", True),
+    "read_warm": ("MiB/s", True),
     "read": ("MiB/s", True),
+    "randread_warm_iops": ("IOPS", True),
     "randread_iops": ("IOPS", True),
     "randread_p50": ("us", False),
     "randread_p99": ("us", False),
@@ -65,14 +80,19 @@ UNITS = {
     "find": ("s", False),
     "rm_rf": ("files/s", True),
     "cp_tree": ("s", False),
+    "diff_tree_warm": ("s", False),
     "diff_tree": ("s", False),
     "write_rss": ("MiB", False),
     "write_cpu": ("s", False),
+    "write_cpu_per_gib": ("s/GiB", False),
+    "read_cpu_per_gib": ("s/GiB", False),
     "cp_tree_rss": ("MiB", False),
     "cp_tree_cpu": ("s", False),
     "rss_big_file": ("MiB", False),
 }
 COMMAND_TIMEOUT = 3600.0
+# Seconds a peer's mount may take to stop.
+STOP_TIMEOUT = 45.0
 
 
 class BenchError(Exception):
@@ -114,6 +134,21 @@ def drop_caches() -> None:
     os.sync()
     with contextlib.suppress(OSError):
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def empty_dir(path: Path) -> None:
+    """Remove everything inside ``path`` (which is kept, or made if missing)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def pids_gone(pids: list[int]) -> bool:
+    """True once none of ``pids`` exists any more."""
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
 # ------------------------------------------------------------- resources
@@ -171,7 +206,9 @@ class Usage:
 
 
 class Target:
-    """Where the workloads run: ``root``; ``remount`` empties its caches."""
+    """Where the workloads run: ``root``. ``remount`` makes the next reads
+    cold: a fresh mount with an empty cache directory, page cache dropped.
+    """
 
     name = "?"
     root: Path
@@ -180,6 +217,7 @@ class Target:
         drop_caches()
 
     def pids(self) -> list[int]:
+        """Every process of the filesystem (for CPU time and peak RSS)."""
         return []
 
     def mount_pid(self) -> list[int]:
@@ -207,6 +245,8 @@ class Chunkfs(Target):
 
     def remount(self) -> None:
         self.mount.unmount()
+        if self.mount.cache_dir is not None:
+            empty_dir(self.mount.cache_dir)
         drop_caches()
         self.mount.mount()
 
@@ -270,7 +310,10 @@ class Juicefs(Target):
         cl.wait_until(lambda: cl.is_mounted(self.root), 30, "the JuiceFS mount", 0.1)
 
     def remount(self) -> None:
+        daemon = self.mount_pid()
         run([self.binary, "umount", str(self.root)])
+        cl.wait_until(lambda: pids_gone(daemon), STOP_TIMEOUT, "the JuiceFS mount to exit")
+        empty_dir(self.cache)
         drop_caches()
         self._mount()
 
@@ -330,6 +373,9 @@ def make_inputs(
     return Inputs(big, small, dirs * files, real_tree, fio_mib)
 
 
+Put: TypeAlias = Callable[[str, float], None]
+
+
 def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
     """Every workload once on target ``t``; appends one value per figure to ``out``."""
 
@@ -339,53 +385,61 @@ def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
     root = t.root / "run"
     root.mkdir()
     try:
-        size_mib = inp.big.stat().st_size / MiB
-        drop_caches()
-        run(["cat", str(inp.big)], timeout=600)  # the source is read from memory
-        with Usage(t.pids()) as u:
-            put(
-                "write",
-                size_mib
-                / timed(["sh", "-c", 'cp "$0" "$1" && sync', str(inp.big), str(root / "big")]),
-            )
-        put("write_rss", u.peak_rss)
-        put("write_cpu", u.cpu)
-        t.remount()
-        put("read", size_mib / timed(["sh", "-c", 'cat "$0" > /dev/null', str(root / "big")]))
-        os.unlink(root / "big")
-
+        put_big_file(t, root, inp.big, put)
         put_fio(t, root, inp.fio_mib, put)
-
-        n = inp.small_files
-        put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
-        put("rsync_small", n / timed(["rsync", "-a", f"{inp.small_tree}/", f"{root / 'small2'}/"]))
-        t.remount()
-        put("ls_lR", timed(["sh", "-c", 'ls -lR "$0" > /dev/null', str(root / "small")]))
-        put("find", timed(["sh", "-c", 'find "$0" > /dev/null', str(root / "small2")]))
-        put("rm_rf", 2 * n / timed(["rm", "-rf", str(root / "small"), str(root / "small2")]))
-
-        with Usage(t.pids()) as u:
-            put("cp_tree", timed(["cp", "-a", str(inp.real_tree), str(root / "tree")]))
-        put("cp_tree_rss", u.peak_rss)
-        put("cp_tree_cpu", u.cpu)
-        t.remount()
-        put(
-            "diff_tree",
-            timed(["diff", "-r", "--no-dereference", str(inp.real_tree), str(root / "tree")]),
-        )
+        put_small_files(t, root, inp, put)
+        put_tree(t, root, inp.real_tree, put)
     finally:
         run(["rm", "-rf", str(root)])
 
 
-def put_fio(t: Target, root: Path, mib: int, put: Callable[[str, float], None]) -> None:
-    """fio 4 KiB random reads (psync, 15 s) over a ``mib`` MiB file, after a
-    remount: records IOPS and the p50 / p99 completion latency in µs.
+def put_big_file(t: Target, root: Path, big: Path, put: Put) -> None:
+    """``cp`` + ``sync`` of ``big`` (MiB/s, peak RSS, CPU s and CPU s/GiB),
+    then ``cat`` of the copy warm and cold (MiB/s; CPU s/GiB of the cold one).
+    """
+    size = big.stat().st_size
+    drop_caches()
+    run(["cat", str(big)], timeout=600)  # the source is read from memory
+    copy = root / "big"
+    with Usage(t.pids()) as u:
+        seconds = timed(["sh", "-c", 'cp "$0" "$1" && sync', str(big), str(copy)])
+    put("write", size / MiB / seconds)
+    put("write_rss", u.peak_rss)
+    put("write_cpu", u.cpu)
+    put("write_cpu_per_gib", u.cpu / (size / GiB))
+    cat = ["sh", "-c", 'cat "$0" > /dev/null', str(copy)]
+    drop_caches()
+    put("read_warm", size / MiB / timed(cat))
+    t.remount()
+    with Usage(t.pids()) as u:
+        put("read", size / MiB / timed(cat))
+    put("read_cpu_per_gib", u.cpu / (size / GiB))
+    os.unlink(copy)
+
+
+def put_fio(t: Target, root: Path, mib: int, put: Put) -> None:
+    """fio 4 KiB random reads over a ``mib`` MiB file, warm and then cold:
+    IOPS of both, the p50 / p99 completion latency (µs) of the cold run.
     """
     f = root / "fio.dat"
     with open(f, "wb") as out:
         for _ in range(mib):
             out.write(os.urandom(MiB))
+    drop_caches()
+    put("randread_warm_iops", fio_randread(f, mib)["iops"])
     t.remount()
+    read = fio_randread(f, mib)
+    put("randread_iops", read["iops"])
+    pct = read["clat_ns"]["percentile"]
+    put("randread_p50", pct["50.000000"] / 1000)
+    put("randread_p99", pct["99.000000"] / 1000)
+    os.unlink(f)
+
+
+def fio_randread(f: Path, mib: int) -> dict[str, Any]:
+    """fio 4 KiB random reads (psync, 15 s) over the first ``mib`` MiB of ``f``:
+    the ``read`` part of its JSON report (``iops``, ``clat_ns`` ...).
+    """
     report = json.loads(
         run(
             [
@@ -403,12 +457,37 @@ def put_fio(t: Target, root: Path, mib: int, put: Callable[[str, float], None]) 
             timeout=300,
         )
     )
-    read = report["jobs"][0]["read"]
-    put("randread_iops", read["iops"])
-    pct = read["clat_ns"]["percentile"]
-    put("randread_p50", pct["50.000000"] / 1000)
-    put("randread_p99", pct["99.000000"] / 1000)
-    os.unlink(f)
+    read: dict[str, Any] = report["jobs"][0]["read"]
+    return read
+
+
+def put_small_files(t: Target, root: Path, inp: Inputs, put: Put) -> None:
+    """``cp -r`` and ``rsync -a`` of the small files (files/s), ``ls -lR`` and
+    ``find`` over them after a cold remount (s), ``rm -rf`` of both (files/s).
+    """
+    n = inp.small_files
+    put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
+    put("rsync_small", n / timed(["rsync", "-a", f"{inp.small_tree}/", f"{root / 'small2'}/"]))
+    t.remount()
+    put("ls_lR", timed(["sh", "-c", 'ls -lR "$0" > /dev/null', str(root / "small")]))
+    put("find", timed(["sh", "-c", 'find "$0" > /dev/null', str(root / "small2")]))
+    put("rm_rf", 2 * n / timed(["rm", "-rf", str(root / "small"), str(root / "small2")]))
+
+
+def put_tree(t: Target, root: Path, tree: Path, put: Put) -> None:
+    """``cp -a`` of ``tree`` (s, peak RSS, CPU s), then ``diff -r`` of the
+    copy against it, warm and cold (s).
+    """
+    copy = root / "tree"
+    with Usage(t.pids()) as u:
+        put("cp_tree", timed(["cp", "-a", str(tree), str(copy)]))
+    put("cp_tree_rss", u.peak_rss)
+    put("cp_tree_cpu", u.cpu)
+    diff = ["diff", "-r", "--no-dereference", str(tree), str(copy)]
+    drop_caches()
+    put("diff_tree_warm", timed(diff))
+    t.remount()
+    put("diff_tree", timed(diff))
 
 
 def rss_big_file(t: Target, gib: int) -> float:

@@ -49,7 +49,9 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
     report = json.loads(out.read_text())
     workloads = {
         "write",
+        "read_warm",
         "read",
+        "randread_warm_iops",
         "randread_iops",
         "randread_p50",
         "randread_p99",
@@ -59,13 +61,16 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
         "find",
         "rm_rf",
         "cp_tree",
+        "diff_tree_warm",
         "diff_tree",
     }
     for target in ("local", "chunkfs"):
         figures = report["figures"][target]
         assert workloads <= set(figures), set(figures)
         assert all(figures[w] > 0 for w in workloads), figures
-    assert report["figures"]["chunkfs"]["write_rss"] > 0  # the mount was sampled
+    chunkfs = report["figures"]["chunkfs"]
+    assert chunkfs["write_rss"] > 0  # the mount was sampled
+    assert chunkfs["write_cpu_per_gib"] > 0 and chunkfs["read_cpu_per_gib"] > 0
     assert set(report["ratios"]) >= workloads
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("chunkfs ")]
     assert {fields[1] for fields in lines} >= workloads
