@@ -632,11 +632,14 @@ class Seaweedfs(Target):
         self._wait(lambda: cl.is_mounted(self.root), f"the mount at {self.root}")
 
     def _unmount(self) -> None:
+        """Unmount, and wait for ``weed mount`` to exit (it does once unmounted)."""
         try:
             fuse_unmount(self.root)
         finally:
             if self.mount_proc is not None:
-                self.mount_proc.terminate()  # a no-op once it exited, as it does on unmount
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.mount_proc.wait(10)
+                self.mount_proc.terminate()  # a no-op once it exited
                 stop_process(self.mount_proc)
             self.mount_proc = None
 
@@ -656,7 +659,8 @@ class Seaweedfs(Target):
 
     def close(self) -> None:
         """Stop the mount, the filer, the volume servers, the master (in that
-        order, each stopped even if one before failed), then remove the data.
+        order, each stopped even if one before failed), then remove the data
+        and the mount point.
         """
         with contextlib.suppress(BenchError, subprocess.SubprocessError):
             self._unmount()
@@ -668,6 +672,8 @@ class Seaweedfs(Target):
                 stop_process(proc)
         self.servers.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # the mount point, empty once unmounted
 
 
 class SeaweedfsFsync(Seaweedfs):
