@@ -25,7 +25,9 @@ CHUNKS_PER_FILE = 6
 MIN_UNIT = 4096
 # Chunks longer than one block also carry the SHA-256 of each BLOCK_SIZE
 # block (the last one may be shorter), so that a range read can be verified
-# without fetching the whole chunk.
+# without fetching the whole chunk; their id is the SHA-256 of those digests
+# (``chunk_id_of``), so a commit names a chunk it changed in one block from
+# the old digests and that block's new one.
 BLOCK_SIZE = 1 << 20
 DIGEST_SIZE = 32
 # The id recorded for a hole: a non-empty extent of zeros only, which is
@@ -87,3 +89,62 @@ def file_digest(size: int, chunk_ids: Sequence[bytes]) -> bytes:
     for chunk_id in chunk_ids:
         h.update(chunk_id)
     return h.digest()
+
+
+def chunk_id_of(block_digests: Sequence[bytes]) -> bytes:
+    """The id of a chunk whose ``BLOCK_SIZE`` blocks have these SHA-256
+    digests, in order (a chunk of one block or less, the empty one included,
+    has one): that digest for one block, else the SHA-256 of the digests
+    concatenated, a hash list. Chunks committed by chunkfs before hash lists
+    are named by the SHA-256 of their bytes; ``id_matches`` accepts both.
+    """
+    if len(block_digests) == 1:
+        return block_digests[0]
+    return hashlib.sha256(b"".join(block_digests)).digest()
+
+
+class BlockHasher:
+    """The block digests of a chunk's bytes, fed in order in pieces of any size."""
+
+    def __init__(self) -> None:
+        self._digests: list[bytes] = []
+        self._block = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        """Hash the next bytes."""
+        view = memoryview(data)
+        while view:
+            n = min(len(view), BLOCK_SIZE - self._filled)
+            self._block.update(view[:n])
+            self._filled += n
+            view = view[n:]
+            if self._filled == BLOCK_SIZE:
+                self._digests.append(self._block.digest())
+                self._block, self._filled = hashlib.sha256(), 0
+
+    def digests(self) -> list[bytes]:
+        """The digests of every block fed so far (the last may be short;
+        one digest, of nothing, when nothing was fed).
+        """
+        if self._filled or not self._digests:
+            return [*self._digests, self._block.digest()]
+        return list(self._digests)
+
+
+def block_digests(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """The SHA-256 of each ``BLOCK_SIZE`` block of ``data`` (one for none)."""
+    hasher = BlockHasher()
+    hasher.update(data)
+    return hasher.digests()
+
+
+def id_matches(chunk_id: bytes, data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` are the bytes ``chunk_id`` names: as a hash list of
+    block digests, or (chunks committed before hash lists) as the SHA-256 of
+    the bytes.
+    """
+    digests = block_digests(data)
+    if chunk_id_of(digests) == chunk_id:
+        return True
+    return len(digests) > 1 and hashlib.sha256(data).digest() == chunk_id

@@ -9,7 +9,7 @@ connection errors, timeouts) ``StorageError``; each message names the node.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -122,6 +122,40 @@ class NodeClient:
         headers = {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
         response = await self._request(
             what, "PUT", f"/v1/chunks/{cid}", content=content, headers=headers
+        )
+        if response.status_code in (200, 201):
+            return response.status_code == 201
+        self._fail(what, response)
+
+    async def derive(
+        self,
+        chunk_id: bytes,
+        length: int,
+        base_id: bytes,
+        sources: Sequence[int | None],
+        content: bytes | AsyncIterable[bytes],
+        content_length: int,
+    ) -> bool:
+        """Store a chunk of ``length`` bytes built by the node from blocks of
+        ``base_id`` (``sources[k]``: the base block that block k copies) and
+        the bytes of ``content`` (``content_length`` bytes: every block whose
+        source is None, in order); True if created, False if it was there.
+        Raises ``ChunkMissing`` (the node lacks the base), ``DigestMismatch``,
+        ``NodeFull``, ``StorageError``.
+        """
+        cid = wire.id_to_hex(chunk_id)
+        what = f"derive chunk {cid}"
+        params = {
+            "base": wire.id_to_hex(base_id),
+            "length": str(length),
+            "from": ",".join("-" if s is None else str(s) for s in sources),
+        }
+        headers = {
+            "Content-Length": str(content_length),
+            "Content-Type": "application/octet-stream",
+        }
+        response = await self._request(
+            what, "PUT", f"/v1/chunks/{cid}", params=params, content=content, headers=headers
         )
         if response.status_code in (200, 201):
             return response.status_code == 201

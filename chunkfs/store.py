@@ -34,8 +34,9 @@ WHOLE_FETCH_MAX = 8 << 20
 # missing window is fetched with the next READ_AHEAD ones, concurrently.
 WINDOW = 1 << 20
 READ_AHEAD = 8
-# Fetched bytes up to this size are hashed on the event loop; more, in a thread.
-HASH_INLINE_MAX = 1 << 20
+# Fetched bytes up to this size are hashed on the event loop; more (a whole
+# window included), in a worker thread, so that two cores hash at once.
+HASH_INLINE_MAX = 256 << 10
 assert WINDOW % layout.BLOCK_SIZE == 0
 # Chunks up to this size are read into memory for the upload; larger ones stream.
 INLINE_PUT_MAX = 4 << 20
@@ -44,10 +45,24 @@ BATCH_ITEM_MAX = 256 << 10
 
 
 @dataclass(frozen=True)
+class Delta:
+    """How a chunk differs from ``base``, a chunk of the same file's last
+    version: block k of the new chunk copies base block ``sources[k]``, or
+    when that is None comes from ``data`` (those blocks' bytes, in order).
+    """
+
+    base: ChunkRef
+    sources: tuple[int | None, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
 class PutItem:
-    """A chunk to upload: its SHA-256 id, its length in bytes, its ring
-    position (unsigned), and either its bytes or a function returning a
-    fresh async stream of them (called once per replica).
+    """A chunk to upload: its id, its length in bytes, its ring position
+    (unsigned), and either its bytes or a function returning a fresh async
+    stream of them (called once per replica); with a ``delta``, the nodes
+    holding its base build it from that and the changed blocks, and the
+    others get the whole bytes.
     """
 
     chunk_id: bytes
@@ -55,6 +70,7 @@ class PutItem:
     position: int
     data: bytes | None = None
     stream: Callable[[], AsyncIterable[bytes]] | None = None
+    delta: Delta | None = None
 
     def content(self) -> bytes | AsyncIterable[bytes]:
         """The bytes, or a fresh stream of them."""
@@ -203,6 +219,11 @@ class ChunkStore:
             async with trio.open_nursery() as nursery:
                 for node_id, batch in batches.items():
                     nursery.start_soon(self._put_batch, node_id, batch, done)
+                for item in unique:
+                    if item.delta is not None:
+                        nursery.start_soon(
+                            self._put_delta, item, done[item.chunk_id], tried[item.chunk_id]
+                        )
             async with trio.open_nursery() as nursery:
                 for item in unique:
                     if len(done[item.chunk_id]) < self.replicas:
@@ -224,6 +245,42 @@ class ChunkStore:
             return  # each chunk falls back to the next nodes on the ring
         for item in batch:
             done[item.chunk_id].append(node_id)
+
+    async def _put_delta(self, item: PutItem, done: list[str], tried: set[str]) -> None:
+        """Have up to R writable holders of the item's base build it from its
+        delta; a holder that cannot is left for ``_put_one`` to fill.
+        """
+        assert item.delta is not None
+        delta = item.delta
+        writable = {i for i, n in self._nodes.items() if n.writable}
+        holders = [n for n in self._ring.walk(delta.base.position) if n in delta.base.nodes]
+        targets = [n for n in holders if n in writable][: self.replicas]
+
+        async def one(node_id: str) -> None:
+            tried.add(node_id)
+            try:
+                async with self._limiter:
+                    await self.client(node_id).derive(
+                        item.chunk_id,
+                        item.length,
+                        delta.base.chunk_id,
+                        delta.sources,
+                        delta.data,
+                        len(delta.data),
+                    )
+            except errors.ChunkfsError as exc:
+                log.warning(
+                    "derive of chunk %s on node %s failed: %s",
+                    item.chunk_id.hex()[:16],
+                    node_id,
+                    exc,
+                )
+            else:
+                done.append(node_id)
+
+        async with trio.open_nursery() as nursery:
+            for node_id in targets:
+                nursery.start_soon(one, node_id)
 
     async def _put_one(self, item: PutItem, done: list[str], tried: set[str]) -> None:
         """Bring one chunk to R replicas, walking the ring past ``tried`` nodes."""
@@ -248,8 +305,12 @@ class ChunkStore:
         self, node_id: str, item: PutItem, done: list[str], failures: list[errors.ChunkfsError]
     ) -> None:
         content = item.content()
+        # A stream may fetch base blocks as it goes (a delta's whole chunk),
+        # which takes a limiter token of its own: streamed puts go unlimited
+        # (a file has at most six, R times; the connection pool bounds them).
+        limit = self._limiter if item.data is not None else contextlib.nullcontext()
         try:
-            async with self._limiter:
+            async with limit:
                 await self.client(node_id).put(item.chunk_id, content, item.length)
         except errors.ChunkfsError as exc:
             log.warning(
@@ -351,7 +412,7 @@ class ChunkStore:
             return
         for ref in batch:
             data = found.get(ref.chunk_id)
-            if data is not None and hashlib.sha256(data).digest() == ref.chunk_id:
+            if data is not None and layout.id_matches(ref.chunk_id, data):
                 self._cache.put(ref.chunk_id, data)
             else:
                 log.error(
@@ -429,7 +490,7 @@ def _verified(ref: ChunkRef, start: int, data: bytes, whole: bool) -> bool:
     the end of the chunk).
     """
     if whole:
-        return hashlib.sha256(data).digest() == ref.chunk_id
+        return layout.id_matches(ref.chunk_id, data)
     end = start + len(data)
     if (
         ref.blocks is None

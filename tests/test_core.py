@@ -329,3 +329,50 @@ async def test_zeros_are_holes_recorded_and_never_uploaded(
     await other.release(opened.fh)
     cmap = await fs.meta.content.chunk_map(made.attrs.ino)
     assert [c.hole for c in cmap.chunks] == [False, False, True, True, True, True]
+
+
+async def test_a_small_write_into_a_large_chunk_sends_only_the_block_it_changed(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    # Six chunks of 16 MiB, sixteen blocks each (chunks over 8 MiB are
+    # fetched a block at a time, smaller ones whole).
+    data = bytearray(os.urandom(96 * MiB))
+    ino = (await write_file(fs, d, b"big", bytes(data))).ino
+    before = await fs.meta.content.chunk_map(ino)
+    sent, received = await received_bytes(fs, "sent"), await received_bytes(fs)
+    at = 2 * 16 * MiB + 5 * MiB + 100  # chunk 2, its block 5
+    opened = await other.open(ino, os.O_WRONLY, ROOT)
+    await other.write(opened.fh, at, b"0123456789")
+    await other.release(opened.fh)
+    data[at : at + 10] = b"0123456789"
+    after = await fs.meta.content.chunk_map(ino)
+    assert [i for i in range(6) if after.chunks[i] != before.chunks[i]] == [2]
+    # One block fetched (to write into it) and one block sent to each of the
+    # R = 2 nodes holding the old chunk 2, which built the new one from it.
+    assert await received_bytes(fs, "sent") - sent < 1.1 * MiB
+    assert await received_bytes(fs) - received < 2.1 * MiB
+    assert set(after.chunks[2].nodes) == set(before.chunks[2].nodes)
+    assert after.chunks[2].chunk_id == layout.chunk_id_of(
+        layout.block_digests(data[32 * MiB : 48 * MiB])
+    )
+    assert await read_all(fs, ino) == data
+    # A node without the base (its copy lost) gets the whole chunk instead.
+    lost = after.chunks[2].nodes[0]
+    node = next(n for n in cluster_of(request).nodes if n.node_id == lost)
+    (Path(node.data_dir) / "chunks" / after.chunks[2].chunk_id.hex()[:2]).joinpath(
+        after.chunks[2].chunk_id.hex()
+    ).unlink()
+    opened = await other.open(ino, os.O_WRONLY, ROOT)
+    await other.write(opened.fh, at, b"abcdefghij")
+    await other.release(opened.fh)
+    data[at : at + 10] = b"abcdefghij"
+    again = await fs.meta.content.chunk_map(ino)
+    assert len(set(again.chunks[2].nodes)) == 2
+    assert await read_all(other, ino) == data
+
+
+def cluster_of(request: pytest.FixtureRequest) -> cl.Cluster:
+    """The module's cluster (the ``pair`` fixture's)."""
+    return request.getfixturevalue("cluster")

@@ -1,5 +1,6 @@
 """Cutting a file into six chunks."""
 
+import hashlib
 import itertools
 
 import pytest
@@ -65,3 +66,24 @@ def test_overlapping_skips_empty_and_disjoint_extents():
     assert [e.index for e in layout.overlapping(exts, 8000, 16385)] == [0, 1, 2]
     assert [e.index for e in layout.overlapping(exts, 24576, 1 << 20)] == [3]
     assert layout.overlapping(layout.extents(1), 0, 1) == [layout.extents(1)[0]]
+
+
+@given(
+    size=st.integers(0, 3 * layout.BLOCK_SIZE + 5),
+    cuts=st.lists(st.integers(0, 3 * layout.BLOCK_SIZE + 5), max_size=8),
+)
+def test_block_digests_do_not_depend_on_how_the_bytes_arrive(size, cuts):
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    hasher = layout.BlockHasher()
+    edges = sorted({0, size, *(c for c in cuts if c <= size)})
+    for a, b in itertools.pairwise(edges):
+        hasher.update(data[a:b])
+    expected = [
+        hashlib.sha256(data[p : p + layout.BLOCK_SIZE]).digest()
+        for p in range(0, size, layout.BLOCK_SIZE)
+    ] or [hashlib.sha256(b"").digest()]
+    assert hasher.digests() == layout.block_digests(data) == expected
+    chunk_id = layout.chunk_id_of(expected)
+    assert layout.id_matches(chunk_id, data)
+    assert layout.id_matches(hashlib.sha256(data).digest(), data)  # the older form
+    assert not layout.id_matches(chunk_id, data + b"x")

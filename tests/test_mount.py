@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import mmap
 import os
 import shutil
@@ -39,7 +38,7 @@ def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
     for c in chunks:
         piece = data[c["offset"] : c["offset"] + c["length"]]
         assert c["offset"] == offset and len(piece) == c["length"]
-        assert c["sha256"] == hashlib.sha256(piece).hexdigest()
+        assert c["sha256"] == layout.chunk_id_of(layout.block_digests(piece)).hex()
         assert len(set(c["nodes"])) == 2 and set(c["nodes"]) <= node_ids
         offset += c["length"]
     assert offset == len(data)

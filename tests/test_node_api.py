@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import cluster as cl
+from chunkfs import layout
 from chunkfs.errors import ChunkMissing, DigestMismatch, NodeFull, StorageError
 from chunkfs.nodeclient import NodeClient
 
@@ -564,3 +565,37 @@ async def test_client_wrong_token_and_dead_node(node: cl.NodeProcess) -> None:
     async with NodeClient(url, "f" * 64, timeout=2) as dead:
         with pytest.raises(StorageError, match=url):
             await dead.health()
+
+
+async def test_derive_builds_a_chunk_from_a_base_and_the_changed_blocks(
+    client: NodeClient, http: httpx.AsyncClient, node: cl.NodeProcess
+) -> None:
+    block = layout.BLOCK_SIZE
+    base = os.urandom(4 * block)
+    base_id = layout.chunk_id_of(layout.block_digests(base))
+    assert await client.put(base_id, base, len(base)) is True
+    # Block 2 rewritten and the chunk grown by half a block.
+    new_block, tail = os.urandom(block), os.urandom(block // 2)
+    new = base[: 2 * block] + new_block + base[3 * block :] + tail
+    new_id = layout.chunk_id_of(layout.block_digests(new))
+    body = new_block + tail
+    sources = [0, 1, None, 3, None]
+    assert await client.derive(new_id, len(new), base_id, sources, body, len(body)) is True
+    assert (await http.get(f"/v1/chunks/{new_id.hex()}")).content == new
+    # Again: present, so the body is read and dropped.
+    assert await client.derive(new_id, len(new), base_id, sources, body, len(body)) is False
+    # A wrong id stores nothing (and nothing is left in tmp/).
+    wrong = layout.chunk_id_of(layout.block_digests(new[::-1]))
+    with pytest.raises(DigestMismatch):
+        await client.derive(wrong, len(new), base_id, sources, body, len(body))
+    # A base the node lacks is a 404, and the connection stays usable.
+    with pytest.raises(ChunkMissing):
+        await client.derive(wrong, len(new), bytes(32), sources, body, len(body))
+    # Sources that do not fit the length, or point past the base, are a 400.
+    for bad_sources in ([0, 1, None], [0, 1, None, 9, None]):
+        with pytest.raises(StorageError, match="HTTP 400"):
+            await client.derive(wrong, len(new), base_id, bad_sources, body, len(body))
+    assert not list((Path(node.data_dir) / "tmp").iterdir())
+    assert sorted(p.name for p in chunk_files(Path(node.data_dir))) == sorted(
+        [base_id.hex(), new_id.hex()]
+    )

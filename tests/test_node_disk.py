@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from chunkfs import layout
 from chunkfs.errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
 from chunkfs.node.disk import DIRECT_MIN, PIECE_SIZE, ChunkDisk, DeleteRefused, LengthMismatch
 from chunkfs.wire import BatchEntry
@@ -105,6 +106,32 @@ async def test_put_streams_large_body_in_pieces(tmp_path: Path, size: int) -> No
     data = os.urandom(size)
     assert await disk.put(cid(data), pieces(data, 7777), len(data)) is True
     assert await read(disk, cid(data)) == data
+
+
+def hash_list_id(data: bytes) -> str:
+    return layout.chunk_id_of(layout.block_digests(data)).hex()
+
+
+@pytest.mark.parametrize("size", [3 * PIECE_SIZE + 12345, DIRECT_MIN + 12345])
+async def test_a_large_chunk_is_named_by_its_block_digests_or_as_before(
+    tmp_path: Path, size: int
+) -> None:
+    disk = await ChunkDisk.open(tmp_path)
+    data = os.urandom(size)
+    assert hash_list_id(data) != cid(data)  # the two forms differ past one block
+    assert await disk.put(hash_list_id(data), pieces(data, 7777), len(data)) is True
+    assert await read(disk, hash_list_id(data)) == data
+    # Chunks committed before hash lists keep their ids: those are accepted too.
+    assert await disk.put(cid(data), pieces(data, 7777), len(data)) is True
+    # Again, now as existing chunks (checked without being stored).
+    assert await disk.put(hash_list_id(data), pieces(data), len(data)) is False
+    assert await disk.put(cid(data), pieces(data), len(data)) is False
+    # Neither form of another content's id is.
+    other = os.urandom(size)
+    for wrong in (hash_list_id(other), cid(other)):
+        with pytest.raises(DigestMismatch):
+            await disk.put(wrong, pieces(data), len(data))
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 async def test_put_existing_keeps_file_and_moves_mtime(tmp_path: Path) -> None:

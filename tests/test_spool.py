@@ -23,12 +23,16 @@ async def test_spool_digests_name_each_chunk_and_its_blocks(tmp_path, size):
         spool.close()
     for ext, chunk_id, block_digests in zip(exts, ids, blocks, strict=True):
         chunk = content[ext.offset : ext.end]
-        assert chunk_id == hashlib.sha256(chunk).digest()
         expected = [
             hashlib.sha256(chunk[p : p + layout.BLOCK_SIZE]).digest()
             for p in range(0, len(chunk), layout.BLOCK_SIZE)
-        ]
-        assert block_digests == (b"".join(expected) if len(expected) > 1 else None)
+        ] or [hashlib.sha256(b"").digest()]
+        if len(expected) == 1:  # one block or less: the SHA-256 of its bytes
+            assert chunk_id == hashlib.sha256(chunk).digest() and block_digests is None
+        else:  # more: the SHA-256 of its block digests, which are kept
+            assert chunk_id == hashlib.sha256(b"".join(expected)).digest()
+            assert block_digests == b"".join(expected)
+        assert layout.id_matches(chunk_id, chunk)
 
 
 async def test_extents_of_zeros_are_holes_whether_written_or_never_written(tmp_path):
@@ -49,7 +53,7 @@ async def test_extents_of_zeros_are_holes_whether_written_or_never_written(tmp_p
     assert all(blocks[i] is None for i in holes)
     one = bytearray(4 * layout.BLOCK_SIZE)
     one[5] = ord("x")
-    assert ids[1] == hashlib.sha256(one).digest()
+    assert ids[1] == layout.chunk_id_of(layout.block_digests(one))
     assert blocks[1] is not None and len(blocks[1]) == 4 * layout.DIGEST_SIZE
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .. import errors
+from .. import errors, layout
 from ..meta import Meta
 from ..store import ChunkStore
 
@@ -153,17 +153,19 @@ async def _verify(store: ChunkStore, states: list[ObjectState]) -> None:
 
 async def replica_fault(store: ChunkStore, chunk_id: bytes, node_id: str) -> str | None:
     """Read one replica whole and hash it: None when good, else the reason."""
-    digest = hashlib.sha256()
+    blocks, digest = layout.BlockHasher(), hashlib.sha256()  # either form of id
     try:
         async with store.client(node_id).stream(chunk_id) as pieces:
             async for piece in pieces:
+                blocks.update(piece)
                 digest.update(piece)
     except errors.ChunkMissing:
         return MISSING
     except errors.StorageError as exc:
         log.warning("chunk %s on node %s: %s", chunk_id.hex()[:16], node_id, exc)
         return UNREADABLE
-    return None if digest.digest() == chunk_id else CORRUPT
+    good = chunk_id in (layout.chunk_id_of(blocks.digests()), digest.digest())
+    return None if good else CORRUPT
 
 
 async def check(

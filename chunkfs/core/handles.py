@@ -12,13 +12,15 @@ import errno
 import itertools
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
 
-from .. import errors, layout
+from .. import errors
+from ..layout import BLOCK_SIZE as BLOCK
 from ..meta import ChunkMap, ChunkRef, Content, Ino, now_ns
-from ..store import WINDOW, ChunkStore
+from ..store import ChunkStore
 from .content_cache import ContentCache
 from .spool import Spool
 
@@ -29,12 +31,14 @@ log = logging.getLogger(__name__)
 class OpenFile:
     """The state of one open inode, shared by all its handles.
 
-    ``base`` is the committed version the spool builds on. The spool holds
-    the current content where it differs from ``base``: every base chunk in
-    ``loaded`` has been copied in, and base bytes past ``base_valid`` were cut
-    off by a truncate; the base chunks in ``touched`` (by index) no longer
-    hold the current bytes of their extent, the others still do (a commit
-    keeps them as they are). ``dirty`` means the content differs from ``base``.
+    ``base`` is the committed version the spool builds on, by 1 MiB blocks
+    (``layout.BLOCK_SIZE``; block n holds bytes ``[n * BLOCK_SIZE, (n + 1) *
+    BLOCK_SIZE)``). The spool holds the current bytes of every block in
+    ``loaded`` and every byte at or past ``held_from``; elsewhere the current
+    bytes are the base's. Base bytes past ``base_valid`` were cut off by a
+    truncate, and the blocks in ``touched`` were written since ``base``: the
+    other base blocks still hold the current bytes (a commit keeps them
+    without reading them). ``dirty`` means the content differs from ``base``.
     ``pending`` holds the attribute changes (``mode`` permission bits,
     ``uid``, ``gid``, ``atime_ns``, ``mtime_ns``) made while the file is dirty
     or open for writing (``writers`` handles), published at the next flush or
@@ -45,6 +49,7 @@ class OpenFile:
     base: ChunkMap
     size: int
     base_valid: int
+    held_from: int
     handles: int = 0
     writers: int = 0
     spool: Spool | None = None
@@ -121,14 +126,14 @@ class OpenFiles:
             return f
         if f is not None:
             self.close_spool(f)
-        f = OpenFile(ino=ino, base=cmap, size=cmap.size, base_valid=cmap.size)
+        f = OpenFile(ino=ino, base=cmap, size=cmap.size, base_valid=cmap.size, held_from=cmap.size)
         self.files[ino] = f
         return f
 
     def new_file(self, ino: Ino) -> OpenFile:
         """The ``OpenFile`` of a file just created (empty, version 0)."""
         empty = ChunkMap(ino=ino, version=0, size=0, sha256=None, chunks=())
-        f = self.files[ino] = OpenFile(ino=ino, base=empty, size=0, base_valid=0)
+        f = self.files[ino] = OpenFile(ino=ino, base=empty, size=0, base_valid=0, held_from=0)
         return f
 
     def open(self, f: OpenFile, flags: int, *, privileged: bool) -> int:
@@ -201,7 +206,7 @@ class OpenFiles:
             not f.dirty
             and f.base.sha256 is not None
             and f.base_valid == f.base.size == f.size
-            and len(f.loaded) == len(f.base.chunks)
+            and not self._unloaded(f, 0, f.size)
         ):
             self.cache.adopt(f.spool.fileno(), f.base.sha256, f.size)
         f.spool.close()
@@ -219,13 +224,13 @@ class OpenFiles:
         end = offset + len(data)
         async with f.lock:
             spool = self.spool(f)
-            await self.load(f, offset, end)
+            await self.load(f, offset, end, overwritten=True)
             try:
                 spool.pwrite(offset, data)
             except OSError as exc:
                 raise os_error(exc, "spool write failed") from exc
             f.size = max(f.size, end)
-            f.touched.update(c.index for c in f.base.chunks if c.offset < end and offset < c.end)
+            f.touched.update(_blocks(offset, end))
             self.mark_dirty(f)
 
     async def truncate(self, f: OpenFile, size: int) -> None:
@@ -233,9 +238,8 @@ class OpenFiles:
         async with f.lock:
             spool = self.spool(f)
             await trio.to_thread.run_sync(spool.truncate, size)
-            cut = min(size, f.size)  # bytes past here vanish, or become zeros
-            f.touched.update(c.index for c in f.base.chunks if c.end > cut)
             f.base_valid = min(f.base_valid, size)
+            f.held_from = min(f.held_from, size)
             f.size = size
             self.mark_dirty(f)
 
@@ -278,24 +282,39 @@ class OpenFiles:
                     nursery.start_soon(fetch, i)
         return b"".join(parts)
 
-    def _unloaded(self, f: OpenFile, start: int, end: int) -> list[layout.Extent]:
-        """Base chunks overlapping ``[start, end)`` not yet copied to the spool."""
-        end = min(end, f.base_valid)
-        exts = [layout.Extent(c.index, c.offset, c.length) for c in f.base.chunks]
-        return [e for e in layout.overlapping(exts, start, end) if e.index not in f.loaded]
-
-    async def load(self, f: OpenFile, start: int, end: int) -> None:
-        """Copy the committed bytes of every base chunk overlapping
-        ``[start, end)`` into the spool, once, before anything overwrites them.
-        The caller holds ``f.lock``.
+    async def stream(self, f: OpenFile, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The current bytes ``[offset, offset + length)`` in pieces of at
+        most a block, loading base blocks into the spool on the way. The
+        caller holds ``f.lock``.
         """
-        holes = {c.index for c in f.base.chunks if c.hole}
-        for ext in self._unloaded(f, start, end):
-            stop = min(ext.end, f.base_valid) if ext.index not in holes else ext.offset
-            for pos in range(ext.offset, stop, WINDOW):  # the spool reads zeros elsewhere
-                piece = await self.read_base(f.base, pos, min(pos + WINDOW, stop))
-                self.spool(f).pwrite(pos, piece)
-            f.loaded.add(ext.index)
+        end = offset + length
+        for lo in range(offset, end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            await self.load(f, lo, hi)
+            piece = await trio.to_thread.run_sync(self.spool(f).pread, lo, hi - lo)
+            yield piece.ljust(hi - lo, b"\0")
+
+    def _unloaded(self, f: OpenFile, start: int, end: int) -> list[int]:
+        """Blocks overlapping ``[start, end)`` that hold base bytes the spool lacks."""
+        return [n for n in _blocks(start, min(end, f.held_from)) if n not in f.loaded]
+
+    async def load(self, f: OpenFile, start: int, end: int, *, overwritten: bool = False) -> None:
+        """Copy the committed bytes of every block overlapping ``[start,
+        end)`` into the spool, once, before anything overwrites them; with
+        ``overwritten``, a write of ``[start, end)`` follows, so a block it
+        covers whole is not fetched. The caller holds ``f.lock``.
+        """
+        for n in self._unloaded(f, start, end):
+            lo, hi = n * BLOCK, min((n + 1) * BLOCK, f.held_from)
+            holes = all(c.hole for c in f.base.chunks if c.offset < hi and lo < c.end)
+            if not holes and not (overwritten and start <= lo and hi <= end):
+                self.spool(f).pwrite(lo, await self.read_base(f.base, lo, hi))
+            f.loaded.add(n)  # the spool reads zeros where nothing was written
+
+
+def _blocks(start: int, end: int) -> range:
+    """The numbers of the blocks that share a byte with ``[start, end)``."""
+    return range(start // BLOCK, -(-end // BLOCK)) if end > start else range(0)
 
 
 @dataclass(frozen=True)

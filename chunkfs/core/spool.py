@@ -7,14 +7,15 @@ descriptor. Offsets and lengths are bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from ..layout import BLOCK_SIZE, HOLE, Extent
+from ..layout import BLOCK_SIZE, HOLE, Extent, chunk_id_of
 
 # Size of the pieces the spool is read in when hashing or uploading.
 PIECE = 1 << 20
@@ -59,28 +60,21 @@ class Spool:
         """Cut or extend (with zeros) the spool to ``size`` bytes."""
         os.ftruncate(self._fd, size)
 
-    async def stream(self, offset: int, length: int) -> AsyncIterator[bytes]:
-        """The bytes ``[offset, offset + length)`` in pieces of at most 1 MiB;
-        zeros where the spool is shorter.
+    async def digests(
+        self, extents: Sequence[Extent], known: Mapping[int, bytes] | None = None
+    ) -> tuple[list[bytes], list[bytes | None]]:
+        """The extents' ``extent_digests`` (``known`` as there), computed by
+        worker threads (hashlib releases the GIL) that share the bytes out
+        evenly; an extent the spool holds no data in is a hole, found
+        without reading it.
         """
-        end = offset + length
-        while offset < end:
-            n = min(PIECE, end - offset)
-            piece = await trio.to_thread.run_sync(self.pread, offset, n)
-            piece = piece.ljust(n, b"\0")
-            offset += n
-            yield piece
-
-    async def digests(self, extents: Sequence[Extent]) -> tuple[list[bytes], list[bytes | None]]:
-        """The extents' ``extent_digests``, computed by worker threads
-        (hashlib releases the GIL) that share the bytes out evenly; an extent
-        the spool holds no data in is a hole, found without reading it.
-        """
+        known = known or {}
         ids: dict[int, bytes] = {}
         blocks: dict[int, bytes | None] = {}
         todo = []
         for e in extents:
-            if not e.length or self.has_data(e.offset, e.length):
+            base_blocks = any(p in known for p in range(e.offset, e.end, BLOCK_SIZE))
+            if not e.length or base_blocks or self.has_data(e.offset, e.length):
                 todo.append(e)
             else:
                 ids[e.index], blocks[e.index] = HOLE, None
@@ -90,7 +84,7 @@ class Spool:
             min(shares, key=lambda share: sum(x.length for x in share)).append(e)
 
         async def run(share: list[Extent]) -> None:
-            got = await trio.to_thread.run_sync(extent_digests, self.pread, share)
+            got = await trio.to_thread.run_sync(extent_digests, self.pread, share, known)
             for e, i, b in zip(share, *got, strict=True):
                 ids[e.index], blocks[e.index] = i, b
 
@@ -108,28 +102,42 @@ class Spool:
 
 
 def extent_digests(
-    read: Callable[[int, int], bytes], extents: Sequence[Extent]
+    read: Callable[[int, int], bytes],
+    extents: Sequence[Extent],
+    known: Mapping[int, bytes] | None = None,
 ) -> tuple[list[bytes], list[bytes | None]]:
     """Over the bytes ``read(offset, length)`` returns (zeros where it returns
-    short): the SHA-256 of each extent, and its block digests (the SHA-256 of
+    short): the id of each extent (``layout.chunk_id_of``), and its block digests (the SHA-256 of
     each ``BLOCK_SIZE`` block, concatenated; None for an extent of one block
     or less). A non-empty extent of zeros only is a hole: ``HOLE``, no blocks.
+    The blocks in ``known`` (file offset -> digest) are not read.
     """
+    known = known or {}
     ids: list[bytes] = []
     blocks: list[bytes | None] = []
     for ext in extents:
-        h = hashlib.sha256()
         per_block = []
         zeros = ext.length > 0
         for pos in range(ext.offset, ext.end, BLOCK_SIZE):
             n = min(BLOCK_SIZE, ext.end - pos)
+            if pos in known:
+                per_block.append(known[pos])
+                zeros = zeros and known[pos] == _zero_digest(n)
+                continue
             piece = read(pos, n).ljust(n, b"\0")
             zeros = zeros and piece == (_ZEROS if n == BLOCK_SIZE else bytes(n))
-            h.update(piece)
             per_block.append(hashlib.sha256(piece).digest())
-        ids.append(HOLE if zeros else h.digest())
+        if not per_block:  # an empty extent
+            per_block.append(hashlib.sha256(b"").digest())
+        ids.append(HOLE if zeros else chunk_id_of(per_block))
         blocks.append(b"".join(per_block) if len(per_block) > 1 and not zeros else None)
     return ids, blocks
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_digest(n: int) -> bytes:
+    """The SHA-256 of ``n`` zero bytes."""
+    return hashlib.sha256(bytes(n)).digest()
 
 
 def _unlinked_tempfile(cache_dir: str) -> int:

@@ -21,8 +21,9 @@ from dataclasses import replace
 import trio
 
 from .. import errors, layout, ring
+from ..layout import BLOCK_SIZE as BLOCK
 from ..meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, UploadSession, now_ns
-from ..store import BATCH_ITEM_MAX, INLINE_PUT_MAX, PutItem
+from ..store import BATCH_ITEM_MAX, INLINE_PUT_MAX, Delta, PutItem
 from .handles import OpenFile, OpenFiles
 from .spool import extent_digests
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Files up to this size (bytes) are read and hashed at once on the commit.
 SMALL_COMMIT_MAX = 256 << 10
+# A changed chunk goes to the nodes holding its base as its changed blocks
+# when those are at most this many bytes (held in memory for the upload).
+DELTA_MAX = 16 << 20
 
 
 class Writer:
@@ -66,11 +70,11 @@ class Writer:
             if not f.dirty:
                 return await self._publish_pending(f)
             t0 = time.perf_counter()
-            new, content, in_spool = await self._cut(f)
+            new, content, deltas = await self._cut(f)
             t1 = time.perf_counter()
-            session, holders = await self._upload(f, new, content)
+            session, holders = await self._upload(f, new, content, deltas)
             t2 = time.perf_counter()
-            attrs = await self._switch(f, new, session, holders, in_spool)
+            attrs = await self._switch(f, new, session, holders)
             log.debug(
                 "commit of inode %d: hash %.2f ms, upload %.2f ms, metadata %.2f ms",
                 f.ino,
@@ -81,7 +85,7 @@ class Writer:
             return attrs
 
     async def _upload(
-        self, f: OpenFile, new: ChunkMap, content: dict[int, bytes]
+        self, f: OpenFile, new: ChunkMap, content: dict[int, bytes], deltas: dict[int, Delta]
     ) -> tuple[UploadSession, dict[bytes, Sequence[str]]]:
         """Open the upload session and bring every chunk of ``new`` that no
         committed file already holds R times to R nodes; return the session
@@ -102,7 +106,11 @@ class Writer:
         )
         known.update(session.reusable)  # identical chunks other files hold: stored once
         try:
-            items = [await self._put_item(f, c, content) for c in fresh if c.chunk_id not in known]
+            items = [
+                await self._put_item(f, c, content, deltas.get(c.index))
+                for c in fresh
+                if c.chunk_id not in known
+            ]
             placed = await self._store.put(items)
         except errors.ChunkfsError:
             await self._fail_upload(session.session_id)
@@ -115,11 +123,10 @@ class Writer:
         new: ChunkMap,
         session: UploadSession,
         holders: dict[bytes, Sequence[str]],
-        in_spool: set[int],
     ) -> Attrs | None:
         """Commit ``new`` as the file's version (with its waiting attribute
-        changes) and make it the base the spool builds on; ``in_spool`` are
-        the chunks (by index) whose bytes the spool holds.
+        changes) and make it the base the spool builds on (the blocks it
+        loaded hold the new version's bytes too).
         """
         try:
             attrs = await self._meta.content.commit_chunks(
@@ -148,32 +155,54 @@ class Writer:
             ),
         )
         f.base_valid = f.size
-        f.loaded = in_spool
         f.touched = set()
         f.dirty = False
         f.pending.clear()
         self._on_commit(f.ino, attrs.version)
         return attrs
 
-    async def _cut(self, f: OpenFile) -> tuple[ChunkMap, dict[int, bytes], set[int]]:
+    async def _cut(self, f: OpenFile) -> tuple[ChunkMap, dict[int, bytes], dict[int, Delta]]:
         """The new version's chunk map (no holders yet, version 0); the bytes
         of its changed chunks (by index) when the file is small, read once
-        for hashing and upload; and the chunks whose bytes the spool holds.
+        for hashing and upload; and the deltas of the changed chunks that
+        keep blocks of the base chunk at their offset (by index).
 
-        A chunk of the base version that no write or truncate touched and
-        that sits where the new layout puts a chunk is kept as it is; only
-        the others are loaded into the spool (where they are not yet) and
-        hashed.
+        A base chunk that nothing changed and that sits where the new layout
+        puts a chunk is kept as it is. Of a changed chunk, the blocks that
+        nothing changed keep their digests (from the base chunk at the same
+        offset) and are neither read nor sent; only the others are loaded
+        into the spool (where they are not yet) and hashed.
         """
-        untouched = {
-            (c.offset, c.length): c
-            for c in f.base.chunks
-            if c.index not in f.touched and c.end <= f.base_valid
-        }
         exts = layout.extents(f.size)
-        changed = [e for e in exts if (e.offset, e.length) not in untouched]
+        base_at = {c.offset: c for c in f.base.chunks if c.length and not c.hole}
+        chunks: dict[int, ChunkRef] = {}
+        changed: list[layout.Extent] = []
+        known: dict[int, bytes] = {}  # block offset -> digest, from the base
+        sources: dict[int, list[int | None]] = {}
+        for e in exts:
+            b = next(
+                (c for c in f.base.chunks if (c.offset, c.length) == (e.offset, e.length)), None
+            )
+            if b is not None and self._intact(f, b.offset, b.end):
+                chunks[e.index] = replace(b, index=e.index)
+                continue
+            changed.append(e)
+            b = base_at.get(e.offset)
+            if b is None or b.blocks is None or e.length <= BLOCK or f.size <= SMALL_COMMIT_MAX:
+                continue
+            sources[e.index] = []
+            for k, lo in enumerate(range(e.offset, e.end, BLOCK)):
+                n = min(BLOCK, e.end - lo)
+                same = lo + n <= b.end and (n == BLOCK or lo + n == b.end)
+                if same and self._intact(f, lo, lo + n):
+                    known[lo] = b.blocks[k * layout.DIGEST_SIZE : (k + 1) * layout.DIGEST_SIZE]
+                    sources[e.index].append(k)
+                else:
+                    sources[e.index].append(None)
         for e in changed:
-            await self._files.load(f, e.offset, e.end)
+            for lo in range(e.offset, e.end, BLOCK):
+                if lo not in known:
+                    await self._files.load(f, lo, min(lo + BLOCK, e.end))
         spool = self._files.spool(f)
         content: dict[int, bytes] = {}
         if f.size <= SMALL_COMMIT_MAX:
@@ -182,38 +211,55 @@ class Writer:
             content = {e.index: whole[e.offset : e.end] for e in changed}
             ids, blocks = extent_digests(lambda offset, n: whole[offset : offset + n], changed)
         else:
-            ids, blocks = await spool.digests(changed)
-        digests = {e.index: (i, b) for e, i, b in zip(changed, ids, blocks, strict=True)}
-        chunks = []
-        in_spool = set()
-        for e in exts:
-            kept = untouched.get((e.offset, e.length))
-            if kept is not None:
-                chunks.append(replace(kept, index=e.index))
-                if kept.index in f.loaded or kept.hole:
-                    in_spool.add(e.index)
-                continue
-            chunk_id, block_digests = digests[e.index]
-            chunks.append(
-                ChunkRef(
-                    e.index,
-                    e.offset,
-                    e.length,
-                    chunk_id,
-                    (),
-                    block_digests,
-                    0 if chunk_id == layout.HOLE else _position(f.ino, e, chunk_id),
-                )
+            ids, blocks = await spool.digests(changed, known)
+        deltas: dict[int, Delta] = {}
+        for e, chunk_id, block_digests in zip(changed, ids, blocks, strict=True):
+            position = 0 if chunk_id == layout.HOLE else _position(f.ino, e, chunk_id)
+            plan = sources.get(e.index)
+            if chunk_id != layout.HOLE and plan is not None and any(s is not None for s in plan):
+                delta = await self._delta(f, e, base_at[e.offset], plan)
+                if delta is not None:
+                    deltas[e.index] = delta
+                    position = delta.base.position  # replicas where the base is
+            chunks[e.index] = ChunkRef(
+                e.index, e.offset, e.length, chunk_id, (), block_digests, position
             )
-            in_spool.add(e.index)
+        ordered = tuple(chunks[e.index] for e in exts)
         cmap = ChunkMap(
             ino=f.ino,
             version=0,
             size=f.size,
-            sha256=layout.file_digest(f.size, [c.chunk_id for c in chunks]),
-            chunks=tuple(chunks),
+            sha256=layout.file_digest(f.size, [c.chunk_id for c in ordered]),
+            chunks=ordered,
         )
-        return cmap, content, in_spool
+        return cmap, content, deltas
+
+    @staticmethod
+    def _intact(f: OpenFile, start: int, end: int) -> bool:
+        """Whether the base bytes ``[start, end)`` are still the file's bytes."""
+        return end <= f.base_valid and not any(
+            n in f.touched for n in range(start // BLOCK, -(-end // BLOCK))
+        )
+
+    async def _delta(
+        self, f: OpenFile, e: layout.Extent, base: ChunkRef, plan: list[int | None]
+    ) -> Delta | None:
+        """The delta of extent ``e`` from ``base`` (``plan``: the base block
+        each block copies, or None), with the bytes of its changed blocks
+        read from the spool; None when those are over ``DELTA_MAX``.
+        """
+        spans = [
+            (lo, min(BLOCK, e.end - lo))
+            for lo, src in zip(range(e.offset, e.end, BLOCK), plan, strict=True)
+            if src is None
+        ]
+        if sum(n for _, n in spans) > DELTA_MAX:
+            return None
+        spool = self._files.spool(f)
+        data = await trio.to_thread.run_sync(
+            lambda: b"".join(spool.pread(lo, n).ljust(n, b"\0") for lo, n in spans)
+        )
+        return Delta(base, tuple(plan), data)
 
     async def _publish_pending(self, f: OpenFile) -> Attrs | None:
         """Commit the attribute changes waiting on a file with no unflushed writes."""
@@ -229,22 +275,25 @@ class Writer:
         f.pending.clear()
         return attrs
 
-    async def _put_item(self, f: OpenFile, ref: ChunkRef, content: dict[int, bytes]) -> PutItem:
+    async def _put_item(
+        self, f: OpenFile, ref: ChunkRef, content: dict[int, bytes], delta: Delta | None
+    ) -> PutItem:
         """What to upload for one chunk: its bytes from ``content`` (when the
-        commit read them already), read from the spool, or a stream of them
-        for a large chunk.
+        commit read them already), read at once, or a stream of them for a
+        large chunk or one with a ``delta`` (then for the nodes without its
+        base); blocks the commit did not read are loaded on the way.
         """
         if ref.index in content:
             return PutItem(ref.chunk_id, ref.length, ref.position, data=content[ref.index])
-        spool = self._files.spool(f)
-        if ref.length <= INLINE_PUT_MAX:
-            data = await trio.to_thread.run_sync(spool.pread, ref.offset, ref.length)
+        if ref.length <= INLINE_PUT_MAX and delta is None:
+            data = b"".join([p async for p in self._files.stream(f, ref.offset, ref.length)])
             return PutItem(ref.chunk_id, ref.length, ref.position, data=data)
         return PutItem(
             ref.chunk_id,
             ref.length,
             ref.position,
-            stream=lambda: spool.stream(ref.offset, ref.length),
+            stream=lambda: self._files.stream(f, ref.offset, ref.length),
+            delta=delta,
         )
 
     async def _fail_upload(self, session_id: int) -> None:

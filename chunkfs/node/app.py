@@ -30,7 +30,6 @@ Every other request needs ``Authorization: Bearer <cluster token>`` (401).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import re
@@ -54,6 +53,7 @@ from starlette.routing import Route
 
 from .. import wire
 from ..errors import ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from ..layout import id_matches
 from .disk import ChunkDisk, DeleteRefused, LengthMismatch
 
 log = logging.getLogger(__name__)
@@ -266,13 +266,35 @@ class NodeApp:
         )
 
     async def put_chunk(self, request: Request) -> Response:
-        """PUT /v1/chunks/{id}: store a streamed chunk (201 created, 200 present)."""
+        """PUT /v1/chunks/{id}: store a streamed chunk (201 created, 200
+        present); with ``?base=ID&length=N&from=S,S,...``, derive it from a
+        chunk this node holds (``ChunkDisk.derive``: each S is a base block
+        number, or ``-`` for the next block of the body; 404 without the base).
+        """
         chunk_id = request.path_params["chunk_id"]
         length, problem = self._declared_length(request, self.max_chunk_size)
         if problem is not None:
             return problem
+        query = request.query_params
         try:
-            created = await self.disk.put(chunk_id, request.stream(), length)
+            if "base" in query:
+                chunk_length = int(query.get("length", ""))
+                if not 0 <= chunk_length <= self.max_chunk_size:
+                    raise ValueError("length out of range")
+                sources = [None if s == "-" else int(s) for s in query.get("from", "").split(",")]
+                if any(s is not None and s < 0 for s in sources):
+                    raise ValueError("negative block number")
+                created = await self.disk.derive(
+                    chunk_id, chunk_length, query["base"], sources, request.stream()
+                )
+            else:
+                created = await self.disk.put(chunk_id, request.stream(), length)
+        except ValueError as exc:
+            return _error(400, f"malformed derive parameters: {exc}")
+        except InvalidArgument as exc:
+            return _error(400, str(exc))
+        except ChunkMissing as exc:
+            return _error(404, str(exc))
         except DigestMismatch as exc:
             return _error(422, str(exc))
         except NodeFull as exc:
@@ -317,7 +339,7 @@ class NodeApp:
                 data = await f.read(start, end)
             finally:
                 f.close()
-            if status == 200 and hashlib.sha256(data).hexdigest() != chunk_id:
+            if status == 200 and not id_matches(bytes.fromhex(chunk_id), data):
                 await self.disk.quarantine(chunk_id)
                 return _error(404, "no such chunk (quarantined: its bytes did not match its id)")
             return Response(

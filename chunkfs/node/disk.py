@@ -37,6 +37,7 @@ import trio
 
 from ..diskio import fsync_dir, syncfs
 from ..errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from ..layout import BLOCK_SIZE, BlockHasher, chunk_id_of, id_matches
 from ..wire import BatchEntry, is_valid_id
 
 log = logging.getLogger(__name__)
@@ -296,16 +297,31 @@ class ChunkDisk:
 
     async def _check_body(self, chunk_id: str, body: AsyncIterable[bytes], length: int) -> None:
         """Read and hash a body without storing it (the chunk already exists)."""
-        digest = hashlib.sha256()
+        blocks, digest = BlockHasher(), hashlib.sha256()  # either form of id
+
+        def update(piece: bytearray) -> None:
+            blocks.update(piece)
+            digest.update(piece)
+
         async with aclosing(_regroup(body, length)) as pieces:
             async for piece in pieces:
-                await trio.to_thread.run_sync(digest.update, piece)
-        if digest.hexdigest() != chunk_id:
+                await trio.to_thread.run_sync(update, piece)
+        if bytes.fromhex(chunk_id) not in (chunk_id_of(blocks.digests()), digest.digest()):
             raise DigestMismatch(f"body does not match chunk id {chunk_id}")
 
     async def _write_new(
-        self, chunk_id: str, body: AsyncIterable[bytes], length: int, final: Path
+        self,
+        chunk_id: str,
+        body: AsyncIterable[bytes],
+        length: int,
+        final: Path,
+        *,
+        hash_list: bool = False,
     ) -> None:
+        """Write a new chunk from ``body`` and keep it if its bytes match the
+        id (as a hash list only, with ``hash_list``; else also as the
+        SHA-256 of the bytes, as chunks were named before hash lists).
+        """
         tmp = self._temp_path(chunk_id)
         fd = await trio.to_thread.run_sync(_create_temp, tmp, length >= DIRECT_MIN)
         try:
@@ -314,7 +330,12 @@ class ChunkDisk:
                 async for piece in pieces:
                     await trio.to_thread.run_sync(out.write, piece)
             await trio.to_thread.run_sync(out.finish)
-            if out.digest.hexdigest() != chunk_id:
+            wanted = bytes.fromhex(chunk_id)
+            if chunk_id_of(out.blocks.digests()) != wanted and (
+                hash_list
+                or len(out.blocks.digests()) == 1
+                or await trio.to_thread.run_sync(_sha256_of_file, tmp) != wanted
+            ):
                 raise DigestMismatch(f"body does not match chunk id {chunk_id}")
             # _commit closes the descriptor whatever happens.
             owned, fd = fd, -1
@@ -324,6 +345,64 @@ class ChunkDisk:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_discard, fd, tmp)
             raise
+
+    async def derive(
+        self,
+        chunk_id: str,
+        length: int,
+        base_id: str,
+        sources: list[int | None],
+        body: AsyncIterable[bytes],
+    ) -> bool:
+        """Store a chunk of ``length`` bytes made of blocks of the chunk
+        ``base_id`` on this node and of bytes from ``body``: block k of the
+        new chunk (``layout.BLOCK_SIZE`` bytes, the last one maybe fewer)
+        copies base block ``sources[k]``, or when that is None takes the next
+        bytes of ``body``. So a chunk that changed in a few blocks crosses the
+        network as those blocks only. The id is checked as a hash list of the
+        new chunk's block digests (``layout.chunk_id_of``) before it is kept.
+
+        Returns True when created, False when it was there (then only its
+        mtime moves, and the body is read and dropped). Raises
+        ``InvalidArgument`` (ids, or sources that do not fit ``length``),
+        ``ChunkMissing`` (no base chunk here), ``LengthMismatch`` (body),
+        ``DigestMismatch`` (nothing stored), ``NodeFull``.
+        """
+        _check_id(chunk_id)
+        _check_id(base_id)
+        sizes = [min(BLOCK_SIZE, length - k) for k in range(0, length, BLOCK_SIZE)]
+        if len(sizes) < 2 or len(sources) != len(sizes):
+            raise InvalidArgument(f"{len(sources)} block sources for {length} bytes")
+        body_length = sum(n for n, src in zip(sizes, sources, strict=True) if src is None)
+        pieces = _Pieces(_regroup(body, body_length))
+        async with aclosing(pieces.source), self._locked(chunk_id):
+            final = self.path(chunk_id)
+            if await trio.to_thread.run_sync(_touch, final):
+                await pieces.drain()
+                return False
+            try:
+                base = await trio.to_thread.run_sync(os.open, self.path(base_id), os.O_RDONLY)
+            except FileNotFoundError:
+                await pieces.drain()  # read, so that the connection stays usable
+                raise ChunkMissing(f"base chunk {base_id} not on node {self.node_id}") from None
+            try:
+                async with self._reservation(length):
+
+                    async def blocks() -> AsyncIterator[bytes]:
+                        for n, src in zip(sizes, sources, strict=True):
+                            if src is None:
+                                yield await pieces.take(n)
+                            else:
+                                yield await trio.to_thread.run_sync(
+                                    _pread_exact, base, n, src * BLOCK_SIZE
+                                )
+
+                    await self._write_new(chunk_id, blocks(), length, final, hash_list=True)
+            finally:
+                os.close(base)
+            self.used_bytes += length
+            self.chunk_count += 1
+            return True
 
     async def put_many(self, entries: list[BatchEntry]) -> list[bool]:
         """Store several chunks held in memory, as ``put`` would store each.
@@ -385,7 +464,7 @@ class ChunkDisk:
             ) from None
         out: list[bytes | None] = []
         for chunk_id, data in zip(chunk_ids, chunks, strict=False):
-            if hashlib.sha256(data).hexdigest() == chunk_id:
+            if id_matches(bytes.fromhex(chunk_id), data):
                 out.append(data)
             else:
                 await self.quarantine(chunk_id)
@@ -528,22 +607,22 @@ def _write_all(fd: int, data: bytes | bytearray | mmap.mmap) -> None:
 
 
 class _ChunkWriter:
-    """Appends a streamed chunk to a new file and hashes it (SHA-256 in
-    ``digest``). On an O_DIRECT descriptor the bytes go through one
+    """Appends a streamed chunk to a new file and hashes it (its block
+    digests in ``blocks``). On an O_DIRECT descriptor the bytes go through one
     page-aligned buffer of ``PIECE_SIZE`` bytes, written whenever full; the
     unaligned tail goes buffered in ``finish``. Raises ``NodeFull``, OSError.
     """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.digest = hashlib.sha256()
+        self.blocks = BlockHasher()
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
         self._buf = mmap.mmap(-1, PIECE_SIZE) if direct else None
         self._fill = 0
 
     def write(self, data: bytes | bytearray) -> None:
         """Hash and append ``data``."""
-        self.digest.update(data)
+        self.blocks.update(data)
         if self._buf is None:
             _write_all(self.fd, data)
             return
@@ -585,6 +664,48 @@ def _commit(fd: int, tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``; InvalidArgument when the file ends first."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise InvalidArgument("the base chunk is shorter than the blocks taken from it")
+    return data
+
+
+class _Pieces:
+    """Exact-length reads from an async stream of pieces."""
+
+    def __init__(self, source: AsyncGenerator[bytearray, None]) -> None:
+        self.source = source
+        self._buf = bytearray()
+
+    async def take(self, n: int) -> bytes:
+        """The next ``n`` bytes. Raises ``LengthMismatch`` when the stream ends first."""
+        while len(self._buf) < n:
+            try:
+                self._buf += await self.source.__anext__()
+            except StopAsyncIteration:
+                raise LengthMismatch(n, len(self._buf)) from None
+        data, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return data
+
+    async def drain(self) -> None:
+        """Read the rest of the stream (its length is still enforced)."""
+        async for _ in self.source:
+            pass
+
+
+def _sha256_of_file(path: Path) -> bytes:
+    """The SHA-256 of a file's bytes (read through a descriptor of its own:
+    the writer's may be O_DIRECT).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(PIECE_SIZE):
+            digest.update(piece)
+    return digest.digest()
+
+
 def _discard(fd: int, tmp: Path) -> None:
     if fd >= 0:
         os.close(fd)
@@ -619,7 +740,7 @@ def _store_batch(
     per entry, whether it was created (an id named twice is created once).
     """
     for e in entries:
-        if hashlib.sha256(e.data).hexdigest() != e.chunk_id:
+        if not id_matches(bytes.fromhex(e.chunk_id), e.data):
             raise DigestMismatch(f"body does not match chunk id {e.chunk_id}")
     created, new = [], {}
     for e, (tmp, final) in zip(entries, paths, strict=False):
