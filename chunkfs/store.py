@@ -3,7 +3,7 @@
 ``ChunkStore`` picks nodes with the consistent-hash ring over the live
 nodes, pushes each chunk to R distinct nodes (the next node on the ring takes
 the place of one that fails), reads from the recorded holders in turn, and
-checks every byte it reads: a whole chunk against its SHA-256, a window of a
+checks every byte it reads: a whole chunk against its id, a window of a
 large chunk against the digests of the 1 MiB blocks it covers.
 Content-addressed chunks never change, so what it caches is valid for ever.
 """
@@ -485,9 +485,9 @@ class ChunkStore:
 
 def _verified(ref: ChunkRef, start: int, data: bytes, whole: bool) -> bool:
     """Whether ``data``, read at ``start`` in the chunk, matches its digests:
-    the chunk's SHA-256 for a whole chunk, else the digest of every 1 MiB
-    block it covers (a read starts at a block boundary and ends at one or at
-    the end of the chunk).
+    the chunk's id for a whole chunk (``layout.id_matches``), else the digest
+    of every 1 MiB block it covers (a read starts at a block boundary and
+    ends at one or at the end of the chunk).
     """
     if whole:
         return layout.id_matches(ref.chunk_id, data)

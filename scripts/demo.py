@@ -271,6 +271,8 @@ def check_chunk_map(rel: str, size: int, chunks: list[dict[str, Any]], replicas:
         if c["offset"] != offset:
             return f"{rel}: chunk {c['chunk_index']} at offset {c['offset']}, expected {offset}"
         offset += c["length"]
+        if c["chunk_id"] is None:  # a hole: zeros, stored on no node
+            continue
         if len(set(c["nodes"])) != replicas:
             return f"{rel}: chunk {c['chunk_index']} on {len(set(c['nodes']))} nodes, expected {replicas}"
     if offset != size:
@@ -279,7 +281,9 @@ def check_chunk_map(rel: str, size: int, chunks: list[dict[str, Any]], replicas:
 
 
 def check_chunks(dsn: str, tree: Tree, copies: list[str], replicas: int) -> ChunkReport:
-    """Every non-empty file of every copy: the right size and six chunks on R nodes each."""
+    """Every non-empty file of every copy: the right size and six chunks on R
+    nodes each (a hole on none).
+    """
     children, sizes, maps = load_metadata(dsn)
     problems: list[str] = []
     holders: Counter[str] = Counter()  # node id -> distinct chunk objects it holds
@@ -323,7 +327,7 @@ def cross_check_with_info(mount: cl.Mount, tree: Tree, copies: list[str]) -> lis
                     f"chunkfs info {path}: size {info.get('size')}, {len(chunks)} chunks"
                 )
             elif sum(c["length"] for c in chunks) != info["size"] or not all(
-                c["nodes"] for c in chunks
+                c["nodes"] or c["hole"] for c in chunks
             ):
                 problems.append(
                     f"chunkfs info {path}: chunks do not tile the file or have no nodes"
