@@ -237,9 +237,12 @@ class Writer:
     @staticmethod
     def _intact(f: OpenFile, start: int, end: int) -> bool:
         """Whether the base bytes ``[start, end)`` are still the file's bytes."""
-        return end <= f.base_valid and not any(
-            n in f.touched for n in range(start // BLOCK, -(-end // BLOCK))
-        )
+        first, stop = start // BLOCK, -(-end // BLOCK)
+        if end > f.base_valid:
+            return False
+        if stop - first <= len(f.touched):  # whichever walk is shorter
+            return not any(n in f.touched for n in range(first, stop))
+        return not any(first <= n < stop for n in f.touched)
 
     async def _delta(
         self, f: OpenFile, e: layout.Extent, base: ChunkRef, plan: list[int | None]
