@@ -17,6 +17,7 @@ recorded extents (six near-equal ones): readers go by the recorded offsets.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,6 +124,14 @@ class BlockHasher:
                 self._digests.append(self._block.digest())
                 self._block, self._filled = hashlib.sha256(), 0
 
+    def add(self, digest: bytes) -> None:
+        """Take the digest of the next block (whole, or the last, shorter
+        one), known without its bytes. Raises ValueError off a block boundary.
+        """
+        if self._filled:
+            raise ValueError("a known digest must start on a block boundary")
+        self._digests.append(digest)
+
     def digests(self) -> list[bytes]:
         """The digests of every block fed so far (the last may be short;
         one digest, of nothing, when nothing was fed).
@@ -148,3 +157,9 @@ def id_matches(chunk_id: bytes, data: bytes | bytearray | memoryview) -> bool:
     if chunk_id_of(digests) == chunk_id:
         return True
     return len(digests) > 1 and hashlib.sha256(data).digest() == chunk_id
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(n: int) -> bytes:
+    """The SHA-256 of ``n`` zero bytes (the digest of a block of zeros)."""
+    return hashlib.sha256(bytes(n)).digest()

@@ -131,25 +131,22 @@ class NodeClient:
         self,
         chunk_id: bytes,
         length: int,
-        base_id: bytes,
-        sources: Sequence[int | None],
+        base_id: bytes | None,
+        sources: Sequence[wire.Source],
         content: bytes | AsyncIterable[bytes],
         content_length: int,
     ) -> bool:
-        """Store a chunk of ``length`` bytes built by the node from blocks of
-        ``base_id`` (``sources[k]``: the base block that block k copies) and
-        the bytes of ``content`` (``content_length`` bytes: every block whose
-        source is None, in order); True if created, False if it was there.
-        Raises ``ChunkMissing`` (the node lacks the base), ``DigestMismatch``,
-        ``NodeFull``, ``StorageError``.
+        """Store a chunk of ``length`` bytes built by the node from its block
+        ``sources`` (``chunkfs.wire``: blocks of ``base_id``, zeros, or the
+        next block of ``content``, which holds ``content_length`` bytes);
+        True if created, False if it was there. Raises ``ChunkMissing`` (the
+        node lacks the base), ``DigestMismatch``, ``NodeFull``, ``StorageError``.
         """
         cid = wire.id_to_hex(chunk_id)
         what = f"derive chunk {cid}"
-        params = {
-            "base": wire.id_to_hex(base_id),
-            "length": str(length),
-            "from": ",".join("-" if s is None else str(s) for s in sources),
-        }
+        params = {"length": str(length), "from": wire.encode_sources(sources)}
+        if base_id is not None:
+            params["base"] = wire.id_to_hex(base_id)
         headers = {
             "Content-Length": str(content_length),
             "Content-Type": "application/octet-stream",

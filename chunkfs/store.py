@@ -21,7 +21,7 @@ import httpx
 import trio
 from cachetools import LRUCache
 
-from . import errors, layout, ring
+from . import errors, layout, ring, wire
 from .meta import ChunkRef, Meta, NodeInfo
 from .nodeclient import NodeClient
 
@@ -46,13 +46,13 @@ BATCH_ITEM_MAX = 256 << 10
 
 @dataclass(frozen=True)
 class Delta:
-    """How a chunk differs from ``base``, a chunk of the same file's last
-    version: block k of the new chunk copies base block ``sources[k]``, or
-    when that is None comes from ``data`` (those blocks' bytes, in order).
+    """A chunk as the blocks a node can build it from (``chunkfs.wire``'s
+    block sources): blocks of ``base`` (a chunk of the same file's last
+    version, or None), blocks of zeros, and the others' bytes in ``data``.
     """
 
-    base: ChunkRef
-    sources: tuple[int | None, ...]
+    base: ChunkRef | None
+    sources: tuple[wire.Source, ...]
     data: bytes
 
 
@@ -247,14 +247,18 @@ class ChunkStore:
             done[item.chunk_id].append(node_id)
 
     async def _put_delta(self, item: PutItem, done: list[str], tried: set[str]) -> None:
-        """Have up to R writable holders of the item's base build it from its
-        delta; a holder that cannot is left for ``_put_one`` to fill.
+        """Have R writable nodes build the item from its delta: the holders
+        of its base (or, without one, the item's owners on the ring); a node
+        that cannot is left for ``_put_one`` to fill.
         """
         assert item.delta is not None
-        delta = item.delta
-        writable = {i for i, n in self._nodes.items() if n.writable}
-        holders = [n for n in self._ring.walk(delta.base.position) if n in delta.base.nodes]
-        targets = [n for n in holders if n in writable][: self.replicas]
+        delta, base = item.delta, item.delta.base
+        if base is None:
+            targets = self.placement(item.position, self.replicas)
+        else:
+            writable = {i for i, n in self._nodes.items() if n.writable}
+            holders = [n for n in self._ring.walk(base.position) if n in base.nodes]
+            targets = [n for n in holders if n in writable][: self.replicas]
 
         async def one(node_id: str) -> None:
             tried.add(node_id)
@@ -263,7 +267,7 @@ class ChunkStore:
                     await self.client(node_id).derive(
                         item.chunk_id,
                         item.length,
-                        delta.base.chunk_id,
+                        None if base is None else base.chunk_id,
                         delta.sources,
                         delta.data,
                         len(delta.data),

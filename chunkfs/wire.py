@@ -8,13 +8,18 @@ accepted as an id, so no id can name a path outside the node's data directory.
 Batch framing (``POST /v1/chunks:batch`` bodies, ``GET /v1/chunks:batch``
 answers): entries back to back, each ``[64 hex id][8-byte big-endian
 length][length bytes]``, nothing before, between or after them.
+
+Block sources (the ``from=`` of a derived PUT): where each 1 MiB block of a
+new chunk comes from, as comma-separated runs: ``-`` the next block of the
+body, ``z`` a block of zeros, ``K`` block K of the base chunk; ``X*N`` is a
+run of N (base blocks K, K+1, ..., K+N-1 for ``K*N``).
 """
 
 from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 DIGEST_SIZE = 32
@@ -34,6 +39,47 @@ class BatchEntry:
 
     chunk_id: str
     data: bytes
+
+
+# A block source: a base block number, BODY or ZERO.
+Source = int | str | None
+BODY: Source = None
+ZERO: Source = "z"
+
+
+def encode_sources(sources: Sequence[Source]) -> str:
+    """The ``from=`` text of block ``sources`` (see the module doc)."""
+    runs: list[str] = []
+    i = 0
+    while i < len(sources):
+        src, n = sources[i], 1
+        while i + n < len(sources) and sources[i + n] == (src + n if isinstance(src, int) else src):
+            n += 1
+        token = "-" if src is BODY else str(src)
+        runs.append(token if n == 1 else f"{token}*{n}")
+        i += n
+    return ",".join(runs)
+
+
+def decode_sources(text: str, limit: int) -> list[Source]:
+    """The block sources ``text`` names, at most ``limit`` of them. Raises
+    ``ValueError`` for anything else.
+    """
+    out: list[Source] = []
+    for run in text.split(","):
+        token, star, count = run.partition("*")
+        n = int(count) if star else 1
+        if n < 1 or len(out) + n > limit or (star and not count.isdigit()):
+            raise ValueError(f"bad run {run!r}")
+        if token == "-":
+            out += [BODY] * n
+        elif token == ZERO:
+            out += [ZERO] * n
+        elif token.isdigit():
+            out += range(int(token), int(token) + n)
+        else:
+            raise ValueError(f"bad block source {token!r}")
+    return out
 
 
 def is_valid_id(text: str) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import cluster as cl
-from chunkfs import layout
+from chunkfs import layout, wire
 from chunkfs.errors import ChunkMissing, DigestMismatch, NodeFull, StorageError
 from chunkfs.nodeclient import NodeClient
 
@@ -599,3 +599,22 @@ async def test_derive_builds_a_chunk_from_a_base_and_the_changed_blocks(
     assert sorted(p.name for p in chunk_files(Path(node.data_dir))) == sorted(
         [base_id.hex(), new_id.hex()]
     )
+
+
+async def test_blocks_of_zeros_cross_no_network_and_take_no_disk(
+    client: NodeClient, http: httpx.AsyncClient, node: cl.NodeProcess
+) -> None:
+    block = layout.BLOCK_SIZE
+    one = os.urandom(block)
+    data = bytes(3 * block) + one + bytes(60 * block + 5)  # zeros, a block, zeros
+    chunk_id = layout.chunk_id_of(layout.block_digests(data))
+    sources = [wire.ZERO] * 3 + [wire.BODY] + [wire.ZERO] * 61
+    assert wire.encode_sources(sources) == "z*3,-,z*61"
+    assert await client.derive(chunk_id, len(data), None, sources, one, len(one)) is True
+    path = Path(node.data_dir) / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
+    assert path.stat().st_size == len(data)
+    assert path.stat().st_blocks * 512 < 2 * block  # the zeros are holes
+    assert (await http.get(f"/v1/chunks/{chunk_id.hex()}")).content == data
+    # Sources naming base blocks need a base.
+    with pytest.raises(StorageError, match="HTTP 400"):
+        await client.derive(chunk_id, len(data), None, [0] * 64 + [wire.BODY], one, len(one))

@@ -7,7 +7,6 @@ descriptor. Offsets and lengths are bytes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import tempfile
@@ -15,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from ..layout import BLOCK_SIZE, HOLE, Extent, chunk_id_of
+from ..layout import BLOCK_SIZE, HOLE, Extent, chunk_id_of, zero_digest
 
 # Size of the pieces the spool is read in when hashing or uploading.
 PIECE = 1 << 20
@@ -56,6 +55,27 @@ class Spool:
         except OSError:  # ENXIO: no data at or past offset
             return False
 
+    def hole_blocks(self, start: int, end: int) -> list[int]:
+        """The offsets of the ``BLOCK_SIZE`` blocks of ``[start, end)`` (from
+        ``start``; the last may end at ``end``) that lie in a hole of the
+        spool file, found with SEEK_DATA / SEEK_HOLE, without reading.
+        """
+        found: list[int] = []
+        pos = start
+        while pos < end:
+            try:
+                data = min(os.lseek(self._fd, pos, os.SEEK_DATA), end)
+            except OSError:  # ENXIO: only a hole from here on
+                data = end
+            first = start + -(-(pos - start) // BLOCK_SIZE) * BLOCK_SIZE
+            found.extend(
+                lo for lo in range(first, data, BLOCK_SIZE) if min(lo + BLOCK_SIZE, end) <= data
+            )
+            if data >= end:
+                break
+            pos = os.lseek(self._fd, data, os.SEEK_HOLE)
+        return found
+
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the spool to ``size`` bytes."""
         os.ftruncate(self._fd, size)
@@ -68,7 +88,7 @@ class Spool:
         evenly; an extent the spool holds no data in is a hole, found
         without reading it.
         """
-        known = known or {}
+        known = dict(known or {})
         ids: dict[int, bytes] = {}
         blocks: dict[int, bytes | None] = {}
         todo = []
@@ -76,6 +96,8 @@ class Spool:
             base_blocks = any(p in known for p in range(e.offset, e.end, BLOCK_SIZE))
             if not e.length or base_blocks or self.has_data(e.offset, e.length):
                 todo.append(e)
+                for lo in self.hole_blocks(e.offset, e.end):
+                    known.setdefault(lo, zero_digest(min(BLOCK_SIZE, e.end - lo)))
             else:
                 ids[e.index], blocks[e.index] = HOLE, None
         # Two shares of about equal bytes: largest first, to the lighter one.
@@ -122,7 +144,7 @@ def extent_digests(
             n = min(BLOCK_SIZE, ext.end - pos)
             if pos in known:
                 per_block.append(known[pos])
-                zeros = zeros and known[pos] == _zero_digest(n)
+                zeros = zeros and known[pos] == zero_digest(n)
                 continue
             piece = read(pos, n).ljust(n, b"\0")
             zeros = zeros and piece == (_ZEROS if n == BLOCK_SIZE else bytes(n))
@@ -132,12 +154,6 @@ def extent_digests(
         ids.append(HOLE if zeros else chunk_id_of(per_block))
         blocks.append(b"".join(per_block) if len(per_block) > 1 and not zeros else None)
     return ids, blocks
-
-
-@functools.lru_cache(maxsize=8)
-def _zero_digest(n: int) -> bytes:
-    """The SHA-256 of ``n`` zero bytes."""
-    return hashlib.sha256(bytes(n)).digest()
 
 
 def _unlinked_tempfile(cache_dir: str) -> int:

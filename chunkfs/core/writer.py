@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import trio
 
-from .. import errors, layout, ring
+from .. import errors, layout, ring, wire
 from ..layout import BLOCK_SIZE as BLOCK
 from ..meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, UploadSession, now_ns
 from ..store import BATCH_ITEM_MAX, INLINE_PUT_MAX, Delta, PutItem
@@ -215,12 +215,14 @@ class Writer:
         deltas: dict[int, Delta] = {}
         for e, chunk_id, block_digests in zip(changed, ids, blocks, strict=True):
             position = 0 if chunk_id == layout.HOLE else _position(f.ino, e, chunk_id)
-            plan = sources.get(e.index)
-            if chunk_id != layout.HOLE and plan is not None and any(s is not None for s in plan):
-                delta = await self._delta(f, e, base_at[e.offset], plan)
+            plan = _plan(e, block_digests, sources.get(e.index))
+            if chunk_id != layout.HOLE and plan is not None:
+                reused = any(isinstance(src, int) for src in plan)
+                delta = await self._delta(f, e, base_at[e.offset] if reused else None, plan)
                 if delta is not None:
                     deltas[e.index] = delta
-                    position = delta.base.position  # replicas where the base is
+                    if delta.base is not None:
+                        position = delta.base.position  # replicas where the base is
             chunks[e.index] = ChunkRef(
                 e.index, e.offset, e.length, chunk_id, (), block_digests, position
             )
@@ -245,16 +247,16 @@ class Writer:
         return not any(first <= n < stop for n in f.touched)
 
     async def _delta(
-        self, f: OpenFile, e: layout.Extent, base: ChunkRef, plan: list[int | None]
+        self, f: OpenFile, e: layout.Extent, base: ChunkRef | None, plan: list[wire.Source]
     ) -> Delta | None:
-        """The delta of extent ``e`` from ``base`` (``plan``: the base block
-        each block copies, or None), with the bytes of its changed blocks
-        read from the spool; None when those are over ``DELTA_MAX``.
+        """The delta of extent ``e`` (``plan``: each block's source, blocks
+        of ``base`` among them), with the bytes of its other blocks read from
+        the spool; None when those are over ``DELTA_MAX``.
         """
         spans = [
             (lo, min(BLOCK, e.end - lo))
             for lo, src in zip(range(e.offset, e.end, BLOCK), plan, strict=True)
-            if src is None
+            if src is wire.BODY
         ]
         if sum(n for _, n in spans) > DELTA_MAX:
             return None
@@ -304,6 +306,27 @@ class Writer:
             await self._meta.content.fail_upload(session_id)
         except errors.ChunkfsError as exc:
             log.warning("could not mark upload session %d failed: %s", session_id, exc)
+
+
+def _plan(
+    e: layout.Extent, block_digests: bytes | None, reused: list[int | None] | None
+) -> list[wire.Source] | None:
+    """Where each block of a changed chunk of more than one block can come
+    from (``chunkfs.wire``): the base block ``reused`` names, zeros (its
+    digest says so), else the body; None when every block needs the body.
+    """
+    if block_digests is None:
+        return None
+    plan: list[wire.Source] = []
+    for k, lo in enumerate(range(e.offset, e.end, BLOCK)):
+        digest = block_digests[k * layout.DIGEST_SIZE : (k + 1) * layout.DIGEST_SIZE]
+        if reused is not None and reused[k] is not None:
+            plan.append(reused[k])
+        elif digest == layout.zero_digest(min(BLOCK, e.end - lo)):
+            plan.append(wire.ZERO)
+        else:
+            plan.append(wire.BODY)
+    return None if all(src is wire.BODY for src in plan) else plan
 
 
 def _position(ino: Ino, ext: layout.Extent, chunk_id: bytes) -> int:

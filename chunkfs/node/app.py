@@ -53,7 +53,7 @@ from starlette.routing import Route
 
 from .. import wire
 from ..errors import ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
-from ..layout import id_matches
+from ..layout import BLOCK_SIZE, id_matches
 from .disk import ChunkDisk, DeleteRefused, LengthMismatch
 
 log = logging.getLogger(__name__)
@@ -267,9 +267,9 @@ class NodeApp:
 
     async def put_chunk(self, request: Request) -> Response:
         """PUT /v1/chunks/{id}: store a streamed chunk (201 created, 200
-        present); with ``?base=ID&length=N&from=S,S,...``, derive it from a
-        chunk this node holds (``ChunkDisk.derive``: each S is a base block
-        number, or ``-`` for the next block of the body; 404 without the base).
+        present); with ``?length=N&from=SOURCES[&base=ID]``, build it from
+        its block sources (``chunkfs.wire``; ``ChunkDisk.derive``): the body
+        holds only the blocks it does not name otherwise (404 without the base).
         """
         chunk_id = request.path_params["chunk_id"]
         length, problem = self._declared_length(request, self.max_chunk_size)
@@ -277,15 +277,14 @@ class NodeApp:
             return problem
         query = request.query_params
         try:
-            if "base" in query:
+            if "from" in query:
                 chunk_length = int(query.get("length", ""))
                 if not 0 <= chunk_length <= self.max_chunk_size:
                     raise ValueError("length out of range")
-                sources = [None if s == "-" else int(s) for s in query.get("from", "").split(",")]
-                if any(s is not None and s < 0 for s in sources):
-                    raise ValueError("negative block number")
+                blocks = -(-chunk_length // BLOCK_SIZE)
+                sources = wire.decode_sources(query["from"], blocks)
                 created = await self.disk.derive(
-                    chunk_id, chunk_length, query["base"], sources, request.stream()
+                    chunk_id, chunk_length, query.get("base"), sources, request.stream()
                 )
             else:
                 created = await self.disk.put(chunk_id, request.stream(), length)

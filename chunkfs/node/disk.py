@@ -28,7 +28,14 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +44,8 @@ import trio
 
 from ..diskio import fsync_dir, syncfs
 from ..errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
-from ..layout import BLOCK_SIZE, BlockHasher, chunk_id_of, id_matches
-from ..wire import BatchEntry, is_valid_id
+from ..layout import BLOCK_SIZE, BlockHasher, chunk_id_of, id_matches, zero_digest
+from ..wire import BODY, ZERO, BatchEntry, Source, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +297,9 @@ class ChunkDisk:
                 await self._check_body(chunk_id, body, length)
                 return False
             async with self._reservation(length):
-                await self._write_new(chunk_id, body, length, final)
+                await self._write_new(
+                    chunk_id, length, final, lambda out: _stream_into(out, body, length)
+                )
             self.used_bytes += length
             self.chunk_count += 1
             return True
@@ -312,23 +321,22 @@ class ChunkDisk:
     async def _write_new(
         self,
         chunk_id: str,
-        body: AsyncIterable[bytes],
         length: int,
         final: Path,
+        fill: Callable[[_ChunkWriter], Awaitable[None]],
         *,
         hash_list: bool = False,
     ) -> None:
-        """Write a new chunk from ``body`` and keep it if its bytes match the
-        id (as a hash list only, with ``hash_list``; else also as the
-        SHA-256 of the bytes, as chunks were named before hash lists).
+        """Write a new chunk of ``length`` bytes, which ``fill`` hands to the
+        writer, and keep it if its bytes match the id (as a hash list only,
+        with ``hash_list``; else also as the SHA-256 of the bytes, as chunks
+        were named before hash lists).
         """
         tmp = self._temp_path(chunk_id)
         fd = await trio.to_thread.run_sync(_create_temp, tmp, length >= DIRECT_MIN)
         try:
             out = _ChunkWriter(fd)
-            async with aclosing(_regroup(body, length)) as pieces:
-                async for piece in pieces:
-                    await trio.to_thread.run_sync(out.write, piece)
+            await fill(out)
             await trio.to_thread.run_sync(out.finish)
             wanted = bytes.fromhex(chunk_id)
             if chunk_id_of(out.blocks.digests()) != wanted and (
@@ -350,17 +358,18 @@ class ChunkDisk:
         self,
         chunk_id: str,
         length: int,
-        base_id: str,
-        sources: list[int | None],
+        base_id: str | None,
+        sources: Sequence[Source],
         body: AsyncIterable[bytes],
     ) -> bool:
-        """Store a chunk of ``length`` bytes made of blocks of the chunk
-        ``base_id`` on this node and of bytes from ``body``: block k of the
-        new chunk (``layout.BLOCK_SIZE`` bytes, the last one maybe fewer)
-        copies base block ``sources[k]``, or when that is None takes the next
-        bytes of ``body``. So a chunk that changed in a few blocks crosses the
-        network as those blocks only. The id is checked as a hash list of the
-        new chunk's block digests (``layout.chunk_id_of``) before it is kept.
+        """Store a chunk of ``length`` bytes whose blocks (``layout.BLOCK_SIZE``
+        bytes, the last one maybe fewer) come from ``sources`` (one per block,
+        as ``chunkfs.wire`` describes them): blocks of the chunk ``base_id``
+        on this node, blocks of zeros (left as holes in the file), and the
+        bytes of ``body`` for the others. So a chunk that changed in a few
+        blocks, or is mostly zeros, crosses the network as its other blocks
+        only. The id is checked as a hash list of the new chunk's block
+        digests (``layout.chunk_id_of``) before it is kept.
 
         Returns True when created, False when it was there (then only its
         mtime moves, and the body is read and dropped). Raises
@@ -369,37 +378,47 @@ class ChunkDisk:
         ``DigestMismatch`` (nothing stored), ``NodeFull``.
         """
         _check_id(chunk_id)
-        _check_id(base_id)
+        if base_id is not None:
+            _check_id(base_id)
         sizes = [min(BLOCK_SIZE, length - k) for k in range(0, length, BLOCK_SIZE)]
         if len(sizes) < 2 or len(sources) != len(sizes):
             raise InvalidArgument(f"{len(sources)} block sources for {length} bytes")
-        body_length = sum(n for n, src in zip(sizes, sources, strict=True) if src is None)
+        if base_id is None and any(isinstance(src, int) for src in sources):
+            raise InvalidArgument("block sources name a base chunk but none was given")
+        body_length = sum(n for n, src in zip(sizes, sources, strict=True) if src is BODY)
         pieces = _Pieces(_regroup(body, body_length))
         async with aclosing(pieces.source), self._locked(chunk_id):
             final = self.path(chunk_id)
             if await trio.to_thread.run_sync(_touch, final):
                 await pieces.drain()
                 return False
-            try:
-                base = await trio.to_thread.run_sync(os.open, self.path(base_id), os.O_RDONLY)
-            except FileNotFoundError:
-                await pieces.drain()  # read, so that the connection stays usable
-                raise ChunkMissing(f"base chunk {base_id} not on node {self.node_id}") from None
+            base = -1
+            if base_id is not None:
+                try:
+                    base = await trio.to_thread.run_sync(os.open, self.path(base_id), os.O_RDONLY)
+                except FileNotFoundError:
+                    await pieces.drain()  # read, so that the connection stays usable
+                    raise ChunkMissing(f"base chunk {base_id} not on node {self.node_id}") from None
+
+            async def fill(out: _ChunkWriter) -> None:
+                for n, src in zip(sizes, sources, strict=True):
+                    if src == ZERO:
+                        out.skip(n)
+                        continue
+                    if isinstance(src, int):
+                        data = await trio.to_thread.run_sync(
+                            _pread_exact, base, n, src * BLOCK_SIZE
+                        )
+                    else:
+                        data = await pieces.take(n)
+                    await trio.to_thread.run_sync(out.write, data)
+
             try:
                 async with self._reservation(length):
-
-                    async def blocks() -> AsyncIterator[bytes]:
-                        for n, src in zip(sizes, sources, strict=True):
-                            if src is None:
-                                yield await pieces.take(n)
-                            else:
-                                yield await trio.to_thread.run_sync(
-                                    _pread_exact, base, n, src * BLOCK_SIZE
-                                )
-
-                    await self._write_new(chunk_id, blocks(), length, final, hash_list=True)
+                    await self._write_new(chunk_id, length, final, fill, hash_list=True)
             finally:
-                os.close(base)
+                if base >= 0:
+                    os.close(base)
             self.used_bytes += length
             self.chunk_count += 1
             return True
@@ -615,6 +634,7 @@ class _ChunkWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.length = 0  # bytes written or skipped
         self.blocks = BlockHasher()
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
         self._buf = mmap.mmap(-1, PIECE_SIZE) if direct else None
@@ -623,6 +643,7 @@ class _ChunkWriter:
     def write(self, data: bytes | bytearray) -> None:
         """Hash and append ``data``."""
         self.blocks.update(data)
+        self.length += len(data)
         if self._buf is None:
             _write_all(self.fd, data)
             return
@@ -636,9 +657,22 @@ class _ChunkWriter:
                 _write_all(self.fd, self._buf)
                 self._fill = 0
 
+    def skip(self, n: int) -> None:
+        """Append ``n`` zero bytes as a hole: a whole block (or the last,
+        shorter one) at a block boundary. Raises ValueError elsewhere.
+        """
+        if self.length % BLOCK_SIZE or self._fill:
+            raise ValueError("a hole must start on a block boundary")
+        self.blocks.add(zero_digest(n))
+        os.lseek(self.fd, n, os.SEEK_CUR)
+        self.length += n
+
     def finish(self) -> None:
-        """Write what is buffered; the descriptor stays open."""
+        """Write what is buffered (the file ends at ``length``, after any
+        trailing hole); the descriptor stays open.
+        """
         if self._buf is None:
+            os.ftruncate(self.fd, self.length)
             return
         if self._fill:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
@@ -646,6 +680,7 @@ class _ChunkWriter:
             _write_all(self.fd, self._buf[: self._fill])
         self._buf.close()
         self._buf = None
+        os.ftruncate(self.fd, self.length)
 
 
 def _commit(fd: int, tmp: Path, final: Path) -> None:
@@ -662,6 +697,13 @@ def _commit(fd: int, tmp: Path, final: Path) -> None:
         os.close(fd)
     os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+async def _stream_into(out: _ChunkWriter, body: AsyncIterable[bytes], length: int) -> None:
+    """Hand ``body`` (exactly ``length`` bytes) to ``out`` in pieces of about ``PIECE_SIZE``."""
+    async with aclosing(_regroup(body, length)) as pieces:
+        async for piece in pieces:
+            await trio.to_thread.run_sync(out.write, piece)
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
