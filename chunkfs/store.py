@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 WHOLE_FETCH_MAX = 8 << 20
 # Larger chunks are fetched in aligned windows of this size (whole blocks):
 # a random read costs one. When a chunk is read window after window, a
-# missing window is fetched with the next READ_AHEAD ones, concurrently.
+# missing window is fetched with the next READ_AHEAD ones, SPAN windows to a
+# request, the requests concurrently (measured, cold 512 MiB cat: one window
+# per request 275 MiB/s and 1.6 s of the mount's CPU; four, 305 and 1.35).
 WINDOW = 1 << 20
 READ_AHEAD = 8
+SPAN = 4
 # Fetched bytes up to this size are hashed on the event loop; more (a whole
 # window included), in a worker thread, so that two cores hash at once.
 HASH_INLINE_MAX = 256 << 10
@@ -364,13 +367,38 @@ class ChunkStore:
         """
         last = min(w + READ_AHEAD, (ref.length - 1) // WINDOW)
 
-        async def one(n: int) -> None:
+        async def span(first: int, stop: int) -> None:
             with contextlib.suppress(errors.ChunkfsError):
-                await self._window(ref, n)
+                await self._span(ref, first, stop)
 
         async with trio.open_nursery() as nursery:
-            for n in range(w, last + 1):
-                nursery.start_soon(one, n)
+            for first in range(w, last + 1, SPAN):
+                nursery.start_soon(span, first, min(first + SPAN, last + 1))
+
+    async def _span(self, ref: ChunkRef, first: int, stop: int) -> None:
+        """Bring windows ``[first, stop)`` into the cache in one request (a
+        window already cached or being fetched is left alone, and the span
+        stops short of it).
+        """
+        keys = []
+        for n in range(first, stop):
+            key = (ref.chunk_id, n)
+            if self._cache.get(key) is not None or key in self._inflight:
+                break
+            keys.append(key)
+        if not keys:
+            return
+        events = [trio.Event() for _ in keys]
+        self._inflight.update(zip(keys, events, strict=True))
+        try:
+            end = min((first + len(keys)) * WINDOW, ref.length)
+            data = await self._fetch(ref, first * WINDOW, end)
+            for i, key in enumerate(keys):
+                self._cache.put(key, data[i * WINDOW : (i + 1) * WINDOW])
+        finally:
+            for key, event in zip(keys, events, strict=True):
+                del self._inflight[key]
+                event.set()
 
     async def prefetch(self, refs: Sequence[ChunkRef]) -> None:
         """Bring small chunks into the cache with as few requests as possible:
