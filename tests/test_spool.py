@@ -75,3 +75,18 @@ def test_the_file_digest_is_a_hash_list_of_size_and_chunk_ids():
     assert layout.file_digest(2, [a, b]) == hashlib.sha256((2).to_bytes(8, "big") + a + b).digest()
     assert layout.file_digest(2, [a, b]) != layout.file_digest(2, [b, a])
     assert layout.file_digest(2, [a]) != layout.file_digest(3, [a])
+
+
+def test_hole_blocks_are_found_without_reading(tmp_path):
+    block = layout.BLOCK_SIZE
+    spool = Spool(str(tmp_path))
+    try:
+        spool.truncate(10 * block + 7)
+        spool.pwrite(3 * block + 5, b"x")
+        spool.pwrite(7 * block, os.urandom(block + 1))  # blocks 7 and 8
+        found = spool.hole_blocks(0, 10 * block + 7)
+        # Only the blocks of data are left out; the short last block counts.
+        assert found == [n * block for n in (0, 1, 2, 4, 5, 6, 9, 10)]
+        assert spool.hole_blocks(4 * block, 6 * block) == [4 * block, 5 * block]
+    finally:
+        spool.close()
