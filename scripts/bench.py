@@ -1181,11 +1181,16 @@ def main() -> int:
             if args.stress_seconds > 0:
                 for t in targets[:2]:  # local and chunkfs (see the module doc)
                     say(f"stress ({args.stress_seconds:g} s) on {t.name}")
-                    results[t.name].update(
-                        stress_figures(
-                            t, args.stress_seconds, args.stress_settle, args.stress_max_file_mib
+                    try:
+                        results[t.name].update(
+                            stress_figures(
+                                t, args.stress_seconds, args.stress_settle, args.stress_max_file_mib
+                            )
                         )
-                    )
+                    except (BenchError, cl.ClusterError, OSError) as exc:
+                        # The other figures are still worth printing; the error is the stress's.
+                        say(f"stress on {t.name} failed: {exc}")
+                        results[t.name]["stress_errors"] = float("nan")
             out = report(results)
             out["runs"] = args.runs
             out["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release}

@@ -16,8 +16,6 @@ import trio
 
 from ..layout import BLOCK_SIZE, HOLE, Extent, chunk_id_of, zero_digest
 
-# Size of the pieces the spool is read in when hashing or uploading.
-PIECE = 1 << 20
 _ZEROS = bytes(BLOCK_SIZE)
 
 
