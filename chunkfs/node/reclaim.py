@@ -56,7 +56,8 @@ class LocalChunks:
 
 async def reclaim_forever(meta: Meta, disk: ChunkDisk, interval_s: float) -> None:
     """Run a reclamation pass every ``interval_s`` seconds, or three times
-    the last pass's duration if longer; failures are logged and retried.
+    the last pass's duration if longer; failures, whatever they are, are
+    logged and the next pass tries again (the node keeps serving).
     """
     chunks = LocalChunks(disk)
     wait = interval_s
@@ -69,6 +70,8 @@ async def reclaim_forever(meta: Meta, disk: ChunkDisk, interval_s: float) -> Non
             await collect_node(meta, chunks, disk.node_id, report, pause_s=PAUSE_S)
         except errors.ChunkfsError as exc:
             log.warning("reclamation on node %s stopped early: %s", disk.node_id, exc)
+        except Exception:  # a failed pass must not stop the node serving
+            log.exception("reclamation on node %s failed", disk.node_id)
         if report.deleted:
             log.info("reclaimed %d chunks nothing needs", report.deleted)
         wait = max(interval_s, 3 * (time.monotonic() - started))
