@@ -263,34 +263,32 @@ class ChunkStore:
             holders = [n for n in self._ring.walk(base.position) if n in base.nodes]
             targets = [n for n in holders if n in writable][: self.replicas]
 
-        async def one(node_id: str) -> None:
-            tried.add(node_id)
-            try:
-                async with self._limiter:
-                    await self.client(node_id).derive(
-                        item.chunk_id,
-                        item.length,
-                        None if base is None else base.chunk_id,
-                        delta.sources,
-                        delta.data,
-                        len(delta.data),
-                    )
-            except errors.ChunkfsError as exc:
-                log.warning(
-                    "derive of chunk %s on node %s failed: %s",
-                    item.chunk_id.hex()[:16],
-                    node_id,
-                    exc,
-                )
-            else:
-                done.append(node_id)
+        async def derive(client: NodeClient) -> None:
+            await client.derive(
+                item.chunk_id,
+                item.length,
+                None if base is None else base.chunk_id,
+                delta.sources,
+                delta.data,
+                len(delta.data),
+            )
 
+        tried.update(targets)
         async with trio.open_nursery() as nursery:
             for node_id in targets:
-                nursery.start_soon(one, node_id)
+                nursery.start_soon(self._send, "derive", node_id, item, derive, done, [], True)
 
     async def _put_one(self, item: PutItem, done: list[str], tried: set[str]) -> None:
         """Bring one chunk to R replicas, walking the ring past ``tried`` nodes."""
+
+        async def put(client: NodeClient) -> None:
+            await client.put(item.chunk_id, item.content(), item.length)
+
+        # A stream may fetch base blocks as it goes (a delta's whole chunk),
+        # which takes a limiter token of its own: streamed puts go unlimited
+        # (a file has at most six, R times; the connection pool bounds them).
+        limited = item.data is not None
+
         candidates = [n for n in self.placement(item.position) if n not in tried]
         failures: list[errors.ChunkfsError] = []
         while len(done) < self.replicas and candidates:
@@ -298,7 +296,9 @@ class ChunkStore:
             batch, candidates = candidates[:wanted], candidates[wanted:]
             async with trio.open_nursery() as nursery:
                 for node_id in batch:
-                    nursery.start_soon(self._put_replica, node_id, item, done, failures)
+                    nursery.start_soon(
+                        self._send, "put", node_id, item, put, done, failures, limited
+                    )
         if len(done) < self.replicas:
             if failures and all(isinstance(f, errors.NodeFull) for f in failures):
                 raise errors.NoSpace("no storage node has room for the chunk")
@@ -308,20 +308,28 @@ class ChunkStore:
                 f"{self.replicas} replicas ({len(self.live_nodes())} live nodes){detail}"
             )
 
-    async def _put_replica(
-        self, node_id: str, item: PutItem, done: list[str], failures: list[errors.ChunkfsError]
+    async def _send(
+        self,
+        what: str,
+        node_id: str,
+        item: PutItem,
+        request: Callable[[NodeClient], Awaitable[None]],
+        done: list[str],
+        failures: list[errors.ChunkfsError],
+        limited: bool,
     ) -> None:
-        content = item.content()
-        # A stream may fetch base blocks as it goes (a delta's whole chunk),
-        # which takes a limiter token of its own: streamed puts go unlimited
-        # (a file has at most six, R times; the connection pool bounds them).
-        limit = self._limiter if item.data is not None else contextlib.nullcontext()
+        """Make one ``request`` that stores ``item`` on ``node_id`` (holding
+        a token of the request limiter when ``limited``): the node joins
+        ``done`` when it answers, else the failure is logged and kept in
+        ``failures``.
+        """
+        limit = self._limiter if limited else contextlib.nullcontext()
         try:
             async with limit:
-                await self.client(node_id).put(item.chunk_id, content, item.length)
+                await request(self.client(node_id))
         except errors.ChunkfsError as exc:
             log.warning(
-                "put of chunk %s on node %s failed: %s", item.chunk_id.hex()[:16], node_id, exc
+                "%s of chunk %s on node %s failed: %s", what, item.chunk_id.hex()[:16], node_id, exc
             )
             failures.append(exc)
         else:

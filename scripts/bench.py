@@ -84,8 +84,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from prometheus_client.parser import text_string_to_metric_families
-
 # The throwaway-cluster harness lives beside the tests, outside the package;
 # the stress workload beside this script (on the path when it runs).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -95,8 +93,6 @@ import cluster as cl
 
 MiB = 1 << 20
 GiB = 1 << 30
-# Loopback requests (the nodes' /metrics) must not go through a proxy set in the environment.
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Workload -> (unit, higher is better).
 UNITS = {
     "write": ("MiB/s", True),
@@ -157,6 +153,7 @@ class BenchError(Exception):
 
 
 def say(msg: str) -> None:
+    """Print a progress line (``# msg``) to standard error."""
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
@@ -334,6 +331,7 @@ class Target:
     root: Path
 
     def remount(self) -> None:
+        """Make the next reads cold (here: drop the page cache)."""
         drop_caches()
 
     def pids(self) -> list[int]:
@@ -341,13 +339,16 @@ class Target:
         return []
 
     def mount_pid(self) -> list[int]:
+        """The mount's process (for the big file's peak RSS); none for a local directory."""
         return []
 
     def close(self) -> None:
-        pass
+        """Stop everything the target started and remove what it wrote."""
 
 
 class Local(Target):
+    """A directory on the local disk, as the baseline."""
+
     name = "local"
 
     def __init__(self, workdir: Path) -> None:
@@ -356,6 +357,8 @@ class Local(Target):
 
 
 class Chunkfs(Target):
+    """A throwaway chunkfs cluster (six nodes, R = 2) and its mount, default options."""
+
     name = "chunkfs"
 
     def __init__(self, workdir: Path) -> None:
@@ -381,6 +384,8 @@ class Chunkfs(Target):
 
 
 class Juicefs(Target):
+    """JuiceFS formatted on the same PostgreSQL with its local ``file`` storage."""
+
     name = "juicefs"
 
     def __init__(self, workdir: Path, postgres: cl.Postgres, binary: str) -> None:
@@ -708,6 +713,8 @@ class Seaweedfs(Target):
 
 
 class SeaweedfsFsync(Seaweedfs):
+    """SeaweedFS with the filer path rule that fsyncs every chunk on both copies."""
+
     name = "seaweedfs-fsync"
     fsync = True
 
@@ -914,7 +921,8 @@ def stress_figures(
         cluster = chunkfs.cluster
         cl.run_chunkfs("gc", cluster.dsn, timeout=COMMAND_TIMEOUT)
         token = cl.run_sql(cluster.dsn, "SELECT cluster_token FROM settings")[0][0]
-        received0 = _nodes_received(cluster, token["cluster_token"])
+        urls = [n.url for n in cluster.nodes]
+        received0 = cl.node_body_bytes(urls, token["cluster_token"])
         log_start = chunkfs.mount.log_offset()
     try:
         r = stress.run_stress(root, processes=4, seconds=seconds, max_file_bytes=max_file_mib * MiB)
@@ -933,7 +941,7 @@ def stress_figures(
             out["stress_write_amplification"] = r.kernel_write_bytes / app if app else 0.0
             out["stress_space_amplification"] = r.allocated_bytes / live if live else 0.0
         if chunkfs:
-            nodes_in = _nodes_received(cluster, token["cluster_token"]) - received0
+            nodes_in = cl.node_body_bytes(urls, token["cluster_token"]) - received0
             for e in chunkfs.mount.unexpected_errors(since=log_start):
                 say(f"stress on chunkfs: the mount logged: {e.splitlines()[0]}")
 
@@ -953,25 +961,6 @@ def stress_figures(
     finally:
         run(["rm", "-rf", str(root)])
     return out
-
-
-def _nodes_received(cluster: cl.Cluster, token: str) -> float:
-    """Request body bytes all the cluster's nodes have received (their ``/metrics``)."""
-    total = 0.0
-    for node in cluster.nodes:
-        req = urllib.request.Request(
-            node.url + "/metrics", headers={"Authorization": f"Bearer {token}"}
-        )
-        with _NO_PROXY.open(req, timeout=30) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in (
-                    "chunkfs_node_received_bytes_total",
-                    "chunkfs_node_received_bytes",
-                ):
-                    total += sample.value
-    return total
 
 
 def _settle(measure: Callable[[], int], limit: float, quiet: float = 10.0) -> tuple[int, float]:
@@ -1046,6 +1035,10 @@ def report(results: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def interrupts_as_exceptions() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt while the block runs,
+    so that everything started is stopped on the way out.
+    """
+
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()
 

@@ -92,6 +92,7 @@ class StressResult:
 
     @property
     def ops_per_s(self) -> float:
+        """Operations per second of the run."""
         return self.ops / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
@@ -101,6 +102,7 @@ class StressResult:
 
     @property
     def error_count(self) -> int:
+        """Errors over all processes (0 in a good run)."""
         return sum(len(e) for e in self.errors)
 
     def figures(self) -> dict[str, tuple[float, str]]:
@@ -168,6 +170,7 @@ class _Model:
         self.probes: dict[int, bytes] = {}
 
     def write(self, off: int, data: memoryview, rng: random.Random) -> None:
+        """Account for ``data`` written at byte ``off``; may add a probe."""
         end = off + len(data)
         if off > self.size:  # the hole reads as zeros
             self._probe_zeros(self.size, off, rng)
@@ -182,6 +185,7 @@ class _Model:
         self._add(p, bytes(data[p - off : p - off + PROBE_BYTES]), rng)
 
     def truncate(self, size: int, rng: random.Random) -> None:
+        """Account for a truncate to ``size`` bytes (probes cut; zeros past the old end)."""
         for p, expected in list(self.probes.items()):
             if p >= size:
                 del self.probes[p]
@@ -485,6 +489,7 @@ def disk_usage(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the stress on a directory and print its figures; the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dir", type=Path, help="where the files go (made if missing)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long the processes run")

@@ -45,6 +45,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from chunkfs import errors, pg
 
@@ -681,6 +682,25 @@ class Postgres:
 
 
 # ------------------------------------------------------------ NodeProcess
+
+
+def node_body_bytes(urls: Iterable[str], token: str, direction: str = "received") -> float:
+    """Body bytes the nodes at ``urls`` have ``received`` (or ``sent``) since
+    they started, summed from their ``/metrics``
+    (``chunkfs_node_<direction>_bytes``). Raises ``OSError`` when a node
+    does not answer.
+    """
+    total = 0.0
+    for url in urls:
+        request = urllib.request.Request(
+            url + "/metrics", headers={"Authorization": f"Bearer {token}"}
+        )
+        with _OPENER.open(request, timeout=30) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == f"chunkfs_node_{direction}_bytes":
+                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
 
 
 class NodeProcess:

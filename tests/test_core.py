@@ -14,7 +14,6 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
@@ -58,6 +57,13 @@ async def write_file(fs: FileSystem, parent: Ino, name: bytes, data: bytes) -> A
     await fs.flush(made.fh)
     await fs.release(made.fh)
     return made.attrs
+
+
+async def write_at(fs: FileSystem, ino: Ino, offset: int, data: bytes) -> None:
+    """Open the file for writing, write ``data`` at ``offset`` (bytes), close it."""
+    opened = await fs.open(ino, os.O_WRONLY, ROOT)
+    await fs.write(opened.fh, offset, data)
+    await fs.release(opened.fh)
 
 
 async def read_all(fs: FileSystem, ino: Ino) -> bytes:
@@ -245,15 +251,10 @@ async def received_bytes(fs: FileSystem, direction: str = "received") -> float:
     """Body bytes all the cluster's nodes have ``received`` (or ``sent``) so
     far, from their metrics.
     """
-    total = 0.0
-    headers = {"Authorization": f"Bearer {fs.settings.cluster_token}"}
-    async with httpx.AsyncClient(timeout=10) as http:
-        for node in await fs.meta.registry.nodes():
-            text = (await http.get(f"{node.base_url}/metrics", headers=headers)).text
-            for line in text.splitlines():
-                if line.startswith(f"chunkfs_node_{direction}_bytes_total "):
-                    total += float(line.split()[1])
-    return total
+    urls = [n.base_url for n in await fs.meta.registry.nodes()]
+    return await trio.to_thread.run_sync(
+        cl.node_body_bytes, urls, fs.settings.cluster_token, direction
+    )
 
 
 async def test_an_append_sends_only_the_chunks_it_lands_in(
@@ -286,9 +287,7 @@ async def test_a_write_in_place_fetches_and_sends_only_the_chunk_it_lands_in(
     before = await fs.meta.content.chunk_map(ino)
     sent, received = await received_bytes(fs, "sent"), await received_bytes(fs)
     # Another front end, with nothing of the file in its spool or caches.
-    opened = await other.open(ino, os.O_WRONLY, ROOT)
-    await other.write(opened.fh, 2 * MiB + MiB // 2, b"0123456789")
-    await other.release(opened.fh)
+    await write_at(other, ino, 2 * MiB + MiB // 2, b"0123456789")
     data[2 * MiB + MiB // 2 : 2 * MiB + MiB // 2 + 10] = b"0123456789"
     after = await fs.meta.content.chunk_map(ino)
     changed = [i for i in range(6) if after.chunks[i].chunk_id != before.chunks[i].chunk_id]
@@ -325,9 +324,7 @@ async def test_zeros_are_holes_recorded_and_never_uploaded(
     finally:
         await other.release(opened.fh)
     # Writing into a hole makes it a chunk; the others stay holes.
-    opened = await other.open(made.attrs.ino, os.O_WRONLY, ROOT)
-    await other.write(opened.fh, 5, b"x")
-    await other.release(opened.fh)
+    await write_at(other, made.attrs.ino, 5, b"x")
     cmap = await fs.meta.content.chunk_map(made.attrs.ino)
     assert [c.hole for c in cmap.chunks] == [False, False, True, True, True, True]
 
@@ -344,9 +341,7 @@ async def test_a_small_write_into_a_large_chunk_sends_only_the_block_it_changed(
     before = await fs.meta.content.chunk_map(ino)
     sent, received = await received_bytes(fs, "sent"), await received_bytes(fs)
     at = 2 * 16 * MiB + 5 * MiB + 100  # chunk 2, its block 5
-    opened = await other.open(ino, os.O_WRONLY, ROOT)
-    await other.write(opened.fh, at, b"0123456789")
-    await other.release(opened.fh)
+    await write_at(other, ino, at, b"0123456789")
     data[at : at + 10] = b"0123456789"
     after = await fs.meta.content.chunk_map(ino)
     assert [i for i in range(6) if after.chunks[i] != before.chunks[i]] == [2]
@@ -365,9 +360,7 @@ async def test_a_small_write_into_a_large_chunk_sends_only_the_block_it_changed(
     (Path(node.data_dir) / "chunks" / after.chunks[2].chunk_id.hex()[:2]).joinpath(
         after.chunks[2].chunk_id.hex()
     ).unlink()
-    opened = await other.open(ino, os.O_WRONLY, ROOT)
-    await other.write(opened.fh, at, b"abcdefghij")
-    await other.release(opened.fh)
+    await write_at(other, ino, at, b"abcdefghij")
     data[at : at + 10] = b"abcdefghij"
     again = await fs.meta.content.chunk_map(ino)
     assert len(set(again.chunks[2].nodes)) == 2
