@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 import trio
@@ -40,7 +41,8 @@ SPAN = 4
 # Fetched bytes up to this size are hashed on the event loop; more (a whole
 # window included), in a worker thread, so that two cores hash at once.
 HASH_INLINE_MAX = 256 << 10
-assert WINDOW % layout.BLOCK_SIZE == 0
+# A window is one block, so it is checked and kept by the block's digest.
+assert WINDOW == layout.BLOCK_SIZE
 # Chunks up to this size are read into memory for the upload; larger ones stream.
 INLINE_PUT_MAX = 4 << 20
 # Chunks up to this size travel in one batch request per node.
@@ -84,6 +86,18 @@ class PutItem:
         return self.stream()
 
 
+class BlockKeeper(Protocol):
+    """Local storage for blocks by digest (``core.content_cache.ContentCache``)."""
+
+    def keep(self, digest: bytes, data: bytes) -> bool:
+        """Keep ``data``, whose SHA-256 is ``digest``; whether it was kept."""
+        ...
+
+    def pread(self, digest: bytes | None, offset: int, length: int) -> bytes | None:
+        """Bytes of the entry ``digest`` (None when not kept)."""
+        ...
+
+
 class _ChunkCache:
     """Fetched chunks (and windows of large ones) up to a byte budget,
     least recently used out first; a blob over the whole budget is not kept.
@@ -106,8 +120,10 @@ class ChunkStore:
     """Chunk I/O against the cluster's storage nodes.
 
     ``replicas`` is R; ``timeout`` (seconds) bounds every node request;
-    ``cache_bytes`` bounds the read cache. Node membership and the ring are
-    re-read from PostgreSQL at most every ``refresh_s`` seconds.
+    ``cache_bytes`` bounds the read cache in memory; with ``kept``, the
+    blocks that readers fetch out of order are also kept there (on local
+    disk), since a random reader comes back to them. Node membership and the
+    ring are re-read from PostgreSQL at most every ``refresh_s`` seconds.
     """
 
     def __init__(
@@ -120,8 +136,10 @@ class ChunkStore:
         cache_bytes: int = 64 << 20,
         refresh_s: float = 5.0,
         max_requests: int = 16,
+        kept: BlockKeeper | None = None,
     ) -> None:
         self._meta = meta
+        self._kept = kept
         self._token = token
         self.replicas = replicas
         self._timeout = timeout
@@ -355,19 +373,52 @@ class ChunkStore:
         first, last = start // WINDOW, (end - 1) // WINDOW
         for w in range(first, last + 1):
             w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
-            sequential = self._next_window.get(ref.chunk_id) in (w, w + 1)
-            if sequential and self._cache.get((ref.chunk_id, w)) is None:
-                await self._read_ahead(ref, w)
-            data = await self._window(ref, w)
+            lo, hi = max(start, w_start) - w_start, min(end, w_end) - w_start
+            digest = self._block_digest(ref, w)
+            piece = None
+            if digest is not None and self._cache.get((ref.chunk_id, w)) is None:
+                piece = self._kept_piece(digest, lo, hi)
+            if piece is None:
+                sequential = self._next_window.get(ref.chunk_id) in (w, w + 1)
+                if sequential and self._cache.get((ref.chunk_id, w)) is None:
+                    await self._read_ahead(ref, w)
+                piece = (await self._window(ref, w, keep=not sequential))[lo:hi]
             if len(self._next_window) > 4096:
                 self._next_window.clear()
             self._next_window[ref.chunk_id] = w + 1
-            out.append(data[max(start, w_start) - w_start : min(end, w_end) - w_start])
+            out.append(piece)
         return b"".join(out)
 
-    async def _window(self, ref: ChunkRef, w: int) -> bytes:
+    async def _window(self, ref: ChunkRef, w: int, *, keep: bool) -> bytes:
+        """Window ``w`` of a large chunk, from memory or fetched (and, when
+        ``keep``, also kept on local disk).
+        """
         w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
-        return await self._cached((ref.chunk_id, w), lambda: self._fetch(ref, w_start, w_end))
+
+        async def fetch() -> bytes:
+            data = await self._fetch(ref, w_start, w_end)
+            digest = self._block_digest(ref, w)
+            if keep and digest is not None and self._kept is not None:
+                self._kept.keep(digest, data)
+            return data
+
+        return await self._cached((ref.chunk_id, w), fetch)
+
+    def _block_digest(self, ref: ChunkRef, w: int) -> bytes | None:
+        """The SHA-256 of window ``w`` when blocks are kept, else None."""
+        if self._kept is None or ref.blocks is None:
+            return None
+        return ref.blocks[w * layout.DIGEST_SIZE : (w + 1) * layout.DIGEST_SIZE]
+
+    def _kept_piece(self, digest: bytes, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of the kept block ``digest``, or None."""
+        assert self._kept is not None
+        try:
+            data = self._kept.pread(digest, lo, hi - lo)
+        except OSError as exc:
+            log.warning("kept block %s unreadable: %s", digest.hex()[:16], exc)
+            return None
+        return data if data is not None and len(data) == hi - lo else None
 
     async def _read_ahead(self, ref: ChunkRef, w: int) -> None:
         """Fetch window ``w`` and the next ``READ_AHEAD`` ones concurrently

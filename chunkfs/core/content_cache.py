@@ -2,10 +2,11 @@
 
 After a file's new version is committed, its spool holds exactly the bytes
 of that version; instead of being thrown away it is linked into this cache
-under the version's content digest (the SHA-256 of the whole file). Reads of
-a version whose digest is here are served from local disk, without a node
-request; a version's digest names its bytes, so an entry is never stale,
-whichever mount committed what since.
+under the version's content digest (``layout.file_digest``). Reads of a
+version whose digest is here are served from local disk, without a node
+request. Blocks of large chunks that a reader fetched at random are kept
+here too, under their SHA-256. A digest names its bytes, so an entry is
+never stale, whichever mount committed what since.
 
 One mount owns a cache directory at a time (an flock). Entries are trusted
 only when the previous owner shut down cleanly: it flushes the directory's
@@ -19,6 +20,7 @@ is short of room (see ``short_of_room``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -118,6 +120,30 @@ class ContentCache:
             return False
         self._sizes[digest] = size
         self._used += size
+        self._evict()
+        return digest in self._sizes
+
+    def keep(self, digest: bytes, data: bytes) -> bool:
+        """Keep ``data``, bytes named by ``digest`` (a block's SHA-256), as
+        an entry of its own. Returns whether it was kept.
+        """
+        if not self.budget or len(data) > self.budget or digest in self._sizes:
+            return False
+        path = self._path(digest)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.debug("content cache: cannot keep %s: %s", digest.hex()[:16], exc)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return False
+        self._sizes[digest] = len(data)
+        self._used += len(data)
         self._evict()
         return digest in self._sizes
 

@@ -677,8 +677,10 @@ async def open_filesystem(
     async with open_database(dsn, command_timeout=pg_timeout, async_commit=True) as db:
         meta = Meta(db)
         settings = await meta.registry.settings()
-        store = ChunkStore(meta, settings.cluster_token, settings.replicas, timeout=node_timeout)
         cache = ContentCache(os.path.join(cache_dir, "content"), cache_bytes)
+        store = ChunkStore(
+            meta, settings.cluster_token, settings.replicas, timeout=node_timeout, kept=cache
+        )
         try:
             await store.refresh(force=True)
             fs = FileSystem(
