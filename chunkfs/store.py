@@ -98,19 +98,23 @@ class BlockKeeper(Protocol):
         ...
 
 
+# Bytes handed out without a copy: a window is a view of the span it came in.
+Blob = bytes | memoryview
+
+
 class _ChunkCache:
     """Fetched chunks (and windows of large ones) up to a byte budget,
     least recently used out first; a blob over the whole budget is not kept.
     """
 
     def __init__(self, budget: int) -> None:
-        self._blobs: LRUCache[object, bytes] = LRUCache(maxsize=budget, getsizeof=len)
+        self._blobs: LRUCache[object, Blob] = LRUCache(maxsize=budget, getsizeof=len)
 
-    def get(self, key: object) -> bytes | None:
+    def get(self, key: object) -> Blob | None:
         """The blob kept under ``key`` (now the most recently used), or None."""
         return self._blobs.get(key)
 
-    def put(self, key: object, data: bytes) -> None:
+    def put(self, key: object, data: Blob) -> None:
         """Keep ``data`` under ``key``, the least recently used going first."""
         if len(data) <= self._blobs.maxsize:
             self._blobs[key] = data
@@ -355,8 +359,9 @@ class ChunkStore:
 
     # --------------------------------------------------------------- get
 
-    async def read(self, ref: ChunkRef, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a chunk (offsets within the chunk).
+    async def read(self, ref: ChunkRef, start: int, end: int) -> Blob:
+        """Bytes ``[start, end)`` of a chunk (offsets within the chunk); a
+        view of the cached window when they lie in one.
 
         Tries each node holding the chunk in turn, and skips one whose bytes
         do not match their digests. Raises ``StorageError`` when no replica
@@ -369,33 +374,36 @@ class ChunkStore:
         if ref.length <= WHOLE_FETCH_MAX:
             data = await self._cached(ref.chunk_id, lambda: self._fetch(ref, 0, ref.length))
             return data[start:end]
-        out = []
+        out: list[Blob] = []
         first, last = start // WINDOW, (end - 1) // WINDOW
         for w in range(first, last + 1):
             w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
             lo, hi = max(start, w_start) - w_start, min(end, w_end) - w_start
             digest = self._block_digest(ref, w)
-            piece = None
+            piece: Blob | None = None
             if digest is not None and self._cache.get((ref.chunk_id, w)) is None:
                 piece = self._kept_piece(digest, lo, hi)
             if piece is None:
-                sequential = self._next_window.get(ref.chunk_id) in (w, w + 1)
-                if sequential and self._cache.get((ref.chunk_id, w)) is None:
+                after = self._next_window.get(ref.chunk_id)
+                if after in (w, w + 1) and self._cache.get((ref.chunk_id, w)) is None:
                     await self._read_ahead(ref, w)
-                piece = (await self._window(ref, w, keep=not sequential))[lo:hi]
+                # The kernel's reads of one reader arrive out of order: only a
+                # window far from the last one read is a random reader's.
+                far = after is None or abs(w - (after - 1)) > READ_AHEAD
+                piece = (await self._window(ref, w, keep=far))[lo:hi]
             if len(self._next_window) > 4096:
                 self._next_window.clear()
             self._next_window[ref.chunk_id] = w + 1
             out.append(piece)
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _window(self, ref: ChunkRef, w: int, *, keep: bool) -> bytes:
+    async def _window(self, ref: ChunkRef, w: int, *, keep: bool) -> Blob:
         """Window ``w`` of a large chunk, from memory or fetched (and, when
         ``keep``, also kept on local disk).
         """
         w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
 
-        async def fetch() -> bytes:
+        async def fetch() -> Blob:
             data = await self._fetch(ref, w_start, w_end)
             digest = self._block_digest(ref, w)
             if keep and digest is not None and self._kept is not None:
@@ -452,8 +460,9 @@ class ChunkStore:
         try:
             end = min((first + len(keys)) * WINDOW, ref.length)
             data = await self._fetch(ref, first * WINDOW, end)
+            view = memoryview(data)  # a cached window keeps its whole span alive
             for i, key in enumerate(keys):
-                self._cache.put(key, data[i * WINDOW : (i + 1) * WINDOW])
+                self._cache.put(key, view[i * WINDOW : (i + 1) * WINDOW])
         finally:
             for key, event in zip(keys, events, strict=True):
                 del self._inflight[key]
@@ -512,7 +521,7 @@ class ChunkStore:
                     node_id,
                 )
 
-    async def _cached(self, key: object, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def _cached(self, key: object, fetch: Callable[[], Awaitable[Blob]]) -> Blob:
         """One fetch per key at a time; later callers wait and share it."""
         while True:
             data = self._cache.get(key)

@@ -69,7 +69,7 @@ async def write_at(fs: FileSystem, ino: Ino, offset: int, data: bytes) -> None:
 async def read_all(fs: FileSystem, ino: Ino) -> bytes:
     opened = await fs.open(ino, os.O_RDONLY, ROOT)
     try:
-        return await fs.read(opened.fh, 0, 1 << 30)
+        return bytes(await fs.read(opened.fh, 0, 1 << 30))
     finally:
         await fs.release(opened.fh)
 

@@ -32,7 +32,7 @@ import trio
 from .. import errors
 from ..meta import NAME_MAX, Attrs, DirEntry, Ino, Meta, Settings, now_ns
 from ..pg import open_database
-from ..store import ChunkStore
+from ..store import Blob, ChunkStore
 from .caches import TtlCache
 from .content_cache import ContentCache
 from .handles import OpenFile, OpenFiles
@@ -486,7 +486,7 @@ class FileSystem:
             opened = replace(opened, dirty=True, mode_changed=dropped is not None)
         return opened
 
-    async def read(self, fh: int, offset: int, length: int) -> bytes:
+    async def read(self, fh: int, offset: int, length: int) -> Blob:
         """Up to ``length`` bytes at ``offset``; short at the end of the file.
         Raises ``BadDescriptor`` for a handle not open for reading.
         """

@@ -20,7 +20,7 @@ import trio
 from .. import errors
 from ..layout import BLOCK_SIZE as BLOCK
 from ..meta import ChunkMap, ChunkRef, Content, Ino, now_ns
-from ..store import ChunkStore
+from ..store import Blob, ChunkStore
 from .content_cache import ContentCache
 from .spool import Spool
 
@@ -245,7 +245,7 @@ class OpenFiles:
 
     # ------------------------------------------------------------- reads
 
-    async def read(self, f: OpenFile, offset: int, length: int) -> bytes:
+    async def read(self, f: OpenFile, offset: int, length: int) -> Blob:
         """Up to ``length`` bytes at ``offset``; short at the end of the file."""
         end = min(offset + length, f.size)
         if end <= offset:
@@ -257,7 +257,7 @@ class OpenFiles:
                 await self.load(f, offset, end)
         return await trio.to_thread.run_sync(f.spool.pread, offset, end - offset)
 
-    async def read_base(self, cmap: ChunkMap, start: int, end: int) -> bytes:
+    async def read_base(self, cmap: ChunkMap, start: int, end: int) -> Blob:
         """Bytes ``[start, end)`` of a committed version; the chunks it spans
         are fetched concurrently, unless the local content cache holds it.
         Raises ``StorageError`` when a chunk has no good replica.
@@ -271,7 +271,7 @@ class OpenFiles:
         if len(wanted) == 1:
             return await wanted[0].fetch(self.store)
         await self.store.prefetch([p.ref for p in wanted])
-        parts: list[bytes] = [b""] * len(wanted)
+        parts: list[Blob] = [b""] * len(wanted)
 
         async def fetch(i: int) -> None:
             parts[i] = await wanted[i].fetch(self.store)
@@ -325,7 +325,7 @@ class _Piece:
     start: int
     end: int
 
-    async def fetch(self, store: ChunkStore) -> bytes:
+    async def fetch(self, store: ChunkStore) -> Blob:
         """The covered bytes, read (and verified) through ``store``. Raises ``StorageError``."""
         ref = self.ref
         return await store.read(

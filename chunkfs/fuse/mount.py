@@ -4,6 +4,7 @@ trio main that runs the FUSE session until unmount.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,8 @@ from .operations import Operations
 log = logging.getLogger(__name__)
 # How far the kernel reads ahead on a mount (KiB): one FUSE request's worth.
 READ_AHEAD_KIB = 1024
-READ_AHEAD_DELAY_S = 0.5
+# How long the mount waits at most for its first request to be answered.
+SETTLE_TIMEOUT_S = 10.0
 
 # mount(8) options handed on to the kernel as they are.
 _KERNEL_FLAGS = frozenset(
@@ -166,7 +168,7 @@ def _short_hash(text: str) -> str:
 async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM, SIGINT, SIGHUP).
 
-    ``ready`` is called once the kernel has the mount. Raises
+    ``ready`` is called once the kernel has the mount and answers on it. Raises
     ``ChunkfsError`` when the filesystem cannot be mounted.
     """
     cache_dir = opts.cache_dir or default_cache_dir(dsn, mountpoint)
@@ -191,11 +193,16 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
         except RuntimeError as exc:
             raise errors.ConfigError(f"cannot mount on {mountpoint}: {exc}") from None
 
-        async def read_ahead() -> None:
+        async def settle() -> None:
             # The kernel lowers read-ahead to what the INIT reply offers when
-            # it gets that reply, which pyfuse3.main sends first: set it after.
-            await trio.sleep(READ_AHEAD_DELAY_S)
+            # it gets that reply, which pyfuse3.main sends first, and a file
+            # keeps the read-ahead it was opened with. A stat of the root is
+            # answered only after INIT: set it then, and only then say ready.
+            with trio.move_on_after(SETTLE_TIMEOUT_S):
+                with contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(os.stat, where, abandon_on_cancel=True)
             set_read_ahead(where, READ_AHEAD_KIB)
+            ready()
 
         signalled = False
         try:
@@ -214,8 +221,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
 
                 nursery.start_soon(on_signal)
                 nursery.start_soon(fs.run_purger)
-                nursery.start_soon(read_ahead)
-                ready()
+                nursery.start_soon(settle)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:

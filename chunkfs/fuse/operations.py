@@ -349,7 +349,9 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=write_only)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any contiguous buffer (its stub says bytes): a
+    # window's view goes to the kernel without a copy.
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         return await self.fs.read(fh, off, size)
 
     @fuse_errors
