@@ -19,6 +19,7 @@ the epoch (the node's clock).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -109,6 +110,11 @@ class ChunkFile:
     async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` in pieces; closes the file when done."""
         try:
+            if end - start > PIECE_SIZE:
+                # The disk reads the whole range at once, not a piece per
+                # read-ahead window of the kernel.
+                with contextlib.suppress(OSError, AttributeError):
+                    os.posix_fadvise(self._require_fd(), start, end - start, os.POSIX_FADV_WILLNEED)
             pos = start
             while pos < end:
                 data = await self.read(pos, min(end, pos + PIECE_SIZE))
