@@ -8,6 +8,7 @@ connection errors, timeouts) ``StorageError``; each message names the node.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import httpx
 
 from . import wire
 from .errors import ChunkMissing, DigestMismatch, NodeFull, StorageError
+from .rangeget import RangeGetter
 
 # httpcore reads a connection 64 KiB at a time and has no setting for it; a
 # 1 MiB chunk window then costs sixteen socket reads, each a trip through the
@@ -55,7 +57,8 @@ class NodeClient:
     ``timeout`` (seconds) bounds connecting and each read or write on the
     socket, not a whole transfer. Pass ``client`` to share an
     ``httpx.AsyncClient``; otherwise one is made (HTTP/1.1, keep-alive) and
-    closed by ``aclose``.
+    closed by ``aclose``. Chunk bytes are read with ``chunkfs.rangeget``
+    (for an ``http://`` node), everything else with httpx.
     """
 
     def __init__(
@@ -69,6 +72,9 @@ class NodeClient:
         self.base_url = base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {token}"}
         self._owns_client = client is None
+        self._ranges = (
+            RangeGetter(self.base_url, timeout) if self.base_url.startswith("http://") else None
+        )
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout), limits=DEFAULT_LIMITS, http1=True, http2=False
         )
@@ -83,7 +89,9 @@ class NodeClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool, if this client made it."""
+        """Close the connections of chunk reads, and the pool if this client made it."""
+        if self._ranges is not None:
+            await self._ranges.aclose()
         if self._owns_client:
             await self._client.aclose()
 
@@ -93,9 +101,15 @@ class NodeClient:
         return f"{self.base_url}{path}"
 
     def _fail(self, what: str, response: httpx.Response) -> NoReturn:
-        detail = _error_text(response)
-        cls = _STATUS_ERRORS.get(response.status_code, StorageError)
-        raise cls(f"node {self.base_url}: {what}: HTTP {response.status_code}{detail}")
+        try:
+            body = response.content
+        except httpx.ResponseNotRead:  # a streamed answer
+            body = b""
+        self._fail_status(what, response.status_code, _error_text(body))
+
+    def _fail_status(self, what: str, status: int, detail: str) -> NoReturn:
+        cls = _STATUS_ERRORS.get(status, StorageError)
+        raise cls(f"node {self.base_url}: {what}: HTTP {status}{detail}")
 
     def _json(self, what: str, response: httpx.Response) -> Any:
         try:
@@ -187,7 +201,9 @@ class NodeClient:
         created = self._json(what, response)["created"]
         return {c: bool(new) for c, new in zip(chunks, created, strict=True)}
 
-    async def get(self, chunk_id: bytes, start: int = 0, end: int | None = None) -> bytes:
+    async def get(
+        self, chunk_id: bytes, start: int = 0, end: int | None = None
+    ) -> bytes | bytearray:
         """Bytes ``[start, end)`` of a chunk (``end`` None: to its end; exclusive).
 
         An ``end`` past the chunk's end is clipped by the node. Raises
@@ -199,12 +215,18 @@ class NodeClient:
             return b""
         what = f"GET chunk {cid} [{start}, {'' if end is None else end})"
         headers = _range_header(start, end)
-        response = await self._request(what, "GET", f"/v1/chunks/{cid}", headers=headers)
-        if response.status_code == 206 or (response.status_code == 200 and not headers):
-            return response.content
-        if response.status_code == 200:  # the node ignored the range
-            return response.content[start:end]
-        self._fail(what, response)
+        body: bytes | bytearray
+        if self._ranges is None:
+            response = await self._request(what, "GET", f"/v1/chunks/{cid}", headers=headers)
+            status, body = response.status_code, response.content
+        else:
+            answer = await self._ranges.get(f"/v1/chunks/{cid}", {**self._auth, **headers})
+            status, body = answer.status, answer.body
+        if status == 206 or (status == 200 and not headers):
+            return body
+        if status == 200:  # the node ignored the range
+            return body[start:end]
+        self._fail_status(what, status, _error_text(body))
 
     @asynccontextmanager
     async def stream(
@@ -315,9 +337,10 @@ def _range_header(start: int, end: int | None) -> dict[str, str]:
     return {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(body: bytes | bytearray) -> str:
+    """`` (message)`` from a node's JSON error body, or nothing."""
     try:
-        message = response.json().get("error")
-    except Exception:  # noqa: BLE001 - not JSON, or a streamed body not read
+        message = json.loads(body).get("error")
+    except Exception:  # noqa: BLE001 - not JSON (or not an object)
         message = None
     return f" ({message})" if message else ""

@@ -89,7 +89,7 @@ class PutItem:
 class BlockKeeper(Protocol):
     """Local storage for blocks by digest (``core.content_cache.ContentCache``)."""
 
-    def keep(self, digest: bytes, data: bytes) -> bool:
+    def keep(self, digest: bytes, data: bytes | bytearray) -> bool:
         """Keep ``data``, whose SHA-256 is ``digest``; whether it was kept."""
         ...
 
@@ -99,7 +99,7 @@ class BlockKeeper(Protocol):
 
 
 # Bytes handed out without a copy: a window is a view of the span it came in.
-Blob = bytes | memoryview
+Blob = bytes | bytearray | memoryview
 
 
 class _ChunkCache:
@@ -175,6 +175,8 @@ class ChunkStore:
 
     async def aclose(self) -> None:
         """Close every node connection."""
+        for client in self._clients.values():
+            await client.aclose()
         await self._http.aclose()
 
     # ---------------------------------------------------------- topology
@@ -189,6 +191,8 @@ class ChunkStore:
         for n in nodes:
             client = self._clients.get(n.node_id)
             if client is None or client.base_url != n.base_url:
+                if client is not None:
+                    await client.aclose()
                 self._clients[n.node_id] = NodeClient(
                     n.base_url, self._token, timeout=self._timeout, client=self._http
                 )
@@ -540,11 +544,11 @@ class ChunkStore:
             del self._inflight[key]
             event.set()
 
-    async def _fetch(self, ref: ChunkRef, start: int, end: int) -> bytes:
+    async def _fetch(self, ref: ChunkRef, start: int, end: int) -> bytes | bytearray:
         await self.refresh()
         whole = start == 0 and end == ref.length
         last_error: Exception | None = None
-        for node_id in self._read_order(ref):
+        for node_id in self._read_order(ref, start):
             try:
                 async with self._limiter:
                     data = await self.client(node_id).get(ref.chunk_id, start, end)
@@ -574,16 +578,23 @@ class ChunkStore:
             f"no replica of chunk {ref.chunk_id.hex()[:16]} could be read: {last_error}"
         )
 
-    def _read_order(self, ref: ChunkRef) -> list[str]:
-        """Holders, live ones first, in ring order from the chunk's position."""
+    def _read_order(self, ref: ChunkRef, start: int = 0) -> list[str]:
+        """Holders, live ones first, in ring order from the chunk's position;
+        the live ones turned by one for each span of a large chunk, so that
+        a sequential reader's requests go to all its replicas at once.
+        """
         holders = set(ref.nodes)
         live = self.live_nodes()
         walk = [n for n in self._ring.walk(ref.position) if n in holders]
         walk += sorted(holders - set(walk))
-        return [n for n in walk if n in live] + [n for n in walk if n not in live]
+        up = [n for n in walk if n in live]
+        if up:
+            turn = start // (SPAN * WINDOW) % len(up)
+            up = up[turn:] + up[:turn]
+        return up + [n for n in walk if n not in live]
 
 
-def _verified(ref: ChunkRef, start: int, data: bytes, whole: bool) -> bool:
+def _verified(ref: ChunkRef, start: int, data: bytes | bytearray, whole: bool) -> bool:
     """Whether ``data``, read at ``start`` in the chunk, matches its digests:
     the chunk's id for a whole chunk (``layout.id_matches``), else the digest
     of every 1 MiB block it covers (a read starts at a block boundary and

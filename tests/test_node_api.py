@@ -567,6 +567,21 @@ async def test_client_wrong_token_and_dead_node(node: cl.NodeProcess) -> None:
             await dead.health()
 
 
+async def test_client_reads_through_a_node_restart_and_names_a_dead_node(
+    client: NodeClient, node: cl.NodeProcess
+) -> None:
+    data = os.urandom(3 * layout.BLOCK_SIZE)
+    cid = layout.chunk_id_of(layout.block_digests(data))
+    await client.put(cid, data, len(data))
+    assert await client.get(cid, 0, layout.BLOCK_SIZE) == data[: layout.BLOCK_SIZE]
+    node.stop()
+    node.start()  # the connection the client kept is closed now: it takes a new one
+    assert await client.get(cid, layout.BLOCK_SIZE) == data[layout.BLOCK_SIZE :]
+    node.stop()
+    with pytest.raises(StorageError, match=node.url):
+        await client.get(cid, 0, 10)
+
+
 async def test_derive_builds_a_chunk_from_a_base_and_the_changed_blocks(
     client: NodeClient, http: httpx.AsyncClient, node: cl.NodeProcess
 ) -> None:

@@ -123,7 +123,7 @@ class ContentCache:
         self._evict()
         return digest in self._sizes
 
-    def keep(self, digest: bytes, data: bytes) -> bool:
+    def keep(self, digest: bytes, data: bytes | bytearray) -> bool:
         """Keep ``data``, bytes named by ``digest`` (a block's SHA-256), as
         an entry of its own. Returns whether it was kept.
         """

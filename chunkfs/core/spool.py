@@ -37,7 +37,7 @@ class Spool:
         """Up to ``length`` bytes at ``offset`` (short past the end)."""
         return os.pread(self._fd, length, offset)
 
-    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``; raises OSError (e.g. ENOSPC)."""
         view = memoryview(data)
         while view:

@@ -26,6 +26,7 @@ from .. import errors
 from ..core import Caller, FileSystem
 from ..core.fs import privileged_bits
 from ..meta import Attrs, DirEntry, Ino
+from ..store import Blob
 from .inodes import KernelCache, LookupCounts
 
 log = logging.getLogger(__name__)
@@ -351,7 +352,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     # pyfuse3 replies with any contiguous buffer (its stub says bytes): a
     # window's view goes to the kernel without a copy.
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> Blob:  # type: ignore[override]
         return await self.fs.read(fh, off, size)
 
     @fuse_errors
