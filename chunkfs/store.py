@@ -388,29 +388,27 @@ class ChunkStore:
             if digest is not None and self._cache.get((ref.chunk_id, w)) is None:
                 piece = self._kept_piece(digest, lo, hi)
             if piece is None:
-                after = self._next_window.get(ref.chunk_id)
-                if after in (w, w + 1) and self._cache.get((ref.chunk_id, w)) is None:
+                sequential = self._next_window.get(ref.chunk_id) in (w, w + 1)
+                if sequential and self._cache.get((ref.chunk_id, w)) is None:
                     await self._read_ahead(ref, w)
-                # The kernel's reads of one reader arrive out of order: only a
-                # window far from the last one read is a random reader's.
-                far = after is None or abs(w - (after - 1)) > READ_AHEAD
-                piece = (await self._window(ref, w, keep=far))[lo:hi]
+                piece = (await self._window(ref, w))[lo:hi]
             if len(self._next_window) > 4096:
                 self._next_window.clear()
             self._next_window[ref.chunk_id] = w + 1
             out.append(piece)
         return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _window(self, ref: ChunkRef, w: int, *, keep: bool) -> Blob:
-        """Window ``w`` of a large chunk, from memory or fetched (and, when
-        ``keep``, also kept on local disk).
+    async def _window(self, ref: ChunkRef, w: int) -> Blob:
+        """Window ``w`` of a large chunk, from memory or fetched on its own
+        and then also kept on local disk: a window read ahead is not, since
+        a sequential reader does not come back to it.
         """
         w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
 
         async def fetch() -> Blob:
             data = await self._fetch(ref, w_start, w_end)
             digest = self._block_digest(ref, w)
-            if keep and digest is not None and self._kept is not None:
+            if digest is not None and self._kept is not None:
                 self._kept.keep(digest, data)
             return data
 
