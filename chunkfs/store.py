@@ -394,23 +394,23 @@ class ChunkStore:
                 sequential = after is not None and after - 2 <= w <= after + 2
                 if sequential and self._cache.get((ref.chunk_id, w)) is None:
                     await self._read_ahead(ref, w)
-                piece = (await self._window(ref, w))[lo:hi]
+                piece = (await self._window(ref, w, digest))[lo:hi]
             if len(self._next_window) > 4096:
                 self._next_window.clear()
             self._next_window[ref.chunk_id] = w + 1
             out.append(piece)
         return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _window(self, ref: ChunkRef, w: int) -> Blob:
+    async def _window(self, ref: ChunkRef, w: int, digest: bytes | None) -> Blob:
         """Window ``w`` of a large chunk, from memory or fetched on its own
-        and then also kept on local disk: a window read ahead is not, since
-        a sequential reader does not come back to it.
+        and then also kept on local disk under ``digest`` (its SHA-256; None:
+        not kept): a window read ahead is not, since a sequential reader does
+        not come back to it.
         """
         w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
 
         async def fetch() -> Blob:
             data = await self._fetch(ref, w_start, w_end)
-            digest = self._block_digest(ref, w)
             if digest is not None and self._kept is not None:
                 self._kept.keep(digest, data)
             return data

@@ -109,7 +109,7 @@ class ContentCache:
         ``size`` bytes whose SHA-256 is ``digest``) into the cache. The
         caller must not write to it afterwards. Returns whether it was kept.
         """
-        if not self.budget or size > self.budget or digest in self._sizes:
+        if not self._fits(digest, size):
             return False
         try:
             link_open_file(fd, self._path(digest))
@@ -118,16 +118,13 @@ class ContentCache:
         except OSError as exc:
             log.debug("content cache: cannot keep %s: %s", digest.hex()[:16], exc)
             return False
-        self._sizes[digest] = size
-        self._used += size
-        self._evict()
-        return digest in self._sizes
+        return self._admit(digest, size)
 
     def keep(self, digest: bytes, data: bytes | bytearray) -> bool:
         """Keep ``data``, bytes named by ``digest`` (a block's SHA-256), as
         an entry of its own. Returns whether it was kept.
         """
-        if not self.budget or len(data) > self.budget or digest in self._sizes:
+        if not self._fits(digest, len(data)):
             return False
         path = self._path(digest)
         try:
@@ -142,8 +139,16 @@ class ContentCache:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return False
-        self._sizes[digest] = len(data)
-        self._used += len(data)
+        return self._admit(digest, len(data))
+
+    def _fits(self, digest: bytes, size: int) -> bool:
+        """Whether a new entry of ``size`` bytes named ``digest`` may be made."""
+        return bool(self.budget) and size <= self.budget and digest not in self._sizes
+
+    def _admit(self, digest: bytes, size: int) -> bool:
+        """Count the entry just written, evict what is over; whether it stays."""
+        self._sizes[digest] = size
+        self._used += size
         self._evict()
         return digest in self._sizes
 

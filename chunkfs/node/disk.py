@@ -113,8 +113,7 @@ class ChunkFile:
             if end - start > PIECE_SIZE:
                 # The disk reads the whole range at once, not a piece per
                 # read-ahead window of the kernel.
-                with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(self._require_fd(), start, end - start, os.POSIX_FADV_WILLNEED)
+                await trio.to_thread.run_sync(_will_need, self._require_fd(), start, end)
             pos = start
             while pos < end:
                 data = await self.read(pos, min(end, pos + PIECE_SIZE))
@@ -135,6 +134,12 @@ class ChunkFile:
         if self._fd is None:
             raise ValueError("chunk file is closed")
         return self._fd
+
+
+def _will_need(fd: int, start: int, end: int) -> None:
+    """Ask the kernel to start reading bytes ``[start, end)`` of ``fd`` now."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no posix_fadvise
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 def _pread_all(fd: int, start: int, end: int) -> bytes:

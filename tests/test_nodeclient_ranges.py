@@ -13,7 +13,7 @@ import trio
 
 from chunkfs import errors
 from chunkfs.errors import StorageError
-from chunkfs.rangeget import RangeGetter
+from chunkfs.nodeclient import RangeGetter
 
 Answer = Callable[[trio.SocketStream], Awaitable[None]]
 
