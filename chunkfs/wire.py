@@ -121,7 +121,7 @@ def encode_batch(entries: Iterable[BatchEntry]) -> bytes:
     return b"".join(parts)
 
 
-def decode_batch(body: bytes) -> list[BatchEntry]:
+def decode_batch(body: bytes | bytearray) -> list[BatchEntry]:
     """The entries of a batch body, in order; an empty body has none.
 
     Raises ``MalformedBatch`` (a ``ValueError``) when an entry header is cut

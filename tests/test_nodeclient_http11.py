@@ -1,4 +1,4 @@
-"""RangeGetter against small servers that answer as a node would not:
+"""Http11 against small servers that answer as a node would not:
 every malformed or cut-short answer is a StorageError, and a connection is
 kept only when the answer allows it.
 """
@@ -13,7 +13,7 @@ import trio
 
 from chunkfs import errors
 from chunkfs.errors import StorageError
-from chunkfs.nodeclient import RangeGetter
+from chunkfs.nodeclient import Http11
 
 Answer = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -42,11 +42,11 @@ async def get_from(answer: Answer, times: int = 1) -> list[bytes]:
     with errors.unwrapped():
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, answer)
-            getter = RangeGetter(f"http://127.0.0.1:{port}", timeout=5)
+            http = Http11(f"http://127.0.0.1:{port}", timeout=5)
             try:
-                return [bytes((await getter.get("/x", {})).body) for _ in range(times)]
+                return [bytes((await http.request("GET", "/x", {})).body) for _ in range(times)]
             finally:
-                await getter.aclose()
+                await http.aclose()
                 nursery.cancel_scope.cancel()
 
 
@@ -110,7 +110,48 @@ async def test_a_silent_node_times_out() -> None:
     with errors.unwrapped():
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, answer)
-            getter = RangeGetter(f"http://127.0.0.1:{port}", timeout=0.3)
+            http = Http11(f"http://127.0.0.1:{port}", timeout=0.3)
             with pytest.raises(StorageError, match="timed out"):
-                await getter.get("/x", {})
+                await http.request("GET", "/x", {})
             nursery.cancel_scope.cancel()
+
+
+async def echo(stream: trio.SocketStream, *, close: bool) -> None:
+    """Answer each request with its own body; with ``close``, drop the
+    connection after the first answer without saying so beforehand.
+    """
+    async with stream:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                got = await stream.receive_some(65536)
+                if not got:
+                    return
+                data += got
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(data) < length:
+                data += await stream.receive_some(65536)
+            body, data = data[:length], data[length:]
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length + body)
+            if close:
+                return
+
+
+@pytest.mark.parametrize("size", [0, 4096, 3 << 20])
+async def test_a_body_goes_out_whole_and_a_closed_kept_connection_is_replaced(size: int) -> None:
+    body = bytes(range(256)) * (size // 256)
+    with errors.unwrapped():
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, lambda s: echo(s, close=True), listeners)
+            http = Http11(f"http://127.0.0.1:{port}", timeout=5)
+            try:
+                for _ in range(3):  # the 2nd and 3rd meet the connection the node closed
+                    answer = await http.request("POST", "/x", {}, body)
+                    assert (answer.status, bytes(answer.body)) == (200, body)
+                    await trio.sleep(0.05)  # the close has reached this side
+            finally:
+                await http.aclose()
+                nursery.cancel_scope.cancel()
