@@ -247,6 +247,22 @@ async def test_names_found_absent_are_trusted_until_given_here(
     assert (await fs.lookup(d, b"mine")).ino == made.ino
 
 
+async def test_a_directory_made_here_holds_only_the_names_given_here_for_a_while(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)  # made by fs: entry_ttl (1 s) from now
+    theirs = await write_file(other, d, b"theirs", b"1")
+    mine = await write_file(fs, d, b"mine", b"2")
+    assert (await fs.lookup(d, b"mine")).ino == mine.ino
+    with pytest.raises(errors.NotFound):  # another mount's name, not yet seen here
+        await fs.lookup(d, b"theirs")
+    with pytest.raises(errors.NameTooLong):
+        await fs.lookup(d, b"x" * 256)
+    await trio.sleep(1.1)
+    assert (await fs.lookup(d, b"theirs")).ino == theirs.ino
+
+
 async def received_bytes(fs: FileSystem, direction: str = "received") -> float:
     """Body bytes all the cluster's nodes have ``received`` (or ``sent``) so
     far, from their metrics.

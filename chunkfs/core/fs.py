@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from .. import errors
-from ..meta import NAME_MAX, Attrs, DirEntry, Ino, Meta, Settings, now_ns
+from ..meta import NAME_MAX, Attrs, DirEntry, Ino, Meta, Settings, check_name, now_ns
 from ..pg import open_database
 from ..store import Blob, ChunkStore
 from .caches import TtlCache
@@ -155,6 +155,11 @@ class FileSystem:
         # A name another mount made meanwhile still fails such a create with
         # EEXIST, and a rename replaces it, as the database decides both.
         self._absent: TtlCache[tuple[Ino, bytes], bool] = TtlCache(entry_ttl)
+        # Directories this mount made, with the names it gave in them since,
+        # trusted for entry_ttl seconds as all their names: any other is
+        # absent (cp, rsync and tar look up every name before they create
+        # it in the directory they just made), with the same caveat.
+        self._made: TtlCache[Ino, set[bytes]] = TtlCache(entry_ttl)
         self._naming_count = 0  # names given by this mount so far, or being given
 
     # ------------------------------------------------------- attributes
@@ -200,8 +205,10 @@ class FileSystem:
             return await self.getattr(parent)
         if name == b"..":
             return await self.getattr(await self.parent_of(parent))
+        check_name(name)
         key = (parent, name)
-        if self._absent.get(key):
+        given = self._made.get(parent)
+        if self._absent.get(key) or (given is not None and name not in given):
             raise errors.NotFound(name.decode(errors="replace"))
         count = self._naming_count
         try:
@@ -218,6 +225,9 @@ class FileSystem:
         no longer known absent, nor by a lookup that overlaps the change.
         """
         self._absent.pop((parent, name))
+        given = self._made.get(parent)
+        if given is not None:
+            given.add(name)
         self._naming_count += 1
         try:
             yield
@@ -338,6 +348,8 @@ class FileSystem:
             )
         self._dir_changed(parent, now, 1 if stat.S_ISDIR(mode) else 0)
         self._xattrs.put(attrs.ino, {})  # a new inode has none
+        if attrs.is_dir:
+            self._made.put(attrs.ino, set())
         return attrs
 
     async def mkdir(self, parent: Ino, name: bytes, mode: int, caller: Caller) -> Attrs:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..pg import Database
 from .content import Content
 from .maintenance import Maintenance
-from .namespace import Namespace
+from .namespace import Namespace, check_name
 from .records import (
     LINK_MAX,
     NAME_MAX,
@@ -58,6 +58,7 @@ __all__ = [
     "Settings",
     "UploadSession",
     "UsedObject",
+    "check_name",
     "now_ns",
 ]
 

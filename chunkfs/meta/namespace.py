@@ -50,7 +50,7 @@ class Namespace:
 
         Raises ``NameTooLong`` past 255 bytes and ``NotFound``.
         """
-        _check_name(name)
+        check_name(name)
         row = await self.db.fetchrow(
             f"SELECT {ATTR_COLUMNS_I} FROM dentries d JOIN inodes i ON i.ino = d.ino "
             "WHERE d.parent = $1 AND d.name = $2",
@@ -83,7 +83,7 @@ class Namespace:
         parent), ``NotADirectory`` and, for a target over 4095 bytes,
         ``NameTooLong``.
         """
-        _check_name(name)
+        check_name(name)
         if target is not None and not 1 <= len(target) <= SYMLINK_MAX:
             raise errors.NameTooLong("symlink target must be 1..4095 bytes")
         is_dir = stat.S_ISDIR(mode)
@@ -152,7 +152,7 @@ class Namespace:
         Raises ``NameTooLong``, ``Exists``, ``NotFound``, ``NotPermitted``
         for a directory and ``TooManyLinks`` past ``LINK_MAX`` links.
         """
-        _check_name(name)
+        check_name(name)
         t = now_ns()
 
         async def body(conn: Connection) -> Attrs:
@@ -189,7 +189,7 @@ class Namespace:
         Raises ``NotFound``, ``IsADirectory`` (unlink of a directory),
         ``NotADirectory`` (rmdir of a non-directory), ``NotEmpty``.
         """
-        _check_name(name)
+        check_name(name)
         t = now_ns() if now is None else now
         if not is_dir:
             # One statement removes the name of anything but a directory.
@@ -241,8 +241,8 @@ class Namespace:
         subtree, or both flags), ``IsADirectory``, ``NotADirectory``,
         ``NotEmpty``, ``NameTooLong``.
         """
-        _check_name(old_name)
-        _check_name(new_name)
+        check_name(old_name)
+        check_name(new_name)
         if noreplace and exchange:
             raise errors.InvalidArgument("RENAME_NOREPLACE and RENAME_EXCHANGE together")
         t = now_ns() if now is None else now
@@ -445,7 +445,10 @@ class Namespace:
         await self.db.transaction(body)
 
 
-def _check_name(name: bytes) -> None:
+def check_name(name: bytes) -> None:
+    """Raise ``NameTooLong`` past 255 bytes and ``InvalidArgument`` for a
+    name no directory can hold (empty, ``.``, ``..``, with ``/`` or NUL).
+    """
     if len(name) > NAME_MAX:
         raise errors.NameTooLong(f"name over {NAME_MAX} bytes")
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
