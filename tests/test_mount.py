@@ -615,6 +615,47 @@ def _bulk_create_files(dsn: str, parent: int, count: int) -> None:
     )
 
 
+class _Dirent(ctypes.Structure):
+    _fields_ = [
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    ]
+
+
+def test_rewinddir_lists_the_names_given_since(mounted):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.readdir.argtypes = libc.rewinddir.argtypes = libc.closedir.argtypes = [ctypes.c_void_p]
+
+    def names(dirp: int) -> set[bytes]:
+        out: set[bytes] = set()
+        for _ in range(100):
+            entry = libc.readdir(dirp)
+            if not entry:
+                return out
+            out.add(entry.contents.d_name)
+        raise AssertionError("readdir never reached the end")
+
+    for before in ([], [b"first"]):  # an empty directory and one with a name
+        d = mounted / f"rewind{len(before)}"
+        d.mkdir()
+        for name in before:
+            (d / name.decode()).write_bytes(b"x")
+        dirp = libc.opendir(bytes(d))
+        assert dirp, os.strerror(ctypes.get_errno())
+        try:
+            assert names(dirp) == {b".", b"..", *before}
+            (d / "late").write_bytes(b"x")
+            libc.rewinddir(dirp)
+            assert names(dirp) == {b".", b"..", *before, b"late"}
+        finally:
+            libc.closedir(dirp)
+
+
 def test_a_directory_of_100k_entries_lists_completely_while_names_change(cluster, mounted):
     import threading
 

@@ -625,14 +625,12 @@ class FileSystem:
         """Up to ``limit`` entries of directory ``ino`` with a cookie above
         ``after`` (0: from the start), in cookie order; ``.`` and ``..`` are
         not listed (``lookup`` answers them).
-        The entries' extended attributes are cached on the way, in one query:
-        ``ls -l`` asks for some of every file it lists.
+        The entries' extended attributes are cached on the way: ``ls -l``
+        asks for some of every file it lists.
         """
         page = await self.meta.namespace.readdir(ino, after, limit)
-        if page:
-            found = await self.meta.namespace.xattrs_of([e.attrs.ino for e in page])
-            for e in page:
-                self._xattrs.put(e.attrs.ino, found.get(e.attrs.ino, {}))
+        for e in page:
+            self._xattrs.put(e.attrs.ino, dict(e.xattrs))
         return [replace(e, attrs=self._overlay(e.attrs)) for e in page]
 
     async def statfs(self) -> StatFs:

@@ -79,17 +79,27 @@ class _DirHandle:
         self.ino = ino
         self._page: list[DirEntry] = []
         self._last = False
+        self._end: int | None = None  # the cookie after which nothing was left
+
+    def rewind(self) -> None:
+        """From the start again (rewinddir): names given since are listed."""
+        self._page, self._last, self._end = [], False, None
 
     async def entries_after(self, fs: FileSystem, after: int) -> tuple[list[DirEntry], bool]:
         """Entries with a cookie above ``after`` (from the cached page when it
         holds ``after``, else from a fresh one), and whether they run to the
-        end of the directory.
+        end of the directory. Once the end was reached, the kernel's call
+        past it is answered without a query.
         """
+        if self._end is not None and after >= self._end:
+            return [], True
         for i, e in enumerate(self._page):
             if e.cookie == after and i + 1 < len(self._page):
                 return self._page[i + 1 :], self._last
         self._page = await fs.readdir(self.ino, after, _READDIR_BATCH)
         self._last = len(self._page) < _READDIR_BATCH
+        if self._last:
+            self._end = self._page[-1].cookie if self._page else after
         return self._page, self._last
 
 
@@ -274,6 +284,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
+        if start_id == 0:
+            d.rewind()
         # The kernel takes no attributes from the "." and ".." entries of a
         # readdirplus reply: only their inode numbers matter.
         if start_id < 1:

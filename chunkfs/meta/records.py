@@ -118,13 +118,15 @@ class Attrs:
 
 @dataclass(frozen=True)
 class DirEntry:
-    """One name in a directory, its inode's attributes and its readdir cookie
-    (increasing in the order entries are listed).
+    """One name in a directory, its inode's attributes, its readdir cookie
+    (increasing in the order entries are listed) and the inode's extended
+    attributes (name -> value).
     """
 
     name: bytes
     attrs: Attrs
     cookie: int
+    xattrs: Mapping[bytes, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
