@@ -425,3 +425,54 @@ async def test_fsck_accepts_both_layouts_and_flags_any_other_tiling(meta):
     bad = await commit(b"bad", 100_000, [50_000, 50_000, 0, 0, 0, 0])
     problems = [p for p in await meta.maintenance.inode_problems() if "tile" in p.what]
     assert [p.ino for p in problems] == [bad], problems
+
+
+async def test_begin_commit_does_not_reuse_a_chunk_whose_last_user_goes_meanwhile(meta, pg_dsn):
+    """The reuse check locks a committed row that uses the chunk: a
+    transaction deleting that row makes it wait, and once the deletion has
+    committed the chunk is no longer reusable (it is uploaded again).
+    """
+    import asyncpg
+    import trio_asyncio
+
+    settings = await meta.registry.settings()
+    for node_id in ("00000000000000c1", "00000000000000c2"):
+        await meta.registry.register_node(
+            node_id,
+            "http://127.0.0.1:1",
+            capacity_bytes=1,
+            used_bytes=0,
+            free_bytes=1,
+            chunk_count=0,
+        )
+    f = await meta.namespace.create(ROOT_INO, b"going", FILE, 0, 0)
+    chunk = hashlib.sha256(b"x").digest()
+    sid = await meta.content.begin_upload(f.ino, [chunk], settings.upload_ttl_s)
+    await meta.content.commit_chunks(
+        f.ino,
+        sid,
+        size=1,
+        sha256=hashlib.sha256(b"x").digest(),
+        chunks=[ChunkRef(0, 0, 1, chunk, ())],
+        placed={chunk: ["00000000000000c1", "00000000000000c2"]},
+        mtime_ns=1,
+        max_file_size=settings.max_file_size,
+    )
+    g = await meta.namespace.create(ROOT_INO, b"coming", FILE, 0, 0)
+    conn = await trio_asyncio.aio_as_trio(asyncpg.connect)(pg_dsn)
+    try:
+        await trio_asyncio.aio_as_trio(conn.execute)("BEGIN")
+        await trio_asyncio.aio_as_trio(conn.execute)("DELETE FROM chunks WHERE ino = $1", f.ino)
+        found = []
+
+        async def begin() -> None:
+            found.append(await meta.content.begin_commit(g.ino, [chunk], 3600, 2))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(begin)
+            await trio.sleep(0.5)
+            assert not found  # waits for the deleting transaction
+            await trio_asyncio.aio_as_trio(conn.execute)("COMMIT")
+        assert found[0].reusable == {}
+    finally:
+        await trio_asyncio.aio_as_trio(conn.close)()

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import errors, ring
 from ..layout import HOLE
-from ..pg import Connection, Database
+from ..pg import Database
 from .records import ATTR_COLUMNS, Attrs, ChunkMap, ChunkRef, Ino, UploadSession
 
 
@@ -73,31 +73,24 @@ class Content:
     async def begin_commit(
         self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int, replicas: int
     ) -> UploadSession:
-        """``begin_upload``, then the chunks among ``chunk_ids`` that a
-        committed file uses with at least ``replicas`` recorded holders:
-        those need no upload.
+        """``begin_upload`` and, in the same statement, the chunks among
+        ``chunk_ids`` that a committed file uses with at least ``replicas``
+        recorded holders: those need no upload.
 
-        The session commits first and the reuse check reads a later snapshot:
-        gc either sees the session (and keeps the chunks) or decided before
-        it, when a chunk it found unused can have a committed user now only
-        through an upload that gc's delete guard refuses to undo.
+        For each such chunk one committed chunk row that uses it is locked
+        (FOR SHARE) until the session has committed with the statement, so
+        that row can be neither deleted nor changed before then: gc, which
+        deletes only what no committed row and no live session names, either
+        sees that row or sees the session. A row deleted before the lock is
+        not counted, and its chunk is uploaded again (gc's delete guard
+        spares a chunk put after its check).
         """
-
-        async def body(conn: Connection) -> UploadSession:
-            ids = sorted(set(chunk_ids))
-            session = await conn.fetchval(_BEGIN_UPLOAD, ino, float(ttl_s), ids)
-            rows = await conn.fetch(
-                """SELECT r.chunk_id, array_agg(r.node_id ORDER BY r.node_id) AS nodes
-                   FROM chunk_replicas r
-                   WHERE r.chunk_id = ANY ($1::bytea[])
-                     AND EXISTS (SELECT 1 FROM chunks k WHERE k.chunk_id = r.chunk_id)
-                   GROUP BY r.chunk_id HAVING count(*) >= $2""",
-                ids,
-                replicas,
-            )
-            return UploadSession(session, {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows})
-
-        return await self.db.run(body)
+        ids = sorted(set(chunk_ids))
+        rows = await self.db.fetch(_BEGIN_COMMIT, ino, float(ttl_s), ids, replicas)
+        return UploadSession(
+            rows[0]["session_id"],
+            {bytes(r["chunk_id"]): tuple(r["nodes"]) for r in rows if r["chunk_id"] is not None},
+        )
 
     async def fail_upload(self, session_id: int) -> None:
         """Mark an upload session failed; gc reclaims what it pushed."""
@@ -195,14 +188,32 @@ class Content:
 
 
 # An upload session for ino $1 that expires in $2 seconds, protecting the
-# chunk ids $3 from gc; returns its id.
-_BEGIN_UPLOAD = """
-    WITH s AS (
+# chunk ids $3 from gc (as common table expressions: s holds its id).
+_SESSION = """
+    s AS (
         INSERT INTO upload_sessions (ino, status, expires_at)
         VALUES ($1, 'uploading', now() + make_interval(secs => $2))
         RETURNING session_id
     ), c AS (
         INSERT INTO upload_session_chunks (session_id, chunk_id)
         SELECT s.session_id, u FROM s, unnest($3::bytea[]) AS u
+    )"""
+
+# The session's id.
+_BEGIN_UPLOAD = f"WITH {_SESSION} SELECT session_id FROM s"
+
+# The session, and the chunks among $3 that a committed row uses (one such
+# row locked per chunk) with at least $4 recorded holders: (session_id,
+# chunk_id, nodes) rows, or one (session_id, NULL, NULL) when none is.
+_BEGIN_COMMIT = f"""
+    WITH {_SESSION}, used AS (
+        SELECT u.id FROM unnest($3::bytea[]) AS u(id)
+        CROSS JOIN LATERAL (
+            SELECT 1 FROM chunks k WHERE k.chunk_id = u.id LIMIT 1 FOR SHARE) AS k
+    ), reusable AS (
+        SELECT r.chunk_id, array_agg(r.node_id ORDER BY r.node_id) AS nodes
+        FROM chunk_replicas r WHERE r.chunk_id IN (SELECT id FROM used)
+        GROUP BY r.chunk_id HAVING count(*) >= $4
     )
-    SELECT session_id FROM s"""
+    SELECT s.session_id, reusable.chunk_id, reusable.nodes
+    FROM s LEFT JOIN reusable ON true"""
