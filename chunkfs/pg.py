@@ -260,8 +260,11 @@ async def open_database(
     connect_timeout: float = 10.0,
     command_timeout: float = 30.0,
     async_commit: bool = False,
+    client: str = "chunkfs",
 ) -> AsyncIterator[Database]:
-    """Open a trio-asyncio loop and a connection pool to ``dsn``.
+    """Open a trio-asyncio loop and a connection pool to ``dsn``, whose
+    connections name themselves ``client`` (PostgreSQL's application_name:
+    ``pg_stat_activity`` and the server's log tell a mount from a node).
 
     With ``async_commit``, transactions commit without waiting for the
     write-ahead log to reach the disk (PostgreSQL's synchronous_commit=off:
@@ -274,6 +277,7 @@ async def open_database(
     async with trio_asyncio.open_loop():
 
         async def create(size: int, settings: dict[str, str]) -> asyncpg.Pool:
+            settings = {"application_name": client, **settings}
             return await asyncpg.create_pool(
                 dsn,
                 min_size=min(min_size, size),

@@ -29,10 +29,17 @@ emptied, page cache dropped). The cold figure is the one to compare.
    256 MiB file, warm / cold (IOPS); ``randread_p50`` / ``randread_p99``:
    completion latency of the cold run (µs);
 4. ``cp_small`` / ``rsync_small``: ``cp -r`` and ``rsync -a`` of 20 directories
-   of 100 files of 4 KiB (files/s);
+   of 100 files of 4 KiB (files/s); the CPU the ``cp -r`` cost per file
+   (ms) in the filesystem's processes (``cp_small_cpu_ms``, see 7) and in
+   PostgreSQL's (``cp_small_db_cpu_ms``), and for chunkfs, once after the
+   runs and untimed, the PostgreSQL round trips and node requests per file
+   of a ``cp -r`` of 100 of them (``pg_round_trips_per_file``: the
+   statements the server logs from the mount; ``node_requests_per_file``:
+   the nodes' request counters);
 5. ``ls_lR`` / ``find`` over that tree after a cold remount (s), ``rm_rf`` of
    both copies (files/s);
-6. ``cp_tree``: ``cp -a`` of a real tree (``/usr/include``) (s);
+6. ``cp_tree``: ``cp -a`` of a real tree (``/usr/include``) (s), with its
+   CPU per file as in 4 (``cp_tree_cpu_ms``, ``cp_tree_db_cpu_ms``);
    ``diff_tree_warm`` / ``diff_tree``: ``diff -r`` against it, warm / cold (s);
 7. resources of the filesystem's processes (chunkfs: the mount and the six
    nodes; SeaweedFS: the mount, the filer, the volume servers and the
@@ -103,6 +110,10 @@ UNITS = {
     "randread_p50": ("us", False),
     "randread_p99": ("us", False),
     "cp_small": ("files/s", True),
+    "cp_small_cpu_ms": ("ms/file", False),
+    "cp_small_db_cpu_ms": ("ms/file", False),
+    "pg_round_trips_per_file": ("round trips", False),
+    "node_requests_per_file": ("requests", False),
     "rsync_small": ("files/s", True),
     "ls_lR": ("s", False),
     "find": ("s", False),
@@ -116,6 +127,8 @@ UNITS = {
     "read_cpu_per_gib": ("s/GiB", False),
     "cp_tree_rss": ("MiB", False),
     "cp_tree_cpu": ("s", False),
+    "cp_tree_cpu_ms": ("ms/file", False),
+    "cp_tree_db_cpu_ms": ("ms/file", False),
     "rss_big_file": ("MiB", False),
     "stress_app_mib": ("MiB", True),
     "stress_ops": ("ops", True),
@@ -319,6 +332,31 @@ class Usage:
         return total
 
 
+class ServerCpu:
+    """CPU seconds that a server's processes (``pids()``, listed again at
+    the end: a server's backends come and go) used while the block ran. One
+    started meanwhile counts from zero; one that ended meanwhile is lost.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._pids = pids
+        self.cpu = 0.0
+
+    def _now(self) -> dict[int, float]:
+        out = {}
+        for pid in self._pids():
+            with contextlib.suppress(OSError):
+                out[pid] = _cpu_seconds(pid)
+        return out
+
+    def __enter__(self) -> ServerCpu:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu = sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._now().items())
+
+
 # ---------------------------------------------------------------- targets
 
 
@@ -329,6 +367,11 @@ class Target:
 
     name = "?"
     root: Path
+    postgres: cl.Postgres | None = None  # the one server every target uses
+
+    def db_pids(self) -> list[int]:
+        """PostgreSQL's processes, when this target keeps metadata there."""
+        return self.postgres.server_pids() if self.postgres else []
 
     def remount(self) -> None:
         """Make the next reads cold (here: drop the page cache)."""
@@ -365,6 +408,7 @@ class Chunkfs(Target):
         self.cluster = cl.Cluster(workdir / "chunkfs", nodes=6, replicas=2).start()
         self.mount = self.cluster.mount(workdir / "chunkfs-mnt")
         self.root = self.mount.path
+        self.postgres = self.cluster.postgres
 
     def remount(self) -> None:
         self.mount.unmount()
@@ -732,6 +776,7 @@ class Inputs:
     small_tree: Path
     small_files: int
     real_tree: Path
+    real_tree_files: int  # what is not a directory
     fio_mib: int
 
 
@@ -752,7 +797,8 @@ def make_inputs(
         (small / f"d{d:02d}").mkdir(parents=True)
         for i in range(files):
             (small / f"d{d:02d}" / f"f{i:03d}").write_bytes(os.urandom(4096))
-    return Inputs(big, small, dirs * files, real_tree, fio_mib)
+    files_in_tree = sum(len(names) for _, _, names in os.walk(real_tree))
+    return Inputs(big, small, dirs * files, real_tree, files_in_tree, fio_mib)
 
 
 Put: TypeAlias = Callable[[str, float], None]
@@ -770,7 +816,7 @@ def one_run(t: Target, inp: Inputs, out: dict[str, list[float]]) -> None:
         put_big_file(t, root, inp.big, put)
         put_fio(t, root, inp.fio_mib, put)
         put_small_files(t, root, inp, put)
-        put_tree(t, root, inp.real_tree, put)
+        put_tree(t, root, inp.real_tree, inp.real_tree_files, put)
     finally:
         run(["rm", "-rf", str(root)])
 
@@ -844,11 +890,17 @@ def fio_randread(f: Path, mib: int) -> dict[str, Any]:
 
 
 def put_small_files(t: Target, root: Path, inp: Inputs, put: Put) -> None:
-    """``cp -r`` and ``rsync -a`` of the small files (files/s), ``ls -lR`` and
-    ``find`` over them after a cold remount (s), ``rm -rf`` of both (files/s).
+    """``cp -r`` and ``rsync -a`` of the small files (files/s; for ``cp -r``
+    also the CPU ms per file of the filesystem and of PostgreSQL),
+    ``ls -lR`` and ``find`` over them after a cold remount (s), ``rm -rf``
+    of both (files/s).
     """
     n = inp.small_files
-    put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
+    with Usage(t.pids()) as u, ServerCpu(t.db_pids) as db:
+        put("cp_small", n / timed(["cp", "-r", str(inp.small_tree), str(root / "small")]))
+    if t.pids():
+        put("cp_small_cpu_ms", u.cpu * 1000 / n)
+        put("cp_small_db_cpu_ms", db.cpu * 1000 / n)
     put("rsync_small", n / timed(["rsync", "-a", f"{inp.small_tree}/", f"{root / 'small2'}/"]))
     t.remount()
     put("ls_lR", timed(["sh", "-c", 'ls -lR "$0" > /dev/null', str(root / "small")]))
@@ -856,20 +908,67 @@ def put_small_files(t: Target, root: Path, inp: Inputs, put: Put) -> None:
     put("rm_rf", 2 * n / timed(["rm", "-rf", str(root / "small"), str(root / "small2")]))
 
 
-def put_tree(t: Target, root: Path, tree: Path, put: Put) -> None:
-    """``cp -a`` of ``tree`` (s, peak RSS, CPU s), then ``diff -r`` of the
-    copy against it, warm and cold (s).
+def put_tree(t: Target, root: Path, tree: Path, files: int, put: Put) -> None:
+    """``cp -a`` of ``tree``, which holds ``files`` non-directories (s, peak
+    RSS, CPU s, and CPU ms per file of the filesystem and of PostgreSQL),
+    then ``diff -r`` of the copy against it, warm and cold (s).
     """
     copy = root / "tree"
-    with Usage(t.pids()) as u:
+    with Usage(t.pids()) as u, ServerCpu(t.db_pids) as db:
         put("cp_tree", timed(["cp", "-a", str(tree), str(copy)]))
     put("cp_tree_rss", u.peak_rss)
     put("cp_tree_cpu", u.cpu)
+    if t.pids():
+        put("cp_tree_cpu_ms", u.cpu * 1000 / files)
+        put("cp_tree_db_cpu_ms", db.cpu * 1000 / files)
     diff = ["diff", "-r", "--no-dereference", str(tree), str(copy)]
     drop_caches()
     put("diff_tree_warm", timed(diff))
     t.remount()
     put("diff_tree", timed(diff))
+
+
+# A statement the mount sent, in the server's log with the prefix below.
+_MOUNT_STATEMENT = re.compile(rb"^\[chunkfs mount\] LOG:  (?:statement|execute [^:]*):", re.M)
+
+
+def requests_per_file(t: Chunkfs, tree: Path) -> dict[str, float]:
+    """The mount's PostgreSQL round trips (the statements the server logs
+    from it) and the nodes' requests (their ``chunkfs_node_requests``) per
+    file, for a ``cp -r`` of ``tree`` (files only, untimed: the server logs
+    every statement meanwhile).
+    """
+    files = sum(1 for p in tree.iterdir() if p.is_file())
+    pg = t.postgres
+    if pg is None or files == 0:
+        raise BenchError("requests_per_file needs chunkfs's own PostgreSQL and some files")
+    token = cl.run_sql(t.cluster.dsn, "SELECT cluster_token FROM settings")[0][0]["cluster_token"]
+    urls = [n.url for n in t.cluster.nodes]
+    logging = ("log_statement", "log_line_prefix")
+    cl.run_sql(
+        pg.dsn,
+        "ALTER SYSTEM SET log_statement = 'all'",
+        "ALTER SYSTEM SET log_line_prefix = '[%a] '",
+        "SELECT pg_reload_conf()",
+    )
+    copy = t.root / "counted"
+    try:
+        time.sleep(1)  # the server's processes take the new settings
+        log_start = pg.log_path.stat().st_size
+        requests0 = cl.node_counter(urls, token, "chunkfs_node_requests")
+        run(["cp", "-r", str(tree), str(copy)])
+        requests = cl.node_counter(urls, token, "chunkfs_node_requests") - requests0
+        time.sleep(0.5)  # the log is written by the server's processes as they go
+        with open(pg.log_path, "rb") as f:
+            f.seek(log_start)
+            statements = len(_MOUNT_STATEMENT.findall(f.read()))
+    finally:
+        cl.run_sql(pg.dsn, *(f"ALTER SYSTEM RESET {s}" for s in logging), "SELECT pg_reload_conf()")
+        run(["rm", "-rf", str(copy)])
+    return {
+        "pg_round_trips_per_file": statements / files,
+        "node_requests_per_file": requests / files,
+    }
 
 
 def rss_big_file(t: Target, gib: int) -> float:
@@ -1167,6 +1266,7 @@ def main() -> int:
                 name: {k: statistics.median(v) for k, v in figs.items()}
                 for name, figs in samples.items()
             }
+            results["chunkfs"].update(requests_per_file(chunkfs, inp.small_tree / "d00"))
             if args.rss_file_gib:
                 for t in targets[1:]:
                     say(f"{args.rss_file_gib} GiB file on {t.name}")

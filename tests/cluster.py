@@ -556,15 +556,18 @@ class Postgres:
         """Make the server stop answering with its connections left open, as
         a hung host would (SIGSTOP to it and its backends); ``thaw`` undoes it.
         """
-        for pid in self._server_pids():
+        for pid in self.server_pids():
             _signal(pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         """Let a frozen server go on."""
-        for pid in self._server_pids():
+        for pid in self.server_pids():
             _signal(pid, signal.SIGCONT)
 
-    def _server_pids(self) -> list[int]:
+    def server_pids(self) -> list[int]:
+        """The postmaster and its children (backends and helpers) now.
+        Raises ``ClusterError`` when the server is not running.
+        """
         root = self._postmaster_pid()
         if root is None:
             raise ClusterError("PostgreSQL is not running")
@@ -690,6 +693,14 @@ def node_body_bytes(urls: Iterable[str], token: str, direction: str = "received"
     (``chunkfs_node_<direction>_bytes``). Raises ``OSError`` when a node
     does not answer.
     """
+    return node_counter(urls, token, f"chunkfs_node_{direction}_bytes")
+
+
+def node_counter(urls: Iterable[str], token: str, family_name: str) -> float:
+    """A counter of the nodes at ``urls`` (``family_name``, e.g.
+    ``chunkfs_node_requests``: every label set) summed over them, from their
+    ``/metrics``. Raises ``OSError`` when a node does not answer.
+    """
     total = 0.0
     for url in urls:
         request = urllib.request.Request(
@@ -698,7 +709,7 @@ def node_body_bytes(urls: Iterable[str], token: str, direction: str = "received"
         with _OPENER.open(request, timeout=30) as resp:
             text = resp.read().decode()
         for family in text_string_to_metric_families(text):
-            if family.name == f"chunkfs_node_{direction}_bytes":
+            if family.name == family_name:
                 total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return total
 

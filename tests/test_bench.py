@@ -77,6 +77,12 @@ def test_bench_runs_every_workload_on_local_and_chunkfs(tmp_path, fuse_ready):
     chunkfs = report["figures"]["chunkfs"]
     assert chunkfs["write_rss"] > 0  # the mount was sampled
     assert chunkfs["write_cpu_per_gib"] > 0 and chunkfs["read_cpu_per_gib"] > 0
+    for figure in ("cp_small_cpu_ms", "cp_small_db_cpu_ms", "cp_tree_cpu_ms", "cp_tree_db_cpu_ms"):
+        assert chunkfs[figure] > 0, (figure, chunkfs)
+    # Each file of R = 2 reaches two nodes; its create and its commit are
+    # statements of their own.
+    assert 2 <= chunkfs["node_requests_per_file"] < 20, chunkfs
+    assert 2 <= chunkfs["pg_round_trips_per_file"] < 20, chunkfs
     for target in ("local", "chunkfs"):
         figures = report["figures"][target]
         assert figures["stress_ops"] > 0, figures

@@ -684,7 +684,9 @@ async def open_filesystem(
     PostgreSQL does not answer and ``ConfigError`` when it holds no chunkfs
     filesystem (or an older schema).
     """
-    async with open_database(dsn, command_timeout=pg_timeout, async_commit=True) as db:
+    async with open_database(
+        dsn, command_timeout=pg_timeout, async_commit=True, client="chunkfs mount"
+    ) as db:
         meta = Meta(db)
         settings = await meta.registry.settings()
         cache = ContentCache(os.path.join(cache_dir, "content"), cache_bytes)

@@ -146,7 +146,7 @@ async def serve_node(
         # Nurseries (ours, trio-asyncio's) wrap errors in groups: surface
         # the ChunkfsError so the caller can print its one-line message.
         with errors.unwrapped():
-            async with pg.open_database(dsn, min_size=1, max_size=2) as db:
+            async with pg.open_database(dsn, min_size=1, max_size=2, client="chunkfs node") as db:
                 meta = Meta(db)
                 settings = await meta.registry.settings()
                 app = create_app(disk, settings.cluster_token, max_chunk_size=max_chunk_size)
