@@ -434,6 +434,7 @@ class Juicefs(Target):
 
     def __init__(self, workdir: Path, postgres: cl.Postgres, binary: str) -> None:
         self.binary = binary
+        self.postgres = postgres
         dsn = postgres.create_database("juicefs")
         self.meta = dsn.replace("postgresql://", "postgres://", 1)
         self.meta += ("&" if "?" in self.meta else "?") + "sslmode=disable"
@@ -592,6 +593,7 @@ class Seaweedfs(Target):
 
     def __init__(self, workdir: Path, postgres: cl.Postgres, binary: str) -> None:
         self.binary = binary
+        self.postgres = postgres
         self.dir = workdir / self.name
         self.root = workdir / f"{self.name}-mnt"
         self.cache = self.dir / "mount-cache"
