@@ -43,7 +43,7 @@ emptied, page cache dropped). The cold figure is the one to compare.
    ``diff_tree_warm`` / ``diff_tree``: ``diff -r`` against it, warm / cold (s);
 7. resources of the filesystem's processes (chunkfs: the mount and the six
    nodes; SeaweedFS: the mount, the filer, the volume servers and the
-   master; JuiceFS: the mount; PostgreSQL counts for none): peak RSS (MiB,
+   master; JuiceFS: the mount; PostgreSQL's are counted apart, see 4): peak RSS (MiB,
    the largest process) and CPU seconds during workloads 1 and 6
    (``write_rss``, ``write_cpu``, ``cp_tree_rss``, ``cp_tree_cpu``), and CPU
    seconds per GiB of the write and of the cold read (``write_cpu_per_gib``,
