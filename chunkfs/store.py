@@ -384,15 +384,16 @@ class ChunkStore:
             w_start, w_end = w * WINDOW, min((w + 1) * WINDOW, ref.length)
             lo, hi = max(start, w_start) - w_start, min(end, w_end) - w_start
             digest = self._block_digest(ref, w)
+            in_memory = self._cache.get((ref.chunk_id, w)) is not None
             piece: Blob | None = None
-            if digest is not None and self._cache.get((ref.chunk_id, w)) is None:
+            if digest is not None and not in_memory:
                 piece = self._kept_piece(digest, lo, hi)
             if piece is None:
                 # The kernel's reads of a sequential reader arrive a little
                 # out of order: one within two windows of the last is one.
                 after = self._next_window.get(ref.chunk_id)
                 sequential = after is not None and after - 2 <= w <= after + 2
-                if sequential and self._cache.get((ref.chunk_id, w)) is None:
+                if sequential and not in_memory:
                     await self._read_ahead(ref, w)
                 piece = (await self._window(ref, w, digest))[lo:hi]
             if len(self._next_window) > 4096:

@@ -325,11 +325,16 @@ class Usage:
         self.cpu = self._cpu() - self._cpu0
 
     def _cpu(self) -> float:
-        total = 0.0
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                total += _cpu_seconds(pid)
-        return total
+        return sum(_cpu_by_pid(self.pids).values())
+
+
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each of ``pids`` still alive."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = _cpu_seconds(pid)
+    return out
 
 
 class ServerCpu:
@@ -342,19 +347,13 @@ class ServerCpu:
         self._pids = pids
         self.cpu = 0.0
 
-    def _now(self) -> dict[int, float]:
-        out = {}
-        for pid in self._pids():
-            with contextlib.suppress(OSError):
-                out[pid] = _cpu_seconds(pid)
-        return out
-
     def __enter__(self) -> ServerCpu:
-        self._start = self._now()
+        self._start = _cpu_by_pid(self._pids())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cpu = sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._now().items())
+        end = _cpu_by_pid(self._pids())
+        self.cpu = sum(cpu - self._start.get(pid, 0.0) for pid, cpu in end.items())
 
 
 # ---------------------------------------------------------------- targets

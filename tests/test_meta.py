@@ -12,7 +12,7 @@ import trio
 
 import cluster as cl
 from chunkfs import errors, layout
-from chunkfs.meta import ROOT_INO, SCHEMA_VERSION, ChunkRef, Meta, Renamed, now_ns
+from chunkfs.meta import ROOT_INO, SCHEMA_VERSION, Attrs, ChunkRef, Meta, Renamed, now_ns
 from chunkfs.pg import open_database
 
 FILE = stat.S_IFREG | 0o644
@@ -279,9 +279,14 @@ async def test_chunk_map_commit_and_version(meta):
     assert (await meta.namespace.getattr(f.ino)).version == 1
 
 
-async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_nodes(meta):
+async def committed_file(
+    meta: Meta, name: bytes, data: list[bytes], holders: list[list[str]]
+) -> Attrs:
+    """A file ``name`` in the root whose chunks are the one-byte pieces
+    ``data``, the i-th recorded on the nodes ``holders[i]`` (registered here).
+    """
     settings = await meta.registry.settings()
-    for node_id in ("00000000000000b1", "00000000000000b2"):
+    for node_id in sorted({n for nodes in holders for n in nodes}):
         await meta.registry.register_node(
             node_id,
             "http://127.0.0.1:1",
@@ -290,21 +295,27 @@ async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_
             free_bytes=1,
             chunk_count=0,
         )
-    f = await meta.namespace.create(ROOT_INO, b"held", FILE, 0, 0)
-    data = [b"1", b"2", b"3", b"4", b"5", b"6"]
+    f = await meta.namespace.create(ROOT_INO, name, FILE, 0, 0)
     ids = [hashlib.sha256(x).digest() for x in data]
     sid = await meta.content.begin_upload(f.ino, ids, settings.upload_ttl_s)
     await meta.content.commit_chunks(
         f.ino,
         sid,
-        size=6,
+        size=len(data),
         sha256=hashlib.sha256(b"".join(data)).digest(),
-        chunks=[ChunkRef(i, i, 1, ids[i], ()) for i in range(6)],
-        placed={c: ["00000000000000b1", "00000000000000b2"] for c in ids[:5]}
-        | {ids[5]: ["00000000000000b1"]},
+        chunks=[ChunkRef(i, i, 1, c, ()) for i, c in enumerate(ids)],
+        placed=dict(zip(ids, holders, strict=True)),
         mtime_ns=1,
         max_file_size=settings.max_file_size,
     )
+    return f
+
+
+async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_nodes(meta):
+    data = [b"1", b"2", b"3", b"4", b"5", b"6"]
+    ids = [hashlib.sha256(x).digest() for x in data]
+    both = ["00000000000000b1", "00000000000000b2"]
+    f = await committed_file(meta, b"held", data, [both] * 5 + [["00000000000000b1"]])
     g = await meta.namespace.create(ROOT_INO, b"copy", FILE, 0, 0)
     other = hashlib.sha256(b"other").digest()
     session = await meta.content.begin_commit(g.ino, [*ids, other], 3600, 2)
@@ -435,29 +446,8 @@ async def test_begin_commit_does_not_reuse_a_chunk_whose_last_user_goes_meanwhil
     import asyncpg
     import trio_asyncio
 
-    settings = await meta.registry.settings()
-    for node_id in ("00000000000000c1", "00000000000000c2"):
-        await meta.registry.register_node(
-            node_id,
-            "http://127.0.0.1:1",
-            capacity_bytes=1,
-            used_bytes=0,
-            free_bytes=1,
-            chunk_count=0,
-        )
-    f = await meta.namespace.create(ROOT_INO, b"going", FILE, 0, 0)
+    f = await committed_file(meta, b"going", [b"x"], [["00000000000000c1", "00000000000000c2"]])
     chunk = hashlib.sha256(b"x").digest()
-    sid = await meta.content.begin_upload(f.ino, [chunk], settings.upload_ttl_s)
-    await meta.content.commit_chunks(
-        f.ino,
-        sid,
-        size=1,
-        sha256=hashlib.sha256(b"x").digest(),
-        chunks=[ChunkRef(0, 0, 1, chunk, ())],
-        placed={chunk: ["00000000000000c1", "00000000000000c2"]},
-        mtime_ns=1,
-        max_file_size=settings.max_file_size,
-    )
     g = await meta.namespace.create(ROOT_INO, b"coming", FILE, 0, 0)
     conn = await trio_asyncio.aio_as_trio(asyncpg.connect)(pg_dsn)
     try:

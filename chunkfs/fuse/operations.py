@@ -78,12 +78,12 @@ class _DirHandle:
     def __init__(self, ino: Ino) -> None:
         self.ino = ino
         self._page: list[DirEntry] = []
-        self._last = False
-        self._end: int | None = None  # the cookie after which nothing was left
+        # Once a page ran to the end: the cookie after which nothing was left.
+        self._end: int | None = None
 
     def rewind(self) -> None:
         """From the start again (rewinddir): names given since are listed."""
-        self._page, self._last, self._end = [], False, None
+        self._page, self._end = [], None
 
     async def entries_after(self, fs: FileSystem, after: int) -> tuple[list[DirEntry], bool]:
         """Entries with a cookie above ``after`` (from the cached page when it
@@ -95,12 +95,11 @@ class _DirHandle:
             return [], True
         for i, e in enumerate(self._page):
             if e.cookie == after and i + 1 < len(self._page):
-                return self._page[i + 1 :], self._last
+                return self._page[i + 1 :], self._end is not None
         self._page = await fs.readdir(self.ino, after, _READDIR_BATCH)
-        self._last = len(self._page) < _READDIR_BATCH
-        if self._last:
+        if len(self._page) < _READDIR_BATCH:
             self._end = self._page[-1].cookie if self._page else after
-        return self._page, self._last
+        return self._page, self._end is not None
 
 
 class Operations(pyfuse3.Operations):
