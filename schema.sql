@@ -262,3 +262,13 @@ ALTER TABLE chunks ALTER COLUMN chunk_id DROP NOT NULL;
 
 INSERT INTO schema_version (version) VALUES (3)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 3);
+
+-- Version 4: across hosts. A cluster id that nodes record in their data
+-- directory (a directory of another cluster is refused), and each node's
+-- failure domain: the R replicas of a chunk go to R distinct zones.
+ALTER TABLE settings ADD COLUMN IF NOT EXISTS
+    cluster_id text NOT NULL DEFAULT replace(gen_random_uuid()::text, '-', '');
+ALTER TABLE storage_nodes ADD COLUMN IF NOT EXISTS zone text NOT NULL DEFAULT '';
+
+INSERT INTO schema_version (version) VALUES (4)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 4);

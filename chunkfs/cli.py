@@ -96,7 +96,28 @@ def mkfs(dsn: str, replicas: int, max_file_size: int, upload_ttl: int) -> None:
     "--data-dir", type=click.Path(file_okay=False), help="Where the node keeps its chunks and id."
 )
 @click.option(
-    "--listen", default="127.0.0.1:7070", show_default=True, help="HOST:PORT to serve on."
+    "--listen",
+    default="127.0.0.1:7070",
+    show_default=True,
+    help="HOST:PORT to serve on (0.0.0.0 or [::]: every interface, with --advertise).",
+)
+@click.option(
+    "--advertise",
+    metavar="URL",
+    help="http(s)://HOST:PORT other hosts reach this node at (default: the listen address).",
+)
+@click.option(
+    "--zone",
+    help="Failure domain: replicas of a chunk go to distinct zones (default: this host's name).",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve HTTPS: certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The certificate's key (PEM).")
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Connections served at once; more are closed.",
 )
 @click.option(
     "--capacity",
@@ -117,6 +138,11 @@ def node(
     dsn: str | None,
     data_dir: str | None,
     listen: str,
+    advertise: str | None,
+    zone: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    max_connections: int,
     capacity: int | None,
     reclaim_interval: float,
 ) -> None:
@@ -125,22 +151,28 @@ def node(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from .node.server import run_node
+    from .node.server import NodeOptions, run_node
 
     if not dsn or not data_dir:
         raise click.UsageError("a storage node needs --dsn and --data-dir")
     host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.ClickException(f"--listen needs HOST:PORT, not {listen!r}")
+    options = NodeOptions(
+        host=host,
+        port=int(port),
+        advertise=advertise,
+        zone=zone,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        capacity_bytes=capacity,
+        reclaim_interval=reclaim_interval,
+        max_connections=max_connections,
+    )
     try:
-        run_node(
-            dsn,
-            data_dir,
-            host,
-            int(port),
-            capacity_bytes=capacity,
-            reclaim_interval=reclaim_interval,
-        )
+        run_node(dsn, data_dir, options)
     except errors.ChunkfsError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -166,7 +198,7 @@ def mount(dsn: str, mountpoint: str, foreground: bool, options: tuple[str, ...])
 @_dsn_option()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(dsn: str, as_json: bool) -> None:
-    """Show the storage nodes: heartbeat age, space and chunk counts."""
+    """Show the storage nodes: zone, heartbeat age, space, chunk counts, URL."""
     from .admin.stats import cluster_status
 
     report = _run(_with_meta, dsn, cluster_status)
@@ -178,14 +210,15 @@ def status(dsn: str, as_json: bool) -> None:
         f"replicas {s['replicas']}, max file size {s['max_file_size']} bytes, "
         f"{report['files']} files, {report['bytes']} bytes"
     )
+    zone_width = max([4, *(len(n["zone"]) for n in report["nodes"])])
     click.echo(
-        f"{'node':16}  {'status':7}  {'heartbeat':>9}  {'used':>14}  {'free':>16}  "
-        f"{'chunks':>8}  url"
+        f"{'node':16}  {'zone':{zone_width}}  {'status':7}  {'heartbeat':>9}  {'used':>14}  "
+        f"{'free':>16}  {'chunks':>8}  url"
     )
     for n in report["nodes"]:
         state = n["status"] + (",draining" if n["draining"] else "")
         click.echo(
-            f"{n['id']:16}  {state:7}  {n['heartbeat_age_s']:8.1f}s  "
+            f"{n['id']:16}  {n['zone']:{zone_width}}  {state:7}  {n['heartbeat_age_s']:8.1f}s  "
             f"{n['used_bytes']:>14}  {n['free_bytes']:>16}  {n['chunks']:>8}  {n['url']}"
         )
 
@@ -263,7 +296,8 @@ def fsck(dsn: str, verify: bool, limit: int) -> None:
     click.echo(
         f"{report.inodes} files, {report.objects} chunk objects, {report.replicas} good replicas"
         f"{' (hashed)' if verify else ''}; {report.under_replicated} under-replicated, "
-        f"{report.lost} lost; {len(report.problems)} problems, {len(report.warnings)} warnings: "
+        f"{report.lost} lost, {report.zone_shared} sharing a zone, {report.over_replicated} "
+        f"over-replicated; {len(report.problems)} problems, {len(report.warnings)} warnings: "
         + ("clean" if report.clean else "NOT clean (see chunkfs repair)")
     )
     if not report.clean:
@@ -307,29 +341,46 @@ def rebalance(dsn: str) -> None:
 
 @node.command()
 @_dsn_option()
-@click.argument("node_id")
-def drain(dsn: str, node_id: str) -> None:
-    """Move every replica off NODE_ID so that it can be removed."""
+@click.argument("node_id", required=False)
+@click.option("--zone", help="Drain every node of this zone.")
+def drain(dsn: str, node_id: str | None, zone: str | None) -> None:
+    """Move every replica off NODE_ID (or off every node of --zone) so that
+    it can be removed.
+    """
     from .admin.replicas import drain as do_drain
 
+    if (node_id is None) == (zone is None):
+        raise click.UsageError("give a NODE_ID or --zone, not both")
+
+    async def body(meta: Meta) -> Any:
+        nodes = [n.node_id for n in await meta.registry.nodes() if n.zone == zone]
+        if node_id is not None:
+            nodes = [node_id]
+        elif not nodes:
+            raise errors.NotFound(f"no storage node in zone {zone}")
+        return nodes, await do_drain(meta, nodes, progress=bar.update)
+
     with _progress("drain") as bar:
-        report = _run(_with_meta, dsn, lambda meta: do_drain(meta, node_id, progress=bar.update))
+        drained, report = _run(_with_meta, dsn, body)
+    names = ", ".join(drained)
     if report.left:
-        click.echo(f"node {node_id} still holds {report.left} chunks files use")
+        click.echo(f"nodes {names} still hold {report.left} chunk replicas files use")
     _move_summary("drain", report)
     if report.left:
         sys.exit(1)
-    click.echo(f"node {node_id} is drained: `chunkfs node remove` may remove it")
+    click.echo(f"drained {names}: `chunkfs node remove` may remove them")
 
 
 @node.command()
 @_dsn_option()
 @click.argument("node_id")
-def remove(dsn: str, node_id: str) -> None:
-    """Unregister NODE_ID (refused while it holds the only copy of a chunk).
-    Stop its process afterwards: a restart would register it again.
+@click.option("--force", is_flag=True, help="Remove a live node that was not drained.")
+def remove(dsn: str, node_id: str, force: bool) -> None:
+    """Unregister NODE_ID (refused while it is live and not drained, unless
+    --force, and while it holds the only copy of a chunk). Stop its process
+    afterwards: a restart would register it again.
     """
-    dropped = _run(_with_meta, dsn, lambda meta: meta.registry.remove_node(node_id))
+    dropped = _run(_with_meta, dsn, lambda meta: meta.registry.remove_node(node_id, force=force))
     click.echo(f"node {node_id} removed ({dropped} replica records dropped); stop its process")
     if dropped:
         click.echo(

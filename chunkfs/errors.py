@@ -87,6 +87,12 @@ class StorageError(ChunkfsError):
     errno = _errno.EIO
 
 
+class NodeUnreachable(StorageError):
+    """A storage node could not be reached, or did not answer in time:
+    the connection failed or timed out (not an answer of the node's).
+    """
+
+
 class ChunkMissing(StorageError):
     """The node does not hold the chunk (HTTP 404)."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -23,7 +25,14 @@ import httpx
 import trio
 
 from . import wire
-from .errors import ChunkMissing, DigestMismatch, NodeFull, StorageError
+from .errors import (
+    ChunkMissing,
+    ConfigError,
+    DigestMismatch,
+    NodeFull,
+    NodeUnreachable,
+    StorageError,
+)
 
 # httpcore reads a connection 64 KiB at a time and has no setting for it; a
 # 1 MiB chunk window then costs sixteen socket reads, each a trip through the
@@ -37,11 +46,48 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMITS = httpx.Limits(
     max_connections=32, max_keepalive_connections=16, keepalive_expiry=30.0
 )
+# A node that does not take a connection within this many seconds (or the
+# request timeout, when shorter) is unreachable: a host that is cut off
+# costs this, not the whole request timeout.
+CONNECT_TIMEOUT_S = 3.0
+# Where mounts and tools find the CA that signed https:// nodes' certificates
+# when none is given (`-o node_ca=`); without either, the system's store.
+NODE_CA_ENV = "CHUNKFS_NODE_CA"
 _STATUS_ERRORS: dict[int, type[StorageError]] = {
     404: ChunkMissing,
     422: DigestMismatch,
     507: NodeFull,
 }
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Client TLS settings for ``https://`` nodes: a node's certificate must
+    be signed by the CA in ``ca_file`` (PEM; default ``$CHUNKFS_NODE_CA``,
+    else the system's store) and name the host of the node's URL.
+
+    Raises ``ConfigError`` when the CA file cannot be read.
+    """
+    ca_file = ca_file or os.environ.get(NODE_CA_ENV) or None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use node CA file {ca_file}: {exc}") from None
+
+
+def http_client(
+    timeout: float, tls: ssl.SSLContext | None = None, limits: httpx.Limits = DEFAULT_LIMITS
+) -> httpx.AsyncClient:
+    """An HTTP/1.1 client with keep-alive for nodes: ``timeout`` seconds
+    bound each read or write, ``CONNECT_TIMEOUT_S`` (at most) a connect;
+    ``https://`` nodes are checked with ``tls`` (default: ``tls_context()``).
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
+        limits=limits,
+        verify=tls or tls_context(),
+        http1=True,
+        http2=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -76,9 +122,7 @@ class NodeClient:
         self._auth = {"Authorization": f"Bearer {token}"}
         self._owns_client = client is None
         self._http = Http11(self.base_url, timeout) if self.base_url.startswith("http://") else None
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout), limits=DEFAULT_LIMITS, http1=True, http2=False
-        )
+        self._client = client or http_client(timeout)
 
     def __repr__(self) -> str:
         return f"NodeClient({self.base_url!r})"
@@ -112,6 +156,19 @@ class NodeClient:
         cls = _STATUS_ERRORS.get(status, StorageError)
         raise cls(f"node {self.base_url}: {what}: HTTP {status}{detail}")
 
+    def _transport_error(self, what: str, exc: httpx.HTTPError) -> StorageError:
+        """The chunkfs error for an httpx failure: ``NodeUnreachable`` when
+        the connection failed or timed out.
+        """
+        cls = NodeUnreachable if isinstance(exc, httpx.TransportError) else StorageError
+        root: BaseException = exc  # e.g. the certificate check that broke the stream
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        why = f"{type(exc).__name__}: {exc}"
+        if root is not exc and str(root):
+            why += f" ({type(root).__name__}: {root})"
+        return cls(f"node {self.base_url}: {what}: {why}")
+
     def _json(self, what: str, body: bytes | bytearray) -> Any:
         try:
             return json.loads(body)
@@ -123,9 +180,7 @@ class NodeClient:
         try:
             return await self._client.request(method, self._url(path), headers=headers, **kwargs)
         except httpx.HTTPError as exc:
-            raise StorageError(
-                f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._transport_error(what, exc) from exc
 
     async def _send(
         self, what: str, method: str, path: str, headers: dict[str, str], body: bytes = b""
@@ -257,18 +312,14 @@ class NodeClient:
                     self._fail(what, response)
                 yield self._pieces(what, response)
         except httpx.HTTPError as exc:
-            raise StorageError(
-                f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._transport_error(what, exc) from exc
 
     async def _pieces(self, what: str, response: httpx.Response) -> AsyncIterator[bytes]:
         try:
             async for data in response.aiter_bytes():
                 yield data
         except httpx.HTTPError as exc:
-            raise StorageError(
-                f"node {self.base_url}: {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._transport_error(what, exc) from exc
 
     async def get_batch(self, chunk_ids: list[bytes]) -> dict[bytes, bytes]:
         """Several whole chunks in one request: ``{chunk_id: bytes}``.
@@ -424,7 +475,7 @@ class Http11:
             conn, reused = self._take()
             try:
                 if conn is None:
-                    with trio.fail_after(self._timeout):
+                    with trio.fail_after(min(self._timeout, CONNECT_TIMEOUT_S)):
                         conn = await trio.open_tcp_stream(self._host, self._port)
                 answer, keep = await self._exchange(conn, parts)
             except (_Closed, trio.BrokenResourceError, ConnectionError) as exc:
@@ -432,14 +483,14 @@ class Http11:
                 if reused:  # the node closed it while it was idle
                     continue
                 if isinstance(exc, _Closed):
-                    raise StorageError(
+                    raise NodeUnreachable(
                         f"node {self.base_url}: connection closed mid-answer"
                     ) from None
-                raise StorageError(f"node {self.base_url}: {method} {path}: {exc}") from exc
+                raise NodeUnreachable(f"node {self.base_url}: {method} {path}: {exc}") from exc
             except (OSError, trio.TooSlowError) as exc:
                 await _close(conn)
                 what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-                raise StorageError(f"node {self.base_url}: {method} {path}: {what}") from exc
+                raise NodeUnreachable(f"node {self.base_url}: {method} {path}: {what}") from exc
             except BaseException:
                 await _close(conn)
                 raise

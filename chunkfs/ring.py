@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 VNODES_PER_NODE = 150
@@ -95,18 +95,44 @@ class Ring:
                     return
 
     def owners(
-        self, pos: int, count: int | None, eligible: Collection[str] | None = None
+        self,
+        pos: int,
+        count: int | None,
+        eligible: Collection[str] | None = None,
+        zones: Mapping[str, str] | None = None,
     ) -> list[str]:
         """The first ``count`` distinct nodes clockwise from ring position
         ``pos`` (all of them for None), passing over those not in
         ``eligible`` (when given), so the next node on the ring takes their
         place. Fewer when fewer nodes qualify. With ``count`` None the nodes
         past the first R are where a writer goes when an owner fails.
+
+        With ``zones`` (node id -> failure domain; a node missing from it is
+        a zone of its own), the first node met of each zone comes first, in
+        ring order, and the nodes of zones already chosen after them: R
+        owners lie in R distinct zones whenever R zones qualify. A new zone
+        then takes a key's replica only from the last of its owners, so
+        adding a zone moves replicas onto it alone (the rack-aware
+        preference list of Dynamo, SOSP 2007, section 4.6).
         """
-        chosen = []
+        firsts: list[str] = []
+        rest: list[str] = []
+        taken: set[str] = set()
+        candidates = self.node_ids if eligible is None else self.node_ids & set(eligible)
+        zone_count = len({zones.get(n, n) for n in candidates}) if zones else len(candidates)
         for node in self.walk(pos):
-            if eligible is None or node in eligible:
-                chosen.append(node)
-                if len(chosen) == count:
-                    break
-        return chosen
+            if node not in candidates:
+                continue
+            zone = zones.get(node, node) if zones else node
+            if zone in taken:
+                rest.append(node)
+            else:
+                taken.add(zone)
+                firsts.append(node)
+            if count is not None and (
+                len(firsts) == count
+                or (len(taken) == zone_count and len(firsts) + len(rest) >= count)
+            ):
+                break
+        chosen = firsts + rest
+        return chosen if count is None else chosen[:count]

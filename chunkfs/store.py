@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from cachetools import LRUCache
 
 from . import errors, layout, ring, wire
 from .meta import ChunkRef, Meta, NodeInfo
-from .nodeclient import NodeClient
+from .nodeclient import NodeClient, http_client
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ assert WINDOW == layout.BLOCK_SIZE
 INLINE_PUT_MAX = 4 << 20
 # Chunks up to this size travel in one batch request per node.
 BATCH_ITEM_MAX = 256 << 10
+# A suspect node (one that did not answer) is probed this often (seconds),
+# each probe bounded by PROBE_TIMEOUT_S.
+PROBE_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class ChunkStore:
         refresh_s: float = 5.0,
         max_requests: int = 16,
         kept: BlockKeeper | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._meta = meta
         self._kept = kept
@@ -150,6 +156,8 @@ class ChunkStore:
         self._refresh_s = refresh_s
         self._refreshed_at = -1e9
         self._nodes: dict[str, NodeInfo] = {}
+        self._zones: dict[str, str] = {}  # node id -> zone
+        self._writable: set[str] = set()
         self._clients: dict[str, NodeClient] = {}
         self._ring = ring.Ring([])
         self._cache = _ChunkCache(cache_bytes)
@@ -158,10 +166,11 @@ class ChunkStore:
             bytes, int
         ] = {}  # per chunk: the window a sequential reader wants next
         self._limiter = trio.CapacityLimiter(max_requests)
-        self._http = httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        self._http = http_client(
+            timeout, tls, httpx.Limits(max_connections=64, max_keepalive_connections=32)
         )
+        self._suspects: set[str] = set()
+        self._closed = False
 
     @classmethod
     async def for_maintenance(cls, meta: Meta) -> ChunkStore:
@@ -175,6 +184,7 @@ class ChunkStore:
 
     async def aclose(self) -> None:
         """Close every node connection."""
+        self._closed = True
         for client in self._clients.values():
             await client.aclose()
         await self._http.aclose()
@@ -188,6 +198,8 @@ class ChunkStore:
         nodes = await self._meta.registry.nodes()
         vnodes = await self._meta.registry.ring_vnodes()
         self._nodes = {n.node_id: n for n in nodes}
+        self._zones = {n.node_id: n.zone or n.node_id for n in nodes}
+        self._writable = {n.node_id for n in nodes if n.writable}
         for n in nodes:
             client = self._clients.get(n.node_id)
             if client is None or client.base_url != n.base_url:
@@ -207,13 +219,52 @@ class ChunkStore:
         """Ids of the nodes with a fresh heartbeat at the last refresh."""
         return {i for i, n in self._nodes.items() if n.live}
 
+    def zone(self, node_id: str) -> str:
+        """The failure domain of a node (a node registered without one, or
+        unknown, is a zone of its own).
+        """
+        return self._zones.get(node_id, node_id)
+
+    def zones_wanted(self) -> int:
+        """How many distinct zones a chunk's R replicas should span: R, or
+        fewer when fewer zones have writable nodes.
+        """
+        return min(self.replicas, len({self._zones[i] for i in self._writable}))
+
     def placement(self, pos: int, count: int | None = None) -> list[str]:
         """The writable nodes (live, not draining) in ring order from ring
-        position ``pos`` (the first ``count``, or all): the first R own a
-        chunk placed there, the rest take over when owners fail.
+        position ``pos`` (the first ``count``, or all), one per zone first:
+        the first R own a chunk placed there, in R distinct zones when R
+        zones are writable, and the rest take over when owners fail.
         """
-        writable = {i for i, n in self._nodes.items() if n.writable}
-        return self._ring.owners(pos, count, writable)
+        return self._ring.owners(pos, count, self._writable - self._suspects, self._zones)
+
+    def suspects(self) -> set[str]:
+        """Ids of the nodes passed over until they answer a health probe."""
+        return set(self._suspects)
+
+    def _failed(self, node_id: str, exc: errors.ChunkfsError) -> None:
+        """Note a failed request: a node that did not answer becomes suspect."""
+        if not isinstance(exc, errors.NodeUnreachable) or node_id in self._suspects:
+            return
+        log.warning("node %s is suspect until it answers a health probe: %s", node_id, exc)
+        self._suspects.add(node_id)
+        trio.lowlevel.spawn_system_task(self._probe, node_id)
+
+    async def _probe(self, node_id: str) -> None:
+        """Probe a suspect node's health until it answers (or the store closes)."""
+        while node_id in self._suspects and not self._closed:
+            await trio.sleep(PROBE_INTERVAL_S)
+            try:
+                with trio.fail_after(PROBE_TIMEOUT_S):
+                    await self.client(node_id).health()
+            except (errors.ChunkfsError, trio.TooSlowError):
+                continue
+            except Exception as exc:  # noqa: BLE001 - a system task must not raise
+                log.warning("health probe of node %s failed: %s", node_id, exc)
+                continue
+            log.info("node %s answers again", node_id)
+            self._suspects.discard(node_id)
 
     def client(self, node_id: str) -> NodeClient:
         """The HTTP client of a registered node. Raises ``StorageError``."""
@@ -270,6 +321,7 @@ class ChunkStore:
                     {i.chunk_id: i.data for i in batch if i.data is not None}
                 )
         except errors.ChunkfsError as exc:
+            self._failed(node_id, exc)
             log.warning("batch put of %d chunks on node %s failed: %s", len(batch), node_id, exc)
             return  # each chunk falls back to the next nodes on the ring
         for item in batch:
@@ -285,9 +337,8 @@ class ChunkStore:
         if base is None:
             targets = self.placement(item.position, self.replicas)
         else:
-            writable = {i for i, n in self._nodes.items() if n.writable}
             holders = [n for n in self._ring.walk(base.position) if n in base.nodes]
-            targets = [n for n in holders if n in writable][: self.replicas]
+            targets = [n for n in holders if n in self._writable][: self.replicas]
 
         async def derive(client: NodeClient) -> None:
             await client.derive(
@@ -354,6 +405,7 @@ class ChunkStore:
             async with limit:
                 await request(self.client(node_id))
         except errors.ChunkfsError as exc:
+            self._failed(node_id, exc)
             log.warning(
                 "%s of chunk %s on node %s failed: %s", what, item.chunk_id.hex()[:16], node_id, exc
             )
@@ -489,7 +541,7 @@ class ChunkStore:
             and self._cache.get(r.chunk_id) is None
             and r.chunk_id not in self._inflight
         }
-        live = self.live_nodes()
+        live = self.live_nodes() - self._suspects
         plan: dict[str, list[ChunkRef]] = {}
         while todo:
             counts: dict[str, int] = {}
@@ -514,6 +566,7 @@ class ChunkStore:
             async with self._limiter:
                 found = await self.client(node_id).get_batch([r.chunk_id for r in batch])
         except errors.ChunkfsError as exc:
+            self._failed(node_id, exc)
             log.warning("batch read from node %s failed: %s", node_id, exc)
             return
         for ref in batch:
@@ -556,6 +609,7 @@ class ChunkStore:
                     data = await self.client(node_id).get(ref.chunk_id, start, end)
             except errors.ChunkfsError as exc:
                 last_error = exc
+                self._failed(node_id, exc)
                 log.warning(
                     "read of chunk %s from node %s failed: %s",
                     ref.chunk_id.hex()[:16],
@@ -581,12 +635,13 @@ class ChunkStore:
         )
 
     def _read_order(self, ref: ChunkRef, start: int = 0) -> list[str]:
-        """Holders, live ones first, in ring order from the chunk's position;
-        the live ones turned by one for each span of a large chunk, so that
-        a sequential reader's requests go to all its replicas at once.
+        """Holders, live ones first (suspects are not), in ring order from
+        the chunk's position; the live ones turned by one for each span of a
+        large chunk, so that a sequential reader's requests go to all its
+        replicas at once.
         """
         holders = set(ref.nodes)
-        live = self.live_nodes()
+        live = self.live_nodes() - self._suspects
         walk = [n for n in self._ring.walk(ref.position) if n in holders]
         walk += sorted(holders - set(walk))
         up = [n for n in walk if n in live]

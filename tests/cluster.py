@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,38 @@ class ClusterError(RuntimeError):
 def chunkfs_command(*args: str) -> list[str]:
     """The argv that runs ``chunkfs ARGS`` with this interpreter (PATH-independent)."""
     return [sys.executable, "-m", "chunkfs", *args]
+
+
+def in_netns(argv: list[str], netns: str | None) -> list[str]:
+    """``argv`` run in the network namespace ``netns`` (``ip netns`` name;
+    None: this one). nsenter changes only the network namespace, so FUSE
+    mounts stay visible (``ip netns exec`` would give a mount namespace of
+    its own).
+    """
+    return argv if netns is None else ["nsenter", f"--net=/run/netns/{netns}", *argv]
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """``fn()`` in the network namespace ``netns`` (None: here). It runs in
+    a thread of its own, since ``setns`` moves only the calling thread.
+    """
+    if netns is None:
+        return fn()
+
+    def entered() -> T:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns to {netns} failed")
+        finally:
+            os.close(fd)
+        return fn()
+
+    return _in_thread(entered)
 
 
 def run_chunkfs(
@@ -408,7 +441,9 @@ def _server_account() -> pwd.struct_passwd | None:
 
 
 class Postgres:
-    """A throwaway PostgreSQL server on 127.0.0.1 with trust auth.
+    """A throwaway PostgreSQL server on ``host`` (127.0.0.1; in network
+    namespace ``netns``, if given) with trust auth, from loopback and from
+    the network ``clients`` (a CIDR, if given).
 
     Its data directory, socket directory and log live in one temporary
     directory, which ``stop`` removes. The superuser is ``postgres``. When
@@ -425,8 +460,14 @@ class Postgres:
         bindir: Path | None = None,
         max_connections: int = 300,
         timeout: float = 60.0,
+        host: str = HOST,
+        netns: str | None = None,
+        clients: str | None = None,
     ) -> None:
         self.fast = fast
+        self.host = host
+        self.netns = netns
+        self.clients = clients
         self.port = port
         self.max_connections = max_connections
         self.timeout = timeout
@@ -446,7 +487,7 @@ class Postgres:
         """DSN of ``database`` on this server."""
         if self.port is None:
             raise ClusterError("PostgreSQL is not started")
-        return f"postgresql://postgres@{HOST}:{self.port}/{urllib.parse.quote(database)}"
+        return f"postgresql://postgres@{self.host}:{self.port}/{urllib.parse.quote(database)}"
 
     @property
     def data_dir(self) -> Path:
@@ -485,7 +526,7 @@ class Postgres:
             self._kill()  # e.g. Ctrl-C while pg_ctl was starting it
             self._remove()
             raise
-        log.info("PostgreSQL up on %s:%d (%s)", HOST, self.port, self.dir)
+        log.info("PostgreSQL up on %s:%d (%s)", self.host, self.port, self.dir)
         return self
 
     def _initdb(self) -> None:
@@ -506,7 +547,7 @@ class Postgres:
 
     def _configure(self) -> None:
         settings = {
-            "listen_addresses": f"'{HOST}'",
+            "listen_addresses": f"'{self.host}'",
             "unix_socket_directories": f"'{self.dir}'",
             "max_connections": str(self.max_connections),
         }
@@ -516,6 +557,9 @@ class Postgres:
         with open(self.data_dir / "postgresql.conf", "a") as f:
             f.write("\n# chunkfs throwaway cluster\n")
             f.writelines(f"{k} = {v}\n" for k, v in settings.items())
+        if self.clients:
+            with open(self.data_dir / "pg_hba.conf", "a") as f:
+                f.write(f"host all all {self.clients} trust\n")
 
     def _start_on_free_port(self, attempts: int = 3) -> None:
         """pg_ctl start; pick another port when the chosen one was taken meanwhile."""
@@ -658,6 +702,7 @@ class Postgres:
         """Run a PostgreSQL binary as the server account; raise ``ClusterError`` on failure."""
         assert self._bindir is not None
         argv, kwargs = self._as_account([str(self._bindir / name), *args])
+        argv = in_netns(argv, self.netns)
         try:
             # A session of its own keeps Ctrl-C away from the postmaster, so
             # shutdown happens in order (mounts, nodes, then the server).
@@ -715,7 +760,10 @@ def node_counter(urls: Iterable[str], token: str, family_name: str) -> float:
 
 
 class NodeProcess:
-    """One ``chunkfs node`` process listening on 127.0.0.1:``port``.
+    """One ``chunkfs node`` process listening on ``listen_host``:``port``
+    (127.0.0.1; in network namespace ``netns``, if given), at ``advertise``
+    (default: the listen address over HTTP). An ``https://`` node's
+    certificate is checked against ``ca_file``.
 
     Its stdout and stderr go (appended) to ``log_path``, by default a file
     next to the data directory. ``start`` after ``stop`` or ``kill`` runs
@@ -732,8 +780,16 @@ class NodeProcess:
         log_path: str | os.PathLike[str] | None = None,
         ready_timeout: float = NODE_READY_TIMEOUT,
         extra_args: Sequence[str] = (),
+        listen_host: str = HOST,
+        advertise: str | None = None,
+        netns: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.dsn = dsn
+        self.listen_host = listen_host
+        self.advertise = advertise
+        self.netns = netns
+        self.ca_file = ca_file
         self.data_dir = Path(data_dir)
         self.port = port or free_ports(1)[0]
         self.capacity = capacity
@@ -752,7 +808,7 @@ class NodeProcess:
     @property
     def url(self) -> str:
         """Base URL of the node's HTTP API."""
-        return f"http://{HOST}:{self.port}"
+        return self.advertise or f"http://{self.listen_host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -777,11 +833,13 @@ class NodeProcess:
             "--data-dir",
             str(self.data_dir),
             "--listen",
-            f"{HOST}:{self.port}",
+            f"{self.listen_host}:{self.port}",
         ]
+        if self.advertise is not None:
+            args += ["--advertise", self.advertise]
         if self.capacity is not None:
             args += ["--capacity", str(self.capacity)]
-        return chunkfs_command(*args, *self.extra_args)
+        return in_netns(chunkfs_command(*args, *self.extra_args), self.netns)
 
     # -- lifecycle
 
@@ -828,8 +886,18 @@ class NodeProcess:
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]:
         """GET /v1/health as a dict. Raises ``OSError`` (incl. HTTP errors) or ``ValueError``."""
-        with _OPENER.open(self.url + "/v1/health", timeout=timeout) as resp:
-            return json.loads(resp.read())
+        opener = _OPENER
+        if self.url.startswith("https://"):
+            tls = ssl.create_default_context(cafile=self.ca_file)
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls)
+            )
+
+        def get() -> dict[str, Any]:
+            with opener.open(self.url + "/v1/health", timeout=timeout) as resp:
+                return dict(json.loads(resp.read()))
+
+        return call_in_netns(self.netns, get)
 
     def terminate(self) -> None:
         """Send SIGTERM (a clean stop) without waiting."""
@@ -965,7 +1033,8 @@ class Mount:
     mount command's output goes there too; ``unexpected_errors`` reads back
     the exceptions it logged with a traceback. With ``cache_dir`` given, the
     daemon spools there (option ``cache_dir=``), so concurrent mounts never
-    share spool files.
+    share spool files. With ``netns``, the daemon runs in that network
+    namespace (the mount itself is seen everywhere).
     """
 
     def __init__(
@@ -977,8 +1046,10 @@ class Mount:
         log_path: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         timeout: float = MOUNT_TIMEOUT,
+        netns: str | None = None,
     ) -> None:
         self.dsn = dsn
+        self.netns = netns
         self.path = Path(os.path.abspath(mountpoint))
         self.timeout = timeout
         given = _option_values(options)
@@ -1050,7 +1121,7 @@ class Mount:
         args = ["mount", self.dsn, str(self.path)]
         if self.options:
             args += ["-o", ",".join(self.options)]
-        return chunkfs_command(*args)
+        return in_netns(chunkfs_command(*args), self.netns)
 
     def mount(self) -> Mount:
         """Mount and return self once the mount is there.

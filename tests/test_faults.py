@@ -465,7 +465,9 @@ def test_rebalance_after_a_seventh_node_then_drain_and_remove(cluster, mounted, 
         read_back(files, fresh(), mounted / "rb")
         assert_clean(cluster)
         proc = chunkfs("node", "drain", cluster.dsn, seventh.node_id)
-        assert proc.returncode == 0 and "is drained" in proc.stdout, proc.stdout + proc.stderr
+        assert proc.returncode == 0 and f"drained {seventh.node_id}:" in proc.stdout, (
+            proc.stdout + proc.stderr
+        )
         assert not any(seventh.node_id in h for h in holders(cluster, list(files)))
         assert chunkfs("node", "remove", cluster.dsn, seventh.node_id).returncode == 0
     finally:
@@ -480,6 +482,8 @@ def test_rebalance_after_a_seventh_node_then_drain_and_remove(cluster, mounted, 
         f"DELETE FROM chunk_replicas WHERE node_id = '{other}' AND chunk_id = '\\x{c['sha256']}'",
     )
     proc = chunkfs("node", "remove", cluster.dsn, keep)
+    assert proc.returncode == 1 and "is live and not drained" in proc.stderr
+    proc = chunkfs("node", "remove", "--force", cluster.dsn, keep)
     assert proc.returncode == 1 and "only copy" in proc.stderr
     assert chunkfs("repair", cluster.dsn).returncode == 0
     assert chunkfs("gc", cluster.dsn).returncode == 0

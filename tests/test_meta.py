@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import stat
 
 import pytest
@@ -245,14 +246,7 @@ async def test_readdir_cookies_neither_skip_nor_repeat_while_names_change(meta):
 async def test_chunk_map_commit_and_version(meta):
     settings = await meta.registry.settings()
     f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
-    await meta.registry.register_node(
-        "00000000000000aa",
-        "http://127.0.0.1:1",
-        capacity_bytes=1,
-        used_bytes=0,
-        free_bytes=1,
-        chunk_count=0,
-    )
+    await register(meta, "00000000000000aa")
     data = [b"ab", b"c", b"d", b"e", b"f", b"g"]
     ids = [hashlib.sha256(x).digest() for x in data]
     sid = await meta.content.begin_upload(f.ino, ids, settings.upload_ttl_s)
@@ -279,6 +273,19 @@ async def test_chunk_map_commit_and_version(meta):
     assert (await meta.namespace.getattr(f.ino)).version == 1
 
 
+async def register(meta: Meta, node_id: str, *, capacity: int = 1, zone: str = "z") -> None:
+    """Register a node that is never contacted, at a URL of its own (from its id)."""
+    await meta.registry.register_node(
+        node_id,
+        f"http://127.0.0.1:{int(node_id, 16) % 60000 + 1}",
+        zone=zone,
+        capacity_bytes=capacity,
+        used_bytes=0,
+        free_bytes=capacity,
+        chunk_count=0,
+    )
+
+
 async def committed_file(
     meta: Meta, name: bytes, data: list[bytes], holders: list[list[str]]
 ) -> Attrs:
@@ -287,14 +294,7 @@ async def committed_file(
     """
     settings = await meta.registry.settings()
     for node_id in sorted({n for nodes in holders for n in nodes}):
-        await meta.registry.register_node(
-            node_id,
-            "http://127.0.0.1:1",
-            capacity_bytes=1,
-            used_bytes=0,
-            free_bytes=1,
-            chunk_count=0,
-        )
+        await register(meta, node_id)
     f = await meta.namespace.create(ROOT_INO, name, FILE, 0, 0)
     ids = [hashlib.sha256(x).digest() for x in data]
     sid = await meta.content.begin_upload(f.ino, ids, settings.upload_ttl_s)
@@ -333,14 +333,7 @@ async def test_begin_commit_reuses_only_chunks_a_committed_file_holds_on_enough_
 
 async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(meta):
     for node_id in ("00000000000000a1", "00000000000000a2"):
-        await meta.registry.register_node(
-            node_id,
-            "http://127.0.0.1:1",
-            capacity_bytes=10,
-            used_bytes=0,
-            free_bytes=10,
-            chunk_count=0,
-        )
+        await register(meta, node_id, capacity=10)
     assert (
         await meta.db.fetchval(
             "SELECT count(*) FROM hash_ring_vnodes WHERE node_id = '00000000000000a1'"
@@ -386,15 +379,19 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
     async with open_database(pg_dsn) as db:
         meta = Meta(db)
         a = await meta.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
-        # A filesystem made before rename_file and holes existed (schema version 1).
+        # A filesystem made before rename_file, holes and zones existed (schema version 1).
         await db.execute("DROP FUNCTION rename_file")
         await db.execute("ALTER TABLE chunks ALTER COLUMN chunk_id SET NOT NULL")
+        await db.execute("ALTER TABLE settings DROP COLUMN cluster_id")
+        await db.execute("ALTER TABLE storage_nodes DROP COLUMN zone")
         await db.execute("UPDATE schema_version SET version = 1")
         with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):
             await meta.registry.settings()
         await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", pg_dsn)
-        assert (await meta.registry.settings()).replicas == 2  # kept
-        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 3
+        settings = await meta.registry.settings()
+        assert settings.replicas == 2  # kept
+        assert re.fullmatch("[0-9a-f]{32}", settings.cluster_id)  # made by the upgrade
+        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 4
         nullable = await db.fetchval(
             "SELECT is_nullable FROM information_schema.columns "
             "WHERE table_name = 'chunks' AND column_name = 'chunk_id'"

@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -472,20 +473,20 @@ async def test_dead_dsn_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 async def test_serve_node_in_process_on_port_0(pg_dsn: str, token: str, tmp_path: Path) -> None:
-    from chunkfs.node.server import serve_node
+    from chunkfs.node.server import NodeOptions, serve_node
 
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
             lambda task_status: serve_node(
-                pg_dsn, str(tmp_path / "n"), "127.0.0.1", 0, task_status=task_status
+                pg_dsn, str(tmp_path / "n"), NodeOptions(zone="rack1"), task_status=task_status
             )
         )
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
         async with NodeClient(url, token) as c:
             node_id = (await c.health())["node_id"]
             assert await c.put(hashlib.sha256(b"in").digest(), b"in", 2) is True
-        rows = sql(pg_dsn, "SELECT base_url, status FROM storage_nodes")
-        assert rows == [{"base_url": url, "status": "active"}]
+        rows = sql(pg_dsn, "SELECT base_url, zone, status FROM storage_nodes")
+        assert rows == [{"base_url": url, "zone": "rack1", "status": "active"}]
         nursery.cancel_scope.cancel()
     rows = sql(pg_dsn, f"SELECT status FROM storage_nodes WHERE node_id = '{node_id}'")
     assert rows == [{"status": "stopped"}]
@@ -633,3 +634,26 @@ async def test_blocks_of_zeros_cross_no_network_and_take_no_disk(
     # Sources naming base blocks need a base.
     with pytest.raises(StorageError, match="HTTP 400"):
         await client.derive(chunk_id, len(data), None, [0] * 64 + [wire.BODY], one, len(one))
+
+
+def test_a_node_bounds_its_connections_and_cuts_off_a_slow_head(node_factory: Any) -> None:
+    from chunkfs.node.server import HEAD_TIMEOUT_S
+
+    node = node_factory(extra_args=["--max-connections", "3"])
+    held = [socket.create_connection((cl.HOST, node.port), timeout=5) for _ in range(3)]
+    try:
+        for conn in held:
+            conn.sendall(b"GET /v1/health HTTP/1.1\r\nHo")  # a head that never ends
+        time.sleep(0.5)
+        with socket.create_connection((cl.HOST, node.port), timeout=5) as extra:
+            assert extra.recv(100) == b""  # over the bound: closed at once
+        start = time.monotonic()
+        for conn in held:
+            conn.settimeout(HEAD_TIMEOUT_S + 10)
+            while conn.recv(4096):  # whatever it says, the node ends the connection
+                pass
+        assert time.monotonic() - start < HEAD_TIMEOUT_S + 5
+    finally:
+        for conn in held:
+            conn.close()
+    assert node.health()["status"] == "ok"  # room again once they are gone

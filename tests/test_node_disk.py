@@ -15,7 +15,14 @@ import pytest
 import trio
 
 from chunkfs import layout
-from chunkfs.errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from chunkfs.errors import (
+    ChunkfsError,
+    ChunkMissing,
+    ConfigError,
+    DigestMismatch,
+    InvalidArgument,
+    NodeFull,
+)
 from chunkfs.node.disk import DIRECT_MIN, PIECE_SIZE, ChunkDisk, DeleteRefused, LengthMismatch
 from chunkfs.wire import BatchEntry
 
@@ -67,6 +74,7 @@ async def test_reopen_keeps_node_id_and_counts_chunks(tmp_path: Path) -> None:
     blobs = [os.urandom(n) for n in (0, 1, 1000, 70000)]
     for b in blobs:
         await put(disk, b)
+    disk.close()
     again = await ChunkDisk.open(tmp_path)
     assert again.node_id == disk.node_id
     assert again.chunk_count == 4
@@ -80,11 +88,34 @@ async def test_corrupt_node_id_file_is_an_error(tmp_path: Path) -> None:
 
 
 async def test_open_empties_tmp(tmp_path: Path) -> None:
-    await ChunkDisk.open(tmp_path)
+    (await ChunkDisk.open(tmp_path)).close()
     leftover = tmp_path / "tmp" / ("ab" * 32 + ".deadbeef")
     leftover.write_bytes(b"half an upload")
     await ChunkDisk.open(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_a_directory_in_use_is_refused_and_its_uploads_kept(tmp_path: Path) -> None:
+    disk = await ChunkDisk.open(tmp_path)
+    leftover = tmp_path / "tmp" / ("ab" * 32 + ".deadbeef")
+    leftover.write_bytes(b"an upload in flight")
+    with pytest.raises(ChunkfsError, match="in use by another node process"):
+        await ChunkDisk.open(tmp_path)
+    assert leftover.exists()  # the live node's upload was not touched
+    disk.close()
+    again = await ChunkDisk.open(tmp_path)
+    assert again.node_id == disk.node_id
+    again.close()
+
+
+async def test_a_directory_belongs_to_the_first_cluster_that_claims_it(tmp_path: Path) -> None:
+    disk = await ChunkDisk.open(tmp_path)
+    await disk.claim("a" * 32)
+    await disk.claim("a" * 32)  # the same cluster, again: fine
+    with pytest.raises(ConfigError, match=r"belongs to cluster a{32}, not to"):
+        await disk.claim("b" * 32)
+    assert (tmp_path / "cluster_id").read_text().strip() == "a" * 32
+    disk.close()
 
 
 async def test_put_creates_0600_file_in_fanout_dir(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ recorded replicas into good ones (on a live node that lists it and, with
 ``check`` (``chunkfs fsck``) reports from it; ``chunkfs repair`` and
 ``chunkfs rebalance`` (``replicas.py``) act on it. A replica recorded on a
 node that is down is neither: it is not counted, so a chunk needs R good
-replicas elsewhere to be healthy.
+replicas elsewhere to be healthy, in R distinct zones when R zones are
+writable.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FsckReport:
     replicas: int = 0
     under_replicated: int = 0
     lost: int = 0
+    zone_shared: int = 0  # chunks whose replicas span fewer zones than they could
+    over_replicated: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -182,7 +185,7 @@ async def check(
     report.inodes = (await meta.maintenance.file_totals()).files
     store = await ChunkStore.for_maintenance(meta)
     try:
-        replicas = store.replicas
+        replicas, wanted = store.replicas, store.zones_wanted()
         for node in store.nodes():
             if not node.live:
                 report.warnings.append(f"node {node.node_id} is down: its replicas are not counted")
@@ -205,6 +208,17 @@ async def check(
                 report.under_replicated += 1
                 report.problems.append(
                     f"chunk {cid}: {len(state.good)} of {replicas} replicas good"
+                )
+            elif len(zones := {store.zone(n) for n in state.good}) < wanted:
+                report.zone_shared += 1
+                report.problems.append(
+                    f"chunk {cid}: its replicas share zones ({', '.join(sorted(zones))}) "
+                    f"while {wanted} zones are writable"
+                )
+            if len(state.good) > replicas:
+                report.over_replicated += 1
+                report.warnings.append(
+                    f"chunk {cid}: {len(state.good)} replicas, more than {replicas}"
                 )
     finally:
         await store.aclose()

@@ -13,7 +13,7 @@ upload session (inode 0) keeps gc off the chunk.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from .. import errors
@@ -129,8 +129,35 @@ async def repair(meta: Meta, *, progress: Callable[[int], None] = lambda n: None
                 break
             if target not in state.good and await copy_replica(meta, store, state, target, ttl_s):
                 report.copied += 1
+        await _spread(meta, store, state, report, ttl_s)
 
     return await _walk(meta, act, verify=True, progress=progress)
+
+
+async def _spread(
+    meta: Meta, store: ChunkStore, state: ObjectState, report: MoveReport, ttl_s: int
+) -> None:
+    """Until the good replicas span the zones they should (``zones_wanted``):
+    copy one into a zone none holds, then drop one from a zone held twice.
+    """
+    wanted = store.zones_wanted()
+    owners = store.placement(state.position, store.replicas)
+    for target in store.placement(state.position):
+        zones = [store.zone(n) for n in state.good]
+        if len(set(zones)) >= wanted:
+            return
+        if store.zone(target) in zones or not await copy_replica(meta, store, state, target, ttl_s):
+            continue
+        report.copied += 1
+        zones = [store.zone(n) for n in state.good]
+        crowded = [n for n, z in zip(state.good, zones, strict=True) if zones.count(z) > 1]
+        if not crowded or len(state.good) <= store.replicas:
+            continue
+        # Of the crowded replicas, one the ring does not place there goes.
+        victim = next((n for n in crowded if n not in owners), crowded[-1])
+        await drop_replica(meta, store, state.chunk_id, victim)
+        state.good.remove(victim)
+        report.dropped += 1
 
 
 async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: None) -> MoveReport:
@@ -154,14 +181,16 @@ async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: N
 
 
 async def drain(
-    meta: Meta, node_id: str, *, progress: Callable[[int], None] = lambda n: None
+    meta: Meta, node_ids: Sequence[str], *, progress: Callable[[int], None] = lambda n: None
 ) -> MoveReport:
-    """Mark ``node_id`` draining and move every replica it holds to the
-    ring owners; the report's ``left`` counts the chunks files use that
-    are still recorded on the node (0 when it may be removed).
+    """Mark the nodes ``node_ids`` draining and move every replica they
+    hold to the ring owners; the report's ``left`` counts the chunk replicas
+    files use that are still recorded on them (0 when they may be removed).
     Raises ``NotFound`` for an unknown node.
     """
-    await meta.registry.set_draining(node_id, True)
+    for node_id in node_ids:
+        await meta.registry.set_draining(node_id, True)
     report = await rebalance(meta, progress=progress)
-    report.left = await meta.maintenance.used_replicas_on(node_id)
+    for node_id in node_ids:
+        report.left += await meta.maintenance.used_replicas_on(node_id)
     return report

@@ -10,7 +10,7 @@ from ..meta import Ino, Meta
 
 
 async def cluster_status(meta: Meta) -> dict[str, Any]:
-    """``{"settings", "files", "bytes", "nodes": [{"id", "url", "status",
+    """``{"settings", "files", "bytes", "nodes": [{"id", "url", "zone", "status",
     "heartbeat_age_s", "used_bytes", "free_bytes", "capacity_bytes", "chunks",
     "replicas"}]}``. ``chunks`` is what the node reports holding; ``replicas``
     is how many replicas the metadata records on it.
@@ -26,6 +26,7 @@ async def cluster_status(meta: Meta) -> dict[str, Any]:
             {
                 "id": n.node_id,
                 "url": n.base_url,
+                "zone": n.zone,
                 "status": n.status if n.live or n.status != "active" else "stale",
                 "draining": n.draining,
                 "heartbeat_age_s": round(n.heartbeat_age_s, 3),

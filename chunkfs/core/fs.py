@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -670,11 +671,13 @@ async def open_filesystem(
     cache_bytes: int = 0,
     node_timeout: float = 30.0,
     pg_timeout: float = 30.0,
+    node_tls: ssl.SSLContext | None = None,
     on_commit: Callable[[Ino, int], None] = lambda ino, version: None,
 ) -> AsyncIterator[FileSystem]:
     """A ``FileSystem`` on the cluster whose metadata is at ``dsn``, with
     spools in ``cache_dir`` (which must exist) and a content cache of up to
-    ``cache_bytes`` under it (0: none); timeouts in seconds, see
+    ``cache_bytes`` under it (0: none); timeouts in seconds; ``node_tls``
+    checks ``https://`` nodes (default ``nodeclient.tls_context()``); see
     ``FileSystem`` for the rest. On exit what is unflushed is committed (best
     effort) and inodes that lost their last name are purged.
 
@@ -691,7 +694,12 @@ async def open_filesystem(
         settings = await meta.registry.settings()
         cache = ContentCache(os.path.join(cache_dir, "content"), cache_bytes)
         store = ChunkStore(
-            meta, settings.cluster_token, settings.replicas, timeout=node_timeout, kept=cache
+            meta,
+            settings.cluster_token,
+            settings.replicas,
+            timeout=node_timeout,
+            kept=cache,
+            tls=node_tls,
         )
         try:
             await store.refresh(force=True)

@@ -19,6 +19,7 @@ import trio
 
 from .. import errors
 from ..core.fs import open_filesystem
+from ..nodeclient import tls_context
 from ..pg import redact_dsn
 from .inodes import KernelCache
 from .operations import Operations
@@ -72,6 +73,7 @@ class MountOptions:
     node_timeout: float = 30.0
     pg_timeout: float = 30.0
     cache_dir: str | None = None
+    node_ca: str | None = None
     cache_size_mib: int = 10240
     log_file: str | None = None
     debug: bool = False
@@ -94,7 +96,8 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
     mounted by root), ``default_permissions`` / ``nodefault_permissions``
     (default on), ``entry_timeout=S``, ``attr_timeout=S``, ``node_timeout=S``,
     ``pg_timeout=S``, ``cache_dir=PATH``, ``cache_size=MiB`` (0: no content
-    cache), ``log=PATH``, ``debug``. mount(8)'s
+    cache), ``node_ca=PATH`` (the CA of ``https://`` nodes), ``log=PATH``,
+    ``debug``. mount(8)'s
     generic flags go to the kernel; fstab-only ones are ignored. Raises
     ``ConfigError`` naming the first unknown or malformed option.
     """
@@ -117,8 +120,10 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
                         "mount option cache_size needs a whole number of MiB >= 0"
                     )
                 opts.cache_size_mib = int(arg)
-            elif key in ("cache_dir", "log") and sep and arg:
-                setattr(opts, "cache_dir" if key == "cache_dir" else "log_file", arg)
+            elif key in ("cache_dir", "log", "node_ca") and sep and arg:
+                if key == "node_ca":
+                    tls_context(arg)  # a CA file that cannot be used fails the mount now
+                setattr(opts, "log_file" if key == "log" else key, arg)
             elif item in ("allow_other", "noallow_other"):
                 opts.allow_other = item == "allow_other"
             elif item in ("default_permissions", "nodefault_permissions"):
@@ -182,6 +187,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
         cache_bytes=opts.cache_size_mib << 20,
         node_timeout=opts.node_timeout,
         pg_timeout=opts.pg_timeout,
+        node_tls=tls_context(opts.node_ca),
         on_commit=kernel.gave_pages,  # the kernel's pages hold what was just committed
     ) as fs:
         ops = Operations(

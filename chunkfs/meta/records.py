@@ -39,18 +39,24 @@ def now_ns() -> int:
 @dataclass(frozen=True)
 class Settings:
     """Cluster-wide settings fixed at mkfs: replica count R, the largest
-    file (bytes), the token nodes require, and the upload sessions' TTL (s).
+    file (bytes), the token nodes require, the upload sessions' TTL (s),
+    and the cluster's id (32 hex digits), which nodes record in their data
+    directory.
     """
 
     replicas: int
     max_file_size: int
     cluster_token: str
     upload_ttl_s: int
+    cluster_id: str
 
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """A storage node as registered: ids, URL, space in bytes, heartbeat age in seconds."""
+    """A storage node as registered: ids, the URL it advertises (``https``
+    when it speaks TLS), its zone (failure domain), space in bytes,
+    heartbeat age in seconds.
+    """
 
     node_id: str
     base_url: str
@@ -61,6 +67,7 @@ class NodeInfo:
     chunk_count: int
     heartbeat_age_s: float
     draining: bool = False
+    zone: str = ""
 
     @property
     def live(self) -> bool:

@@ -4,6 +4,8 @@ the storage nodes with their heartbeats and space, and the ring's vnodes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import secrets
 import stat
 from importlib import resources
@@ -13,7 +15,7 @@ from ..pg import Connection, Database
 from .records import HEARTBEAT_TIMEOUT_S, ROOT_INO, FsStats, NodeInfo, Settings, now_ns
 
 # The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Registry:
@@ -70,8 +72,9 @@ class Registry:
         or the schema is older than ``SCHEMA_VERSION``.
         """
         try:
+            # The whole row as JSON: an older schema lacks some columns.
             row = await self.db.fetchrow(
-                "SELECT replicas, max_file_size, cluster_token, upload_ttl_s, "
+                "SELECT to_jsonb(settings) AS settings, "
                 "(SELECT version FROM schema_version) AS schema_version FROM settings"
             )
         except Exception as exc:  # undefined table: not a chunkfs database
@@ -80,39 +83,60 @@ class Registry:
             row = None
         if row is None:
             raise errors.ConfigError("not a chunkfs filesystem (run `chunkfs mkfs` first)")
-        settings = dict(row)
-        if settings.pop("schema_version") < SCHEMA_VERSION:
+        if row["schema_version"] < SCHEMA_VERSION:
             raise errors.ConfigError(
                 "the filesystem's metadata schema is older than this chunkfs: "
                 "run `chunkfs mkfs` on it to upgrade (files and settings are kept)"
             )
-        return Settings(**settings)
+        settings = json.loads(row["settings"])
+        return Settings(**{f.name: settings[f.name] for f in dataclasses.fields(Settings)})
 
     async def register_node(
         self,
         node_id: str,
         base_url: str,
         *,
+        zone: str,
         capacity_bytes: int,
         used_bytes: int,
         free_bytes: int,
         chunk_count: int,
     ) -> None:
-        """Register (or re-register) a node as active, with its 150 vnodes."""
+        """Register (or re-register) a node as active at ``base_url`` in
+        ``zone``, with its 150 vnodes; a new URL or zone replaces the old.
+
+        Raises ``ConfigError`` when another live node holds ``base_url``
+        (two nodes behind one address would take each other's replicas).
+        """
         vnodes = [
             (ring.to_signed(p), node_id, i) for i, p in enumerate(ring.vnode_positions(node_id))
         ]
 
         async def body(conn: Connection) -> None:
+            await conn.execute("LOCK TABLE storage_nodes IN SHARE ROW EXCLUSIVE MODE")
+            holder = await conn.fetchval(
+                """SELECT node_id FROM storage_nodes
+                   WHERE base_url = $1 AND node_id <> $2 AND status = 'active'
+                     AND last_heartbeat > now() - make_interval(secs => $3)""",
+                base_url,
+                node_id,
+                HEARTBEAT_TIMEOUT_S,
+            )
+            if holder is not None:
+                raise errors.ConfigError(
+                    f"live node {holder} is registered at {base_url}: give this node "
+                    f"another address (--listen / --advertise)"
+                )
             await conn.execute(
-                """INSERT INTO storage_nodes (node_id, base_url, status, capacity_bytes,
+                """INSERT INTO storage_nodes (node_id, base_url, zone, status, capacity_bytes,
                        used_bytes, free_bytes, chunk_count, last_heartbeat)
-                   VALUES ($1, $2, 'active', $3, $4, $5, $6, now())
-                   ON CONFLICT (node_id) DO UPDATE SET base_url = $2, status = 'active',
-                       capacity_bytes = $3, used_bytes = $4, free_bytes = $5,
-                       chunk_count = $6, last_heartbeat = now()""",
+                   VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, now())
+                   ON CONFLICT (node_id) DO UPDATE SET base_url = $2, zone = $3,
+                       status = 'active', capacity_bytes = $4, used_bytes = $5,
+                       free_bytes = $6, chunk_count = $7, last_heartbeat = now()""",
                 node_id,
                 base_url,
+                zone,
                 capacity_bytes,
                 used_bytes,
                 free_bytes,
@@ -156,7 +180,7 @@ class Registry:
     async def nodes(self) -> list[NodeInfo]:
         """Every registered node, ordered by id."""
         rows = await self.db.fetch(
-            """SELECT node_id, base_url, status, capacity_bytes, used_bytes, free_bytes,
+            """SELECT node_id, base_url, zone, status, capacity_bytes, used_bytes, free_bytes,
                       chunk_count, draining,
                       extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s
                FROM storage_nodes ORDER BY node_id"""
@@ -171,19 +195,30 @@ class Registry:
         if status.endswith(" 0"):
             raise errors.NotFound(f"no storage node {node_id}")
 
-    async def remove_node(self, node_id: str) -> int:
+    async def remove_node(self, node_id: str, *, force: bool = False) -> int:
         """Unregister a node: its vnodes and its replica records go. Returns
         how many replica records were dropped.
 
-        Raises ``NotFound``, and ``NotPermitted`` while the node holds the
-        only recorded copy of a chunk that a file uses.
+        Raises ``NotFound``; ``NotPermitted`` while the node is live and not
+        drained (unless ``force``), and while it holds the only recorded copy
+        of a chunk that a file uses.
         """
 
         async def body(conn: Connection) -> int:
-            if not await conn.fetchval(
-                "SELECT true FROM storage_nodes WHERE node_id = $1 FOR UPDATE", node_id
-            ):
+            row = await conn.fetchrow(
+                """SELECT draining, status = 'active' AND last_heartbeat
+                          > now() - make_interval(secs => $2) AS live
+                   FROM storage_nodes WHERE node_id = $1 FOR UPDATE""",
+                node_id,
+                HEARTBEAT_TIMEOUT_S,
+            )
+            if row is None:
                 raise errors.NotFound(f"no storage node {node_id}")
+            if row["live"] and not row["draining"] and not force:
+                raise errors.NotPermitted(
+                    f"node {node_id} is live and not drained: run `chunkfs node drain` "
+                    f"first (or remove it with --force)"
+                )
             only = await conn.fetchval(
                 """SELECT count(*) FROM chunk_replicas r
                    WHERE r.node_id = $1

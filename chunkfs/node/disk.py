@@ -3,6 +3,9 @@
 Layout of a data directory (mode 0700)::
 
     DATA/node_id            16 lowercase hex: the node's identity, kept across restarts
+    DATA/cluster_id         the id of the cluster (mkfs) the directory belongs to,
+                            written at the node's first registration
+    DATA/lock               locked (flock) while a node process serves the directory
     DATA/chunks/ab/<id>     one file (mode 0600) per chunk; <id> is the 64-hex SHA-256
                             of its bytes, fanned out by its first two hex digits
     DATA/tmp/               uploads in progress; emptied at start, so a chunk file
@@ -44,7 +47,14 @@ from pathlib import Path
 import trio
 
 from ..diskio import fsync_dir, syncfs
-from ..errors import ChunkfsError, ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
+from ..errors import (
+    ChunkfsError,
+    ChunkMissing,
+    ConfigError,
+    DigestMismatch,
+    InvalidArgument,
+    NodeFull,
+)
 from ..layout import BLOCK_SIZE, BlockHasher, chunk_id_of, id_matches, zero_digest
 from ..wire import BODY, ZERO, BatchEntry, Source, is_valid_id
 
@@ -179,9 +189,12 @@ class ChunkDisk:
     deletes of one id are serialized by a per-id lock, so the counts stay exact.
     """
 
-    def __init__(self, root: Path, node_id: str, capacity_bytes: int | None) -> None:
+    def __init__(
+        self, root: Path, node_id: str, capacity_bytes: int | None, lock_fd: int = -1
+    ) -> None:
         self.root = root
         self.node_id = node_id
+        self._lock_fd = lock_fd
         self._capacity = capacity_bytes
         self._chunks = root / "chunks"
         self._tmp = root / "tmp"
@@ -196,23 +209,33 @@ class ChunkDisk:
     async def open(
         cls, data_dir: str | os.PathLike[str], *, capacity_bytes: int | None = None
     ) -> ChunkDisk:
-        """Create or open a data directory: make its layout, empty tmp/, scan chunks.
+        """Create or open a data directory: lock it, make its layout, empty
+        tmp/, scan chunks. ``close`` gives the lock back.
 
         ``capacity_bytes`` caps the bytes stored (None: the disk's size).
         Raises ``ChunkfsError`` with a one-line message when the directory
-        cannot be used (permissions, a corrupt node_id file, ...).
+        cannot be used (another process serves it, permissions, a corrupt
+        node_id file, ...).
         """
         if capacity_bytes is not None and capacity_bytes < 0:
             raise InvalidArgument("capacity must not be negative")
         root = Path(data_dir).absolute()  # noqa: ASYNC240 - no I/O: joins the cwd
+        lock_fd = -1
         try:
+            lock_fd = await trio.to_thread.run_sync(_lock, root)
             node_id = await trio.to_thread.run_sync(_prepare_layout, root)
-            disk = cls(root, node_id, capacity_bytes)
+            disk = cls(root, node_id, capacity_bytes, lock_fd)
             disk.used_bytes, disk.chunk_count = await trio.to_thread.run_sync(
                 _scan, root / "chunks"
             )
-        except OSError as exc:
-            raise ChunkfsError(f"cannot use data directory {root}: {exc.strerror or exc}") from exc
+        except BaseException as exc:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            if isinstance(exc, OSError):
+                raise ChunkfsError(
+                    f"cannot use data directory {root}: {exc.strerror or exc}"
+                ) from exc
+            raise
         log.info(
             "data directory %s: node %s, %d chunks, %d bytes",
             root,
@@ -221,6 +244,29 @@ class ChunkDisk:
             disk.used_bytes,
         )
         return disk
+
+    def close(self) -> None:
+        """Give back the directory's lock (another process may then serve it)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    async def claim(self, cluster_id: str) -> None:
+        """Record that this directory belongs to cluster ``cluster_id``, or
+        check that it does. Raises ``ConfigError`` when it belongs to another
+        (its chunks are not this cluster's: gc would delete them all).
+        """
+        path = self.root / "cluster_id"
+        try:
+            held = (await trio.Path(path).read_text()).strip()
+        except FileNotFoundError:
+            await trio.to_thread.run_sync(_write_durably, self.root, "cluster_id", cluster_id)
+            return
+        if held != cluster_id:
+            raise ConfigError(
+                f"data directory {self.root} belongs to cluster {held}, not to this "
+                f"filesystem's cluster {cluster_id}: give the node a directory of its own"
+            )
 
     # -------------------------------------------------------------- space
 
@@ -578,20 +624,40 @@ def _prepare_layout(root: Path) -> str:
     return node_id
 
 
+def _lock(root: Path) -> int:
+    """Make ``root`` and lock its lock file (flock, held until the descriptor
+    closes). Raises ``ChunkfsError`` when another process holds it.
+    """
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ChunkfsError(f"data directory {root} is in use by another node process") from None
+    return fd
+
+
+def _write_durably(root: Path, name: str, text: str) -> None:
+    """Write ``root/name`` whole (temp file, fsync, rename, fsync the directory)."""
+    tmp = root / f"{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, f"{text}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, root / name)
+    fsync_dir(root)
+
+
 def _read_or_make_node_id(root: Path) -> str:
     path = root / "node_id"
     try:
         node_id = path.read_text().strip()
     except FileNotFoundError:
         node_id = secrets.token_hex(8)
-        tmp = root / "node_id.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, f"{node_id}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        _write_durably(root, "node_id", node_id)
         return node_id
     if not _NODE_ID_RE.match(node_id):
         raise ChunkfsError(f"{path} does not hold a node id (16 lowercase hex digits)")

@@ -1,0 +1,236 @@
+"""chunkfs across simulated hosts (network namespaces, ``hosts.py``):
+PostgreSQL on one host, two TLS nodes on each of three hosts that listen on
+every interface and advertise their URL, mounts on two more. Replicas land
+in distinct zones; links are cut and restored while the mounts read and
+write; a host that lost its disk is repaired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+import cluster as cl
+from chunkfs.errors import StorageError
+from chunkfs.nodeclient import NodeClient
+from hosts import Host, Network, make_certificates
+
+MiB = 1 << 20
+NODE_TIMEOUT_S = 5
+PG_TIMEOUT_S = 4
+# Bounds of what must not hang (seconds): a read or write while a host is
+# cut off costs at most a connect timeout and the node timeout.
+CUT_BOUND_S = 4 * NODE_TIMEOUT_S
+
+
+def chunkfs_on(host: Host, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``chunkfs ARGS`` on ``host`` to its end."""
+    return subprocess.run(
+        cl.in_netns(cl.chunkfs_command(*args), host.netns),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def write_tree(root: Path, count: int, tag: str) -> dict[Path, bytes]:
+    """``count`` files under ``root`` (sizes from empty to 3 MiB), synced."""
+    files = {}
+    for i in range(count):
+        size = (0, 1, 4096, 70_000, 3 * MiB + 17)[i % 5]
+        path = root / f"d{i % 4}" / f"{tag}{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = os.urandom(size)
+        with open(path, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        files[path] = data
+    return files
+
+
+def read_all(files: dict[Path, bytes], mount: Path, written: Path) -> float:
+    """Read every file through ``mount`` and compare; the seconds it took."""
+    start = time.monotonic()
+    for path, data in files.items():
+        assert (mount / path.relative_to(written)).read_bytes() == data, path
+    return time.monotonic() - start
+
+
+def replicas_by_zone(dsn: str, where: Host) -> list[dict[str, int]]:
+    """Per chunk object: its replica count and the zones they span."""
+    return cl.call_in_netns(
+        where.netns,
+        lambda: cl.run_sql(
+            dsn,
+            "SELECT count(*) AS replicas, count(DISTINCT n.zone) AS zones "
+            "FROM chunk_replicas r JOIN storage_nodes n USING (node_id) GROUP BY r.chunk_id",
+        )[0],
+    )
+
+
+def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Network() as net, contextlib.ExitStack() as stack:
+        db = net.add("db")
+        node_hosts = [net.add(f"n{i}") for i in (1, 2, 3)]
+        m1, m2 = net.add("m1"), net.add("m2")
+        certs = make_certificates(tmp_path, {h.name: h.address for h in node_hosts})
+        pg = cl.Postgres(fast=True, host=db.address, netns=db.netns, clients=net.subnet)
+        stack.callback(pg.stop)
+        pg.start()
+        dsn = cl.call_in_netns(m1.netns, lambda: pg.create_database("fs"))
+        assert chunkfs_on(m1, "mkfs", dsn).returncode == 0
+
+        # Every node listens on all interfaces, on the same port as its peers
+        # on other hosts, and advertises the URL the others reach it at.
+        proc = chunkfs_on(
+            node_hosts[0], "node", "--dsn", dsn, "--data-dir", str(tmp_path / "x"),
+            "--listen", "0.0.0.0:7000",
+        )  # fmt: skip
+        assert proc.returncode == 1 and "--advertise" in proc.stderr.strip().splitlines()[-1]
+        nodes: dict[str, list[cl.NodeProcess]] = {}
+        for h in node_hosts:
+            cert, key = certs.certs[h.name]
+            for port in (7000, 7001):
+                node = cl.NodeProcess(
+                    dsn,
+                    tmp_path / f"{h.name}-{port}",
+                    port,
+                    listen_host="0.0.0.0",
+                    advertise=f"https://{h.address}:{port}",
+                    netns=h.netns,
+                    ca_file=str(certs.ca),
+                    extra_args=["--zone", h.name, "--tls-cert", str(cert), "--tls-key", str(key)],
+                )
+                stack.callback(node.stop)
+                nodes.setdefault(h.name, []).append(node.start())
+        status = chunkfs_on(m1, "status", dsn, "--json")
+        assert status.returncode == 0, status.stderr
+        registered = {(n["url"], n["zone"]) for n in json.loads(status.stdout)["nodes"]}
+        assert registered == {(n.url, h) for h, ns in nodes.items() for n in ns}
+
+        # TLS: plain HTTP gets no answer, and a certificate nobody vouched for is refused.
+        n1 = node_hosts[0]
+        plain = f"http://{n1.address}:7000/v1/health"
+        with pytest.raises((OSError, urllib.error.URLError, http.client.HTTPException)):
+            cl.call_in_netns(m1.netns, lambda: urllib.request.urlopen(plain, timeout=5).read())
+
+        async def health_without_the_ca() -> None:
+            async with NodeClient(nodes["n1"][0].url, "0" * 64) as client:
+                await client.health()
+
+        monkeypatch.delenv("CHUNKFS_NODE_CA", raising=False)
+        with pytest.raises(StorageError, match="CERTIFICATE_VERIFY_FAILED"):
+            cl.call_in_netns(m1.netns, lambda: trio.run(health_without_the_ca))
+        monkeypatch.setenv("CHUNKFS_NODE_CA", str(certs.ca))  # for the tools
+
+        options = [
+            f"node_ca={certs.ca}",
+            f"node_timeout={NODE_TIMEOUT_S}",
+            f"pg_timeout={PG_TIMEOUT_S}",
+        ]
+        mounts = {}
+        for h in (m1, m2):
+            mount = cl.Mount(
+                dsn, tmp_path / f"mnt-{h.name}", options, cache_dir=tmp_path / f"cache-{h.name}",
+                netns=h.netns,
+            )  # fmt: skip
+            stack.callback(mount.unmount)
+            mounts[h.name] = mount.mount()
+        a, b = mounts["m1"].path, mounts["m2"].path
+
+        files = write_tree(a / "tree", 30, "f")
+        spread = replicas_by_zone(dsn, m1)
+        assert spread and all(r == {"replicas": 2, "zones": 2} for r in spread), spread
+        took = read_all(files, b / "tree", a / "tree")
+        print(f"cold read of {len(files)} files through the other host's mount: {took:.2f} s")
+        unread = write_tree(a / "unread", 10, "u")
+
+        # Host n1 cut off: the other mount reads files it never read from the
+        # other zones, and new files commit there, within the bounds.
+        net.cut(n1)
+        start = time.monotonic()
+        read_all(unread, b / "unread", a / "unread")
+        more = write_tree(a / "during", 10, "g")
+        cut_took = time.monotonic() - start
+        print(f"reads and 10 writes with host n1 cut off: {cut_took:.2f} s")
+        assert cut_took < CUT_BOUND_S + 10 * 2  # one timeout, not one per request
+        for path, data in more.items():
+            assert (b / path.relative_to(a)).read_bytes() == data
+        assert all(r["zones"] == 2 for r in replicas_by_zone(dsn, m1))
+        # Its disk is lost meanwhile: node n1:7000 comes back empty.
+        lost = nodes["n1"][0]
+        lost.stop()
+        shutil.rmtree(lost.data_dir / "chunks")
+        net.restore(n1)
+        lost.start()
+        cl.wait_until(
+            lambda: all(n["status"] == "active" for n in status_nodes(m1, dsn)), 30, "nodes active"
+        )
+        fsck = chunkfs_on(m1, "fsck", dsn)
+        assert fsck.returncode == 1 and "missing" in fsck.stdout, fsck.stdout
+        repair = chunkfs_on(m1, "repair", dsn)
+        assert repair.returncode == 0, repair.stdout + repair.stderr
+        fsck = chunkfs_on(m1, "fsck", "--verify", dsn)
+        assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout
+        assert all(r == {"replicas": 2, "zones": 2} for r in replicas_by_zone(dsn, m1))
+
+        # Mount m1 cut off from PostgreSQL: EIO after pg_timeout, then back
+        # without a remount.
+        net.block(m1, db)
+        start = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            (a / "not-there").stat()
+        assert raised.value.errno == errno.EIO
+        print(f"a lookup with PostgreSQL cut off failed after {time.monotonic() - start:.1f} s")
+        net.unblock(m1, db)
+        cl.wait_until(lambda: stat_errno(a / "not-there") == errno.ENOENT, 30, "PostgreSQL back")
+
+        # Two mounts on different hosts race to create one name exclusively.
+        outcomes: list[int] = []
+
+        def create(root: Path) -> None:
+            try:
+                fd = os.open(root / "race", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except OSError as exc:
+                outcomes.append(exc.errno or 0)
+            else:
+                os.close(fd)
+                outcomes.append(0)
+
+        threads = [threading.Thread(target=create, args=(root,)) for root in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(outcomes) == [0, errno.EEXIST], outcomes
+
+        assert chunkfs_on(m1, "gc", dsn).returncode == 0
+        for mount in mounts.values():
+            assert mount.unexpected_errors() == []
+
+
+def status_nodes(host: Host, dsn: str) -> list[dict[str, object]]:
+    proc = chunkfs_on(host, "status", dsn, "--json")
+    return list(json.loads(proc.stdout)["nodes"]) if proc.returncode == 0 else []
+
+
+def stat_errno(path: Path) -> int:
+    try:
+        path.stat()
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
