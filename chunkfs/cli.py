@@ -255,6 +255,60 @@ def info(path: str, dsn: str | None, as_json: bool) -> None:
         )
 
 
+_STATS_COLUMNS = (
+    ("fuse/s", "fuse_per_s"),
+    ("fuse ms", "fuse_ms"),
+    ("err/s", "errors_per_s"),
+    ("pg/s", "pg_per_s"),
+    ("node/s", "node_per_s"),
+    ("fail/s", "node_failures_per_s"),
+    ("up MiB/s", "up_mib_s"),
+    ("down MiB/s", "down_mib_s"),
+    ("commit/s", "commits_per_s"),
+    ("commit ms", "commit_ms"),
+    ("cache hit%", "cache_hit_pct"),
+    ("spool MiB", "spool_mib"),
+)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--interval", default=1.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+)
+@click.option("--count", type=click.IntRange(1), help="Lines to print (default: until Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def stats(mountpoint: str, interval: float, count: int | None, as_json: bool) -> None:
+    """What the mount at MOUNTPOINT does, every --interval seconds: FUSE
+    requests and their latency, PostgreSQL round trips, node requests and
+    bytes, commits, content-cache hits, spool size (the mount needs
+    -o metrics=HOST:PORT).
+    """
+    import time
+
+    from .admin.stats import mount_rates, sample_mount
+    from .metrics import mount_address
+
+    try:
+        address = mount_address(mountpoint)
+        before = sample_mount(address)
+        for line in range(count or 1 << 62):
+            time.sleep(interval)
+            after = sample_mount(address)
+            rates = mount_rates(before, after)
+            before = after
+            if as_json:
+                click.echo(json.dumps(rates))
+                continue
+            if line % 20 == 0:
+                click.echo("  ".join(f"{title:>10}" for title, _ in _STATS_COLUMNS) + "  top")
+            cells = ["-" if rates[key] is None else rates[key] for _, key in _STATS_COLUMNS]
+            top = " ".join(f"{op}:{rate:g}" for op, rate in rates["top"].items())
+            click.echo("  ".join(f"{c:>10}" for c in cells) + f"  {top}")
+    except errors.ChunkfsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @cli.command()
 @_dsn_option()
 def gc(dsn: str) -> None:

@@ -23,7 +23,7 @@ import httpx
 import trio
 from cachetools import LRUCache
 
-from . import errors, layout, ring, wire
+from . import errors, layout, metrics, ring, wire
 from .meta import ChunkRef, Meta, NodeInfo
 from .nodeclient import NodeClient, http_client
 
@@ -243,8 +243,19 @@ class ChunkStore:
         """Ids of the nodes passed over until they answer a health probe."""
         return set(self._suspects)
 
+    def _answered(self, node_id: str, *, up: int = 0, down: int = 0) -> None:
+        """Count a request the node answered, with the chunk bytes it took
+        (``up``) and gave (``down``).
+        """
+        metrics.NODE_REQUESTS.labels(node_id, "ok").inc()
+        if up:
+            metrics.NODE_BYTES.labels("up").inc(up)
+        if down:
+            metrics.NODE_BYTES.labels("down").inc(down)
+
     def _failed(self, node_id: str, exc: errors.ChunkfsError) -> None:
-        """Note a failed request: a node that did not answer becomes suspect."""
+        """Count a failed request: a node that did not answer becomes suspect."""
+        metrics.NODE_REQUESTS.labels(node_id, type(exc).__name__).inc()
         if not isinstance(exc, errors.NodeUnreachable) or node_id in self._suspects:
             return
         log.warning("node %s is suspect until it answers a health probe: %s", node_id, exc)
@@ -324,6 +335,7 @@ class ChunkStore:
             self._failed(node_id, exc)
             log.warning("batch put of %d chunks on node %s failed: %s", len(batch), node_id, exc)
             return  # each chunk falls back to the next nodes on the ring
+        self._answered(node_id, up=sum(i.length for i in batch))
         for item in batch:
             done[item.chunk_id].append(node_id)
 
@@ -411,6 +423,8 @@ class ChunkStore:
             )
             failures.append(exc)
         else:
+            sent = item.length if item.delta is None or what == "put" else len(item.delta.data)
+            self._answered(node_id, up=sent)
             done.append(node_id)
 
     # --------------------------------------------------------------- get
@@ -569,6 +583,7 @@ class ChunkStore:
             self._failed(node_id, exc)
             log.warning("batch read from node %s failed: %s", node_id, exc)
             return
+        self._answered(node_id, down=sum(map(len, found.values())))
         for ref in batch:
             data = found.get(ref.chunk_id)
             if data is not None and layout.id_matches(ref.chunk_id, data):
@@ -629,6 +644,7 @@ class ChunkStore:
                     node_id,
                 )
                 continue
+            self._answered(node_id, down=len(data))
             return data
         raise errors.StorageError(
             f"no replica of chunk {ref.chunk_id.hex()[:16]} could be read: {last_error}"

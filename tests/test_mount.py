@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import cluster as cl
 from chunkfs import layout
@@ -741,3 +745,41 @@ def test_a_name_found_absent_is_trusted_only_until_a_mount_gives_it(cluster, mou
         os.open(second / "elsewhere", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     os.rename(second / "renamed", second / "elsewhere")
     assert (second / "elsewhere").read_bytes() == b"renamed"
+
+
+def test_a_mount_serves_its_metrics_and_stats_shows_them(cluster, mount_factory):
+    port = cl.free_ports(1)[0]
+    mount = mount_factory(cluster.dsn, [f"metrics={cl.HOST}:{port}"])
+    stats = subprocess.Popen(
+        cl.chunkfs_command("stats", os.fspath(mount), "--json", "--interval", "3", "--count", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # its first sample comes before the files
+    for i in range(20):
+        (mount / f"m{i}").write_bytes(os.urandom(10_000))
+    assert (mount / "m0").read_bytes()
+    out, err = stats.communicate(timeout=60)
+    assert stats.returncode == 0, err
+    rates = json.loads(out)
+    assert rates["fuse_per_s"] > 0 and rates["commits_per_s"] > 0, rates
+    assert rates["up_mib_s"] > 0 and rates["pg_per_s"] > 0, rates
+    assert "create" in rates["top"] or "write" in rates["top"], rates
+    # The raw metrics: Prometheus text, every file's bytes went up R times.
+    text = urllib.request.urlopen(f"http://{cl.HOST}:{port}/metrics", timeout=10).read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("chunkfs_fuse_request_seconds_count", (("op", "create"),))] >= 20
+    assert samples[("chunkfs_node_bytes_total", (("direction", "up"),))] >= 2 * 20 * 10_000
+    assert samples[("chunkfs_commit_seconds_count", ())] >= 20
+    # Without -o metrics, stats says what is missing in one line.
+    other = mount_factory(cluster.dsn)
+    proc = cl.run_chunkfs("stats", os.fspath(other), "--count", "1", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"chunkfs: error: no metrics for a mount at {os.fspath(other)}: mount it with -o metrics=HOST:PORT"
+    ]

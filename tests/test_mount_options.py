@@ -44,6 +44,9 @@ def test_mount8_options_pass_or_are_ignored():
         "cache_size=",
         "cache_size=-5",
         "cache_size=1.5",
+        "metrics=nowhere",
+        "metrics=host:99999",
+        "node_ca=/nonexistent/ca.pem",
     ],
 )
 def test_bad_options_are_refused(bad):

@@ -26,6 +26,7 @@ import logging
 import os
 from collections import OrderedDict
 
+from .. import metrics
 from ..diskio import fsync_dir, link_open_file, syncfs
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ class ContentCache:
         content ``digest``, or None when it is not held. Raises OSError.
         """
         if digest is None or digest not in self._sizes:
+            metrics.CACHE_LOOKUPS.labels("miss").inc()
             return None
+        metrics.CACHE_LOOKUPS.labels("hit").inc()
         self._sizes.move_to_end(digest)
         fd = self._fds.get(digest)
         if fd is None:

@@ -196,6 +196,14 @@ class OpenFiles:
                 raise os_error(exc, "cannot create a spool file") from exc
         return f.spool
 
+    def spool_bytes(self) -> int:
+        """Bytes the spools of open files take on local disk (allocated blocks)."""
+        return sum(
+            os.fstat(f.spool.fileno()).st_blocks * 512
+            for f in list(self.files.values())
+            if f.spool is not None
+        )
+
     def close_spool(self, f: OpenFile) -> None:
         """Free the spool, keeping it in the content cache when it holds
         exactly the committed version.

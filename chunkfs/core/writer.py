@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import trio
 
-from .. import errors, layout, ring, wire
+from .. import errors, layout, metrics, ring, wire
 from ..layout import BLOCK_SIZE as BLOCK
 from ..meta import Attrs, ChunkMap, ChunkRef, Ino, Meta, Settings, UploadSession, now_ns
 from ..store import BATCH_ITEM_MAX, INLINE_PUT_MAX, Delta, PutItem
@@ -75,6 +75,7 @@ class Writer:
             session, holders = await self._upload(f, new, content, deltas)
             t2 = time.perf_counter()
             attrs = await self._switch(f, new, session, holders)
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
             log.debug(
                 "commit of inode %d: hash %.2f ms, upload %.2f ms, metadata %.2f ms",
                 f.ino,

@@ -19,6 +19,8 @@ import trio
 
 from .. import errors
 from ..core.fs import open_filesystem
+from ..metrics import SPOOL_BYTES, parse_address
+from ..metrics import serve as serve_metrics
 from ..nodeclient import tls_context
 from ..pg import redact_dsn
 from .inodes import KernelCache
@@ -74,6 +76,7 @@ class MountOptions:
     pg_timeout: float = 30.0
     cache_dir: str | None = None
     node_ca: str | None = None
+    metrics: str | None = None
     cache_size_mib: int = 10240
     log_file: str | None = None
     debug: bool = False
@@ -96,7 +99,8 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
     mounted by root), ``default_permissions`` / ``nodefault_permissions``
     (default on), ``entry_timeout=S``, ``attr_timeout=S``, ``node_timeout=S``,
     ``pg_timeout=S``, ``cache_dir=PATH``, ``cache_size=MiB`` (0: no content
-    cache), ``node_ca=PATH`` (the CA of ``https://`` nodes), ``log=PATH``,
+    cache), ``node_ca=PATH`` (the CA of ``https://`` nodes),
+    ``metrics=HOST:PORT`` (serve Prometheus metrics there), ``log=PATH``,
     ``debug``. mount(8)'s
     generic flags go to the kernel; fstab-only ones are ignored. Raises
     ``ConfigError`` naming the first unknown or malformed option.
@@ -120,9 +124,14 @@ def parse_options(values: list[str], *, is_root: bool) -> MountOptions:
                         "mount option cache_size needs a whole number of MiB >= 0"
                     )
                 opts.cache_size_mib = int(arg)
-            elif key in ("cache_dir", "log", "node_ca") and sep and arg:
-                if key == "node_ca":
-                    tls_context(arg)  # a CA file that cannot be used fails the mount now
+            elif key in ("cache_dir", "log", "node_ca", "metrics") and sep and arg:
+                try:  # a CA file or an address that cannot be used fails the mount now
+                    if key == "node_ca":
+                        tls_context(arg)
+                    elif key == "metrics":
+                        parse_address(arg)
+                except errors.ConfigError as exc:
+                    raise errors.ConfigError(f"mount option {key}: {exc}") from None
                 setattr(opts, "log_file" if key == "log" else key, arg)
             elif item in ("allow_other", "noallow_other"):
                 opts.allow_other = item == "allow_other"
@@ -194,6 +203,9 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
             fs, kernel, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout
         )
         where = str(await trio.Path(mountpoint).resolve())  # once mounted, this would ask us
+        if opts.metrics:  # before the mount: a busy address fails it
+            SPOOL_BYTES.set_function(fs.files.spool_bytes)
+            recorded = serve_metrics(opts.metrics, where)
         try:
             pyfuse3.init(ops, mountpoint, opts.fuse_options(dsn))
         except RuntimeError as exc:
@@ -232,6 +244,8 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=signalled)
+            if opts.metrics:
+                recorded.unlink(missing_ok=True)
 
 
 def set_read_ahead(mountpoint: str, kib: int) -> None:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from .. import errors
+from .. import errors, metrics
 from ..core import Caller, FileSystem
 from ..core.fs import privileged_bits
 from ..meta import Attrs, DirEntry, Ino
@@ -44,22 +44,30 @@ _READDIR_BATCH = 256
 def fuse_errors(fn: F) -> F:
     """Map chunkfs errors to ``FUSEError(errno)`` and the unexpected to EIO."""
 
+    op = fn.__name__
+    seconds = metrics.FUSE_SECONDS.labels(op)
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            metrics.FUSE_ERRORS.labels(op, errno.errorcode.get(exc.errno, str(exc.errno))).inc()
             raise
         except Exception as exc:
             cause = errors.leaf(exc)
+            code = cause.errno if isinstance(cause, errors.ChunkfsError) else errno.EIO
+            metrics.FUSE_ERRORS.labels(op, errno.errorcode.get(code, str(code))).inc()
             if isinstance(cause, errors.ChunkfsError):
-                log.debug("%s: %s", fn.__name__, cause)
-                raise pyfuse3.FUSEError(cause.errno) from None
-            log.exception("unexpected error in %s", fn.__name__)
+                log.debug("%s: %s", op, cause)
+                raise pyfuse3.FUSEError(code) from None
+            log.exception("unexpected error in %s", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            log.debug("%s took %.2f ms", fn.__name__, (time.perf_counter() - start) * 1e3)
+            took = time.perf_counter() - start
+            seconds.observe(took)
+            log.debug("%s took %.2f ms", op, took * 1e3)
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps fn's signature
 
