@@ -212,13 +212,13 @@ def status(dsn: str, as_json: bool) -> None:
     )
     zone_width = max([4, *(len(n["zone"]) for n in report["nodes"])])
     click.echo(
-        f"{'node':16}  {'zone':{zone_width}}  {'status':7}  {'heartbeat':>9}  {'used':>14}  "
+        f"{'node':16}  {'zone':{zone_width}}  {'status':15}  {'heartbeat':>9}  {'used':>14}  "
         f"{'free':>16}  {'chunks':>8}  url"
     )
     for n in report["nodes"]:
         state = n["status"] + (",draining" if n["draining"] else "")
         click.echo(
-            f"{n['id']:16}  {n['zone']:{zone_width}}  {state:7}  {n['heartbeat_age_s']:8.1f}s  "
+            f"{n['id']:16}  {n['zone']:{zone_width}}  {state:15}  {n['heartbeat_age_s']:8.1f}s  "
             f"{n['used_bytes']:>14}  {n['free_bytes']:>16}  {n['chunks']:>8}  {n['url']}"
         )
 
@@ -340,7 +340,7 @@ def fsck(dsn: str, verify: bool, limit: int) -> None:
     from .admin.fsck import check
 
     with _progress("fsck") as bar:
-        report = _run(_with_meta, dsn, lambda meta: check(meta, verify=verify, progress=bar.update))
+        report = _run(_with_meta, dsn, lambda meta: check(meta, verify=verify, progress=bar))
     for line in report.warnings[:limit]:
         click.echo(f"warning: {line}")
     for line in report.problems[:limit]:
@@ -361,7 +361,7 @@ def fsck(dsn: str, verify: bool, limit: int) -> None:
 def _move(verb: str, dsn: str, fn: Callable[..., Awaitable[Any]]) -> None:
     """Run repair / rebalance with a progress bar, print the summary, exit 1 if not ok."""
     with _progress(verb) as bar:
-        report = _run(_with_meta, dsn, lambda meta: fn(meta, progress=bar.update))
+        report = _run(_with_meta, dsn, lambda meta: fn(meta, progress=bar))
     _move_summary(verb, report)
 
 
@@ -412,7 +412,7 @@ def drain(dsn: str, node_id: str | None, zone: str | None) -> None:
             nodes = [node_id]
         elif not nodes:
             raise errors.NotFound(f"no storage node in zone {zone}")
-        return nodes, await do_drain(meta, nodes, progress=bar.update)
+        return nodes, await do_drain(meta, nodes, progress=bar)
 
     with _progress("drain") as bar:
         drained, report = _run(_with_meta, dsn, body)
@@ -434,13 +434,22 @@ def remove(dsn: str, node_id: str, force: bool) -> None:
     --force, and while it holds the only copy of a chunk). Stop its process
     afterwards: a restart would register it again.
     """
-    dropped = _run(_with_meta, dsn, lambda meta: meta.registry.remove_node(node_id, force=force))
-    click.echo(f"node {node_id} removed ({dropped} replica records dropped); stop its process")
-    if dropped:
+    short = _run(_with_meta, dsn, lambda meta: meta.registry.remove_node(node_id, force=force))
+    click.echo(f"node {node_id} removed; stop its process")
+    if short:
         click.echo(
-            f"warning: {dropped} chunks lost a replica: run `chunkfs repair` "
+            f"warning: {short} chunks have fewer than R replicas now: run `chunkfs repair` "
             f"(or `chunkfs node drain` before removing a node)"
         )
+
+
+@node.command()
+@_dsn_option()
+@click.argument("node_id")
+def undrain(dsn: str, node_id: str) -> None:
+    """Let NODE_ID take new replicas again (undoes `node drain`)."""
+    _run(_with_meta, dsn, lambda meta: meta.registry.set_draining(node_id, False))
+    click.echo(f"node {node_id} takes new replicas again (`chunkfs rebalance` moves some back)")
 
 
 def _hide_passwords(args: list[str]) -> None:

@@ -161,12 +161,16 @@ class NodeClient:
         the connection failed or timed out.
         """
         cls = NodeUnreachable if isinstance(exc, httpx.TransportError) else StorageError
-        root: BaseException = exc  # e.g. the certificate check that broke the stream
-        while root.__cause__ is not None or root.__context__ is not None:
-            root = root.__cause__ or root.__context__  # type: ignore[assignment]
         why = f"{type(exc).__name__}: {exc}"
-        if root is not exc and str(root):
-            why += f" ({type(root).__name__}: {root})"
+        # httpx's message may be empty: name the OS or TLS error beneath it
+        # (e.g. the certificate check that broke the stream).
+        cause = exc.__cause__ or exc.__context__
+        for _ in range(8):
+            if cause is None or (isinstance(cause, OSError) and str(cause)):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            why += f" ({type(cause).__name__}: {cause})"
         return cls(f"node {self.base_url}: {what}: {why}")
 
     def _json(self, what: str, body: bytes | bytearray) -> Any:

@@ -22,6 +22,9 @@ from . import metrics
 from .errors import ChunkfsError, MetadataUnavailable
 
 log = logging.getLogger(__name__)
+# The pool warns, with a traceback, at every failed attempt to reconnect;
+# Database logs an outage once, when it begins, and when it ends.
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 T = TypeVar("T")
 Record: TypeAlias = asyncpg.Record
@@ -89,7 +92,7 @@ class _Connections:
                 await self._put_back(
                     conn,
                     keep=refused and not isinstance(exc, _UNAVAILABLE),
-                    close=isinstance(exc, trio.TooSlowError),
+                    close=isinstance(exc, (trio.TooSlowError, trio.Cancelled)),
                 )
                 raise
             await self._put_back(conn, keep=True)
@@ -152,28 +155,43 @@ class Database:
         )
         self.dsn = dsn
         self.command_timeout = command_timeout
+        self._unavailable = False  # the last call found PostgreSQL unavailable
 
     async def _on_connection(
         self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False
     ) -> T:
-        """``fn(conn)``, run on the asyncio side with a connection of the chosen pool."""
+        """``fn(conn)``, run on the asyncio side with a connection of the
+        chosen pool; ``command_timeout`` bounds it all, getting a connection
+        (a new one, if the server went away) included.
+        """
         # The deadline is kept here rather than by asyncpg's command_timeout,
         # whose asyncio timer per statement costs, through trio-asyncio, about
         # a fifth of a statement's CPU time (measured: ~340 -> ~270 us).
         metrics.PG_ROUND_TRIPS.inc()
         try:
-            async with (self._durable if durable else self._pool).connection() as conn:
-                with trio.fail_after(self.command_timeout):
-                    return await trio_asyncio.aio_as_trio(fn)(conn)
+            with trio.fail_after(self.command_timeout):
+                async with (self._durable if durable else self._pool).connection() as conn:
+                    result = await trio_asyncio.aio_as_trio(fn)(conn)
         except _UNAVAILABLE as exc:
-            raise MetadataUnavailable(
-                f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}"
-            ) from exc
+            raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except trio.TooSlowError:
-            raise MetadataUnavailable(
+            raise self._down(
                 f"PostgreSQL at {redact_dsn(self.dsn)} did not answer within "
                 f"{self.command_timeout:g} s"
             ) from None
+        if self._unavailable:
+            self._unavailable = False
+            log.warning("PostgreSQL at %s answers again", redact_dsn(self.dsn))
+        return result
+
+    def _down(self, message: str) -> MetadataUnavailable:
+        """The error for a call that found PostgreSQL unavailable; the first
+        one of an outage is logged.
+        """
+        if not self._unavailable:
+            self._unavailable = True
+            log.warning("%s: operations fail with EIO until it answers", message)
+        return MetadataUnavailable(message)
 
     async def _call(self, method: str, *args: Any, durable: bool = False) -> Any:
         """``Connection.<method>(*args)``."""

@@ -131,8 +131,15 @@ class ChunkStore:
     ``replicas`` is R; ``timeout`` (seconds) bounds every node request;
     ``cache_bytes`` bounds the read cache in memory; with ``kept``, the
     blocks that readers fetch out of order are also kept there (on local
-    disk), since a random reader comes back to them. Node membership and the
-    ring are re-read from PostgreSQL at most every ``refresh_s`` seconds.
+    disk), since a random reader comes back to them; ``tls`` checks
+    ``https://`` nodes (default: ``nodeclient.tls_context()``). Node
+    membership and the ring are re-read from PostgreSQL at most every
+    ``refresh_s`` seconds.
+
+    A node that cannot be reached or times out is *suspect* from then on:
+    writes pass it over and reads skip it, until it answers a health probe
+    (one every ``PROBE_INTERVAL_S``, in the background), so a dead host costs
+    one timeout rather than one per request.
     """
 
     def __init__(
@@ -225,11 +232,15 @@ class ChunkStore:
         """
         return self._zones.get(node_id, node_id)
 
+    def writable_zones(self) -> set[str]:
+        """The zones that have writable nodes."""
+        return {self._zones[i] for i in self._writable}
+
     def zones_wanted(self) -> int:
         """How many distinct zones a chunk's R replicas should span: R, or
         fewer when fewer zones have writable nodes.
         """
-        return min(self.replicas, len({self._zones[i] for i in self._writable}))
+        return min(self.replicas, len(self.writable_zones()))
 
     def placement(self, pos: int, count: int | None = None) -> list[str]:
         """The writable nodes (live, not draining) in ring order from ring
@@ -646,15 +657,17 @@ class ChunkStore:
                 continue
             self._answered(node_id, down=len(data))
             return data
+        why = last_error or f"no holder answers (recorded: {', '.join(ref.nodes) or 'none'})"
         raise errors.StorageError(
-            f"no replica of chunk {ref.chunk_id.hex()[:16]} could be read: {last_error}"
+            f"no replica of chunk {ref.chunk_id.hex()[:16]} could be read: {why}"
         )
 
     def _read_order(self, ref: ChunkRef, start: int = 0) -> list[str]:
-        """Holders, live ones first (suspects are not), in ring order from
-        the chunk's position; the live ones turned by one for each span of a
-        large chunk, so that a sequential reader's requests go to all its
-        replicas at once.
+        """Holders, live ones first, in ring order from the chunk's position;
+        the live ones turned by one for each span of a large chunk, so that
+        a sequential reader's requests go to all its replicas at once.
+        Suspects are left out: a read that has only them fails at once
+        rather than after a timeout per request, until a probe clears them.
         """
         holders = set(ref.nodes)
         live = self.live_nodes() - self._suspects
@@ -664,7 +677,7 @@ class ChunkStore:
         if up:
             turn = start // (SPAN * WINDOW) % len(up)
             up = up[turn:] + up[:turn]
-        return up + [n for n in walk if n not in live]
+        return up + [n for n in walk if n not in live and n not in self._suspects]
 
 
 def _verified(ref: ChunkRef, start: int, data: bytes | bytearray, whole: bool) -> bool:

@@ -22,6 +22,7 @@ from chunkfs import errors, layout
 from chunkfs.core import ROOT, Caller, FileSystem, open_filesystem
 from chunkfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from chunkfs.meta import ROOT_INO, Attrs, Ino
+from chunkfs.store import PROBE_INTERVAL_S
 
 FILE = stat.S_IFREG | 0o644
 MiB = 1 << 20
@@ -158,6 +159,9 @@ async def test_a_failed_commit_reports_eio_keeps_the_old_version_and_retries(
         for n in cluster.nodes[1:]:
             n.start()
         cluster.wait_nodes_active(timeout=60)
+    # The store skips the nodes that did not answer until its health probes
+    # (every second, in the background) find them back: give them a turn.
+    await trio.sleep(3 * PROBE_INTERVAL_S)
     assert await read_all(other, ino) == old  # (its replicas may have been on the dead nodes)
     await fs.files.store.refresh(force=True)
     await fs.flush(opened.fh)  # the spool was kept: the retry commits it

@@ -188,6 +188,33 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout
         assert all(r == {"replicas": 2, "zones": 2} for r in replicas_by_zone(dsn, m1))
 
+        # Two of the three node hosts cut off: a file with a copy on the
+        # third reads; one without fails with EIO, after a timeout per node
+        # at most (4 nodes), then at once while its holders stay suspect.
+        two = {f"t{i}": os.urandom(70_000) for i in range(24)}
+        for name, data in two.items():
+            (a / name).write_bytes(data)
+        net.cut(node_hosts[0])
+        net.cut(node_hosts[1])
+        reads = []
+        for name, data in two.items():
+            start = time.monotonic()
+            try:
+                assert (b / name).read_bytes() == data
+                reads.append((0, time.monotonic() - start))
+            except OSError as exc:
+                reads.append((exc.errno or 0, time.monotonic() - start))
+        net.restore(node_hosts[0])
+        net.restore(node_hosts[1])
+        print(f"reads with two of three node hosts cut off (errno, s): {reads}")
+        failed = [s for code, s in reads if code]
+        assert failed and {code for code, _ in reads} == {0, errno.EIO}, reads
+        assert sum(s > 2 for _, s in reads) <= 4, reads  # one timeout per node
+        assert all(s < 2 * NODE_TIMEOUT_S for _, s in reads), reads
+        cl.wait_until(
+            lambda: all(read_ok(b / name, data) for name, data in two.items()), 30, "reads back"
+        )
+
         # Mount m1 cut off from PostgreSQL: EIO after pg_timeout, then back
         # without a remount.
         net.block(m1, db)
@@ -226,6 +253,13 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def status_nodes(host: Host, dsn: str) -> list[dict[str, object]]:
     proc = chunkfs_on(host, "status", dsn, "--json")
     return list(json.loads(proc.stdout)["nodes"]) if proc.returncode == 0 else []
+
+
+def read_ok(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def stat_errno(path: Path) -> int:

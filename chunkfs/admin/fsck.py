@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -32,6 +33,18 @@ VERIFY_CONCURRENCY = 8  # replicas hashed at once
 MISSING = "missing"  # the node is up but does not hold the chunk
 CORRUPT = "corrupt"  # the node's bytes do not hash to the chunk id
 UNREADABLE = "unreadable"  # the node failed the read
+
+
+class Progress(Protocol):
+    """How far a walk over the chunk objects is (a tqdm bar fits): ``total``
+    is set once known, ``update(n)`` adds ``n`` objects done.
+    """
+
+    total: float | None
+
+    def update(self, n: float = 1) -> object:
+        """Count ``n`` more objects done."""
+        ...
 
 
 @dataclass
@@ -107,12 +120,14 @@ async def scan(
     held: dict[str, set[bytes]],
     *,
     verify: bool,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Progress | None = None,
 ) -> AsyncIterator[ObjectState]:
     """Yield the state of every chunk object a file uses (see the module doc).
-    ``held`` is ``node_listings(...).held``; ``progress`` is called with
-    the number of objects done after each page.
+    ``held`` is ``node_listings(...).held``; ``progress`` learns the total,
+    then the objects done after each page.
     """
+    if progress is not None:
+        progress.total = await meta.maintenance.used_object_count()
     after = b""
     for _ in range(MAX_PAGES):
         page = await meta.maintenance.used_objects(after, PAGE)
@@ -133,7 +148,8 @@ async def scan(
             await _verify(store, states)
         for state in states:
             yield state
-        progress(len(page))
+        if progress is not None:
+            progress.update(len(page))
         after = page[-1].chunk_id
 
 
@@ -172,11 +188,11 @@ async def replica_fault(store: ChunkStore, chunk_id: bytes, node_id: str) -> str
 
 
 async def check(
-    meta: Meta, *, verify: bool = False, progress: Callable[[int], None] = lambda n: None
+    meta: Meta, *, verify: bool = False, progress: Progress | None = None
 ) -> FsckReport:
     """Check the metadata invariants and every replica (see the module doc).
 
-    ``progress`` is called with the number of chunk objects done.
+    ``progress`` follows the walk over the chunk objects.
     Raises ``ChunkfsError`` only when PostgreSQL fails.
     """
     report = FsckReport()
@@ -186,6 +202,7 @@ async def check(
     store = await ChunkStore.for_maintenance(meta)
     try:
         replicas, wanted = store.replicas, store.zones_wanted()
+        writable = len(store.writable_zones())
         for node in store.nodes():
             if not node.live:
                 report.warnings.append(f"node {node.node_id} is down: its replicas are not counted")
@@ -212,8 +229,8 @@ async def check(
             elif len(zones := {store.zone(n) for n in state.good}) < wanted:
                 report.zone_shared += 1
                 report.problems.append(
-                    f"chunk {cid}: its replicas share zones ({', '.join(sorted(zones))}) "
-                    f"while {wanted} zones are writable"
+                    f"chunk {cid}: its replicas lie in {len(zones)} zone(s) "
+                    f"({', '.join(sorted(zones))}) of the {writable} writable"
                 )
             if len(state.good) > replicas:
                 report.over_replicated += 1

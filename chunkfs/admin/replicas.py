@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .. import errors
 from ..meta import Ino, Meta
 from ..store import ChunkStore
-from .fsck import CORRUPT, ObjectState, node_listings, scan
+from .fsck import CORRUPT, ObjectState, Progress, node_listings, scan
 
 log = logging.getLogger(__name__)
 MAINTENANCE_INO = Ino(0)  # the inode named by upload sessions of these tools
@@ -87,9 +87,7 @@ async def drop_replica(meta: Meta, store: ChunkStore, chunk_id: bytes, node_id: 
 Act = Callable[[ChunkStore, ObjectState, MoveReport, int], Awaitable[None]]
 
 
-async def _walk(
-    meta: Meta, act: Act, *, verify: bool, progress: Callable[[int], None]
-) -> MoveReport:
+async def _walk(meta: Meta, act: Act, *, verify: bool, progress: Progress | None) -> MoveReport:
     """Scan every used chunk object and ``act`` on each that has a good replica."""
     report = MoveReport()
     ttl_s = (await meta.registry.settings()).upload_ttl_s
@@ -110,10 +108,10 @@ async def _walk(
     return report
 
 
-async def repair(meta: Meta, *, progress: Callable[[int], None] = lambda n: None) -> MoveReport:
+async def repair(meta: Meta, *, progress: Progress | None = None) -> MoveReport:
     """Bring every chunk a file uses back to R good replicas: every replica
     is read and hashed; corrupt and missing ones are dropped, and good
-    copies made from a good holder. ``progress`` gets objects done.
+    copies made from a good holder. ``progress`` follows the walk.
     """
 
     async def act(store: ChunkStore, state: ObjectState, report: MoveReport, ttl_s: int) -> None:
@@ -160,7 +158,7 @@ async def _spread(
         report.dropped += 1
 
 
-async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: None) -> MoveReport:
+async def rebalance(meta: Meta, *, progress: Progress | None = None) -> MoveReport:
     """Move replicas to their ring owners (the first R writable nodes on the
     ring): copy to each owner lacking one, then drop the replicas held
     elsewhere. About 1/N of the replicas move when an N-th node joins.
@@ -181,7 +179,7 @@ async def rebalance(meta: Meta, *, progress: Callable[[int], None] = lambda n: N
 
 
 async def drain(
-    meta: Meta, node_ids: Sequence[str], *, progress: Callable[[int], None] = lambda n: None
+    meta: Meta, node_ids: Sequence[str], *, progress: Progress | None = None
 ) -> MoveReport:
     """Mark the nodes ``node_ids`` draining and move every replica they
     hold to the ring owners; the report's ``left`` counts the chunk replicas

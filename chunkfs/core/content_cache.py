@@ -77,13 +77,14 @@ class ContentCache:
         assert self.directory is not None
         marker = os.path.join(self.directory, _MARKER)
         clean = os.path.exists(marker)
-        entries = []
+        entries, dropped = [], 0
         for e in os.scandir(self.directory):
             digest = _digest_of(e.name)
             if digest is None:
                 continue
             if not clean:
                 os.unlink(e.path)
+                dropped += 1
                 continue
             st = e.stat()
             entries.append((st.st_mtime_ns, digest, st.st_size))
@@ -98,7 +99,7 @@ class ContentCache:
             self.directory,
             len(self._sizes),
             self._used,
-            "" if clean else " (emptied after an unclean shutdown)",
+            f" ({dropped} dropped after an unclean shutdown)" if dropped else "",
         )
 
     def _path(self, digest: bytes) -> str:

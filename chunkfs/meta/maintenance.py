@@ -98,6 +98,15 @@ class Maintenance:
             list(chunk_ids),
         )
 
+    async def used_object_count(self) -> int:
+        """How many chunk objects some file uses."""
+        return int(
+            await self.db.fetchval(
+                "SELECT count(*) FROM chunk_objects o "
+                "WHERE EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = o.chunk_id)"
+            )
+        )
+
     async def used_objects(self, after: bytes, limit: int) -> list[UsedObject]:
         """Chunk objects some file uses, with id above ``after``, in id order,
         at most ``limit``.

@@ -197,7 +197,8 @@ class Registry:
 
     async def remove_node(self, node_id: str, *, force: bool = False) -> int:
         """Unregister a node: its vnodes and its replica records go. Returns
-        how many replica records were dropped.
+        how many chunks that files use are left with fewer than R recorded
+        replicas (``chunkfs repair`` brings them back).
 
         Raises ``NotFound``; ``NotPermitted`` while the node is live and not
         drained (unless ``force``), and while it holds the only recorded copy
@@ -232,9 +233,18 @@ class Registry:
                     f"node {node_id} holds the only copy of {only} chunks: "
                     f"drain it first (chunkfs node drain)"
                 )
-            status = await conn.execute("DELETE FROM chunk_replicas WHERE node_id = $1", node_id)
+            short = await conn.fetchval(
+                """SELECT count(*) FROM chunk_replicas r
+                   WHERE r.node_id = $1
+                     AND EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = r.chunk_id)
+                     AND (SELECT count(*) FROM chunk_replicas o
+                          WHERE o.chunk_id = r.chunk_id AND o.node_id <> $1)
+                         < (SELECT replicas FROM settings)""",
+                node_id,
+            )
+            await conn.execute("DELETE FROM chunk_replicas WHERE node_id = $1", node_id)
             await conn.execute("DELETE FROM storage_nodes WHERE node_id = $1", node_id)
-            return int(status.split()[-1])
+            return int(short)
 
         return await self.db.transaction(body)
 

@@ -152,13 +152,14 @@ def advertised_url(host: str, port: int, advertise: str | None, tls: bool) -> st
     whose scheme does not match ``tls``.
     """
     scheme = "https" if tls else "http"
+    shown = f"[{host}]" if ":" in host else host
     if advertise is None:
-        if host in ("", "0.0.0.0", "::", "[::]"):
+        if host in ("", "0.0.0.0", "::"):
             raise errors.ConfigError(
-                f"--listen {host}:{port} is every interface: say which URL other hosts "
+                f"--listen {shown}:{port} is every interface: say which URL other hosts "
                 f"reach this node at with --advertise {scheme}://HOST:PORT"
             )
-        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"{scheme}://{shown}:{port}"
     url = urlsplit(advertise)
     try:
         bad = url.port is None and url.netloc.endswith(":")  # raises for a bad port
