@@ -117,7 +117,14 @@ class _Connections:
     async def close(self) -> None:
         while self._idle:
             await self._give_back(self._idle.pop())
-        await trio_asyncio.aio_as_trio(self.pool.close)()
+        # asyncpg's close waits for every connection to come back, one being
+        # made included (seen once, after a million files through one pool);
+        # past the bound, the rest are cut.
+        with trio.move_on_after(self._release_timeout + 5):
+            await trio_asyncio.aio_as_trio(self.pool.close)()
+            return
+        log.warning("PostgreSQL connections did not close in time: cut")
+        self.pool.terminate()
 
 
 def _usable(conn: Connection) -> bool:
@@ -306,6 +313,11 @@ async def open_database(
                 # Idle connections wait in _Connections; the pool's own idle
                 # timer would put an asyncio timer in every loop iteration.
                 max_inactive_connection_lifetime=0,
+                # asyncpg replaces a connection after 50,000 queries by
+                # default, the new one made in the background: a mount pays a
+                # login now and then, and a pool closed while one is being
+                # made waited for it for ever (seen after a million files).
+                max_queries=1 << 62,
                 reset=_no_reset,
                 server_settings=settings,
             )

@@ -245,6 +245,48 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             t.join(60)
         assert sorted(outcomes) == [0, errno.EEXIST], outcomes
 
+        # Each mount renames a file of its own over one name, and both close
+        # one shared file with their own bytes: one of each wins, whole.
+        versions = {root: os.urandom(300_000) for root in (a, b)}
+        for root, data in versions.items():
+            (root / f"mine-{root.name}").write_bytes(data)
+        (a / "shared").write_bytes(b"")
+        time.sleep(1.5)  # past entry_timeout: b sees the new names
+
+        def race(root: Path) -> None:
+            os.rename(root / f"mine-{root.name}", root / "target")
+            with open(root / "shared", "r+b") as f:
+                f.write(versions[root])
+
+        threads = [threading.Thread(target=race, args=(root,)) for root in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        time.sleep(1.5)  # past attr_timeout: each mount sees the other's last commit
+        for root in (a, b):
+            assert (root / "target").read_bytes() in versions.values()
+            assert (root / "shared").read_bytes() in versions.values()
+            assert not any(name.startswith("mine-") for name in os.listdir(root))
+        assert (a / "target").read_bytes() == (b / "target").read_bytes()
+        assert (a / "shared").read_bytes() == (b / "shared").read_bytes()
+
+        # A file one mount has open and reads while the other unlinks it:
+        # the reader gets its bytes or an error, never other bytes.
+        data = os.urandom(2 * MiB)
+        (a / "doomed").write_bytes(data)
+        time.sleep(1.5)
+        with open(b / "doomed", "rb") as reader:
+            head = reader.read(4096)
+            os.unlink(a / "doomed")
+            try:
+                rest = reader.read()
+            except OSError as exc:
+                assert exc.errno in (errno.EIO, errno.ESTALE, errno.ENOENT), exc
+            else:
+                assert head + rest == data
+        assert not (a / "doomed").exists()
+
         assert chunkfs_on(m1, "gc", dsn).returncode == 0
         for mount in mounts.values():
             assert mount.unexpected_errors() == []

@@ -3,7 +3,8 @@
 ``scan`` walks every chunk object a file uses, in id order, and sorts its
 recorded replicas into good ones (on a live node that lists it and, with
 ``verify``, whose bytes hash to the chunk id) and bad ones, with the reason.
-``check`` (``chunkfs fsck``) reports from it; ``chunkfs repair`` and
+``check`` (``chunkfs fsck``) reports from it; each node's listing is
+read alongside (``Listings``), so memory does not grow with the chunks; ``chunkfs repair`` and
 ``chunkfs rebalance`` (``replicas.py``) act on it. A replica recorded on a
 node that is down is neither: it is not counted, so a chunk needs R good
 replicas elsewhere to be healthy, in R distinct zones when R zones are
@@ -12,6 +13,7 @@ writable.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ import trio
 
 from .. import errors, layout
 from ..meta import Meta
+from ..nodeclient import NodeClient
 from ..store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -83,47 +86,66 @@ class FsckReport:
         return not self.problems
 
 
-@dataclass(frozen=True)
+class _Cursor:
+    """One node's chunk ids, read a page at a time in ascending order."""
+
+    def __init__(self, client: NodeClient) -> None:
+        self._client = client
+        self._page: list[bytes] = []
+        self._pos = 0
+        self._after: bytes | None = None
+        self._pages = 0
+        self._done = False
+
+    async def holds(self, chunk_id: bytes) -> bool:
+        """Whether the node lists ``chunk_id``; asked in ascending order."""
+        for _ in range(MAX_PAGES):
+            self._pos = bisect.bisect_left(self._page, chunk_id, self._pos)
+            if self._pos < len(self._page):
+                return self._page[self._pos] == chunk_id
+            if self._done:
+                return False
+            page = await self._client.list(after=self._after, limit=PAGE)
+            self._page, self._pos, self._after = page.ids, 0, page.after
+            self._done = page.after is None
+        raise errors.StorageError(f"node {self._client.base_url}: over {MAX_PAGES} pages")
+
+
 class Listings:
-    """The chunk ids each live node holds (``held``), and the live nodes
-    that could not be listed (``failed``: node id -> error).
+    """What the live nodes hold, read page by page alongside the walk over
+    the chunk objects (a merge of sorted lists: one page per node in
+    memory, whatever the number of chunks). A node whose listing fails
+    counts as down from then on; ``failed`` says why (node id -> error).
     """
 
-    held: dict[str, set[bytes]]
-    failed: dict[str, str]
+    def __init__(self, store: ChunkStore) -> None:
+        self._cursors = {n: _Cursor(store.client(n)) for n in sorted(store.live_nodes())}
+        self.failed: dict[str, str] = {}
 
-
-async def node_listings(store: ChunkStore) -> Listings:
-    """What every live node holds, listed page by page."""
-    held: dict[str, set[bytes]] = {}
-    failed: dict[str, str] = {}
-    for node_id in sorted(store.live_nodes()):
-        ids: set[bytes] = set()
-        after = None
+    async def holds(self, node_id: str, chunk_id: bytes) -> bool | None:
+        """Whether node ``node_id`` holds ``chunk_id`` (None: the node is
+        down or could not be listed). Per node, ids must come ascending.
+        """
+        cursor = self._cursors.get(node_id)
+        if cursor is None or node_id in self.failed:
+            return None
         try:
-            for _ in range(MAX_PAGES):
-                page = await store.client(node_id).list(after=after, limit=PAGE)
-                ids.update(page.ids)
-                after = page.after
-                if after is None:
-                    break
+            return await cursor.holds(chunk_id)
         except errors.StorageError as exc:
-            failed[node_id] = str(exc)
-            continue
-        held[node_id] = ids
-    return Listings(held, failed)
+            self.failed[node_id] = str(exc)
+            return None
 
 
 async def scan(
     meta: Meta,
     store: ChunkStore,
-    held: dict[str, set[bytes]],
+    listings: Listings,
     *,
     verify: bool,
     progress: Progress | None = None,
 ) -> AsyncIterator[ObjectState]:
     """Yield the state of every chunk object a file uses (see the module doc).
-    ``held`` is ``node_listings(...).held``; ``progress`` learns the total,
+    ``listings`` follows the walk; ``progress`` learns the total,
     then the objects done after each page.
     """
     if progress is not None:
@@ -137,9 +159,10 @@ async def scan(
         for obj in page:
             state = ObjectState(obj.chunk_id, obj.length, obj.position)
             for node_id in obj.nodes:
-                if node_id not in held:
+                held = await listings.holds(node_id, obj.chunk_id)
+                if held is None:
                     state.down.append(node_id)
-                elif obj.chunk_id in held[node_id]:
+                elif held:
                     state.good.append(node_id)
                 else:
                     state.bad[node_id] = MISSING
@@ -206,10 +229,8 @@ async def check(
         for node in store.nodes():
             if not node.live:
                 report.warnings.append(f"node {node.node_id} is down: its replicas are not counted")
-        listings = await node_listings(store)
-        for node_id, why in listings.failed.items():
-            report.problems.append(f"node {node_id} could not be listed: {why}")
-        async for state in scan(meta, store, listings.held, verify=verify, progress=progress):
+        listings = Listings(store)
+        async for state in scan(meta, store, listings, verify=verify, progress=progress):
             report.objects += 1
             report.replicas += len(state.good)
             cid = state.chunk_id.hex()
@@ -237,6 +258,8 @@ async def check(
                 report.warnings.append(
                     f"chunk {cid}: {len(state.good)} replicas, more than {replicas}"
                 )
+        for node_id, why in listings.failed.items():
+            report.problems.append(f"node {node_id} could not be listed: {why}")
     finally:
         await store.aclose()
     return report

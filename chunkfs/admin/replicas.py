@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .. import errors
 from ..meta import Ino, Meta
 from ..store import ChunkStore
-from .fsck import CORRUPT, ObjectState, Progress, node_listings, scan
+from .fsck import CORRUPT, Listings, ObjectState, Progress, scan
 
 log = logging.getLogger(__name__)
 MAINTENANCE_INO = Ino(0)  # the inode named by upload sessions of these tools
@@ -93,9 +93,8 @@ async def _walk(meta: Meta, act: Act, *, verify: bool, progress: Progress | None
     ttl_s = (await meta.registry.settings()).upload_ttl_s
     store = await ChunkStore.for_maintenance(meta)
     try:
-        listings = await node_listings(store)
-        report.unlisted = len(listings.failed)
-        async for state in scan(meta, store, listings.held, verify=verify, progress=progress):
+        listings = Listings(store)
+        async for state in scan(meta, store, listings, verify=verify, progress=progress):
             report.objects += 1
             if state.good:
                 await act(store, state, report, ttl_s)
@@ -103,6 +102,7 @@ async def _walk(meta: Meta, act: Act, *, verify: bool, progress: Progress | None
                 report.lost += 1
             elif len(state.good) < store.replicas:
                 report.short += 1
+        report.unlisted = len(listings.failed)
     finally:
         await store.aclose()
     return report
