@@ -68,6 +68,21 @@ def test_gc_removes_only_unreferenced_chunks(cluster, mounted, mount_factory):
     assert (mount_factory(cluster.dsn) / "versioned").read_bytes() == content
 
 
+def test_mkfs_refuses_a_database_whose_tables_clash_and_changes_nothing(empty_dsn):
+    cl.run_sql(empty_dsn, "CREATE TABLE inodes (patient text)", "INSERT INTO inodes VALUES ('x')")
+    proc = cl.run_chunkfs("mkfs", empty_dsn, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "chunkfs: error: the database already has tables chunkfs would make (inodes) "
+        "and is not a chunkfs filesystem: give chunkfs a database of its own"
+    ]
+    tables = cl.run_sql(
+        empty_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+    )[0]
+    assert tables == [{"table_name": "inodes"}]
+    assert cl.run_sql(empty_dsn, "SELECT patient FROM inodes")[0] == [{"patient": "x"}]
+
+
 def test_mkfs_sets_the_upload_ttl_and_keeps_settings_when_run_again(empty_dsn):
     cl.run_chunkfs("mkfs", empty_dsn, "--replicas", "1", "--upload-ttl", "5")
     out = cl.run_chunkfs("mkfs", empty_dsn, "--upload-ttl", "99").stdout
