@@ -152,17 +152,17 @@ def node(
     if ctx.invoked_subcommand is not None:
         return
     from .node.server import NodeOptions, run_node
+    from .wire import parse_host_port
 
     if not dsn or not data_dir:
         raise click.UsageError("a storage node needs --dsn and --data-dir")
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.ClickException(f"--listen needs HOST:PORT, not {listen!r}")
+    try:
+        host, port = parse_host_port(listen, "--listen")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     options = NodeOptions(
         host=host,
-        port=int(port),
+        port=port,
         advertise=advertise,
         zone=zone,
         tls_cert=tls_cert,
@@ -407,11 +407,12 @@ def drain(dsn: str, node_id: str | None, zone: str | None) -> None:
         raise click.UsageError("give a NODE_ID or --zone, not both")
 
     async def body(meta: Meta) -> Any:
-        nodes = [n.node_id for n in await meta.registry.nodes() if n.zone == zone]
         if node_id is not None:
             nodes = [node_id]
-        elif not nodes:
-            raise errors.NotFound(f"no storage node in zone {zone}")
+        else:
+            nodes = [n.node_id for n in await meta.registry.nodes() if n.zone == zone]
+            if not nodes:
+                raise errors.NotFound(f"no storage node in zone {zone}")
         return nodes, await do_drain(meta, nodes, progress=bar)
 
     with _progress("drain") as bar:

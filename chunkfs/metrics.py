@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .errors import ConfigError
+from .wire import parse_host_port
 
 REGISTRY = CollectorRegistry()
 _LATENCY = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
@@ -69,12 +70,11 @@ SPOOL_BYTES = Gauge(
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a pair. Raises ``ConfigError``."""
-    host, sep, port = address.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"metrics address needs HOST:PORT, not {address!r}")
-    return host, int(port)
+    """The metrics address ``HOST:PORT`` as (host, port). Raises ``ConfigError``."""
+    try:
+        return parse_host_port(address, "metrics address")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def address_file(mountpoint: str) -> Path:

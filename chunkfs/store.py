@@ -250,10 +250,6 @@ class ChunkStore:
         """
         return self._ring.owners(pos, count, self._writable - self._suspects, self._zones)
 
-    def suspects(self) -> set[str]:
-        """Ids of the nodes passed over until they answer a health probe."""
-        return set(self._suspects)
-
     def _answered(self, node_id: str, *, up: int = 0, down: int = 0) -> None:
         """Count a request the node answered, with the chunk bytes it took
         (``up``) and gave (``down``).

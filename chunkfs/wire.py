@@ -13,6 +13,9 @@ Block sources (the ``from=`` of a derived PUT): where each 1 MiB block of a
 new chunk comes from, as comma-separated runs: ``-`` the next block of the
 body, ``z`` a block of zeros, ``K`` block K of the base chunk; ``X*N`` is a
 run of N (base blocks K, K+1, ..., K+N-1 for ``K*N``).
+
+Addresses: a node listens at ``HOST:PORT`` (``[::1]:PORT`` for IPv6), as a
+mount serves its metrics.
 """
 
 from __future__ import annotations
@@ -80,6 +83,18 @@ def decode_sources(text: str, limit: int) -> list[Source]:
         else:
             raise ValueError(f"bad block source {token!r}")
     return out
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port). Raises
+    ``ValueError`` naming ``what`` (e.g. ``--listen``) when it is not one.
+    """
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} needs HOST:PORT, not {text!r}")
+    return host, int(port)
 
 
 def is_valid_id(text: str) -> bool:

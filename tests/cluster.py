@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from chunkfs import errors, pg
+from chunkfs.nodeclient import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,16 @@ def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
 
 
 def run_chunkfs(
-    *args: str, timeout: float = COMMAND_TIMEOUT, check: bool = True
+    *args: str, timeout: float = COMMAND_TIMEOUT, check: bool = True, netns: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``chunkfs ARGS`` to completion and capture its output (text).
+    """Run ``chunkfs ARGS`` to completion (in network namespace ``netns``,
+    if given) and capture its output (text).
 
     Raises ``ClusterError`` carrying the last line of stderr when it exits
     non-zero (unless ``check`` is false), or when it runs over ``timeout``.
     Not for ``mount``, whose daemon would hold the output pipes open.
     """
-    argv = chunkfs_command(*args)
+    argv = in_netns(chunkfs_command(*args), netns)
     try:
         proc = subprocess.run(
             argv,
@@ -888,7 +889,7 @@ class NodeProcess:
         """GET /v1/health as a dict. Raises ``OSError`` (incl. HTTP errors) or ``ValueError``."""
         opener = _OPENER
         if self.url.startswith("https://"):
-            tls = ssl.create_default_context(cafile=self.ca_file)
+            tls = tls_context(self.ca_file)
             opener = urllib.request.build_opener(
                 urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls)
             )

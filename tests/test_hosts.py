@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 import urllib.error
@@ -34,17 +33,6 @@ PG_TIMEOUT_S = 4
 # Bounds of what must not hang (seconds): a read or write while a host is
 # cut off costs at most a connect timeout and the node timeout.
 CUT_BOUND_S = 4 * NODE_TIMEOUT_S
-
-
-def chunkfs_on(host: Host, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``chunkfs ARGS`` on ``host`` to its end."""
-    return subprocess.run(
-        cl.in_netns(cl.chunkfs_command(*args), host.netns),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def write_tree(root: Path, count: int, tag: str) -> dict[Path, bytes]:
@@ -82,7 +70,9 @@ def replicas_by_zone(dsn: str, where: Host) -> list[dict[str, int]]:
     )
 
 
-def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cluster_across_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fuse_ready: None
+) -> None:
     with Network() as net, contextlib.ExitStack() as stack:
         db = net.add("db")
         node_hosts = [net.add(f"n{i}") for i in (1, 2, 3)]
@@ -92,13 +82,13 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         stack.callback(pg.stop)
         pg.start()
         dsn = cl.call_in_netns(m1.netns, lambda: pg.create_database("fs"))
-        assert chunkfs_on(m1, "mkfs", dsn).returncode == 0
+        assert cl.run_chunkfs("mkfs", dsn, netns=m1.netns, check=False).returncode == 0
 
         # Every node listens on all interfaces, on the same port as its peers
         # on other hosts, and advertises the URL the others reach it at.
-        proc = chunkfs_on(
-            node_hosts[0], "node", "--dsn", dsn, "--data-dir", str(tmp_path / "x"),
-            "--listen", "0.0.0.0:7000",
+        proc = cl.run_chunkfs(
+            "node", "--dsn", dsn, "--data-dir", str(tmp_path / "x"), "--listen", "0.0.0.0:7000",
+            netns=node_hosts[0].netns, check=False,
         )  # fmt: skip
         assert proc.returncode == 1 and "--advertise" in proc.stderr.strip().splitlines()[-1]
         nodes: dict[str, list[cl.NodeProcess]] = {}
@@ -117,7 +107,7 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                 )
                 stack.callback(node.stop)
                 nodes.setdefault(h.name, []).append(node.start())
-        status = chunkfs_on(m1, "status", dsn, "--json")
+        status = cl.run_chunkfs("status", dsn, "--json", netns=m1.netns, check=False)
         assert status.returncode == 0, status.stderr
         registered = {(n["url"], n["zone"]) for n in json.loads(status.stdout)["nodes"]}
         assert registered == {(n.url, h) for h, ns in nodes.items() for n in ns}
@@ -180,11 +170,11 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         cl.wait_until(
             lambda: all(n["status"] == "active" for n in status_nodes(m1, dsn)), 30, "nodes active"
         )
-        fsck = chunkfs_on(m1, "fsck", dsn)
+        fsck = cl.run_chunkfs("fsck", dsn, netns=m1.netns, check=False)
         assert fsck.returncode == 1 and "missing" in fsck.stdout, fsck.stdout
-        repair = chunkfs_on(m1, "repair", dsn)
+        repair = cl.run_chunkfs("repair", dsn, netns=m1.netns, check=False)
         assert repair.returncode == 0, repair.stdout + repair.stderr
-        fsck = chunkfs_on(m1, "fsck", "--verify", dsn)
+        fsck = cl.run_chunkfs("fsck", "--verify", dsn, netns=m1.netns, check=False)
         assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout
         assert all(r == {"replicas": 2, "zones": 2} for r in replicas_by_zone(dsn, m1))
 
@@ -287,13 +277,13 @@ def test_a_cluster_across_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                 assert head + rest == data
         assert not (a / "doomed").exists()
 
-        assert chunkfs_on(m1, "gc", dsn).returncode == 0
+        assert cl.run_chunkfs("gc", dsn, netns=m1.netns, check=False).returncode == 0
         for mount in mounts.values():
             assert mount.unexpected_errors() == []
 
 
 def status_nodes(host: Host, dsn: str) -> list[dict[str, object]]:
-    proc = chunkfs_on(host, "status", dsn, "--json")
+    proc = cl.run_chunkfs("status", dsn, "--json", netns=host.netns, check=False)
     return list(json.loads(proc.stdout)["nodes"]) if proc.returncode == 0 else []
 
 

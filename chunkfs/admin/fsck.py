@@ -3,9 +3,9 @@
 ``scan`` walks every chunk object a file uses, in id order, and sorts its
 recorded replicas into good ones (on a live node that lists it and, with
 ``verify``, whose bytes hash to the chunk id) and bad ones, with the reason.
-``check`` (``chunkfs fsck``) reports from it; each node's listing is
-read alongside (``Listings``), so memory does not grow with the chunks; ``chunkfs repair`` and
-``chunkfs rebalance`` (``replicas.py``) act on it. A replica recorded on a
+``check`` (``chunkfs fsck``) reports from it; ``chunkfs repair`` and
+``chunkfs rebalance`` (``replicas.py``) act on it. Each node's listing is
+read alongside (``Listings``), so memory does not grow with the chunks. A replica recorded on a
 node that is down is neither: it is not counted, so a chunk needs R good
 replicas elsewhere to be healthy, in R distinct zones when R zones are
 writable.
@@ -94,7 +94,6 @@ class _Cursor:
         self._page: list[bytes] = []
         self._pos = 0
         self._after: bytes | None = None
-        self._pages = 0
         self._done = False
 
     async def holds(self, chunk_id: bytes) -> bool:

@@ -172,6 +172,7 @@ def mount_rates(before: MountSample, after: MountSample) -> dict[str, Any]:
     commits = after.commits - before.commits
     lookups = (after.cache_hits + after.cache_misses) - (before.cache_hits + before.cache_misses)
     per_op = {op: (n - before.fuse.get(op, 0.0)) / dt for op, n in after.fuse.items()}
+    busiest = sorted((rate, op) for op, rate in per_op.items() if rate > 0)[::-1][:5]
     return {
         "fuse_per_s": round(requests / dt, 1),
         "fuse_ms": round((after.fuse_seconds - before.fuse_seconds) / requests * 1e3, 3)
@@ -191,9 +192,5 @@ def mount_rates(before: MountSample, after: MountSample) -> dict[str, Any]:
         if lookups
         else None,
         "spool_mib": round(after.spool_bytes / (1 << 20), 1),
-        "top": dict(
-            sorted(((op, round(r, 1)) for op, r in per_op.items() if r > 0), key=lambda kv: -kv[1])[
-                :5
-            ]
-        ),
+        "top": {op: round(rate, 1) for rate, op in busiest},
     }

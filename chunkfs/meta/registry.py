@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import secrets
 import stat
 from importlib import resources
@@ -18,25 +19,16 @@ from .records import HEARTBEAT_TIMEOUT_S, ROOT_INO, FsStats, NodeInfo, Settings,
 SCHEMA_VERSION = 4
 
 
-# The tables schema.sql makes; a database that has some of them but no
-# chunkfs settings belongs to something else.
-_TABLES = (
-    "schema_version", "settings", "inodes", "dentries", "symlinks", "xattrs",
-    "storage_nodes", "hash_ring_vnodes", "chunk_objects", "chunk_replicas",
-    "chunks", "upload_sessions", "upload_session_chunks",
-)  # fmt: skip
-
-
-async def _refuse_foreign_tables(conn: Connection) -> None:
+async def _refuse_foreign_tables(conn: Connection, ddl: str) -> None:
     """Raise ``ConfigError`` when the schema mkfs would write into (the
-    first of the connection's search path) holds tables of these names but
-    is not a chunkfs filesystem: mkfs would mix its tables with them.
+    first of the connection's search path) holds tables that ``ddl`` makes
+    but is not a chunkfs filesystem: mkfs would mix its tables with them.
     """
     clashing = await conn.fetchval(
         """SELECT array_agg(table_name::text ORDER BY table_name)
            FROM information_schema.tables
            WHERE table_schema = current_schema() AND table_name = ANY($1::text[])""",
-        list(_TABLES),
+        re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", ddl),
     )
     if not clashing:
         return
@@ -78,7 +70,7 @@ class Registry:
         async def body(conn: Connection) -> bool:
             # Serialize concurrent mkfs runs on the same database.
             await conn.execute("SELECT pg_advisory_xact_lock(727274)")
-            await _refuse_foreign_tables(conn)
+            await _refuse_foreign_tables(conn, ddl)
             await conn.execute(ddl)
             made = await conn.fetchval(
                 "INSERT INTO settings (replicas, max_file_size, cluster_token, upload_ttl_s) "

@@ -162,11 +162,13 @@ def advertised_url(host: str, port: int, advertise: str | None, tls: bool) -> st
         return f"{scheme}://{shown}:{port}"
     url = urlsplit(advertise)
     try:
-        bad = url.port is None and url.netloc.endswith(":")  # raises for a bad port
+        url.port  # noqa: B018 - raises for a port that is not a number in range
+        port_ok = not url.netloc.endswith(":")
     except ValueError:
-        bad = True
-    if bad or (
-        url.scheme not in ("http", "https")
+        port_ok = False
+    if (
+        not port_ok
+        or url.scheme not in ("http", "https")
         or not url.hostname
         or url.path not in ("", "/")
         or url.query
@@ -189,11 +191,10 @@ def _hypercorn_config(
     config = NodeConfig()
     config.max_connections = max_connections
     # Hypercorn takes ownership of the descriptor (and closes it).
-    fd = f"fd://{sock.detach()}"
+    config.bind = [f"fd://{sock.detach()}"]
     if tls_cert:
         config.certfile, config.keyfile = tls_cert, tls_key
         config.alpn_protocols = ["http/1.1"]
-    config.bind = [fd]
     config.accesslog = None
     config.errorlog = logging.getLogger("chunkfs.node.http")
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
