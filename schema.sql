@@ -272,3 +272,62 @@ ALTER TABLE storage_nodes ADD COLUMN IF NOT EXISTS zone text NOT NULL DEFAULT ''
 
 INSERT INTO schema_version (version) VALUES (4)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 4);
+
+-- Version 5: the S3 gateway (`chunkfs gateway`).
+CREATE TABLE IF NOT EXISTS access_keys (
+    -- An S3 access key: its id (20 upper-case letters and digits) and secret
+    -- (40 characters), the uid and gid its requests act as, and a label.
+    access_key_id text PRIMARY KEY CHECK (access_key_id ~ '^[A-Z0-9]{20}$'),
+    secret text NOT NULL CHECK (length(secret) = 40),
+    uid bigint NOT NULL CHECK (uid >= 0),
+    gid bigint NOT NULL CHECK (gid >= 0),
+    name text NOT NULL DEFAULT '',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS etags (
+    -- A file's S3 ETag (quoted: the MD5 of its bytes, or for a multipart
+    -- upload the MD5 of its parts' MD5s and "-N"), valid while the file's
+    -- content version is still this one; a later commit makes it stale.
+    ino bigint PRIMARY KEY REFERENCES inodes (ino) ON DELETE CASCADE,
+    version bigint NOT NULL,
+    etag text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS multipart_uploads (
+    -- An S3 multipart upload in progress. Its parts' chunk objects are
+    -- protected by its upload session (gone with it: expired, completed or
+    -- aborted), whose ino is the bucket's directory.
+    upload_id text PRIMARY KEY CHECK (upload_id ~ '^[0-9a-f]{32}$'),
+    session_id bigint NOT NULL UNIQUE REFERENCES upload_sessions (session_id) ON DELETE CASCADE,
+    -- The bucket (a directory at the root) and the key (UTF-8) it will make.
+    bucket text NOT NULL,
+    key text NOT NULL,
+    -- Who started it, and the object's headers kept as xattrs at completion
+    -- (lower-case name -> value: content-type, x-amz-meta-*).
+    uid bigint NOT NULL,
+    gid bigint NOT NULL,
+    headers jsonb NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS multipart_uploads_key ON multipart_uploads (bucket, key);
+
+CREATE TABLE IF NOT EXISTS multipart_parts (
+    -- One uploaded part (1..10000): its size in bytes and MD5, kept as
+    -- pieces (chunk objects of at most 8 MiB, in order) on the nodes listed.
+    upload_id text NOT NULL REFERENCES multipart_uploads (upload_id) ON DELETE CASCADE,
+    part_number integer NOT NULL CHECK (part_number BETWEEN 1 AND 10000),
+    size bigint NOT NULL CHECK (size >= 0),
+    md5 bytea NOT NULL CHECK (length(md5) = 16),
+    -- Per piece: its chunk id, length, block digests (NULL up to one block)
+    -- and holders (a JSON array of node ids).
+    piece_ids bytea[] NOT NULL,
+    piece_lengths bigint[] NOT NULL,
+    piece_blocks bytea[] NOT NULL,
+    piece_nodes jsonb NOT NULL,
+    modified_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (upload_id, part_number)
+);
+
+INSERT INTO schema_version (version) VALUES (5)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 5);

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -192,6 +193,127 @@ def mount(dsn: str, mountpoint: str, foreground: bool, options: tuple[str, ...])
         do_mount(dsn, mountpoint, opts, foreground=foreground)
     except errors.ChunkfsError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+class _ServeByDefault(click.Group):
+    """A group whose first argument, when it names no subcommand, starts
+    the ``serve`` subcommand (``chunkfs gateway DSN ...``).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_ServeByDefault)
+def gateway() -> None:
+    """Serve the filesystem over S3 (gateway DSN --listen HOST:PORT), or
+    manage its access keys (gateway key add / list / remove).
+    """
+
+
+@gateway.command()
+@_dsn_option()
+@click.option(
+    "--listen", default="127.0.0.1:9000", show_default=True, help="HOST:PORT to serve on."
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve HTTPS: certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The certificate's key (PEM).")
+@click.option(
+    "--region", default="us-east-1", show_default=True, help="The region clients sign for."
+)
+@click.option("--domain", help="Also take virtual-hosted requests (BUCKET.DOMAIN).")
+@click.option(
+    "--upload-ttl",
+    type=click.FloatRange(1),
+    default=24 * 3600,
+    show_default=True,
+    help="Seconds a multipart upload lives past its last part.",
+)
+@click.option(
+    "--max-connections", type=click.IntRange(1), default=512, show_default=True,
+    help="Connections served at once; more are closed.",
+)  # fmt: skip
+@click.option("--spool-dir", type=click.Path(file_okay=False), help="Where uploads are spooled.")
+def serve(
+    dsn: str,
+    listen: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    region: str,
+    domain: str | None,
+    upload_ttl: float,
+    max_connections: int,
+    spool_dir: str | None,
+) -> None:
+    """Serve S3 until SIGTERM: buckets are the root's directories."""
+    from .gateway.server import GatewayOptions, run_gateway
+    from .wire import parse_host_port
+
+    try:
+        host, port = parse_host_port(listen, "--listen")
+        run_gateway(
+            dsn,
+            GatewayOptions(
+                host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, region=region,
+                domain=domain, upload_ttl_s=upload_ttl, max_connections=max_connections,
+                spool_dir=spool_dir,
+            ),
+        )  # fmt: skip
+    except (ValueError, errors.ChunkfsError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@gateway.group()
+def key() -> None:
+    """The gateway's access keys: each acts as a uid/gid."""
+
+
+@key.command("add")
+@_dsn_option()
+@click.option("--uid", type=click.IntRange(0), required=True, help="User id requests act as.")
+@click.option("--gid", type=click.IntRange(0), required=True, help="Group id requests act as.")
+@click.option("--name", default="", help="A label for the key.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def key_add(dsn: str, uid: int, gid: int, name: str, as_json: bool) -> None:
+    """Make an access key; print its id and secret (shown only now)."""
+    made = _run(_with_meta, dsn, lambda meta: meta.objects.add_key(uid, gid, name))
+    if as_json:
+        click.echo(json.dumps({"access_key_id": made.access_key_id, "secret": made.secret}))
+        return
+    click.echo(f"access key id      {made.access_key_id}")
+    click.echo(f"secret access key  {made.secret}")
+
+
+@key.command("list")
+@_dsn_option()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def key_list(dsn: str, as_json: bool) -> None:
+    """List the access keys (not their secrets)."""
+    keys = _run(_with_meta, dsn, lambda meta: meta.objects.keys())
+    rows = [
+        {"access_key_id": k.access_key_id, "uid": k.uid, "gid": k.gid, "name": k.name,
+         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(k.created_s))}
+        for k in keys
+    ]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'access key id':20}  {'uid':>8}  {'gid':>8}  {'created':20}  name")
+    for r in rows:
+        click.echo(
+            f"{r['access_key_id']:20}  {r['uid']:>8}  {r['gid']:>8}  {r['created']:20}  {r['name']}"
+        )
+
+
+@key.command("remove")
+@_dsn_option()
+@click.argument("access_key_id")
+def key_remove(dsn: str, access_key_id: str) -> None:
+    """Remove an access key: requests signed with it fail from then on."""
+    _run(_with_meta, dsn, lambda meta: meta.objects.remove_key(access_key_id))
+    click.echo(f"removed {access_key_id}")
 
 
 @cli.command()

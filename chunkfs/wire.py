@@ -16,6 +16,8 @@ run of N (base blocks K, K+1, ..., K+N-1 for ``K*N``).
 
 Addresses: a node listens at ``HOST:PORT`` (``[::1]:PORT`` for IPv6), as a
 mount serves its metrics.
+
+Byte ranges: the one ``Range: bytes=...`` form nodes and the S3 gateway take.
 """
 
 from __future__ import annotations
@@ -159,3 +161,35 @@ def decode_batch(body: bytes | bytearray) -> list[BatchEntry]:
         entries.append(BatchEntry(chunk_id, bytes(view[pos : pos + size])))
         pos += size
     return entries
+
+
+_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})\Z")
+
+
+class RangeNotSatisfiable(Exception):
+    """The range starts at or past the end of the chunk (416)."""
+
+
+def parse_range(header: str, size: int) -> tuple[int, int]:
+    """Parse a single HTTP byte range against a body (a chunk, an object) of ``size`` bytes.
+
+    Returns ``(start, end)`` with ``end`` exclusive, clipped to the size.
+    Raises ``ValueError`` when malformed (400) and ``RangeNotSatisfiable``
+    when it starts past the end (416). Multiple ranges are not supported.
+    """
+    m = _RANGE_RE.match(header.strip())
+    if m is None or m.group(1) == m.group(2) == "":
+        raise ValueError(f"malformed Range header {header!r}")
+    first, last = m.group(1), m.group(2)
+    if first == "":  # suffix range: the last n bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable()
+        return max(0, size - n), size
+    start = int(first)
+    if last != "" and int(last) < start:
+        raise ValueError(f"malformed Range header {header!r}")
+    if start >= size:
+        raise RangeNotSatisfiable()
+    end = size if last == "" else min(size, int(last) + 1)
+    return start, end

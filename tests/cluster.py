@@ -289,13 +289,15 @@ def _unregister(obj: Any) -> None:
 
 
 def stop_all() -> None:
-    """Stop every mount, node and server this process started and left running.
+    """Stop every mount, gateway, node and server this process started and left running.
 
-    Mounts go first (they need nodes and PostgreSQL to flush), then nodes,
+    Mounts go first (they need nodes and PostgreSQL to flush), then gateways, nodes,
     then servers. Never raises: failures are logged.
     """
     objs = list(_live.values())[::-1]
-    for kind, method in ((Mount, "unmount"), (NodeProcess, "stop"), (Postgres, "stop")):
+    for kind, method in (
+        (Mount, "unmount"), (GatewayProcess, "stop"), (NodeProcess, "stop"), (Postgres, "stop"),
+    ):  # fmt: skip
         for obj in objs:
             if isinstance(obj, kind):
                 try:
@@ -939,6 +941,104 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class GatewayProcess:
+    """One ``chunkfs gateway`` process on 127.0.0.1:``port``, its output
+    appended to ``log_path``; ``extra_args`` go to its command line.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        log_path: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        ready_timeout: float = NODE_READY_TIMEOUT,
+        ca_file: str | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.port = port or free_ports(1)[0]
+        self.log_path = Path(log_path)
+        self.extra_args = tuple(extra_args)
+        self.ready_timeout = ready_timeout
+        self.ca_file = ca_file
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The gateway's endpoint URL (``https`` when it serves TLS, whose
+        certificate ``ca_file`` checks).
+        """
+        scheme = "https" if "--tls-cert" in self.extra_args else "http"
+        return f"{scheme}://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> GatewayProcess:
+        """Run the gateway and wait until its health endpoint answers; returns
+        self. Raises ``ClusterError`` (with the log's tail) when it exits or
+        does not answer within ``ready_timeout`` seconds.
+        """
+        argv = chunkfs_command(
+            "gateway", self.dsn, "--listen", f"{HOST}:{self.port}", *self.extra_args
+        )
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._proc = _spawn(argv, self.log_path, preexec_fn=_pdeathsig_setup())
+        _register(self)
+        opener = _OPENER
+        if self.url.startswith("https://"):
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}),
+                urllib.request.HTTPSHandler(context=tls_context(self.ca_file)),
+            )
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if not self.running:
+                raise ClusterError(
+                    f"gateway exited with code {self._proc.poll()}\n{_tail(self.log_path, 15, start)}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                opener.open(self.url + "/-/health", timeout=1.0) as resp,
+            ):
+                if resp.status == 200:
+                    return self
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise ClusterError(f"gateway not healthy\n{_tail(self.log_path, 15, start)}")
+            time.sleep(0.1)
+
+    def terminate(self) -> None:
+        """Send SIGTERM (a clean stop) without waiting."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
+        self.terminate()
+        if self._proc is None:
+            return None
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("gateway on port %d ignored SIGTERM: killing it", self.port)
+            self.kill()
+        _unregister(self)
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL and reap the process."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait(10)
+        _unregister(self)
 
 
 # ----------------------------------------------------------------- Mount

@@ -391,7 +391,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         settings = await meta.registry.settings()
         assert settings.replicas == 2  # kept
         assert re.fullmatch("[0-9a-f]{32}", settings.cluster_id)  # made by the upgrade
-        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 4
+        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 5
         nullable = await db.fetchval(
             "SELECT is_nullable FROM information_schema.columns "
             "WHERE table_name = 'chunks' AND column_name = 'chunk_id'"

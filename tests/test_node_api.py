@@ -637,7 +637,7 @@ async def test_blocks_of_zeros_cross_no_network_and_take_no_disk(
 
 
 def test_a_node_bounds_its_connections_and_cuts_off_a_slow_head(node_factory: Any) -> None:
-    from chunkfs.node.server import HEAD_TIMEOUT_S
+    from chunkfs.serving import HEAD_TIMEOUT_S
 
     node = node_factory(extra_args=["--max-connections", "3"])
     held = [socket.create_connection((cl.HOST, node.port), timeout=5) for _ in range(3)]

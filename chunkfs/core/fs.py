@@ -426,6 +426,14 @@ class FileSystem:
             if len(self._to_purge) >= PURGE_BATCH:
                 self._purge_soon.set()
 
+    async def forget_unlinked(self) -> None:
+        """``forget`` every inode that lost its last name here: for a front
+        end that keeps no lookup counts (the S3 gateway), an inode is in use
+        only while a handle has it open.
+        """
+        for ino in list(self._unlinked):
+            await self.forget(ino)
+
     async def run_purger(self) -> None:
         """Purge the forgotten inodes every ``PURGE_DELAY_S`` seconds, or as
         soon as ``PURGE_BATCH`` wait; runs until cancelled.
@@ -524,13 +532,37 @@ class FileSystem:
         await self.files.write(self.files.files[h.ino], offset, data)
         return len(data)
 
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: int) -> Attrs | None:
         """close(2) of a descriptor: commit the file's unflushed writes (and
-        the attribute changes waiting with them); nothing when there are
-        none. Raises what ``Writer.commit`` raises; the writes are kept for
-        a retry.
+        the attribute changes waiting with them); return the attributes the
+        commit wrote, None when there was nothing to commit. Raises what
+        ``Writer.commit`` raises; the writes are kept for a retry.
         """
-        await self._commit(self.files.file(fh))
+        return await self._commit(self.files.file(fh))
+
+    async def share_content(self, fh: int, source: Ino) -> Attrs | None:
+        """Make the file of handle ``fh`` (with no unflushed writes) a copy
+        of ``source``'s committed content that shares its chunks, uploading
+        nothing; return the attributes committed, or None when some chunk is
+        not held on R nodes (the caller then copies the bytes). Raises
+        ``NotFound``, ``MetadataUnavailable``.
+        """
+        f = self.files.file(fh)
+        attrs = await self.writer.commit_shared(f, await self.meta.content.chunk_map(source))
+        if attrs is not None:
+            self._attrs.put(attrs.ino, attrs)
+        return attrs
+
+    def discard(self, fh: int) -> None:
+        """Forget handle ``fh`` and drop the file's unflushed writes and
+        attribute changes (an upload given up before its commit); the
+        committed version stays as it was.
+        """
+        f = self.files.close(fh)
+        if f.handles == 0:
+            f.dirty = False
+            f.pending.clear()
+        self.files.drop_if_unused(f)
 
     async def fsync(self, fh: int) -> None:
         """fsync(2): the same commit as flush; for a file with nothing to
@@ -564,10 +596,11 @@ class FileSystem:
         self.files.drop_if_unused(f)
         return f.ino
 
-    async def _commit(self, f: OpenFile) -> None:
+    async def _commit(self, f: OpenFile) -> Attrs | None:
         attrs = await self.writer.commit(f)
         if attrs is not None:
             self._attrs.put(attrs.ino, attrs)
+        return attrs
 
     # ------------------------------------------------------------ xattrs
 
@@ -672,6 +705,7 @@ async def open_filesystem(
     node_timeout: float = 30.0,
     pg_timeout: float = 30.0,
     node_tls: ssl.SSLContext | None = None,
+    async_commit: bool = True,
     on_commit: Callable[[Ino, int], None] = lambda ino, version: None,
 ) -> AsyncIterator[FileSystem]:
     """A ``FileSystem`` on the cluster whose metadata is at ``dsn``, with
@@ -681,14 +715,15 @@ async def open_filesystem(
     ``FileSystem`` for the rest. On exit what is unflushed is committed (best
     effort) and inodes that lost their last name are purged.
 
-    Namespace and attribute changes commit asynchronously, as a local
-    filesystem's journal does; close, fsync and a directory's fsync wait for
-    the disk (see ``pg.open_database``). Raises ``MetadataUnavailable`` when
+    With ``async_commit``, namespace and attribute changes commit
+    asynchronously, as a local filesystem's journal does; close, fsync and a
+    directory's fsync wait for the disk (see ``pg.open_database``). Without
+    it every change is durable when its call returns. Raises ``MetadataUnavailable`` when
     PostgreSQL does not answer and ``ConfigError`` when it holds no chunkfs
     filesystem (or an older schema).
     """
     async with open_database(
-        dsn, command_timeout=pg_timeout, async_commit=True, client="chunkfs mount"
+        dsn, command_timeout=pg_timeout, async_commit=async_commit, client="chunkfs mount"
     ) as db:
         meta = Meta(db)
         settings = await meta.registry.settings()

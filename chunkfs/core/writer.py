@@ -85,6 +85,26 @@ class Writer:
             )
             return attrs
 
+    async def commit_shared(self, f: OpenFile, source: ChunkMap) -> Attrs | None:
+        """Commit ``source``'s chunks as the new version of ``f`` (which has
+        no unflushed writes), uploading nothing; None, changing nothing,
+        when some chunk is not recorded on R nodes. Raises
+        ``MetadataUnavailable`` and ``NotFound``.
+        """
+        async with f.lock:
+            ids = [c.chunk_id for c in source.chunks if not c.hole]
+            session = await self._meta.content.begin_commit(
+                f.ino, ids, self._settings.upload_ttl_s, self._store.replicas
+            )
+            if any(chunk_id not in session.reusable for chunk_id in ids):
+                await self._fail_upload(session.session_id)
+                return None
+            self._files.close_spool(f)
+            f.size = f.base_valid = f.held_from = source.size
+            f.loaded = set()
+            new = replace(source, ino=f.ino, version=0)
+            return await self._switch(f, new, session, dict(session.reusable))
+
     async def _upload(
         self, f: OpenFile, new: ChunkMap, content: dict[int, bytes], deltas: dict[int, Delta]
     ) -> tuple[UploadSession, dict[bytes, Sequence[str]]]:

@@ -241,3 +241,58 @@ class InodeProblem:
     ino: int
     what: str
     serious: bool
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """An S3 access key of the gateway: its id and secret, the uid and gid
+    its requests act as, a label, and when it was made (seconds since the epoch).
+    """
+
+    access_key_id: str
+    secret: str
+    uid: int
+    gid: int
+    name: str
+    created_s: float
+
+
+@dataclass(frozen=True)
+class ETag:
+    """A file's S3 ETag (quoted, as sent) and the content version it describes."""
+
+    version: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    """An S3 multipart upload in progress: its id, its upload session, the
+    bucket and key (UTF-8) it will make, who started it, the headers the
+    object gets (lower-case name -> value) and when it began (seconds
+    since the epoch).
+    """
+
+    upload_id: str
+    session_id: int
+    bucket: str
+    key: str
+    uid: int
+    gid: int
+    headers: Mapping[str, str]
+    created_s: float
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart upload: its number (1..10000), size in bytes,
+    MD5, when it was uploaded (seconds since the epoch) and its bytes as
+    ``pieces``: chunk objects in order, each a ``ChunkRef`` whose offset is
+    within the part.
+    """
+
+    number: int
+    size: int
+    md5: bytes
+    modified_s: float
+    pieces: tuple[ChunkRef, ...]

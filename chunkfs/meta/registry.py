@@ -16,7 +16,7 @@ from ..pg import Connection, Database
 from .records import HEARTBEAT_TIMEOUT_S, ROOT_INO, FsStats, NodeInfo, Settings, now_ns
 
 # The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 async def _refuse_foreign_tables(conn: Connection, ddl: str) -> None:

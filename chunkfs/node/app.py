@@ -54,6 +54,7 @@ from starlette.routing import Route
 from .. import wire
 from ..errors import ChunkMissing, DigestMismatch, InvalidArgument, NodeFull
 from ..layout import BLOCK_SIZE, id_matches
+from ..wire import RangeNotSatisfiable, parse_range
 from .disk import ChunkDisk, DeleteRefused, LengthMismatch
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ LIST_MAX_LIMIT = 10000
 # Ranges this small are read in one piece and sent as a plain body.
 _SMALL_READ = 1 << 20
 _HEALTH_PATH = "/v1/health"
-_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})\Z")
 _LENGTH_RE = re.compile(r"\d{1,19}\Z")
 
 
@@ -92,35 +92,6 @@ class ChunkIdConvertor(Convertor[str]):
 
 
 register_url_convertor("chunk_id", ChunkIdConvertor())
-
-
-class RangeNotSatisfiable(Exception):
-    """The range starts at or past the end of the chunk (416)."""
-
-
-def parse_range(header: str, size: int) -> tuple[int, int]:
-    """Parse a single byte range against a chunk of ``size`` bytes.
-
-    Returns ``(start, end)`` with ``end`` exclusive, clipped to the size.
-    Raises ``ValueError`` when malformed (400) and ``RangeNotSatisfiable``
-    when it starts past the end (416). Multiple ranges are not supported.
-    """
-    m = _RANGE_RE.match(header.strip())
-    if m is None or m.group(1) == m.group(2) == "":
-        raise ValueError(f"malformed Range header {header!r}")
-    first, last = m.group(1), m.group(2)
-    if first == "":  # suffix range: the last n bytes
-        n = int(last)
-        if n == 0 or size == 0:
-            raise RangeNotSatisfiable()
-        return max(0, size - n), size
-    start = int(first)
-    if last != "" and int(last) < start:
-        raise ValueError(f"malformed Range header {header!r}")
-    if start >= size:
-        raise RangeNotSatisfiable()
-    end = size if last == "" else min(size, int(last) + 1)
-    return start, end
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -6,140 +6,30 @@ and its zone, heartbeats, and a clean stop on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import logging
-import math
-import signal
 import socket
-import ssl
-import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
-import hypercorn.trio.run
-import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
 from hypercorn.trio import serve
 
 from .. import errors, pg
 from ..errors import ChunkfsError
 from ..meta import Meta
+from ..serving import (
+    DEFAULT_MAX_CONNECTIONS,
+    check_tls_files,
+    hypercorn_config,
+    listen_socket,
+    wait_for_signal,
+)
 from .app import DEFAULT_MAX_CHUNK_SIZE, create_app
 from .disk import ChunkDisk
 from .reclaim import reclaim_forever
 
 log = logging.getLogger(__name__)
-
-# Seconds a stop waits for requests in flight before cutting them off.
-GRACEFUL_TIMEOUT_S = 5.0
-# Seconds an idle keep-alive connection stays open; longer than the client
-# pools' expiry (30 s), so the client always closes first and never reuses a
-# connection the server is closing.
-KEEP_ALIVE_S = 45.0
-# Seconds a request's head may take to arrive, from its first byte.
-HEAD_TIMEOUT_S = 10.0
-# A request body must arrive at this average rate (bytes per second) after
-# a grace of BODY_GRACE_S: a trickling client is cut off, a slow link is not.
-BODY_MIN_RATE = 64 << 10
-BODY_GRACE_S = 30.0
-# Connections served at once; more are closed as they arrive.
-DEFAULT_MAX_CONNECTIONS = 512
-# Hypercorn reads a connection 64 KiB at a time and has no setting for it; a
-# chunk body then costs a parser pass per 64 KiB. 1 MiB reads cut that cost
-# (node CPU for a 256 MiB upload: 1.0-1.6 s -> 0.6-0.8 s).
-hypercorn.trio.tcp_server.MAX_RECV = 1 << 20
-
-
-class NodeConfig(Config):
-    """Hypercorn's settings, and the node's bound on connections at once."""
-
-    max_connections = DEFAULT_MAX_CONNECTIONS
-    open_connections = 0
-
-
-class _BoundedConnection(hypercorn.trio.tcp_server.TCPServer):
-    """Hypercorn's connection with the node's bounds: at most
-    ``max_connections`` at once, a request head whole within
-    ``HEAD_TIMEOUT_S`` of its first byte, a body at ``BODY_MIN_RATE`` on
-    average after ``BODY_GRACE_S``. Idle connections go after ``KEEP_ALIVE_S``
-    (Hypercorn's keep-alive timeout).
-    """
-
-    config: NodeConfig
-
-    async def run(self) -> None:
-        if self.config.open_connections >= self.config.max_connections:
-            with trio.CancelScope(shield=True):
-                await self.stream.aclose()
-            return
-        self.config.open_connections += 1
-        try:
-            await super().run()
-        finally:
-            self.config.open_connections -= 1
-
-    def _their_state(self) -> type[h11._state.Sentinel] | None:
-        connection = getattr(getattr(self, "protocol", None), "protocol", None)
-        return getattr(getattr(connection, "connection", None), "their_state", None)
-
-    async def _read_data(self) -> None:
-        head_since: float | None = None  # when the head being read began
-        body_since, body_bytes = 0.0, 0
-        while True:
-            state, now = self._their_state(), trio.current_time()
-            if state is h11.IDLE and head_since is not None:
-                deadline = head_since + HEAD_TIMEOUT_S
-            elif state is h11.SEND_BODY:
-                deadline = body_since + BODY_GRACE_S + body_bytes / BODY_MIN_RATE
-            else:  # between requests (keep-alive bounds it) or answering
-                deadline = math.inf
-            try:
-                with trio.fail_at(deadline):
-                    data = await self.stream.receive_some(hypercorn.trio.tcp_server.MAX_RECV)
-            except trio.TooSlowError:
-                await self.idle_task.stop()  # else the keep-alive timer holds the connection
-                break
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                break
-            if state is h11.IDLE and head_since is None:
-                head_since = now
-            await self.protocol.handle(RawData(bytes(data)))
-            if not data:
-                break
-            after = self._their_state()
-            if after is not h11.IDLE:
-                head_since = None
-            if after is h11.SEND_BODY:
-                if state is not h11.SEND_BODY:
-                    body_since, body_bytes = trio.current_time(), 0
-                body_bytes += len(data)
-        await self.protocol.handle(Closed())
-
-
-# Hypercorn's trio worker builds its connections from this name.
-hypercorn.trio.run.TCPServer = _BoundedConnection  # type: ignore[misc]
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: any free port).
-
-    Raises ``ChunkfsError`` with a one-line message when the address is busy
-    or cannot be used.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # Lets a restarted node take its port back while old connections
-        # sit in TIME_WAIT; a port with a live listener still fails.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise ChunkfsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 def advertised_url(host: str, port: int, advertise: str | None, tls: bool) -> str:
@@ -185,35 +75,6 @@ def advertised_url(host: str, port: int, advertise: str | None, tls: bool) -> st
     return f"{url.scheme}://{url.netloc}"
 
 
-def _hypercorn_config(
-    sock: socket.socket, tls_cert: str | None, tls_key: str | None, max_connections: int
-) -> NodeConfig:
-    config = NodeConfig()
-    config.max_connections = max_connections
-    # Hypercorn takes ownership of the descriptor (and closes it).
-    config.bind = [f"fd://{sock.detach()}"]
-    if tls_cert:
-        config.certfile, config.keyfile = tls_cert, tls_key
-        config.alpn_protocols = ["http/1.1"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("chunkfs.node.http")
-    config.graceful_timeout = GRACEFUL_TIMEOUT_S
-    config.keep_alive_timeout = KEEP_ALIVE_S
-    return config
-
-
-def _check_tls_files(tls_cert: str | None, tls_key: str | None) -> None:
-    """Raise ``ConfigError`` unless both or neither are given and they load."""
-    if not tls_cert and not tls_key:
-        return
-    if not (tls_cert and tls_key):
-        raise errors.ConfigError("--tls-cert and --tls-key go together")
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls_cert, tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise errors.ConfigError(f"cannot use {tls_cert} / {tls_key}: {exc}") from None
-
-
 async def _heartbeats(meta: Meta, disk: ChunkDisk, interval: float) -> None:
     """Every ``interval`` seconds, report space and chunk count; failures are logged."""
     while True:
@@ -229,17 +90,6 @@ async def _heartbeats(meta: Meta, disk: ChunkDisk, interval: float) -> None:
             )
         except Exception as exc:  # noqa: BLE001 - keep serving: PostgreSQL may come back
             log.warning("heartbeat of node %s failed: %s", disk.node_id, exc)
-
-
-async def _wait_for_signal(stop: trio.Event) -> None:
-    """Set ``stop`` on SIGTERM or SIGINT (only possible in the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s: stopping", signal.Signals(signum).name)
-            stop.set()
-            return
 
 
 async def _mark_stopped(meta: Meta, node_id: str) -> None:
@@ -301,7 +151,7 @@ async def serve_node(
     (``ConfigError``).
     """
     o = options
-    _check_tls_files(o.tls_cert, o.tls_key)
+    check_tls_files(o.tls_cert, o.tls_key)
     advertised_url(o.host, o.port, o.advertise, bool(o.tls_cert))  # fails before binding
     zone = o.zone if o.zone is not None else socket.gethostname()
     if not zone or len(zone) > 255 or not zone.isprintable():
@@ -319,7 +169,9 @@ async def serve_node(
                 settings = await meta.registry.settings()
                 await disk.claim(settings.cluster_id)
                 app = create_app(disk, settings.cluster_token, max_chunk_size=o.max_chunk_size)
-                config = _hypercorn_config(sock, o.tls_cert, o.tls_key, o.max_connections)
+                config = hypercorn_config(
+                    sock, o.tls_cert, o.tls_key, o.max_connections, "chunkfs.node.http"
+                )
                 await _run(meta, disk, app, config, base_url, zone, o, task_status)
     finally:
         if sock is not None and sock.fileno() != -1:
@@ -341,7 +193,7 @@ async def _run(
     registered = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signal, stop)
+            nursery.start_soon(wait_for_signal, stop)
             # The socket already listens: a client that finds the node in the
             # registry before the server runs waits in the accept queue. And
             # a node that answers health is always registered.

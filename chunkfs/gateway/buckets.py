@@ -1,0 +1,661 @@
+"""S3's buckets and objects over the filesystem core.
+
+A bucket is a directory at the root of the filesystem and an object key the
+path below it (``a/b/c`` is ``/bucket/a/b/c``). Every request acts as the
+uid/gid of its access key, and the POSIX permission bits decide what it may
+do, as the kernel decides for a mount: search (x) on every directory on the
+way, read (r) to get a file or list a directory, write and search (wx) on a
+directory to add or remove a name in it.
+
+An object is written as a new file under a staging directory at the root
+(``STAGING``), committed there like any close (its chunks on R nodes, then
+its chunk map), given its ETag and headers, and only then renamed over its
+key: a reader sees the old object or the new one, and a failed upload
+leaves nothing in the bucket. Object headers are kept as ``user.`` extended
+attributes, so both doors read them: ``Content-Type`` as ``user.mime_type``,
+the other stored HTTP headers as ``user.s3.<header>``, and ``x-amz-meta-NAME``
+as ``user.NAME``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+
+import trio
+
+from .. import errors
+from ..core import ROOT, Caller, FileSystem
+from ..meta import ROOT_INO, Attrs, DirEntry, ETag, Ino, now_ns
+from .errors import S3Error
+
+log = logging.getLogger(__name__)
+
+# The directory at the root where objects are written before they are
+# renamed into place (not a valid bucket name, so never listed as one).
+STAGING = b".chunkfs-gateway"
+KEY_MAX = 1024  # bytes in a key, as in S3
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+# Bytes gathered from a request body before they are written to the spool.
+WRITE_PIECE = 1 << 20
+# Bytes read from a file at a time (a GET streams pieces of this size).
+READ_PIECE = 4 << 20
+# ETags computed at once while listing files that lack a current one.
+ETAG_WORKERS = 4
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+# HTTP headers S3 stores with an object, besides Content-Type.
+STORED_HEADERS = (
+    "cache-control", "content-disposition", "content-encoding", "content-language", "expires",
+)  # fmt: skip
+DEFAULT_CONTENT_TYPE = "binary/octet-stream"
+_MIME_XATTR = b"user.mime_type"
+_HEADER_XATTR = b"user.s3."
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object as S3 describes it: its key, the file's attributes (size in
+    bytes, mtime in ns, content version), its ETag (quoted) and its headers
+    (lower-case names: ``content-type``, stored headers, ``x-amz-meta-*``).
+    """
+
+    key: str
+    attrs: Attrs
+    etag: str
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One item of a listing, in key order: an object (``info``) or, with
+    a delimiter, a common prefix (``info`` None, ``key`` the prefix).
+    """
+
+    key: str
+    info: ObjectInfo | None
+
+
+def check_bucket_name(name: str) -> None:
+    """Raise ``InvalidBucketName`` unless ``name`` is a valid S3 bucket
+    name (3 to 63 of ``a-z 0-9 . -``, starting and ending alphanumeric).
+    """
+    if not _BUCKET_RE.match(name) or ".." in name:
+        raise S3Error("InvalidBucketName", f"{name!r} is not a valid bucket name", BucketName=name)
+
+
+def key_names(key: str) -> list[bytes]:
+    """The names along ``key``'s path (a trailing ``/`` marks a directory
+    and adds no name). Raises ``KeyTooLongError`` and ``InvalidArgument``
+    for a key no path can hold (an empty name, ``.`` or ``..``).
+    """
+    raw = key.encode()
+    if len(raw) > KEY_MAX:
+        raise S3Error("KeyTooLongError")
+    names = raw.removesuffix(b"/").split(b"/")
+    if not raw or any(n in (b"", b".", b"..") for n in names) or b"\0" in raw:
+        raise S3Error("InvalidArgument", f"the key {key!r} cannot name a file")
+    if any(len(n) > 255 for n in names):
+        raise S3Error("KeyTooLongError", "a key's names are at most 255 bytes each")
+    return names
+
+
+def headers_to_xattrs(headers: Mapping[str, str]) -> dict[bytes, bytes]:
+    """The extended attributes that keep an object's headers."""
+    out: dict[bytes, bytes] = {}
+    for name, value in headers.items():
+        if name == "content-type":
+            out[_MIME_XATTR] = value.encode()
+        elif name in STORED_HEADERS:
+            out[_HEADER_XATTR + name.encode()] = value.encode()
+        elif name.startswith("x-amz-meta-"):
+            out[b"user." + name[len("x-amz-meta-") :].encode()] = value.encode()
+    return out
+
+
+def xattrs_to_headers(xattrs: Mapping[bytes, bytes]) -> dict[str, str]:
+    """An object's headers from its file's extended attributes."""
+    headers = {"content-type": DEFAULT_CONTENT_TYPE}
+    for name, value in xattrs.items():
+        text = value.decode(errors="replace")
+        if name == _MIME_XATTR:
+            headers["content-type"] = text
+        elif name.startswith(_HEADER_XATTR):
+            header = name[len(_HEADER_XATTR) :].decode(errors="replace")
+            if header in STORED_HEADERS:
+                headers[header] = text
+        elif name.startswith(b"user."):
+            headers["x-amz-meta-" + name[5:].decode(errors="replace")] = text
+    return headers
+
+
+class Buckets:
+    """Buckets and objects of the filesystem ``fs``, for one caller per call."""
+
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+        self._staging: Ino | None = None
+
+    # ------------------------------------------------------------ paths
+
+    async def _allowed(self, attrs: Attrs, want: int, caller: Caller) -> None:
+        if not await self.fs.access(attrs.ino, want, caller):
+            raise S3Error("AccessDenied")
+
+    async def bucket(self, caller: Caller, name: str) -> Attrs:
+        """The bucket's directory, which ``caller`` may search. Raises
+        ``NoSuchBucket``, ``AccessDenied``.
+        """
+        raw = name.encode()
+        if not name or raw.startswith(b".") or b"/" in raw or len(raw) > 255:
+            raise S3Error("NoSuchBucket", BucketName=name)
+        try:
+            attrs = await self.fs.lookup(ROOT_INO, raw)
+        except errors.NotFound:
+            raise S3Error("NoSuchBucket", BucketName=name) from None
+        if not attrs.is_dir:
+            raise S3Error("NoSuchBucket", BucketName=name)
+        await self._allowed(await self.fs.getattr(ROOT_INO), os.X_OK, caller)
+        await self._allowed(attrs, os.X_OK, caller)
+        return attrs
+
+    async def _walk(self, caller: Caller, start: Attrs, names: list[bytes]) -> Attrs | None:
+        """The directory ``names`` lead to from ``start``, searching each on
+        the way; None when one is missing or not a directory.
+        """
+        attrs = start
+        for name in names:
+            try:
+                attrs = await self.fs.lookup(attrs.ino, name)
+            except errors.NotFound:
+                return None
+            if not attrs.is_dir:
+                return None
+            await self._allowed(attrs, os.X_OK, caller)
+        return attrs
+
+    async def _entry(self, caller: Caller, bucket: str, key: str) -> tuple[Attrs, bytes, Attrs]:
+        """The parent directory, last name and attributes of an existing
+        object. Raises ``NoSuchBucket``, ``NoSuchKey``, ``AccessDenied``.
+        """
+        names = key_names(key)
+        parent = await self._walk(caller, await self.bucket(caller, bucket), names[:-1])
+        if parent is not None:
+            try:
+                attrs = await self.fs.lookup(parent.ino, names[-1])
+            except errors.NotFound:
+                pass
+            else:
+                if attrs.is_reg and not key.endswith("/"):
+                    return parent, names[-1], attrs
+                if attrs.is_dir and key.endswith("/"):
+                    return parent, names[-1], attrs
+        raise S3Error("NoSuchKey", Key=key)
+
+    async def _staging_dir(self) -> Ino:
+        if self._staging is None:
+            try:
+                attrs = await self.fs.lookup(ROOT_INO, STAGING)
+            except errors.NotFound:
+                try:
+                    attrs = await self.fs.mkdir(ROOT_INO, STAGING, 0o711, ROOT)
+                except errors.Exists:
+                    attrs = await self.fs.lookup(ROOT_INO, STAGING)
+            self._staging = attrs.ino
+        return self._staging
+
+    async def clean_staging(self, older_than_s: float) -> int:
+        """Remove the staged uploads older than ``older_than_s`` seconds
+        (left by a gateway that stopped mid-upload); return how many.
+        """
+        staging = await self._staging_dir()
+        cutoff = now_ns() - int(older_than_s * 1e9)
+        stale = [e.name async for e in self._entries(staging) if e.attrs.mtime_ns < cutoff]
+        for name in stale:
+            try:
+                await self.fs.unlink(staging, name)
+            except errors.NotFound:
+                continue
+        await self.fs.forget_unlinked()
+        return len(stale)
+
+    # ---------------------------------------------------------- buckets
+
+    async def list_buckets(self, caller: Caller) -> list[tuple[str, Attrs]]:
+        """The buckets (directories at the root with a name S3 accepts), by name."""
+        await self._allowed(await self.fs.getattr(ROOT_INO), os.R_OK | os.X_OK, caller)
+        found = []
+        async for e in self._entries(ROOT_INO):
+            if e.attrs.is_dir and not e.name.startswith(b"."):
+                try:
+                    found.append((e.name.decode(), e.attrs))
+                except UnicodeDecodeError:
+                    continue
+        return sorted(found, key=lambda b: b[0])
+
+    async def create_bucket(self, caller: Caller, name: str) -> None:
+        """Make the bucket's directory. Raises ``InvalidBucketName``,
+        ``BucketAlreadyOwnedByYou`` (the caller owns it),
+        ``BucketAlreadyExists``, ``AccessDenied``.
+        """
+        check_bucket_name(name)
+        root = await self.fs.getattr(ROOT_INO)
+        try:
+            existing = await self.fs.lookup(ROOT_INO, name.encode())
+        except errors.NotFound:
+            await self._allowed(root, os.W_OK | os.X_OK, caller)
+            try:
+                await self.fs.mkdir(ROOT_INO, name.encode(), DIR_MODE, caller)
+                return
+            except errors.Exists:
+                existing = await self.fs.lookup(ROOT_INO, name.encode())
+        if existing.uid == caller.uid:
+            raise S3Error("BucketAlreadyOwnedByYou", BucketName=name)
+        raise S3Error("BucketAlreadyExists", BucketName=name)
+
+    async def delete_bucket(self, caller: Caller, name: str) -> None:
+        """Remove an empty bucket. Raises ``NoSuchBucket``,
+        ``BucketNotEmpty``, ``AccessDenied``.
+        """
+        await self.bucket(caller, name)
+        await self._allowed(await self.fs.getattr(ROOT_INO), os.W_OK | os.X_OK, caller)
+        try:
+            await self.fs.unlink(ROOT_INO, name.encode(), is_dir=True)
+        except errors.NotEmpty:
+            raise S3Error("BucketNotEmpty", BucketName=name) from None
+        except errors.NotFound:
+            raise S3Error("NoSuchBucket", BucketName=name) from None
+        await self.fs.forget_unlinked()
+
+    # ------------------------------------------------------------ reads
+
+    async def head(self, caller: Caller, bucket: str, key: str) -> ObjectInfo:
+        """An object's description. Raises ``NoSuchBucket``, ``NoSuchKey``,
+        ``AccessDenied``.
+        """
+        info, fh = await self.open(caller, bucket, key)
+        await self.fs.release(fh)
+        return info
+
+    async def open(self, caller: Caller, bucket: str, key: str) -> tuple[ObjectInfo, int]:
+        """Open an object for reading: its description and a handle whose
+        reads (``read``) give that version's bytes whatever happens to the
+        key meanwhile; the caller releases it (``fs.release``). Raises
+        ``NoSuchBucket``, ``NoSuchKey``, ``AccessDenied``.
+        """
+        _, _, attrs = await self._entry(caller, bucket, key)
+        await self._allowed(attrs, os.R_OK, caller)
+        if attrs.is_dir:  # a "folder" made with a PUT of "name/"
+            raise S3Error("NoSuchKey", Key=key)
+        opened = await self.fs.open(attrs.ino, os.O_RDONLY, caller)
+        try:
+            attrs = await self.fs.getattr(attrs.ino)
+            tags = await self.fs.meta.objects.etags([attrs.ino])
+            tag = tags.get(attrs.ino)
+            if tag is None or tag.version != opened.version:
+                tag = await self._compute_etag(opened.fh, attrs.size, opened.version)
+            xattrs = {
+                n: await self.fs.getxattr(attrs.ino, n) for n in await self._user_xattrs(attrs.ino)
+            }
+        except BaseException:
+            await self.fs.release(opened.fh)
+            raise
+        attrs = replace(attrs, version=opened.version)
+        return ObjectInfo(key, attrs, tag.etag, xattrs_to_headers(xattrs)), opened.fh
+
+    async def _user_xattrs(self, ino: Ino) -> list[bytes]:
+        return [n for n in await self.fs.listxattr(ino, ROOT) if n.startswith(b"user.")]
+
+    async def read(self, fh: int, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of an open object, in pieces of at most ``READ_PIECE``."""
+        for lo in range(start, end, READ_PIECE):
+            data = await self.fs.read(fh, lo, min(READ_PIECE, end - lo))
+            if not data:
+                return
+            yield bytes(data)
+
+    async def _compute_etag(self, fh: int, size: int, version: int) -> ETag:
+        """The ETag of the version open as ``fh`` (the MD5 of its bytes),
+        recorded for the next request.
+        """
+        md5 = hashlib.md5(usedforsecurity=False)
+        async for piece in self.read(fh, 0, size):
+            md5.update(piece)
+        tag = ETag(version, f'"{md5.hexdigest()}"')
+        await self.fs.meta.objects.set_etag(self.fs.files.handle(fh).ino, tag)
+        return tag
+
+    # ----------------------------------------------------------- writes
+
+    async def put(
+        self,
+        caller: Caller,
+        bucket: str,
+        key: str,
+        body: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        *,
+        content_md5: bytes | None = None,
+        etag: str | None = None,
+    ) -> ObjectInfo:
+        """Store ``body`` as the object ``key``: committed, durable and then
+        put in place (replacing the old object at once). Its ETag is the
+        body's MD5, or ``etag`` (a multipart upload's). A key ending in
+        ``/`` with an empty body makes a directory. Raises ``NoSuchBucket``,
+        ``AccessDenied``, ``BadDigest`` (``content_md5`` does not match),
+        ``EntityTooLarge``, ``ObjectConflict`` (a file where a directory is
+        needed, or the reverse), and what ``body`` raises; nothing is left
+        behind by a failure.
+        """
+        names = key_names(key)
+        top = await self.bucket(caller, bucket)
+        if key.endswith("/"):
+            async for piece in body:
+                if piece:
+                    raise S3Error(
+                        "InvalidRequest", "a key ending in / names a directory: it holds no bytes"
+                    )
+            attrs = await self._make_dirs(caller, top, names)
+            return ObjectInfo(key, attrs, '"d41d8cd98f00b204e9800998ecf8427e"', {})
+        await self._check_parent_path(caller, top, names)
+        staging = await self._staging_dir()
+        name = secrets.token_hex(16).encode()
+        created = await self.fs.create(staging, name, FILE_MODE, os.O_WRONLY, caller)
+        try:
+            md5 = await self._fill(created.fh, body)
+            if content_md5 is not None and md5.digest() != content_md5:
+                raise S3Error("BadDigest")
+            committed = await self.fs.flush(created.fh) or created.attrs
+            tag = ETag(committed.version, etag or f'"{md5.hexdigest()}"')
+            return await self._place(
+                caller, top, names, key, staging, name, committed, tag, headers
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._drop_staged(staging, name, created.fh)
+            raise
+
+    async def copy(
+        self,
+        caller: Caller,
+        source: ObjectInfo,
+        bucket: str,
+        key: str,
+        headers: Mapping[str, str],
+    ) -> ObjectInfo:
+        """Make ``key`` a copy of the object ``source`` (opened by the
+        caller) that shares its chunks, with ``headers``; the bytes are
+        copied only when some chunk is short of replicas. Raises as ``put``.
+        """
+        names = key_names(key)
+        top = await self.bucket(caller, bucket)
+        await self._check_parent_path(caller, top, names)
+        staging = await self._staging_dir()
+        name = secrets.token_hex(16).encode()
+        created = await self.fs.create(staging, name, FILE_MODE, os.O_WRONLY, caller)
+        try:
+            committed = await self.fs.share_content(created.fh, source.attrs.ino)
+            if committed is None or committed.size != source.attrs.size:
+                raise S3Error("ServiceUnavailable", "the source object changed or lacks replicas")
+            tag = ETag(committed.version, source.etag)
+            return await self._place(
+                caller, top, names, key, staging, name, committed, tag, headers
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._drop_staged(staging, name, created.fh)
+            raise
+
+    async def _fill(self, fh: int, body: AsyncIterator[bytes]) -> hashlib._Hash:
+        """Write ``body`` to the open file ``fh``; return its MD5."""
+        md5 = hashlib.md5(usedforsecurity=False)
+        offset = 0
+        pending = bytearray()
+        async for piece in body:
+            md5.update(piece)
+            pending += piece
+            if len(pending) >= WRITE_PIECE:
+                offset += await self._write(fh, offset, pending)
+                pending = bytearray()
+        if pending:
+            await self._write(fh, offset, pending)
+        return md5
+
+    async def _write(self, fh: int, offset: int, data: bytearray) -> int:
+        try:
+            return await self.fs.write(fh, offset, bytes(data))
+        except errors.FileTooLarge:
+            raise S3Error("EntityTooLarge") from None
+
+    async def _place(
+        self,
+        caller: Caller,
+        top: Attrs,
+        names: list[bytes],
+        key: str,
+        staging: Ino,
+        name: bytes,
+        committed: Attrs,
+        tag: ETag,
+        headers: Mapping[str, str],
+    ) -> ObjectInfo:
+        """Give the staged file its headers and ETag, then rename it over ``key``."""
+        for xname, value in headers_to_xattrs(headers).items():
+            await self.fs.setxattr(committed.ino, xname, value)
+        await self.fs.meta.objects.set_etag(committed.ino, tag)
+        parent = await self._make_dirs(caller, top, names[:-1])
+        try:
+            await self.fs.rename(staging, name, parent.ino, names[-1])
+        except errors.IsADirectory:
+            raise S3Error("ObjectConflict", f"{key!r} names a directory") from None
+        await self.fs.forget_unlinked()
+        attrs = await self.fs.getattr(committed.ino)
+        return ObjectInfo(key, attrs, tag.etag, xattrs_to_headers(headers_to_xattrs(headers)))
+
+    async def _drop_staged(self, staging: Ino, name: bytes, fh: int) -> None:
+        """Forget a staged file that did not make it into place."""
+        self.fs.discard(fh)
+        try:
+            await self.fs.unlink(staging, name)
+        except errors.NotFound:
+            return  # it was renamed into place
+        except errors.ChunkfsError as exc:
+            log.warning("could not remove the staged upload %s: %s", name.decode(), exc)
+            return
+        await self.fs.forget_unlinked()
+
+    async def _check_parent_path(self, caller: Caller, top: Attrs, names: list[bytes]) -> None:
+        """Check, before any byte is stored, that the key's directories are
+        directories where they exist and that the caller may add a name
+        where the first missing one (or the file) goes.
+        """
+        attrs = top
+        for name in names[:-1]:
+            try:
+                child = await self.fs.lookup(attrs.ino, name)
+            except errors.NotFound:
+                break
+            if not child.is_dir:
+                raise S3Error("ObjectConflict", f"{name.decode()!r} is an object, not a directory")
+            await self._allowed(child, os.X_OK, caller)
+            attrs = child
+        await self._allowed(attrs, os.W_OK | os.X_OK, caller)
+
+    async def _make_dirs(self, caller: Caller, top: Attrs, names: list[bytes]) -> Attrs:
+        """The directory ``names`` lead to from ``top``, made where missing
+        (owned by the caller, who needs wx on where each goes).
+        """
+        attrs = top
+        for name in names:
+            try:
+                child = await self.fs.lookup(attrs.ino, name)
+            except errors.NotFound:
+                await self._allowed(attrs, os.W_OK | os.X_OK, caller)
+                try:
+                    child = await self.fs.mkdir(attrs.ino, name, DIR_MODE, caller)
+                except errors.Exists:
+                    child = await self.fs.lookup(attrs.ino, name)
+            if not child.is_dir:
+                raise S3Error("ObjectConflict", f"{name.decode()!r} is an object, not a directory")
+            await self._allowed(child, os.X_OK, caller)
+            attrs = child
+        return attrs
+
+    async def delete(self, caller: Caller, bucket: str, key: str) -> None:
+        """Remove an object (nothing when there is none, as S3 answers), and
+        the directories it leaves empty up to the bucket. Raises
+        ``NoSuchBucket``, ``AccessDenied``.
+        """
+        names = key_names(key)
+        top = await self.bucket(caller, bucket)
+        try:
+            parent, name, attrs = await self._entry(caller, bucket, key)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                return
+            raise
+        await self._allowed(parent, os.W_OK | os.X_OK, caller)
+        try:
+            await self.fs.unlink(parent.ino, name, is_dir=attrs.is_dir)
+        except (errors.NotFound, errors.NotEmpty):
+            return
+        await self.fs.forget_unlinked()
+        await self._prune(caller, top, names[:-1])
+
+    async def _prune(self, caller: Caller, top: Attrs, names: list[bytes]) -> None:
+        """Remove the directories along ``names`` that are left empty,
+        deepest first (S3 has no prefix without an object under it).
+        """
+        while names:
+            parent = await self._walk(caller, top, names[:-1])
+            if parent is None or not await self.fs.access(parent.ino, os.W_OK | os.X_OK, caller):
+                return
+            try:
+                await self.fs.unlink(parent.ino, names[-1], is_dir=True)
+            except (errors.NotEmpty, errors.NotFound, errors.NotADirectory):
+                return
+            names = names[:-1]
+
+    # ---------------------------------------------------------- listing
+
+    async def _entries(self, ino: Ino) -> AsyncIterator[DirEntry]:
+        after = 0
+        while True:
+            page = await self.fs.readdir(ino, after, 1000)
+            for e in page:
+                yield e
+            if len(page) < 1000:
+                return
+            after = page[-1].cookie
+
+    async def list_objects(
+        self,
+        caller: Caller,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        after: str = "",
+        limit: int = 1000,
+    ) -> tuple[list[Listed], bool]:
+        """Up to ``limit`` objects and common prefixes of ``bucket`` whose
+        keys start with ``prefix`` and sort after ``after`` (UTF-8 byte
+        order, as S3 sorts), and whether more follow. With a ``delimiter``,
+        the keys that hold it past the prefix are rolled up into common
+        prefixes. Directories the caller may not read are skipped. Raises
+        ``NoSuchBucket``, ``AccessDenied``.
+        """
+        top = await self.bucket(caller, bucket)
+        await self._allowed(top, os.R_OK | os.X_OK, caller)
+        found: list[tuple[str, DirEntry | None]] = []
+        more = False
+        async for key, entry in self._walk_keys(caller, top.ino, "", prefix, delimiter, after):
+            if delimiter and entry is not None:
+                cut = key.find(delimiter, len(prefix))
+                if cut >= 0:
+                    key, entry = key[: cut + len(delimiter)], None
+                    if key <= after or (found and found[-1][0] == key):
+                        continue
+            if len(found) == limit:
+                more = True
+                break
+            found.append((key, entry))
+        tags = await self._etags([e for _, e in found if e is not None])
+        listed = [
+            Listed(key, None if e is None else ObjectInfo(key, e.attrs, tags[e.attrs.ino], {}))
+            for key, e in found
+        ]
+        return listed, more
+
+    async def _walk_keys(
+        self, caller: Caller, ino: Ino, dir_key: str, prefix: str, delimiter: str, after: str
+    ) -> AsyncIterator[tuple[str, DirEntry | None]]:
+        """The keys under directory ``ino`` (whose keys start with
+        ``dir_key``) in key order: files with their entries, and with the
+        delimiter ``/`` directories past the prefix as common prefixes
+        (entry None).
+        """
+        items = []
+        async for e in self._entries(ino):
+            try:
+                name = e.name.decode()
+            except UnicodeDecodeError:
+                continue
+            if e.attrs.is_dir:
+                items.append((dir_key + name + "/", e))
+            elif e.attrs.is_reg:
+                items.append((dir_key + name, e))
+        items.sort(key=lambda item: item[0].encode())
+        for key, e in items:
+            if not e.attrs.is_dir:
+                if key.startswith(prefix) and key.encode() > after.encode():
+                    yield key, e
+                continue
+            if not (key.startswith(prefix) or prefix.startswith(key)):
+                continue
+            if key.encode() <= after.encode() and not after.startswith(key):
+                continue  # every key below sorts before the marker
+            if delimiter == "/" and key.startswith(prefix) and len(key) > len(prefix):
+                if key.encode() > after.encode():
+                    yield key, None
+                continue
+            if not await self.fs.access(e.attrs.ino, os.R_OK | os.X_OK, caller):
+                continue
+            async for item in self._walk_keys(caller, e.attrs.ino, key, prefix, delimiter, after):
+                yield item
+
+    async def _etags(self, entries: list[DirEntry]) -> dict[Ino, str]:
+        """The current ETag of each listed file, computed (a few at once)
+        for those without one.
+        """
+        recorded = await self.fs.meta.objects.etags([e.attrs.ino for e in entries])
+        tags = {
+            ino: t.etag
+            for ino, t in recorded.items()
+            if any(e.attrs.ino == ino and e.attrs.version == t.version for e in entries)
+        }
+        missing = [e.attrs.ino for e in entries if e.attrs.ino not in tags]
+        limiter = trio.CapacityLimiter(ETAG_WORKERS)
+
+        async def compute(ino: Ino) -> None:
+            async with limiter:
+                try:
+                    opened = await self.fs.open(ino, os.O_RDONLY, ROOT)
+                except errors.NotFound:
+                    tags[ino] = '""'  # removed meanwhile
+                    return
+                try:
+                    size = (await self.fs.getattr(ino)).size
+                    tags[ino] = (await self._compute_etag(opened.fh, size, opened.version)).etag
+                finally:
+                    await self.fs.release(opened.fh)
+
+        async with trio.open_nursery() as nursery:
+            for ino in missing:
+                nursery.start_soon(compute, ino)
+        return tags
