@@ -58,6 +58,12 @@ emptied, page cache dropped). The cold figure is the one to compare.
    (JuiceFS) or a volume is vacuumed (SeaweedFS), and two minutes of it
    filled this machine's 80 GB.
 
+``--gateway`` runs the S3 workloads of ``scripts/bench_s3.py`` instead (PUT
+and GET of the big file as one object, and of the small files one object
+each), on chunkfs's S3 gateway and, with ``--peer seaweedfs``, on ``weed s3``
+of both SeaweedFS clusters (the same six volume servers, the filer on the
+same PostgreSQL).
+
 ``--rss-file-gib N`` also writes an N GiB file once and reports the mount's
 peak RSS. Output: one line per figure (``target workload value unit``), then
 the ratios of chunkfs to each other target and to the best peer for each
@@ -94,6 +100,7 @@ from typing import Any, TypeAlias
 # The throwaway-cluster harness lives beside the tests, outside the package;
 # the stress workload beside this script (on the path when it runs).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import bench_s3
 import stress
 
 import cluster as cl
@@ -145,6 +152,7 @@ UNITS = {
     "stress_space_amplification": ("x", False),
     "stress_nodes_disk_after_gc_mib": ("MiB", False),
     "stress_space_amplification_after_gc": ("x", False),
+    **bench_s3.UNITS,
 }
 # What --peer accepts, and the targets each name stands for.
 PEER_TARGETS = {"juicefs": ("juicefs",), "seaweedfs": ("seaweedfs", "seaweedfs-fsync")}
@@ -422,7 +430,19 @@ class Chunkfs(Target):
     def pids(self) -> list[int]:
         return self.mount.pids + [n.pid for n in self.cluster.nodes if n.pid]
 
+    def start_gateway(self) -> bench_s3.Endpoint:
+        """Start ``chunkfs gateway`` on the cluster with an access key of root's."""
+        made = cl.chunkfs_json(
+            "gateway", "key", "add", self.cluster.dsn, "--uid", "0", "--gid", "0", "--json"
+        )
+        self.gateway = cl.GatewayProcess(self.cluster.dsn, self.cluster.workdir / "gateway.log")
+        self.gateway.start()
+        return bench_s3.Endpoint(self.gateway.url, made["access_key_id"], made["secret"])
+
     def close(self) -> None:
+        gateway = getattr(self, "gateway", None)
+        if gateway is not None:
+            gateway.stop()
         self.cluster.stop()
 
 
@@ -677,6 +697,27 @@ class Seaweedfs(Target):
         )
         self._wait(lambda: answers(f"http://{self.filer}/"), "the filer to answer")
 
+    def start_s3(self) -> bench_s3.Endpoint:
+        """Start ``weed s3`` on the filer, with an admin identity of its own."""
+        key_id, secret = "BENCH" + os.urandom(8).hex().upper()[:15], os.urandom(20).hex()
+        config = self.dir / "s3.json"
+        config.write_text(json.dumps(bench_s3.weed_identities(key_id, secret)))
+        (port,) = weed_ports(1)
+        self.servers["s3"] = self._spawn(
+            "s3",
+            *("s3", f"-filer={self.filer}", f"-ip.bind={cl.HOST}", f"-port={port}"),
+            f"-config={config}", "-port.iceberg=0", "-port.lance=0",
+            f"-port.grpc={port + WEED_GRPC_OFFSET}",
+        )  # fmt: skip
+
+        def listening() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection((cl.HOST, port), 1):
+                return True
+            return False
+
+        self._wait(listening, "weed s3 to listen")
+        return bench_s3.Endpoint(f"http://{cl.HOST}:{port}", key_id, secret)
+
     def _data(self, what: str) -> Path:
         path = self.dir / what
         path.mkdir()
@@ -745,7 +786,7 @@ class Seaweedfs(Target):
         """
         with contextlib.suppress(BenchError, subprocess.SubprocessError):
             self._unmount()
-        for group in ("filer", "volume", "master"):
+        for group in ("s3", "filer", "volume", "master"):
             procs = [p for role, p in self.servers.items() if role.startswith(group)]
             for proc in procs:  # SIGTERM all of a kind first: they stop in parallel
                 proc.terminate()
@@ -1130,6 +1171,35 @@ def report(results: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {"figures": results, "ratios": ratios, "units": {k: v[0] for k, v in UNITS.items()}}
 
 
+def gateway_runs(
+    targets: list[Target],
+    inp: Inputs,
+    workdir: Path,
+    runs: int,
+    samples: dict[str, dict[str, list[float]]],
+) -> None:
+    """The S3 workloads (``bench_s3``), ``runs`` times, interleaved: on
+    chunkfs's gateway and on each SeaweedFS's ``weed s3``.
+    """
+    endpoints: dict[str, bench_s3.Endpoint] = {}
+    for t in targets:
+        if isinstance(t, Chunkfs):
+            say("starting the chunkfs gateway")
+            endpoints[t.name] = t.start_gateway()
+        elif isinstance(t, Seaweedfs):
+            say(f"starting weed s3 on {t.name}")
+            endpoints[t.name] = t.start_s3()
+    for i in range(runs):
+        for name, endpoint in endpoints.items():
+            say(f"S3 run {i + 1}/{runs} on {name}")
+            figures = samples[name]
+
+            def put(key: str, value: float, figures: dict[str, list[float]] = figures) -> None:
+                figures.setdefault(key, []).append(value)
+
+            bench_s3.one_run(endpoint, inp.big, inp.small_tree, workdir, drop_caches, put)
+
+
 # ------------------------------------------------------------------- main
 
 
@@ -1232,6 +1302,11 @@ def main() -> int:
     p.add_argument(
         "--stress-max-file-mib", type=int, default=256, help="largest file of the stress"
     )
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        help="run the S3 workloads instead: chunkfs's gateway against weed s3 (--peer seaweedfs)",
+    )
     p.add_argument("--json", type=Path, help="write the figures and ratios here")
     args = p.parse_args()
     if not args.tree.is_dir():
@@ -1248,7 +1323,8 @@ def main() -> int:
             inp = make_inputs(
                 workdir, args.size_mib, args.fio_mib, args.dirs, args.files, args.tree
             )
-            targets.append(Local(workdir))
+            if not args.gateway:
+                targets.append(Local(workdir))
             say("starting PostgreSQL, six chunkfs nodes and the mount")
             chunkfs = Chunkfs(workdir)
             targets.append(chunkfs)
@@ -1259,7 +1335,9 @@ def main() -> int:
                 for peer in start_peers(workdir, postgres, args.peer, binaries):
                     targets.append(peer)  # one by one: a failure stops those started
             samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
-            for i in range(args.runs):
+            if args.gateway:
+                gateway_runs(targets, inp, workdir, args.runs, samples)
+            for i in range(0 if args.gateway else args.runs):
                 for t in targets:  # interleaved, so that drifts hit every target alike
                     say(f"run {i + 1}/{args.runs} on {t.name}")
                     one_run(t, inp, samples[t.name])
@@ -1267,12 +1345,13 @@ def main() -> int:
                 name: {k: statistics.median(v) for k, v in figs.items()}
                 for name, figs in samples.items()
             }
-            results["chunkfs"].update(requests_per_file(chunkfs, inp.small_tree / "d00"))
+            if not args.gateway:
+                results["chunkfs"].update(requests_per_file(chunkfs, inp.small_tree / "d00"))
             if args.rss_file_gib:
                 for t in targets[1:]:
                     say(f"{args.rss_file_gib} GiB file on {t.name}")
                     results[t.name]["rss_big_file"] = rss_big_file(t, args.rss_file_gib)
-            if args.stress_seconds > 0:
+            if args.stress_seconds > 0 and not args.gateway:
                 for t in targets[:2]:  # local and chunkfs (see the module doc)
                     say(f"stress ({args.stress_seconds:g} s) on {t.name}")
                     try:
