@@ -4,6 +4,15 @@ test) drives. ``fs`` holds the operations and their POSIX rules,
 the one cache type for what the core trusts for a while.
 """
 
-from .fs import ROOT, Caller, Created, FileSystem, Opened, StatFs, open_filesystem
+from .fs import ROOT, Caller, Created, FileSystem, Opened, StatFs, open_filesystem, permitted
 
-__all__ = ["ROOT", "Caller", "Created", "FileSystem", "Opened", "StatFs", "open_filesystem"]
+__all__ = [
+    "ROOT",
+    "Caller",
+    "Created",
+    "FileSystem",
+    "Opened",
+    "StatFs",
+    "open_filesystem",
+    "permitted",
+]

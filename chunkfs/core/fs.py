@@ -23,7 +23,7 @@ import logging
 import os
 import ssl
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -313,19 +313,7 @@ class FileSystem:
         """access(2) by mode bits (``want``: ``os.R_OK | W_OK | X_OK`` or
         ``F_OK``), as the kernel checks them with default_permissions.
         """
-        attrs = await self.getattr(ino)
-        if want == os.F_OK:
-            return True
-        if caller.privileged:
-            # root may read and write anything, and execute what someone may execute.
-            return not (want & os.X_OK) or bool(attrs.mode & 0o111) or attrs.is_dir
-        if caller.uid == attrs.uid:
-            bits = (attrs.mode >> 6) & 7
-        elif caller.gid == attrs.gid:
-            bits = (attrs.mode >> 3) & 7
-        else:
-            bits = attrs.mode & 7
-        return want & bits == want
+        return permitted(await self.getattr(ino), want, caller)
 
     # -------------------------------------------------------- namespace
 
@@ -638,6 +626,16 @@ class FileSystem:
         self._attrs.pop(ino)  # its ctime moves
         await self.meta.namespace.setxattr(ino, name, value)
 
+    async def set_xattrs(self, ino: Ino, values: Mapping[bytes, bytes]) -> None:
+        """Set several extended attributes at once (see ``check_xattr_name``
+        and ``Namespace.set_xattrs``).
+        """
+        for name in values:
+            check_xattr_name(name)
+        self._xattrs.pop(ino)
+        self._attrs.pop(ino)  # its ctime moves
+        await self.meta.namespace.set_xattrs(ino, values)
+
     async def removexattr(self, ino: Ino, name: bytes) -> None:
         """Remove an extended attribute; see ``Namespace.removexattr``."""
         check_xattr_name(name)
@@ -654,6 +652,17 @@ class FileSystem:
     async def readlink(self, ino: Ino) -> bytes:
         """A symlink's target."""
         return await self.meta.namespace.readlink(ino)
+
+    async def walk(self, start: Ino, names: Sequence[bytes]) -> list[DirEntry]:
+        """The entries ``names`` lead to from directory ``start``, in order
+        (``names[k]`` in the one before), with their extended attributes;
+        as many as exist, stopping at a missing name or a non-directory.
+        One round trip; a path's lookups at once.
+        """
+        found = await self.meta.namespace.walk(start, names)
+        for e in found:
+            self._xattrs.put(e.attrs.ino, dict(e.xattrs))
+        return [replace(e, attrs=self._overlay(e.attrs)) for e in found]
 
     async def readdir(self, ino: Ino, after: int, limit: int) -> list[DirEntry]:
         """Up to ``limit`` entries of directory ``ino`` with a cookie above
@@ -767,6 +776,25 @@ def check_xattr_name(name: bytes) -> None:
         raise errors.InvalidArgument("an xattr name needs more than its namespace")
     if not name.startswith(XATTR_NAMESPACES):
         raise errors.NotSupported("xattr namespace not supported")
+
+
+def permitted(attrs: Attrs, want: int, caller: Caller) -> bool:
+    """Whether ``caller`` may access the inode of ``attrs`` as ``want``
+    (``os.R_OK | W_OK | X_OK``, or ``F_OK``) by its mode bits, as the kernel
+    decides with default_permissions (root may read and write anything, and
+    execute what someone may execute).
+    """
+    if want == os.F_OK:
+        return True
+    if caller.privileged:
+        return not (want & os.X_OK) or bool(attrs.mode & 0o111) or attrs.is_dir
+    if caller.uid == attrs.uid:
+        bits = (attrs.mode >> 6) & 7
+    elif caller.gid == attrs.gid:
+        bits = (attrs.mode >> 3) & 7
+    else:
+        bits = attrs.mode & 7
+    return want & bits == want
 
 
 def privileged_bits(mode: int) -> int:

@@ -192,6 +192,8 @@ class GatewayApp:
             handler = self._route(call)
             await self._authenticate(call)
             response = await handler(call)
+            if request.method in ("PUT", "POST", "DELETE"):
+                await self.fs.sync()  # what the request changed is durable before it is answered
         except S3Error as exc:
             response = self._error(exc, request, request_id)
         except errors.ChunkfsError as exc:

@@ -24,13 +24,13 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 import trio
 
 from .. import errors
-from ..core import ROOT, Caller, FileSystem
+from ..core import ROOT, Caller, FileSystem, permitted
 from ..meta import ROOT_INO, Attrs, DirEntry, ETag, Ino, now_ns
 from .errors import S3Error
 
@@ -143,58 +143,46 @@ class Buckets:
 
     # ------------------------------------------------------------ paths
 
-    async def _allowed(self, attrs: Attrs, want: int, caller: Caller) -> None:
-        if not await self.fs.access(attrs.ino, want, caller):
+    @staticmethod
+    def _allow(attrs: Attrs, want: int, caller: Caller) -> None:
+        if not permitted(attrs, want, caller):
             raise S3Error("AccessDenied")
+
+    async def _path(self, caller: Caller, bucket: str, names: list[bytes]) -> list[DirEntry]:
+        """The bucket's entry, then those of ``names`` below it that exist
+        (one walk), which ``caller`` may reach: search on the root, the
+        bucket and every directory but the last entry. Raises
+        ``NoSuchBucket``, ``AccessDenied``.
+        """
+        raw = bucket.encode()
+        if not bucket or raw.startswith(b".") or b"/" in raw or len(raw) > 255:
+            raise S3Error("NoSuchBucket", BucketName=bucket)
+        found = await self.fs.walk(ROOT_INO, [raw, *names])
+        if not found or not found[0].attrs.is_dir:
+            raise S3Error("NoSuchBucket", BucketName=bucket)
+        self._allow(await self.fs.getattr(ROOT_INO), os.X_OK, caller)
+        self._allow(found[0].attrs, os.X_OK, caller)
+        for e in found[1:-1]:
+            self._allow(e.attrs, os.X_OK, caller)
+        return found
 
     async def bucket(self, caller: Caller, name: str) -> Attrs:
         """The bucket's directory, which ``caller`` may search. Raises
         ``NoSuchBucket``, ``AccessDenied``.
         """
-        raw = name.encode()
-        if not name or raw.startswith(b".") or b"/" in raw or len(raw) > 255:
-            raise S3Error("NoSuchBucket", BucketName=name)
-        try:
-            attrs = await self.fs.lookup(ROOT_INO, raw)
-        except errors.NotFound:
-            raise S3Error("NoSuchBucket", BucketName=name) from None
-        if not attrs.is_dir:
-            raise S3Error("NoSuchBucket", BucketName=name)
-        await self._allowed(await self.fs.getattr(ROOT_INO), os.X_OK, caller)
-        await self._allowed(attrs, os.X_OK, caller)
-        return attrs
+        return (await self._path(caller, name, []))[0].attrs
 
-    async def _walk(self, caller: Caller, start: Attrs, names: list[bytes]) -> Attrs | None:
-        """The directory ``names`` lead to from ``start``, searching each on
-        the way; None when one is missing or not a directory.
-        """
-        attrs = start
-        for name in names:
-            try:
-                attrs = await self.fs.lookup(attrs.ino, name)
-            except errors.NotFound:
-                return None
-            if not attrs.is_dir:
-                return None
-            await self._allowed(attrs, os.X_OK, caller)
-        return attrs
-
-    async def _entry(self, caller: Caller, bucket: str, key: str) -> tuple[Attrs, bytes, Attrs]:
-        """The parent directory, last name and attributes of an existing
-        object. Raises ``NoSuchBucket``, ``NoSuchKey``, ``AccessDenied``.
+    async def _entry(self, caller: Caller, bucket: str, key: str) -> list[DirEntry]:
+        """The entries from the bucket to an existing object (a directory
+        for a key ending in ``/``), the object's last. Raises
+        ``NoSuchBucket``, ``NoSuchKey``, ``AccessDenied``.
         """
         names = key_names(key)
-        parent = await self._walk(caller, await self.bucket(caller, bucket), names[:-1])
-        if parent is not None:
-            try:
-                attrs = await self.fs.lookup(parent.ino, names[-1])
-            except errors.NotFound:
-                pass
-            else:
-                if attrs.is_reg and not key.endswith("/"):
-                    return parent, names[-1], attrs
-                if attrs.is_dir and key.endswith("/"):
-                    return parent, names[-1], attrs
+        found = await self._path(caller, bucket, names)
+        if len(found) == len(names) + 1:
+            last = found[-1].attrs
+            if (last.is_reg and not key.endswith("/")) or (last.is_dir and key.endswith("/")):
+                return found
         raise S3Error("NoSuchKey", Key=key)
 
     async def _staging_dir(self) -> Ino:
@@ -228,7 +216,7 @@ class Buckets:
 
     async def list_buckets(self, caller: Caller) -> list[tuple[str, Attrs]]:
         """The buckets (directories at the root with a name S3 accepts), by name."""
-        await self._allowed(await self.fs.getattr(ROOT_INO), os.R_OK | os.X_OK, caller)
+        self._allow(await self.fs.getattr(ROOT_INO), os.R_OK | os.X_OK, caller)
         found = []
         async for e in self._entries(ROOT_INO):
             if e.attrs.is_dir and not e.name.startswith(b"."):
@@ -248,7 +236,7 @@ class Buckets:
         try:
             existing = await self.fs.lookup(ROOT_INO, name.encode())
         except errors.NotFound:
-            await self._allowed(root, os.W_OK | os.X_OK, caller)
+            self._allow(root, os.W_OK | os.X_OK, caller)
             try:
                 await self.fs.mkdir(ROOT_INO, name.encode(), DIR_MODE, caller)
                 return
@@ -263,7 +251,7 @@ class Buckets:
         ``BucketNotEmpty``, ``AccessDenied``.
         """
         await self.bucket(caller, name)
-        await self._allowed(await self.fs.getattr(ROOT_INO), os.W_OK | os.X_OK, caller)
+        self._allow(await self.fs.getattr(ROOT_INO), os.W_OK | os.X_OK, caller)
         try:
             await self.fs.unlink(ROOT_INO, name.encode(), is_dir=True)
         except errors.NotEmpty:
@@ -288,24 +276,26 @@ class Buckets:
         key meanwhile; the caller releases it (``fs.release``). Raises
         ``NoSuchBucket``, ``NoSuchKey``, ``AccessDenied``.
         """
-        _, _, attrs = await self._entry(caller, bucket, key)
-        await self._allowed(attrs, os.R_OK, caller)
+        entry = (await self._entry(caller, bucket, key))[-1]
+        attrs = entry.attrs
+        self._allow(attrs, os.R_OK, caller)
         if attrs.is_dir:  # a "folder" made with a PUT of "name/"
             raise S3Error("NoSuchKey", Key=key)
         opened = await self.fs.open(attrs.ino, os.O_RDONLY, caller)
         try:
-            attrs = await self.fs.getattr(attrs.ino)
-            tags = await self.fs.meta.objects.etags([attrs.ino])
-            tag = tags.get(attrs.ino)
+            xattrs = entry.xattrs
+            if opened.version != attrs.version:  # committed elsewhere since the walk
+                attrs = replace(await self.fs.getattr(attrs.ino), version=opened.version)
+                xattrs = {
+                    n: await self.fs.getxattr(attrs.ino, n)
+                    for n in await self._user_xattrs(attrs.ino)
+                }
+            tag = (await self.fs.meta.objects.etags([attrs.ino])).get(attrs.ino)
             if tag is None or tag.version != opened.version:
                 tag = await self._compute_etag(opened.fh, attrs.size, opened.version)
-            xattrs = {
-                n: await self.fs.getxattr(attrs.ino, n) for n in await self._user_xattrs(attrs.ino)
-            }
         except BaseException:
             await self.fs.release(opened.fh)
             raise
-        attrs = replace(attrs, version=opened.version)
         return ObjectInfo(key, attrs, tag.etag, xattrs_to_headers(xattrs)), opened.fh
 
     async def _user_xattrs(self, ino: Ino) -> list[bytes]:
@@ -353,32 +343,26 @@ class Buckets:
         behind by a failure.
         """
         names = key_names(key)
-        top = await self.bucket(caller, bucket)
+        found = await self._path(caller, bucket, names)
         if key.endswith("/"):
             async for piece in body:
                 if piece:
                     raise S3Error(
                         "InvalidRequest", "a key ending in / names a directory: it holds no bytes"
                     )
-            attrs = await self._make_dirs(caller, top, names)
-            return ObjectInfo(key, attrs, '"d41d8cd98f00b204e9800998ecf8427e"', {})
-        await self._check_parent_path(caller, top, names)
-        staging = await self._staging_dir()
-        name = secrets.token_hex(16).encode()
-        created = await self.fs.create(staging, name, FILE_MODE, os.O_WRONLY, caller)
-        try:
-            md5 = await self._fill(created.fh, body)
+            attrs = await self._make_dirs(caller, found, names)
+            return ObjectInfo(
+                key, attrs, f'"{hashlib.md5(b"", usedforsecurity=False).hexdigest()}"', {}
+            )
+        self._check_parents(caller, found, names)
+
+        async def fill(fh: int) -> tuple[Attrs | None, str]:
+            md5 = await self._fill(fh, body)
             if content_md5 is not None and md5.digest() != content_md5:
                 raise S3Error("BadDigest")
-            committed = await self.fs.flush(created.fh) or created.attrs
-            tag = ETag(committed.version, etag or f'"{md5.hexdigest()}"')
-            return await self._place(
-                caller, top, names, key, staging, name, committed, tag, headers
-            )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._drop_staged(staging, name, created.fh)
-            raise
+            return await self.fs.flush(fh), etag or f'"{md5.hexdigest()}"'
+
+        return await self._stage(caller, found, names, key, headers, fill)
 
     async def copy(
         self,
@@ -389,27 +373,78 @@ class Buckets:
         headers: Mapping[str, str],
     ) -> ObjectInfo:
         """Make ``key`` a copy of the object ``source`` (opened by the
-        caller) that shares its chunks, with ``headers``; the bytes are
-        copied only when some chunk is short of replicas. Raises as ``put``.
+        caller) that shares its chunks, with ``headers``; nothing is
+        uploaded. Raises as ``put``, and ``ServiceUnavailable`` when some
+        chunk of the source is short of replicas (``chunkfs repair`` mends that).
         """
         names = key_names(key)
-        top = await self.bucket(caller, bucket)
-        await self._check_parent_path(caller, top, names)
+        found = await self._path(caller, bucket, names)
+        self._check_parents(caller, found, names)
+
+        async def share(fh: int) -> tuple[Attrs | None, str]:
+            committed = await self.fs.share_content(fh, source.attrs.ino)
+            if committed is None or committed.size != source.attrs.size:
+                raise S3Error("ServiceUnavailable", "the source object changed or lacks replicas")
+            return committed, source.etag
+
+        return await self._stage(caller, found, names, key, headers, share)
+
+    async def _stage(
+        self,
+        caller: Caller,
+        found: list[DirEntry],
+        names: list[bytes],
+        key: str,
+        headers: Mapping[str, str],
+        fill: Callable[[int], Awaitable[tuple[Attrs | None, str]]],
+    ) -> ObjectInfo:
+        """Make a staged file, ``fill`` it (which commits it and returns the
+        attributes committed and the ETag), give it its headers and ETag,
+        then rename it over ``key``; a failure removes it.
+        """
         staging = await self._staging_dir()
         name = secrets.token_hex(16).encode()
         created = await self.fs.create(staging, name, FILE_MODE, os.O_WRONLY, caller)
         try:
-            committed = await self.fs.share_content(created.fh, source.attrs.ino)
-            if committed is None or committed.size != source.attrs.size:
-                raise S3Error("ServiceUnavailable", "the source object changed or lacks replicas")
-            tag = ETag(committed.version, source.etag)
-            return await self._place(
-                caller, top, names, key, staging, name, committed, tag, headers
-            )
+            committed, etag = await fill(created.fh)
+            attrs = committed or created.attrs
+            xattrs = headers_to_xattrs(headers)
+            if xattrs:
+                await self.fs.set_xattrs(attrs.ino, xattrs)
+            await self.fs.meta.objects.set_etag(attrs.ino, ETag(attrs.version, etag))
+            await self._rename_into_place(caller, found, names, key, staging, name)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._drop_staged(staging, name, created.fh)
             raise
+        await self.fs.release(created.fh)
+        await self.fs.forget_unlinked()
+        return ObjectInfo(key, attrs, etag, xattrs_to_headers(xattrs))
+
+    async def _rename_into_place(
+        self,
+        caller: Caller,
+        found: list[DirEntry],
+        names: list[bytes],
+        key: str,
+        staging: Ino,
+        name: bytes,
+    ) -> None:
+        """Rename the staged file over ``key``, its directories made where
+        missing; once more after a fresh walk when one of them went away
+        meanwhile (an object deleted beside it pruned it).
+        """
+        for attempt in range(2):
+            parent = await self._make_dirs(caller, found, names[:-1])
+            try:
+                await self.fs.rename(staging, name, parent.ino, names[-1])
+                return
+            except errors.IsADirectory:
+                raise S3Error("ObjectConflict", f"{key!r} names a directory") from None
+            except errors.NotFound:
+                if attempt:
+                    raise
+                found = await self.fs.walk(ROOT_INO, [found[0].name, *names])
 
     async def _fill(self, fh: int, body: AsyncIterator[bytes]) -> hashlib._Hash:
         """Write ``body`` to the open file ``fh``; return its MD5."""
@@ -432,31 +467,6 @@ class Buckets:
         except errors.FileTooLarge:
             raise S3Error("EntityTooLarge") from None
 
-    async def _place(
-        self,
-        caller: Caller,
-        top: Attrs,
-        names: list[bytes],
-        key: str,
-        staging: Ino,
-        name: bytes,
-        committed: Attrs,
-        tag: ETag,
-        headers: Mapping[str, str],
-    ) -> ObjectInfo:
-        """Give the staged file its headers and ETag, then rename it over ``key``."""
-        for xname, value in headers_to_xattrs(headers).items():
-            await self.fs.setxattr(committed.ino, xname, value)
-        await self.fs.meta.objects.set_etag(committed.ino, tag)
-        parent = await self._make_dirs(caller, top, names[:-1])
-        try:
-            await self.fs.rename(staging, name, parent.ino, names[-1])
-        except errors.IsADirectory:
-            raise S3Error("ObjectConflict", f"{key!r} names a directory") from None
-        await self.fs.forget_unlinked()
-        attrs = await self.fs.getattr(committed.ino)
-        return ObjectInfo(key, attrs, tag.etag, xattrs_to_headers(headers_to_xattrs(headers)))
-
     async def _drop_staged(self, staging: Ino, name: bytes, fh: int) -> None:
         """Forget a staged file that did not make it into place."""
         self.fs.discard(fh)
@@ -469,41 +479,40 @@ class Buckets:
             return
         await self.fs.forget_unlinked()
 
-    async def _check_parent_path(self, caller: Caller, top: Attrs, names: list[bytes]) -> None:
+    def _check_parents(self, caller: Caller, found: list[DirEntry], names: list[bytes]) -> None:
         """Check, before any byte is stored, that the key's directories are
-        directories where they exist and that the caller may add a name
-        where the first missing one (or the file) goes.
+        directories where they exist (``found``: the walk from the bucket),
+        that the key is not a directory, and that the caller may add a name
+        where the first missing directory (or the file) goes.
         """
-        attrs = top
-        for name in names[:-1]:
-            try:
-                child = await self.fs.lookup(attrs.ino, name)
-            except errors.NotFound:
-                break
-            if not child.is_dir:
-                raise S3Error("ObjectConflict", f"{name.decode()!r} is an object, not a directory")
-            await self._allowed(child, os.X_OK, caller)
-            attrs = child
-        await self._allowed(attrs, os.W_OK | os.X_OK, caller)
+        for k, e in enumerate(found[1 : len(names)]):
+            if not e.attrs.is_dir:
+                raise S3Error(
+                    "ObjectConflict", f"{names[k].decode()!r} is an object, not a directory"
+                )
+        if len(found) == len(names) + 1 and found[-1].attrs.is_dir:
+            raise S3Error("ObjectConflict", "the key names a directory")
+        self._allow(found[min(len(found), len(names)) - 1].attrs, os.W_OK | os.X_OK, caller)
 
-    async def _make_dirs(self, caller: Caller, top: Attrs, names: list[bytes]) -> Attrs:
-        """The directory ``names`` lead to from ``top``, made where missing
-        (owned by the caller, who needs wx on where each goes).
+    async def _make_dirs(self, caller: Caller, found: list[DirEntry], names: list[bytes]) -> Attrs:
+        """The directory ``names`` lead to from the bucket (``found``: the
+        walk from it), made where missing (owned by the caller, who needs
+        wx on where each goes).
         """
-        attrs = top
-        for name in names:
+        existing = found[: len(names) + 1]
+        attrs = existing[-1].attrs
+        for name in names[len(existing) - 1 :]:
+            self._allow(attrs, os.W_OK | os.X_OK, caller)
             try:
+                child = await self.fs.mkdir(attrs.ino, name, DIR_MODE, caller)
+            except errors.Exists:
                 child = await self.fs.lookup(attrs.ino, name)
-            except errors.NotFound:
-                await self._allowed(attrs, os.W_OK | os.X_OK, caller)
-                try:
-                    child = await self.fs.mkdir(attrs.ino, name, DIR_MODE, caller)
-                except errors.Exists:
-                    child = await self.fs.lookup(attrs.ino, name)
             if not child.is_dir:
                 raise S3Error("ObjectConflict", f"{name.decode()!r} is an object, not a directory")
-            await self._allowed(child, os.X_OK, caller)
+            self._allow(child, os.X_OK, caller)
             attrs = child
+        if not attrs.is_dir:
+            raise S3Error("ObjectConflict", "an object stands where a directory is needed")
         return attrs
 
     async def delete(self, caller: Caller, bucket: str, key: str) -> None:
@@ -511,35 +520,27 @@ class Buckets:
         the directories it leaves empty up to the bucket. Raises
         ``NoSuchBucket``, ``AccessDenied``.
         """
-        names = key_names(key)
-        top = await self.bucket(caller, bucket)
         try:
-            parent, name, attrs = await self._entry(caller, bucket, key)
+            found = await self._entry(caller, bucket, key)
         except S3Error as exc:
             if exc.code == "NoSuchKey":
                 return
             raise
-        await self._allowed(parent, os.W_OK | os.X_OK, caller)
+        self._allow(found[-2].attrs, os.W_OK | os.X_OK, caller)
         try:
-            await self.fs.unlink(parent.ino, name, is_dir=attrs.is_dir)
+            await self.fs.unlink(found[-2].attrs.ino, found[-1].name, is_dir=found[-1].attrs.is_dir)
         except (errors.NotFound, errors.NotEmpty):
             return
         await self.fs.forget_unlinked()
-        await self._prune(caller, top, names[:-1])
-
-    async def _prune(self, caller: Caller, top: Attrs, names: list[bytes]) -> None:
-        """Remove the directories along ``names`` that are left empty,
-        deepest first (S3 has no prefix without an object under it).
-        """
-        while names:
-            parent = await self._walk(caller, top, names[:-1])
-            if parent is None or not await self.fs.access(parent.ino, os.W_OK | os.X_OK, caller):
+        # S3 has no prefix without an object under it: remove the
+        # directories left empty, deepest first, up to the bucket.
+        for k in range(len(found) - 2, 0, -1):
+            if not permitted(found[k - 1].attrs, os.W_OK | os.X_OK, caller):
                 return
             try:
-                await self.fs.unlink(parent.ino, names[-1], is_dir=True)
+                await self.fs.unlink(found[k - 1].attrs.ino, found[k].name, is_dir=True)
             except (errors.NotEmpty, errors.NotFound, errors.NotADirectory):
                 return
-            names = names[:-1]
 
     # ---------------------------------------------------------- listing
 
@@ -571,7 +572,7 @@ class Buckets:
         ``NoSuchBucket``, ``AccessDenied``.
         """
         top = await self.bucket(caller, bucket)
-        await self._allowed(top, os.R_OK | os.X_OK, caller)
+        self._allow(top, os.R_OK | os.X_OK, caller)
         found: list[tuple[str, DirEntry | None]] = []
         more = False
         async for key, entry in self._walk_keys(caller, top.ino, "", prefix, delimiter, after):
@@ -624,7 +625,7 @@ class Buckets:
                 if key.encode() > after.encode():
                     yield key, None
                 continue
-            if not await self.fs.access(e.attrs.ino, os.R_OK | os.X_OK, caller):
+            if not permitted(e.attrs, os.R_OK | os.X_OK, caller):
                 continue
             async for item in self._walk_keys(caller, e.attrs.ino, key, prefix, delimiter, after):
                 yield item

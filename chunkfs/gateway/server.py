@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # Staged uploads older than this (seconds) were left by a gateway that
 # stopped mid-upload: removed when a gateway starts.
 STALE_STAGED_S = 24 * 3600
+# How long the attributes of a directory (its owner and mode, for the
+# permission checks) are trusted, as a mount's attr_timeout: names are
+# always looked up afresh, so what a mount makes is seen at once.
+ATTR_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ async def serve_gateway(
     """Serve S3 over the filesystem at ``dsn`` until SIGTERM/SIGINT (or
     cancellation); ``task_status.started`` receives the URL it serves at.
 
-    Every change is durable before its request is answered (PostgreSQL
-    commits synchronously). Raises ``ChunkfsError`` with a one-line message
+    Every change is durable before its request is answered (the app
+    waits for PostgreSQL's log to reach the disk once per request). Raises ``ChunkfsError`` with a one-line message
     when the port is busy, the TLS files are wrong, PostgreSQL does not
     answer (``MetadataUnavailable``) or holds no chunkfs filesystem
     (``ConfigError``).
@@ -78,7 +82,7 @@ async def serve_gateway(
         url = f"{'https' if o.tls_cert else 'http'}://{shown}:{port}"
         with errors.unwrapped():
             async with open_filesystem(
-                dsn, spool, attr_ttl=0.0, entry_ttl=0.0, async_commit=False,
+                dsn, spool, attr_ttl=ATTR_TTL_S, entry_ttl=0.0,
                 node_timeout=o.node_timeout, pg_timeout=o.pg_timeout,
             ) as fs:  # fmt: skip
                 app = GatewayApp(fs, region=o.region, domain=o.domain, upload_ttl_s=o.upload_ttl_s)

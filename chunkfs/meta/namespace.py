@@ -9,7 +9,7 @@ answer, and the ``ChunkfsError`` its docstring names for bad input.
 from __future__ import annotations
 
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import errors
 from ..pg import Connection, Database, Record, UniqueViolationError
@@ -369,15 +369,31 @@ class Namespace:
             after,
             limit,
         )
-        return [
-            DirEntry(
-                r["name"],
-                Attrs.from_row(r),
-                r["cookie"],
-                dict(zip(r["names"], r["values"], strict=True)) if r["names"] else {},
-            )
-            for r in rows
-        ]
+        return [_dir_entry(r, r["cookie"]) for r in rows]
+
+    async def walk(self, start: Ino, names: Sequence[bytes]) -> list[DirEntry]:
+        """The entries ``names`` lead to from ``start`` (``names[k]`` looked
+        up in the entry before it), with their extended attributes, as many
+        as exist: the walk stops at a missing name or a non-directory (which
+        has no names). One statement; the cookies are 0.
+        """
+        rows = await self.db.fetch(
+            f"""WITH RECURSIVE walk(depth, ino) AS (
+                    SELECT 0, $1::bigint
+                    UNION ALL
+                    SELECT w.depth + 1, d.ino FROM walk w JOIN dentries d
+                        ON d.parent = w.ino AND d.name = ($2::bytea[])[w.depth + 1]
+                    WHERE w.depth < cardinality($2::bytea[]))
+                SELECT ($2::bytea[])[w.depth] AS name, {ATTR_COLUMNS_I}, x.names, x.values
+                FROM walk w JOIN inodes i ON i.ino = w.ino
+                LEFT JOIN LATERAL (
+                    SELECT array_agg(name) AS names, array_agg(value) AS values
+                    FROM xattrs WHERE ino = w.ino) x ON true
+                WHERE w.depth > 0 ORDER BY w.depth""",
+            start,
+            list(names),
+        )
+        return [_dir_entry(r, 0) for r in rows]
 
     async def parent_of(self, ino: Ino) -> Ino:
         """The parent directory of directory ``ino`` (the root is its own)."""
@@ -430,6 +446,28 @@ class Namespace:
 
         await self.db.transaction(body)
 
+    async def set_xattrs(self, ino: Ino, values: Mapping[bytes, bytes]) -> None:
+        """Set several extended attributes in one statement (replacing any
+        of the same names); the inode's ctime moves. Raises ``NotFound``,
+        and as ``setxattr`` for a bad name or value.
+        """
+        for name, value in values.items():
+            if not name or len(name) > NAME_MAX or len(value) > XATTR_VALUE_MAX:
+                raise errors.InvalidArgument("an xattr name of 1 to 255 bytes, a value to 64 KiB")
+        done = await self.db.fetchval(
+            """WITH i AS (UPDATE inodes SET ctime_ns = $4 WHERE ino = $1 RETURNING ino),
+                    x AS (INSERT INTO xattrs (ino, name, value)
+                          SELECT i.ino, n, v FROM i, unnest($2::bytea[], $3::bytea[]) AS u(n, v)
+                          ON CONFLICT (ino, name) DO UPDATE SET value = excluded.value)
+               SELECT EXISTS (SELECT 1 FROM i)""",
+            ino,
+            list(values),
+            list(values.values()),
+            now_ns(),
+        )
+        if not done:
+            raise errors.NotFound(f"no inode {ino}")
+
     async def removexattr(self, ino: Ino, name: bytes) -> None:
         """Remove an extended attribute. Raises ``NoAttribute``."""
         t = now_ns()
@@ -443,6 +481,15 @@ class Namespace:
             await conn.execute("UPDATE inodes SET ctime_ns = $2 WHERE ino = $1", ino, t)
 
         await self.db.transaction(body)
+
+
+def _dir_entry(row: Record, cookie: int) -> DirEntry:
+    return DirEntry(
+        row["name"],
+        Attrs.from_row(row),
+        cookie,
+        dict(zip(row["names"], row["values"], strict=True)) if row["names"] else {},
+    )
 
 
 def check_name(name: bytes) -> None:
