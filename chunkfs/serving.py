@@ -91,10 +91,7 @@ class _BoundedConnection(hypercorn.trio.tcp_server.TCPServer):
             try:
                 with trio.fail_at(deadline):
                     data = await self.stream.receive_some(hypercorn.trio.tcp_server.MAX_RECV)
-            except trio.TooSlowError:
-                await self.idle_task.stop()  # else the keep-alive timer holds the connection
-                break
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
+            except (trio.TooSlowError, trio.ClosedResourceError, trio.BrokenResourceError):
                 break
             if state is h11.IDLE and head_since is None:
                 head_since = now
@@ -108,6 +105,9 @@ class _BoundedConnection(hypercorn.trio.tcp_server.TCPServer):
                 if state is not h11.SEND_BODY:
                     body_since, body_bytes = trio.current_time(), 0
                 body_bytes += len(data)
+        # The client is gone or too slow: the keep-alive timer must not hold
+        # the connection (and its place among max_connections) until it fires.
+        await self.idle_task.stop()
         await self.protocol.handle(Closed())
 
 

@@ -151,7 +151,8 @@ def test_bucket_lifecycle(gateway: Gateway, s3: Any) -> None:
     s3.delete_bucket(Bucket=name)
     assert error_code(s3.head_bucket, Bucket=name) == "404"
     assert error_code(s3.list_objects_v2, Bucket=name) == "NoSuchBucket"
-    assert error_code(s3.create_bucket, Bucket="Not_Valid") == "InvalidBucketName"
+    for bad in ("Not_Valid", "192.168.5.123", "a.-b", "ab", "-ab"):
+        assert error_code(s3.create_bucket, Bucket=bad) == "InvalidBucketName"
 
 
 # ------------------------------------------------------------------ objects
@@ -287,6 +288,8 @@ def test_listing(s3: Any, bucket: str) -> None:
     encoded = s3.list_objects_v2(Bucket=bucket, EncodingType="url", Prefix="sp")
     assert [unquote_plus(o["Key"]) for o in encoded["Contents"]] == ["sp ace/k+ey"]
     assert "%2B" in encoded["Contents"][0]["Key"]
+    none = s3.list_objects_v2(Bucket=bucket, MaxKeys=0)
+    assert none["KeyCount"] == 0 and not none["IsTruncated"]
     owner = s3.list_objects_v2(Bucket=bucket, FetchOwner=True, MaxKeys=1)
     assert owner["Contents"][0]["Owner"]["ID"] == "0" and owner["IsTruncated"]
 
@@ -449,6 +452,10 @@ def test_multipart_upload(cluster: cl.Cluster, s3: Any, bucket: str, mounted: cl
         error_code(s3.list_parts, Bucket=bucket, Key="big/object", UploadId=uid) == "NoSuchUpload"
     )
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    again = s3.complete_multipart_upload(  # a client that did not see the answer asks again
+        Bucket=bucket, Key="big/object", UploadId=uid, MultipartUpload={"Parts": wanted}
+    )
+    assert again["ETag"] == done["ETag"]
 
 
 def test_multipart_small_parts_copy_and_abort(s3: Any, bucket: str) -> None:
@@ -466,6 +473,10 @@ def test_multipart_small_parts_copy_and_abort(s3: Any, bucket: str) -> None:
         CopySourceRange=f"bytes=0-{6 * MIB - 1}",
     )["CopyPartResult"]["ETag"]  # fmt: skip
     assert copied == f'"{md5_hex(source[: 6 * MIB])}"'
+    assert error_code(
+        s3.upload_part_copy, Bucket=bucket, Key="m", UploadId=uid, PartNumber=3,
+        CopySource=f"{bucket}/source", CopySourceRange=f"bytes=0-{7 * MIB}",
+    ) == "InvalidRange"  # fmt: skip
     s3.complete_multipart_upload(
         Bucket=bucket, Key="m", UploadId=uid,
         MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": copied}, {"PartNumber": 2, "ETag": t2}]},
@@ -655,6 +666,25 @@ def test_a_body_shorter_than_its_length_leaves_nothing(
     assert not (Path(mounted.path) / bucket / "cut").exists()
     staged = list((Path(mounted.path) / ".chunkfs-gateway").iterdir())
     assert staged == []
+
+
+def test_a_body_without_a_length(gateway: Gateway, s3: Any, bucket: str) -> None:
+    """Transfer-Encoding: chunked, as HTTP/1.1 allows, instead of a length."""
+    host, port = gateway.url.split("//")[1].split(":")
+    request = AWSRequest(
+        method="PUT", url=f"{gateway.url}/{bucket}/streamed", data=b"no length given",
+        headers={"Transfer-Encoding": "chunked"},
+    )  # fmt: skip
+    S3SigV4Auth(
+        Credentials(gateway.admin.key_id, gateway.admin.secret), "s3", "us-east-1"
+    ).add_auth(request)
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    conn.request("PUT", f"/{bucket}/streamed", body=iter([b"no ", b"length ", b"given"]),
+                 headers=dict(request.headers.items()), encode_chunked=True)  # fmt: skip
+    answer = conn.getresponse()
+    assert answer.status == 200, answer.read()
+    conn.close()
+    assert s3.get_object(Bucket=bucket, Key="streamed")["Body"].read() == b"no length given"
 
 
 def test_malformed_xml_changes_nothing(gateway: Gateway, s3: Any, bucket: str) -> None:
@@ -893,3 +923,25 @@ def test_the_gateway_command_fails_in_one_line(cluster: cl.Cluster, gateway: Gat
         "gateway", "key", "add", cluster.dsn, "--uid", "-1", "--gid", "0", check=False
     )
     assert bad.returncode != 0
+
+
+def test_closed_connections_free_their_place(
+    cluster: cl.Cluster, gateway: Gateway, tmp_path: Path
+) -> None:
+    """A client that closes its idle keep-alive connection gives its place
+    among --max-connections back at once (not when the keep-alive timer fires).
+    """
+    process = cl.GatewayProcess(
+        cluster.dsn, tmp_path / "gw.log", extra_args=["--max-connections", "10"]
+    ).start()
+    try:
+        gw = Gateway(process, cluster.dsn, gateway.admin, gateway.user)
+        for _ in range(25):
+            s3 = client(gw)
+            s3.list_buckets()
+            time.sleep(0.02)  # the connection goes idle, then the client closes it
+            s3.close()
+        time.sleep(0.5)
+        client(gw).list_buckets()  # would be reset while ten closed ones held every place
+    finally:
+        assert process.stop() == 0

@@ -15,6 +15,7 @@ import binascii
 import email.utils
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -62,6 +63,7 @@ _UNSUPPORTED = {
     "replication", "encryption", "object-lock", "retention", "legal-hold", "torrent",
     "versions", "accelerate", "requestPayment", "ownershipControls", "publicAccessBlock",
     "inventory", "analytics", "metrics", "intelligent-tiering", "restore", "select",
+    "attributes",
 }  # fmt: skip
 
 
@@ -307,14 +309,18 @@ class GatewayApp:
 
     # -------------------------------------------------------------- bodies
 
-    def _declared_length(self, call: _Call) -> int:
+    def _declared_length(self, call: _Call) -> int | None:
         """The body's length in bytes as the request declares it (decoded,
-        for an aws-chunked body). Raises ``MissingContentLength``,
-        ``InvalidArgument``, ``EntityTooLarge`` (over the maximum file size).
+        for an aws-chunked body); None for a body sent with
+        ``Transfer-Encoding: chunked`` and no length. Raises
+        ``MissingContentLength``, ``InvalidArgument``, ``EntityTooLarge``
+        (over the maximum file size).
         """
         name = "x-amz-decoded-content-length" if self._streaming(call) else "content-length"
         value = call.header(name)
         if value is None:
+            if name == "content-length" and "chunked" in (call.header("transfer-encoding") or ""):
+                return None
             raise S3Error("MissingContentLength")
         if not value.isdigit():
             raise S3Error("InvalidArgument", f"{name} must be a number")
@@ -347,13 +353,15 @@ class GatewayApp:
             if not piece:
                 continue
             got += len(piece)
-            if got > length:
+            if length is None and got > self.fs.settings.max_file_size:
+                raise S3Error("EntityTooLarge")
+            if length is not None and got > length:
                 raise S3Error("InvalidRequest", "the body is longer than its declared length")
             if digest is not None:
                 digest.update(piece)
             self.metrics.bytes_in.inc(len(piece))
             yield piece
-        if got < length:
+        if length is not None and got < length:
             raise S3Error("IncompleteBody")
         if digest is not None and digest.hexdigest() != signed.payload_hash:
             raise S3Error("XAmzContentSHA256Mismatch")
@@ -362,7 +370,7 @@ class GatewayApp:
         """A request document (XML), at most ``xml.BODY_MAX`` bytes, checked
         as ``_body`` checks and against Content-MD5 when sent.
         """
-        if self._declared_length(call) > xml.BODY_MAX:
+        if (self._declared_length(call) or 0) > xml.BODY_MAX:
             raise S3Error("MalformedXML", "the request document is too large")
         data = b"".join([p async for p in self._body(call)])
         want = _content_md5(call)
@@ -420,6 +428,8 @@ class GatewayApp:
         if encoding not in (None, "url"):
             raise S3Error("InvalidArgument", "encoding-type must be url")
         prefix, delimiter = p.get("prefix", ""), p.get("delimiter", "")
+        if p.get("allow-unordered") == "true" and delimiter:
+            raise S3Error("InvalidArgument", "allow-unordered cannot be used with a delimiter")
         if v2:
             token = p.get("continuation-token")
             after = _decode_token(token) if token is not None else p.get("start-after", "")
@@ -436,11 +446,12 @@ class GatewayApp:
         owner = v2 is False or p.get("fetch-owner") == "true"
         nodes: list[xml.Node] = [
             ("Name", call.bucket),
-            ("Prefix", enc(prefix)),
+            # ListObjects (v1) sends its Prefix as given even with encoding-type=url.
+            ("Prefix", enc(prefix) if v2 else prefix),
             ("Delimiter", enc(delimiter) if delimiter else None),
             ("MaxKeys", limit),
             ("EncodingType", encoding),
-            ("IsTruncated", more),
+            ("IsTruncated", more and limit > 0),
         ]
         last = items[-1].key if items else None
         if v2:
@@ -620,12 +631,7 @@ class GatewayApp:
             start, end = 0, info.attrs.size
             wanted = call.header("x-amz-copy-source-range")
             if wanted is not None:
-                try:
-                    start, end = wire.parse_range(wanted, info.attrs.size)
-                except (ValueError, wire.RangeNotSatisfiable):
-                    raise S3Error(
-                        "InvalidArgument", "x-amz-copy-source-range is not within the source"
-                    ) from None
+                start, end = _copy_range(wanted, info.attrs.size)
             etag = await self.multipart.put_part(upload, number, self.buckets.read(fh, start, end))
         finally:
             await self.fs.release(fh)
@@ -635,9 +641,22 @@ class GatewayApp:
         return _xml(doc)
 
     async def complete_upload(self, call: _Call) -> Response:
-        upload = await self._upload(call)
         wanted = xml.completed_parts(await self._small_body(call))
-        info = await self.multipart.complete(call.who, upload, wanted)
+        try:
+            upload = await self._upload(call)
+        except S3Error as exc:
+            # Sent again after it succeeded: the same answer, if the key still holds it.
+            again = exc.code == "NoSuchUpload"
+            done = (
+                await self.multipart.completed(call.who, call.bucket, call.key, wanted)
+                if again
+                else None
+            )
+            if done is None:
+                raise
+            info = done
+        else:
+            info = await self.multipart.complete(call.who, upload, wanted)
         doc = xml.document(
             "CompleteMultipartUploadResult",
             [
@@ -765,6 +784,20 @@ def _content_md5(call: _Call) -> bytes | None:
     if len(digest) != 16:
         raise S3Error("InvalidDigest")
     return digest
+
+
+def _copy_range(header: str, size: int) -> tuple[int, int]:
+    """``x-amz-copy-source-range``'s ``bytes=FIRST-LAST`` as ``(start,
+    end)``, end exclusive. Raises ``InvalidArgument`` when malformed and
+    ``InvalidRange`` when it is not within the source's ``size`` bytes.
+    """
+    m = re.fullmatch(r"bytes=(\d{1,19})-(\d{1,19})", header.strip())
+    if m is None or int(m.group(2)) < int(m.group(1)):
+        raise S3Error("InvalidArgument", "x-amz-copy-source-range must be bytes=FIRST-LAST")
+    first, last = int(m.group(1)), int(m.group(2))
+    if last >= size:
+        raise S3Error("InvalidRange", ActualObjectSize=str(size))
+    return first, last + 1
 
 
 def _encode_token(key: str) -> str:

@@ -83,9 +83,14 @@ class Listed:
 
 def check_bucket_name(name: str) -> None:
     """Raise ``InvalidBucketName`` unless ``name`` is a valid S3 bucket
-    name (3 to 63 of ``a-z 0-9 . -``, starting and ending alphanumeric).
+    name: 3 to 63 of ``a-z 0-9 . -``, starting and ending alphanumeric,
+    no ``..``, ``.-`` or ``-.``, not an IP address.
     """
-    if not _BUCKET_RE.match(name) or ".." in name:
+    if (
+        not _BUCKET_RE.match(name)
+        or any(bad in name for bad in ("..", ".-", "-."))
+        or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name)
+    ):
         raise S3Error("InvalidBucketName", f"{name!r} is not a valid bucket name", BucketName=name)
 
 

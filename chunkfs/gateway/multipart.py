@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Mapping
 
+import trio
+
 from .. import errors, layout, ring
 from ..core import Caller
 from ..meta import ChunkRef, MultipartUpload, Part
@@ -26,6 +28,8 @@ from .xml import CompletedPart
 
 # Bytes in one stored piece of a part (a chunk object, fetched whole when read).
 PIECE_MAX = 8 << 20
+# Pieces fetched at once when a completed upload is read back.
+READ_AHEAD = 4
 # S3's limits: part numbers, and the smallest part but the last (bytes).
 PART_NUMBER_MAX = 10000
 PART_MIN = 5 << 20
@@ -155,8 +159,10 @@ class Multipart:
         last under 5 MiB), and what ``Buckets.put`` raises.
         """
         numbers = [p.number for p in wanted]
-        if numbers != sorted(set(numbers)):
+        if numbers != sorted(numbers):
             raise S3Error("InvalidPartOrder")
+        # A part number listed twice (a part sent again) counts once: the last listing.
+        wanted = list({p.number: p for p in wanted}.values())
         stored = {p.number: p for p in await self.parts(upload)}
         chosen: list[Part] = []
         for want in wanted:
@@ -167,19 +173,49 @@ class Multipart:
         for part in chosen[:-1]:
             if part.size < PART_MIN:
                 raise S3Error("EntityTooSmall", PartNumber=str(part.number))
-        combined = hashlib.md5(b"".join(p.md5 for p in chosen), usedforsecurity=False)
-        etag = f'"{combined.hexdigest()}-{len(chosen)}"'
+        etag = combined_etag([p.md5 for p in chosen])
         info = await self.buckets.put(
             caller, upload.bucket, upload.key, self._read(chosen), upload.headers, etag=etag
         )
         await self.objects.end_multipart(upload)
         return info
 
+    async def completed(
+        self, caller: Caller, bucket: str, key: str, wanted: list[CompletedPart]
+    ) -> ObjectInfo | None:
+        """The object a CompleteMultipartUpload of ``wanted`` made, when the
+        key holds it still (a client that sends the request again, not
+        having seen the first answer, gets the same); else None.
+        """
+        last = {p.number: p for p in wanted}.values()
+        try:
+            md5s = [bytes.fromhex(p.etag.strip('"')) for p in last]
+        except ValueError:
+            return None
+        try:
+            info = await self.buckets.head(caller, bucket, key)
+        except S3Error:
+            return None
+        return info if info.etag == combined_etag(md5s) else None
+
     async def _read(self, parts: list[Part]) -> AsyncIterator[bytes]:
-        """The bytes of ``parts`` in order, each piece verified against its id."""
-        for part in parts:
-            for piece in part.pieces:
-                yield bytes(await self.store.read(piece, 0, piece.length))
+        """The bytes of ``parts`` in order, each piece verified against its
+        id; ``READ_AHEAD`` pieces are fetched at once.
+        """
+        pieces = [piece for part in parts for piece in part.pieces]
+        for first in range(0, len(pieces), READ_AHEAD):
+            group = pieces[first : first + READ_AHEAD]
+            got: list[bytes] = [b""] * len(group)
+
+            async def fetch(i: int, group: list[ChunkRef] = group, got: list[bytes] = got) -> None:
+                got[i] = bytes(await self.store.read(group[i], 0, group[i].length))
+
+            with errors.unwrapped():
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(group)):
+                        nursery.start_soon(fetch, i)
+            for data in got:
+                yield data
 
     async def abort(self, upload: MultipartUpload) -> None:
         """End the upload; its parts are collected. Raises ``NoSuchUpload``."""
@@ -190,3 +226,11 @@ class Multipart:
         """The uploads in progress into ``bucket``. Raises ``NoSuchBucket``."""
         await self.buckets.bucket(caller, bucket)
         return await self.objects.multiparts(bucket)
+
+
+def combined_etag(md5s: list[bytes]) -> str:
+    """A multipart object's ETag, quoted: the MD5 of its parts' MD5s, then
+    ``-`` and their count.
+    """
+    combined = hashlib.md5(b"".join(md5s), usedforsecurity=False)
+    return f'"{combined.hexdigest()}-{len(md5s)}"'
