@@ -26,6 +26,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import trio
 
@@ -362,10 +363,14 @@ class Buckets:
         self._check_parents(caller, found, names)
 
         async def fill(fh: int) -> tuple[Attrs | None, str]:
-            md5 = await self._fill(fh, body)
+            if etag is not None:  # a multipart upload's: its parts' MD5s were taken
+                await self._fill(fh, body, None)
+                return await self.fs.flush(fh), etag
+            md5 = hashlib.md5(usedforsecurity=False)
+            await self._fill(fh, body, md5)
             if content_md5 is not None and md5.digest() != content_md5:
                 raise S3Error("BadDigest")
-            return await self.fs.flush(fh), etag or f'"{md5.hexdigest()}"'
+            return await self.fs.flush(fh), f'"{md5.hexdigest()}"'
 
         return await self._stage(caller, found, names, key, headers, fill)
 
@@ -451,24 +456,19 @@ class Buckets:
                     raise
                 found = await self.fs.walk(ROOT_INO, [found[0].name, *names])
 
-    async def _fill(self, fh: int, body: AsyncIterator[bytes]) -> hashlib._Hash:
-        """Write ``body`` to the open file ``fh``; return its MD5."""
-        md5 = hashlib.md5(usedforsecurity=False)
+    async def _fill(self, fh: int, body: AsyncIterator[bytes], md5: Any | None) -> None:
+        """Write ``body`` to the open file ``fh``, feeding ``md5`` (a hashlib
+        MD5, or None) on the way.
+        """
         offset = 0
-        pending = bytearray()
-        async for piece in body:
-            md5.update(piece)
-            pending += piece
-            if len(pending) >= WRITE_PIECE:
-                offset += await self._write(fh, offset, pending)
-                pending = bytearray()
-        if pending:
-            await self._write(fh, offset, pending)
-        return md5
+        async for data in pieces_of(body, WRITE_PIECE):
+            if md5 is not None:
+                await hash_update(md5, data)
+            offset += await self._write(fh, offset, data)
 
-    async def _write(self, fh: int, offset: int, data: bytearray) -> int:
+    async def _write(self, fh: int, offset: int, data: bytes) -> int:
         try:
-            return await self.fs.write(fh, offset, bytes(data))
+            return await self.fs.write(fh, offset, data)
         except errors.FileTooLarge:
             raise S3Error("EntityTooLarge") from None
 
@@ -665,3 +665,34 @@ class Buckets:
             for ino in missing:
                 nursery.start_soon(compute, ino)
         return tags
+
+
+async def pieces_of(body: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """``body`` cut into pieces of ``size`` bytes (the last one shorter)."""
+    held: list[bytes] = []
+    count = 0
+    async for data in body:
+        held.append(data)
+        count += len(data)
+        while count >= size:
+            joined = b"".join(held)
+            yield joined[:size]
+            rest = joined[size:]
+            held, count = ([rest] if rest else []), len(rest)
+    if count:
+        yield b"".join(held)
+
+
+# Below this many bytes a hash is updated on the event loop: a thread's
+# round trip would cost more than the hashing.
+_HASH_IN_THREAD = 64 << 10
+
+
+async def hash_update(digest: Any, data: bytes) -> None:
+    """``digest.update(data)`` (a hashlib object), in a worker thread for
+    large ``data`` (hashlib lets go of the GIL), so other requests go on.
+    """
+    if len(data) < _HASH_IN_THREAD:
+        digest.update(data)
+    else:
+        await trio.to_thread.run_sync(digest.update, data)

@@ -22,7 +22,7 @@ from .. import errors, layout, ring
 from ..core import Caller
 from ..meta import ChunkRef, MultipartUpload, Part
 from ..store import PutItem
-from .buckets import Buckets, ObjectInfo, key_names
+from .buckets import Buckets, ObjectInfo, hash_update, key_names, pieces_of
 from .errors import S3Error
 from .xml import CompletedPart
 
@@ -99,20 +99,15 @@ class Multipart:
         md5 = hashlib.md5(usedforsecurity=False)
         pieces: list[ChunkRef] = []
         size = 0
-        pending = bytearray()
-        async for data in body:
-            md5.update(data)
-            pending += data
-            size += len(data)
-            if size > PART_MAX:
+        async for data in pieces_of(body, PIECE_MAX):
+            if size + len(data) > PART_MAX:
                 raise S3Error("EntityTooLarge")
-            while len(pending) >= PIECE_MAX:
-                pieces.append(
-                    await self._store(upload, len(pieces), size - len(pending), pending[:PIECE_MAX])
-                )
-                del pending[:PIECE_MAX]
-        if pending or not pieces:
-            pieces.append(await self._store(upload, len(pieces), size - len(pending), pending))
+            await hash_update(md5, data)
+            digests = await trio.to_thread.run_sync(layout.block_digests, data)
+            pieces.append(await self._store(upload, len(pieces), size, data, digests))
+            size += len(data)
+        if not pieces:
+            pieces.append(await self._store(upload, 0, 0, b"", layout.block_digests(b"")))
         if content_md5 is not None and md5.digest() != content_md5:
             raise S3Error("BadDigest")
         part = Part(number, size, md5.digest(), 0.0, tuple(pieces))
@@ -120,14 +115,15 @@ class Multipart:
         return part_etag(part)
 
     async def _store(
-        self, upload: MultipartUpload, index: int, offset: int, data: bytearray
+        self, upload: MultipartUpload, index: int, offset: int, data: bytes, digests: list[bytes]
     ) -> ChunkRef:
-        """One piece of a part, stored durably on R nodes."""
-        digests = layout.block_digests(data)
+        """One piece of a part (its 1 MiB blocks' SHA-256s ``digests``),
+        stored durably on R nodes.
+        """
         chunk_id = layout.chunk_id_of(digests)
         position = ring.key_position(chunk_id)
         await self._protect(upload, chunk_id)
-        placed = await self.store.put([PutItem(chunk_id, len(data), position, data=bytes(data))])
+        placed = await self.store.put([PutItem(chunk_id, len(data), position, data=data)])
         blocks = b"".join(digests) if len(digests) > 1 else None
         return ChunkRef(
             index, offset, len(data), chunk_id, tuple(placed[chunk_id]), blocks, position
