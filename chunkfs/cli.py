@@ -208,7 +208,8 @@ class _ServeByDefault(click.Group):
 
 @cli.group(cls=_ServeByDefault)
 def gateway() -> None:
-    """Serve the filesystem over S3 (gateway DSN --listen HOST:PORT), or
+    """Serve the filesystem over S3 (gateway DSN --listen HOST:PORT, the
+    same as gateway serve DSN ...; its options: gateway serve --help), or
     manage its access keys (gateway key add / list / remove).
     """
 

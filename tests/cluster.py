@@ -762,7 +762,68 @@ def node_counter(urls: Iterable[str], token: str, family_name: str) -> float:
     return total
 
 
-class NodeProcess:
+class _ChildProcess:
+    """A server process the harness started: ``_proc`` (None until it
+    runs), its ``port``, and how it is stopped. ``what`` names it in logs.
+    """
+
+    what = "process"
+    port: int
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last run (negative: killed by that signal), None while running."""
+        return self._proc.poll() if self._proc else None
+
+    def terminate(self) -> None:
+        """Send SIGTERM (a clean stop) without waiting."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 10.0) -> int | None:
+        """Wait for the process to exit; SIGKILL it after ``timeout`` seconds. Returns its exit code."""
+        if self._proc is None:
+            return None
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "%s on port %d ignored SIGTERM for %.0f s: killing it",
+                self.what,
+                self.port,
+                timeout,
+            )
+            self._proc.kill()
+            self._proc.wait(10)
+        _unregister(self)
+        return self._proc.returncode
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
+        self.terminate()
+        return self.wait_stopped(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap the process."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait(10)
+        _unregister(self)
+
+
+class NodeProcess(_ChildProcess):
     """One ``chunkfs node`` process listening on ``listen_host``:``port``
     (127.0.0.1; in network namespace ``netns``, if given), at ``advertise``
     (default: the listen address over HTTP). An ``https://`` node's
@@ -772,6 +833,8 @@ class NodeProcess:
     next to the data directory. ``start`` after ``stop`` or ``kill`` runs
     it again with the same data directory and port, hence the same node id.
     """
+
+    what = "node"
 
     def __init__(
         self,
@@ -802,7 +865,6 @@ class NodeProcess:
         self.ready_timeout = ready_timeout
         self.extra_args = tuple(extra_args)
         self.node_id: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._log_start = 0  # where this run's part of the log begins (bytes)
 
     def __repr__(self) -> str:
@@ -812,20 +874,6 @@ class NodeProcess:
     def url(self) -> str:
         """Base URL of the node's HTTP API."""
         return self.advertise or f"http://{self.listen_host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        """True while the process has not exited."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit status of the last run (negative: killed by that signal), None while running."""
-        return self._proc.poll() if self._proc else None
 
     def argv(self) -> list[str]:
         """The command line the node runs with."""
@@ -902,40 +950,6 @@ class NodeProcess:
 
         return call_in_netns(self.netns, get)
 
-    def terminate(self) -> None:
-        """Send SIGTERM (a clean stop) without waiting."""
-        if self.running:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGTERM)
-
-    def wait_stopped(self, timeout: float = 10.0) -> int | None:
-        """Wait for the process to exit; SIGKILL it after ``timeout`` seconds. Returns its exit code."""
-        if self._proc is None:
-            return None
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "node on port %d ignored SIGTERM for %.0f s: killing it", self.port, timeout
-            )
-            self._proc.kill()
-            self._proc.wait(10)
-        _unregister(self)
-        return self._proc.returncode
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
-        self.terminate()
-        return self.wait_stopped(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap the process."""
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait(10)
-        _unregister(self)
-
     def __enter__(self) -> NodeProcess:
         return self.start()
 
@@ -943,10 +957,12 @@ class NodeProcess:
         self.stop()
 
 
-class GatewayProcess:
+class GatewayProcess(_ChildProcess):
     """One ``chunkfs gateway`` process on 127.0.0.1:``port``, its output
     appended to ``log_path``; ``extra_args`` go to its command line.
     """
+
+    what = "gateway"
 
     def __init__(
         self,
@@ -964,7 +980,6 @@ class GatewayProcess:
         self.extra_args = tuple(extra_args)
         self.ready_timeout = ready_timeout
         self.ca_file = ca_file
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -973,11 +988,6 @@ class GatewayProcess:
         """
         scheme = "https" if "--tls-cert" in self.extra_args else "http"
         return f"{scheme}://{HOST}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        """True while the process has not exited."""
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> GatewayProcess:
         """Run the gateway and wait until its health endpoint answers; returns
@@ -1013,32 +1023,9 @@ class GatewayProcess:
                 raise ClusterError(f"gateway not healthy\n{_tail(self.log_path, 15, start)}")
             time.sleep(0.1)
 
-    def terminate(self) -> None:
-        """Send SIGTERM (a clean stop) without waiting."""
-        if self.running:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGTERM)
-
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
-        self.terminate()
-        if self._proc is None:
-            return None
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("gateway on port %d ignored SIGTERM: killing it", self.port)
-            self.kill()
-        _unregister(self)
-        return self._proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL and reap the process."""
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait(10)
-        _unregister(self)
+        return super().stop(timeout)
 
 
 # ----------------------------------------------------------------- Mount

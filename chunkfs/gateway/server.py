@@ -121,6 +121,7 @@ def run_gateway(dsn: str, options: GatewayOptions) -> None:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per node request
     try:
         trio.run(lambda: serve_gateway(dsn, options))
     except KeyboardInterrupt:
