@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -685,6 +686,24 @@ def test_a_body_without_a_length(gateway: Gateway, s3: Any, bucket: str) -> None
     assert answer.status == 200, answer.read()
     conn.close()
     assert s3.get_object(Bucket=bucket, Key="streamed")["Body"].read() == b"no length given"
+
+
+def test_additional_checksums(gateway: Gateway, s3: Any, bucket: str) -> None:
+    for algorithm in ("CRC32", "SHA1", "SHA256"):
+        s3.put_object(
+            Bucket=bucket, Key=f"sum/{algorithm}", Body=b"checked", ChecksumAlgorithm=algorithm
+        )
+        assert s3.get_object(Bucket=bucket, Key=f"sum/{algorithm}")["Body"].read() == b"checked"
+    other = base64.b64encode(zlib.crc32(b"other").to_bytes(4, "big")).decode()
+    status, answer = raw_request(
+        gateway, "PUT", f"/{bucket}/sum/bad", b"data", {"x-amz-checksum-crc32": other}
+    )
+    assert status == 400 and b"BadDigest" in answer
+    assert error_code(s3.head_object, Bucket=bucket, Key="sum/bad") == "404"
+    status, answer = raw_request(
+        gateway, "PUT", f"/{bucket}/sum/c", b"data", {"x-amz-checksum-crc32c": "AAAAAA=="}
+    )
+    assert status == 400 and b"CRC32C is not supported" in answer
 
 
 def test_malformed_xml_changes_nothing(gateway: Gateway, s3: Any, bucket: str) -> None:

@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from .. import errors, metrics, wire
 from ..core import Caller, FileSystem
 from ..meta import AccessKey, MultipartUpload
-from . import sigv4, xml
+from . import checksums, sigv4, xml
 from .buckets import STORED_HEADERS, Buckets, Listed, ObjectInfo
 from .chunked import ChunkedBody
 from .errors import S3Error, from_chunkfs
@@ -336,17 +336,22 @@ class GatewayApp:
         """The request body, decoded and checked as it arrives: its length
         against the declared one (``IncompleteBody``), its SHA-256 against
         a signed payload hash (``XAmzContentSHA256Mismatch``), the chunk
-        signatures of an aws-chunked body.
+        signatures of an aws-chunked body, and the ``x-amz-checksum-*``
+        sent as a header or trailer (``BadDigest``; ``chunkfs.gateway.checksums``).
         """
         signed = call.signed
         assert signed is not None
         length = self._declared_length(call)
+        headers = {k.lower(): v for k, v in call.request.headers.items()}
+        checksum = checksums.requested(headers)
         source: AsyncIterator[bytes] = call.request.stream()
+        chunked: ChunkedBody | None = None
         if signed.streaming:
             signer = None
             if signed.payload_hash != sigv4.STREAMING_UNSIGNED_TRAILER:
                 signer = sigv4.ChunkSigner(call.signing_key, signed, signed.signature)
-            source = ChunkedBody(source, signer).data()
+            chunked = ChunkedBody(source, signer)
+            source = chunked.data()
         digest = hashlib.sha256() if _is_hex_digest(signed.payload_hash) else None
         got = 0
         async for piece in source:
@@ -359,12 +364,19 @@ class GatewayApp:
                 raise S3Error("InvalidRequest", "the body is longer than its declared length")
             if digest is not None:
                 digest.update(piece)
+            if checksum is not None:
+                checksum[0].update(piece)
             self.metrics.bytes_in.inc(len(piece))
             yield piece
         if length is not None and got < length:
             raise S3Error("IncompleteBody")
         if digest is not None and digest.hexdigest() != signed.payload_hash:
             raise S3Error("XAmzContentSHA256Mismatch")
+        if checksum is not None:
+            wanted, value = checksum
+            if value is None and chunked is not None:
+                value = chunked.trailers.get(f"x-amz-checksum-{wanted.algorithm}")
+            wanted.check(value)
 
     async def _small_body(self, call: _Call) -> bytes:
         """A request document (XML), at most ``xml.BODY_MAX`` bytes, checked
