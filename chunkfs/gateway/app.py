@@ -108,10 +108,12 @@ class _Call:
 
     @property
     def who(self) -> Caller:
+        """The authenticated caller."""
         assert self.caller is not None  # set by authentication
         return self.caller
 
     def header(self, name: str) -> str | None:
+        """A request header's value (any case of its name), or None."""
         return self.request.headers.get(name)
 
 
@@ -393,6 +395,7 @@ class GatewayApp:
     # ------------------------------------------------------------ buckets
 
     async def list_buckets(self, call: _Call) -> Response:
+        """ListBuckets: the buckets, by name."""
         found = await self.buckets.list_buckets(call.who)
         doc = xml.document(
             "ListAllMyBucketsResult",
@@ -407,6 +410,7 @@ class GatewayApp:
         return _xml(doc)
 
     async def create_bucket(self, call: _Call) -> Response:
+        """CreateBucket (in this gateway's region only)."""
         wanted = xml.location_constraint(await self._small_body(call))
         if wanted and wanted != self.region:
             raise S3Error("InvalidArgument", f"this gateway serves the region {self.region}")
@@ -414,25 +418,30 @@ class GatewayApp:
         return Response(headers={"Location": f"/{call.bucket}"})
 
     async def head_bucket(self, call: _Call) -> Response:
+        """HeadBucket: 200 when the bucket exists and the caller may search it."""
         await self.buckets.bucket(call.who, call.bucket)
         return Response(headers={"x-amz-bucket-region": self.region})
 
     async def delete_bucket(self, call: _Call) -> Response:
+        """DeleteBucket (empty only)."""
         await self.buckets.delete_bucket(call.who, call.bucket)
         return Response(status_code=204)
 
     async def bucket_location(self, call: _Call) -> Response:
+        """GetBucketLocation: this gateway's region (empty for us-east-1, as S3 answers)."""
         await self.buckets.bucket(call.who, call.bucket)
         region = "" if self.region == "us-east-1" else self.region
         return _xml(xml.document("LocationConstraint", [], text=region))
 
     async def bucket_versioning(self, call: _Call) -> Response:
+        """GetBucketVersioning: never enabled."""
         await self.buckets.bucket(call.who, call.bucket)
         return _xml(xml.document("VersioningConfiguration", []))
 
     # ------------------------------------------------------------ listing
 
     async def list_objects(self, call: _Call) -> Response:
+        """ListObjectsV2 and ListObjects (v1)."""
         p = call.params
         v2 = p.get("list-type") == "2"
         limit = _int_param(p, "max-keys", LIST_MAX, 0, None)
@@ -500,6 +509,7 @@ class GatewayApp:
         return kept
 
     async def put_object(self, call: _Call) -> Response:
+        """PutObject."""
         info = await self.buckets.put(
             call.who, call.bucket, call.key, self._body(call), self._object_headers(call),
             content_md5=_content_md5(call),
@@ -526,6 +536,7 @@ class GatewayApp:
         return info, fh
 
     async def copy_object(self, call: _Call) -> Response:
+        """CopyObject: the copy shares the source's chunks."""
         source, fh = await self._source(call, call.header("x-amz-copy-source") or "")
         try:
             directive = (call.header("x-amz-metadata-directive") or "COPY").upper()
@@ -551,6 +562,7 @@ class GatewayApp:
         return _xml(doc)
 
     async def get_object(self, call: _Call) -> Response:
+        """GetObject and HeadObject, with ranges, conditions and response-* overrides."""
         info, fh = await self.buckets.open(call.who, call.bucket, call.key)
         try:
             headers = _object_response_headers(info)
@@ -593,10 +605,12 @@ class GatewayApp:
             await self.fs.release(fh)
 
     async def delete_object(self, call: _Call) -> Response:
+        """DeleteObject (204 also when there was none)."""
         await self.buckets.delete(call.who, call.bucket, call.key)
         return Response(status_code=204)
 
     async def delete_objects(self, call: _Call) -> Response:
+        """DeleteObjects: each key's outcome in one document."""
         wanted = xml.delete_request(await self._small_body(call))
         nodes: list[xml.Node] = []
         for key in wanted.keys:
@@ -620,6 +634,7 @@ class GatewayApp:
         return await self.multipart.upload(call.who, call.bucket, call.key, call.params["uploadId"])
 
     async def create_upload(self, call: _Call) -> Response:
+        """CreateMultipartUpload."""
         upload = await self.multipart.create(
             call.who, call.bucket, call.key, self._object_headers(call)
         )
@@ -630,6 +645,7 @@ class GatewayApp:
         return _xml(doc)
 
     async def upload_part(self, call: _Call) -> Response:
+        """UploadPart, and UploadPartCopy with x-amz-copy-source[-range]."""
         number = _int_param(call.params, "partNumber", None, 1, 10000)
         upload = await self._upload(call)
         source = call.header("x-amz-copy-source")
@@ -653,6 +669,7 @@ class GatewayApp:
         return _xml(doc)
 
     async def complete_upload(self, call: _Call) -> Response:
+        """CompleteMultipartUpload (sent again after success: the same answer)."""
         wanted = xml.completed_parts(await self._small_body(call))
         try:
             upload = await self._upload(call)
@@ -681,10 +698,12 @@ class GatewayApp:
         return _xml(doc)
 
     async def abort_upload(self, call: _Call) -> Response:
+        """AbortMultipartUpload."""
         await self.multipart.abort(await self._upload(call))
         return Response(status_code=204)
 
     async def list_parts(self, call: _Call) -> Response:
+        """ListParts."""
         upload = await self._upload(call)
         limit = _int_param(call.params, "max-parts", 1000, 0, None)
         after = _int_param(call.params, "part-number-marker", 0, 0, None)
@@ -707,6 +726,7 @@ class GatewayApp:
         return _xml(xml.document("ListPartsResult", nodes))
 
     async def list_uploads(self, call: _Call) -> Response:
+        """ListMultipartUploads."""
         p = call.params
         prefix = p.get("prefix", "")
         uploads = [
