@@ -20,8 +20,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 
+import trio
 from cachetools import TTLCache
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,7 +33,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .. import errors, metrics, wire
@@ -594,15 +596,7 @@ class GatewayApp:
         if call.request.method == "HEAD":
             await self.fs.release(fh)
             return Response(status_code=status, headers=headers)
-        return StreamingResponse(self._stream(fh, start, end), status_code=status, headers=headers)
-
-    async def _stream(self, fh: int, start: int, end: int) -> AsyncIterator[bytes]:
-        try:
-            async for piece in self.buckets.read(fh, start, end):
-                self.metrics.bytes_out.inc(len(piece))
-                yield piece
-        finally:
-            await self.fs.release(fh)
+        return _ObjectResponse(self, fh, start, end, status_code=status, headers=headers)
 
     async def delete_object(self, call: _Call) -> Response:
         """DeleteObject (204 also when there was none)."""
@@ -755,6 +749,45 @@ class GatewayApp:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+class _ObjectResponse(Response):
+    """An object's bytes ``[start, end)`` from the open handle ``fh``, read
+    a piece ahead of the one being sent (reading from the nodes and sending
+    to the client overlap); the handle is released at the end, however the
+    response ends.
+    """
+
+    def __init__(self, app: GatewayApp, fh: int, start: int, end: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.app, self.fh, self.start, self.end = app, fh, start, end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pieces_out, pieces_in = trio.open_memory_channel[bytes](1)
+
+        async def produce() -> None:
+            async with pieces_out:
+                async for piece in self.app.buckets.read(self.fh, self.start, self.end):
+                    await pieces_out.send(piece)
+
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                async with pieces_in:
+                    async for piece in pieces_in:
+                        self.app.metrics.bytes_out.inc(len(piece))
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.app.fs.release(self.fh)
 
 
 def _xml(doc: bytes, status: int = 200) -> Response:
