@@ -217,7 +217,7 @@ class GatewayApp:
         return response
 
     def _error(self, exc: S3Error, request: Request, request_id: str) -> Response:
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.code != "NotImplemented":  # a fault here, not a request's
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
         body = b"" if request.method == "HEAD" else xml.error(exc, request.url.path, request_id)
         headers = {"Retry-After": "1"} if exc.status == 503 else None
