@@ -201,6 +201,7 @@ class _ServeByDefault(click.Group):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Click's parsing, with ``serve`` put first when no subcommand is named."""
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
             args = ["serve", *args]
         return super().parse_args(ctx, args)

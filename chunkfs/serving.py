@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import threading
+from typing import Any
 
 import h11
 import hypercorn.trio.run
@@ -19,6 +20,7 @@ import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
+from hypercorn.trio import serve
 
 from . import errors
 from .errors import ChunkfsError
@@ -181,3 +183,19 @@ async def wait_for_signal(stop: trio.Event) -> None:
             log.info("received %s: stopping", signal.Signals(signum).name)
             stop.set()
             return
+
+
+async def serve_until(
+    app: Any,
+    config: Config,
+    stop: trio.Event,
+    done: trio.CancelScope,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI ``app`` with Hypercorn until ``stop`` is set (started
+    once it listens: run it with ``nursery.start``), then cancel ``done``,
+    the scope of the tasks that live only as long as the server.
+    """
+    await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+    done.cancel()

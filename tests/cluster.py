@@ -773,6 +773,7 @@ class _ChildProcess:
 
     @property
     def pid(self) -> int | None:
+        """The process id, None before the first start."""
         return self._proc.pid if self._proc else None
 
     @property

@@ -528,15 +528,15 @@ class FileSystem:
         """
         return await self._commit(self.files.file(fh))
 
-    async def share_content(self, fh: int, source: Ino) -> Attrs | None:
+    async def share_content(self, fh: int, source_fh: int) -> Attrs | None:
         """Make the file of handle ``fh`` (with no unflushed writes) a copy
-        of ``source``'s committed content that shares its chunks, uploading
-        nothing; return the attributes committed, or None when some chunk is
-        not held on R nodes (the caller then copies the bytes). Raises
-        ``NotFound``, ``MetadataUnavailable``.
+        of the committed version open as ``source_fh`` that shares its
+        chunks, uploading nothing; return the attributes committed, or None
+        when some chunk is not held on R nodes (the caller then copies the
+        bytes). Raises ``BadDescriptor``, ``NotFound``, ``MetadataUnavailable``.
         """
-        f = self.files.file(fh)
-        attrs = await self.writer.commit_shared(f, await self.meta.content.chunk_map(source))
+        source = self.files.file(source_fh).base
+        attrs = await self.writer.commit_shared(self.files.file(fh), source)
         if attrs is not None:
             self._attrs.put(attrs.ino, attrs)
         return attrs
@@ -591,6 +591,10 @@ class FileSystem:
         return attrs
 
     # ------------------------------------------------------------ xattrs
+
+    async def xattrs(self, ino: Ino) -> dict[bytes, bytes]:
+        """Every extended attribute of ``ino`` (full name -> value). Raises ``NotFound``."""
+        return dict(await self._xattr_map(ino))
 
     async def _xattr_map(self, ino: Ino) -> dict[bytes, bytes]:
         values = self._xattrs.get(ino)

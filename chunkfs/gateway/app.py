@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import hashlib
 import logging
 import re
@@ -102,7 +103,6 @@ class _Call:
     bucket: str
     key: str
     query: list[tuple[str, str]]
-    params: dict[str, str]
     operation: str = "Unknown"
     caller: Caller | None = None
     signed: sigv4.Signed | None = None
@@ -113,6 +113,16 @@ class _Call:
         """The authenticated caller."""
         assert self.caller is not None  # set by authentication
         return self.caller
+
+    @functools.cached_property
+    def params(self) -> dict[str, str]:
+        """The query as a mapping (a name given twice: its last value)."""
+        return dict(self.query)
+
+    @functools.cached_property
+    def headers(self) -> dict[str, str]:
+        """The request's headers by lower-case name."""
+        return {k.lower(): v for k, v in self.request.headers.items()}
 
     def header(self, name: str) -> str | None:
         """A request header's value (any case of its name), or None."""
@@ -194,7 +204,7 @@ class GatewayApp:
         try:
             bucket, key = self._address(request)
             query = parse_query(request.scope.get("query_string", b"").decode("latin-1"))
-            call = _Call(request, bucket, key, query, dict(query))
+            call = _Call(request, bucket, key, query)
             handler = self._route(call)
             await self._authenticate(call)
             response = await handler(call)
@@ -294,8 +304,7 @@ class GatewayApp:
         ``AccessDenied`` for an anonymous request, ``InvalidAccessKeyId``,
         ``SignatureDoesNotMatch``, ``RequestTimeTooSkewed``.
         """
-        headers = {k.lower(): v for k, v in call.request.headers.items()}
-        signed = sigv4.parse(headers, call.query)
+        signed = sigv4.parse(call.headers, call.query)
         if signed is None:
             raise S3Error("AccessDenied", "anonymous requests are not allowed")
         key = await self._key(signed.scope.access_key_id)
@@ -307,7 +316,7 @@ class GatewayApp:
         signing_key = sigv4.signing_key(key.secret, signed.scope)
         raw_path = call.request.scope.get("raw_path", b"").decode("latin-1").partition("?")[0]
         sigv4.check_request(
-            signing_key, signed, call.request.method, raw_path or "/", call.query, headers
+            signing_key, signed, call.request.method, raw_path or "/", call.query, call.headers
         )
         call.caller, call.signed, call.signing_key = Caller(key.uid, key.gid), signed, signing_key
 
@@ -346,8 +355,7 @@ class GatewayApp:
         signed = call.signed
         assert signed is not None
         length = self._declared_length(call)
-        headers = {k.lower(): v for k, v in call.request.headers.items()}
-        checksum = checksums.requested(headers)
+        checksum = checksums.requested(call.headers)
         source: AsyncIterator[bytes] = call.request.stream()
         chunked: ChunkedBody | None = None
         if signed.streaming:
@@ -554,7 +562,7 @@ class GatewayApp:
                     "itself without changing the object's metadata.",
                 )
             headers = dict(source.headers) if directive == "COPY" else self._object_headers(call)
-            info = await self.buckets.copy(call.who, source, call.bucket, call.key, headers)
+            info = await self.buckets.copy(call.who, source, fh, call.bucket, call.key, headers)
         finally:
             await self.fs.release(fh)
         doc = xml.document(
@@ -565,7 +573,11 @@ class GatewayApp:
 
     async def get_object(self, call: _Call) -> Response:
         """GetObject and HeadObject, with ranges, conditions and response-* overrides."""
-        info, fh = await self.buckets.open(call.who, call.bucket, call.key)
+        fh: int | None = None
+        if call.request.method == "HEAD":
+            info = await self.buckets.head(call.who, call.bucket, call.key)
+        else:
+            info, fh = await self.buckets.open(call.who, call.bucket, call.key)
         try:
             headers = _object_response_headers(info)
             verdict = _preconditions(call, info, "if-")
@@ -591,10 +603,10 @@ class GatewayApp:
                     pass  # S3 ignores a malformed range and sends the whole object
             headers["Content-Length"] = str(end - start)
         except BaseException:
-            await self.fs.release(fh)
+            if fh is not None:
+                await self.fs.release(fh)
             raise
-        if call.request.method == "HEAD":
-            await self.fs.release(fh)
+        if fh is None:
             return Response(status_code=status, headers=headers)
         return _ObjectResponse(self, fh, start, end, status_code=status, headers=headers)
 

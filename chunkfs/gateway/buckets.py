@@ -269,9 +269,16 @@ class Buckets:
     # ------------------------------------------------------------ reads
 
     async def head(self, caller: Caller, bucket: str, key: str) -> ObjectInfo:
-        """An object's description. Raises ``NoSuchBucket``, ``NoSuchKey``,
-        ``AccessDenied``.
+        """An object's description, without opening it when its ETag is
+        current (a walk and the ETag's lookup). Raises ``NoSuchBucket``,
+        ``NoSuchKey``, ``AccessDenied``.
         """
+        entry = (await self._entry(caller, bucket, key))[-1]
+        self._allow(entry.attrs, os.R_OK, caller)
+        if entry.attrs.is_reg:
+            tag = (await self.fs.meta.objects.etags([entry.attrs.ino])).get(entry.attrs.ino)
+            if tag is not None and tag.version == entry.attrs.version:
+                return ObjectInfo(key, entry.attrs, tag.etag, xattrs_to_headers(entry.xattrs))
         info, fh = await self.open(caller, bucket, key)
         await self.fs.release(fh)
         return info
@@ -292,10 +299,7 @@ class Buckets:
             xattrs = entry.xattrs
             if opened.version != attrs.version:  # committed elsewhere since the walk
                 attrs = replace(await self.fs.getattr(attrs.ino), version=opened.version)
-                xattrs = {
-                    n: await self.fs.getxattr(attrs.ino, n)
-                    for n in await self._user_xattrs(attrs.ino)
-                }
+                xattrs = await self.fs.xattrs(attrs.ino)
             tag = (await self.fs.meta.objects.etags([attrs.ino])).get(attrs.ino)
             if tag is None or tag.version != opened.version:
                 tag = await self._compute_etag(opened.fh, attrs.size, opened.version)
@@ -303,9 +307,6 @@ class Buckets:
             await self.fs.release(opened.fh)
             raise
         return ObjectInfo(key, attrs, tag.etag, xattrs_to_headers(xattrs)), opened.fh
-
-    async def _user_xattrs(self, ino: Ino) -> list[bytes]:
-        return [n for n in await self.fs.listxattr(ino, ROOT) if n.startswith(b"user.")]
 
     async def read(self, fh: int, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` of an open object, in pieces of at most ``READ_PIECE``."""
@@ -378,12 +379,13 @@ class Buckets:
         self,
         caller: Caller,
         source: ObjectInfo,
+        source_fh: int,
         bucket: str,
         key: str,
         headers: Mapping[str, str],
     ) -> ObjectInfo:
-        """Make ``key`` a copy of the object ``source`` (opened by the
-        caller) that shares its chunks, with ``headers``; nothing is
+        """Make ``key`` a copy of the object ``source`` (open as
+        ``source_fh``) that shares its chunks, with ``headers``; nothing is
         uploaded. Raises as ``put``, and ``ServiceUnavailable`` when some
         chunk of the source is short of replicas (``chunkfs repair`` mends that).
         """
@@ -392,7 +394,7 @@ class Buckets:
         self._check_parents(caller, found, names)
 
         async def share(fh: int) -> tuple[Attrs | None, str]:
-            committed = await self.fs.share_content(fh, source.attrs.ino)
+            committed = await self.fs.share_content(fh, source_fh)
             if committed is None or committed.size != source.attrs.size:
                 raise S3Error("ServiceUnavailable", "the source object changed or lacks replicas")
             return committed, source.etag
@@ -639,12 +641,9 @@ class Buckets:
         """The current ETag of each listed file, computed (a few at once)
         for those without one.
         """
-        recorded = await self.fs.meta.objects.etags([e.attrs.ino for e in entries])
-        tags = {
-            ino: t.etag
-            for ino, t in recorded.items()
-            if any(e.attrs.ino == ino and e.attrs.version == t.version for e in entries)
-        }
+        versions = {e.attrs.ino: e.attrs.version for e in entries}
+        recorded = await self.fs.meta.objects.etags(list(versions))
+        tags = {ino: t.etag for ino, t in recorded.items() if t.version == versions[ino]}
         missing = [e.attrs.ino for e in entries if e.attrs.ino not in tags]
         limiter = trio.CapacityLimiter(ETAG_WORKERS)
 

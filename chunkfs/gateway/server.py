@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from hypercorn.trio import serve
 
 from .. import errors
 from ..core import open_filesystem
@@ -21,6 +20,7 @@ from ..serving import (
     check_tls_files,
     hypercorn_config,
     listen_socket,
+    serve_until,
     wait_for_signal,
 )
 from .app import GatewayApp
@@ -97,14 +97,7 @@ async def serve_gateway(
                     nursery.start_soon(wait_for_signal, stop)
                     nursery.start_soon(fs.run_purger)
 
-                    async def http_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                        asgi: Any = app
-                        await serve(
-                            asgi, config, shutdown_trigger=stop.wait, task_status=task_status
-                        )
-                        nursery.cancel_scope.cancel()
-
-                    await nursery.start(http_server)
+                    await nursery.start(serve_until, app, config, stop, nursery.cancel_scope)
                     log.info("S3 gateway serving %s (region %s)", url, o.region)
                     task_status.started(url)
     finally:

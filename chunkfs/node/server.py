@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from .. import errors, pg
 from ..errors import ChunkfsError
@@ -23,6 +22,7 @@ from ..serving import (
     check_tls_files,
     hypercorn_config,
     listen_socket,
+    serve_until,
     wait_for_signal,
 )
 from .app import DEFAULT_MAX_CHUNK_SIZE, create_app
@@ -209,11 +209,7 @@ async def _run(
             )
             registered = True
 
-            async def http_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
-                nursery.cancel_scope.cancel()  # server done: stop the other tasks
-
-            await nursery.start(http_server)
+            await nursery.start(serve_until, app, config, stop, nursery.cancel_scope)
             log.info("node %s (zone %s) serving %s at %s", disk.node_id, zone, disk.root, base_url)
             nursery.start_soon(_heartbeats, meta, disk, options.heartbeat_interval)
             if options.reclaim_interval > 0:
