@@ -331,3 +331,23 @@ CREATE TABLE IF NOT EXISTS multipart_parts (
 
 INSERT INTO schema_version (version) VALUES (5)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 5);
+
+-- Version 6: heartbeats through a metadata outage (a PostgreSQL failover).
+-- When a heartbeat finds that no node managed one for HEARTBEAT_QUIET_S, it
+-- records that quiet period: [the newest heartbeat before it, now()]. A
+-- heartbeat's age leaves out the last quiet period after it, so the nodes
+-- that were live when PostgreSQL went away are not judged by the heartbeats
+-- they could not send meanwhile.
+ALTER TABLE settings ADD COLUMN IF NOT EXISTS quiet_since timestamptz;
+ALTER TABLE settings ADD COLUMN IF NOT EXISTS quiet_until timestamptz;
+
+CREATE OR REPLACE FUNCTION heartbeat_age(hb timestamptz) RETURNS float8
+LANGUAGE sql STABLE AS $fn$
+    SELECT extract(epoch FROM now() - hb - CASE
+               WHEN hb <= s.quiet_since THEN s.quiet_until - s.quiet_since
+               ELSE interval '0' END)::float8
+    FROM settings s
+$fn$;
+
+INSERT INTO schema_version (version) VALUES (6)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 6);

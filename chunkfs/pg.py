@@ -5,11 +5,21 @@ trio-asyncio loop and an asyncpg pool inside it, and ``Database`` offers
 trio-facing ``fetch`` / ``execute`` / ``transaction``. A transaction body is a
 coroutine function that receives an asyncpg connection and runs on the
 asyncio side, so a whole transaction costs one trio/asyncio crossing.
+
+A DSN may list several hosts (``postgresql://h1:5432,h2:5432/db``, as libpq
+takes it); new connections go to whichever of them answers first as a
+read-write primary, so every process follows a failover of a replicated
+PostgreSQL (Patroni) without a restart. A call that finds no primary is
+tried again until ``command_timeout``; one that reached the server is
+repeated only when it is known not to have committed (see ``Database``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
@@ -33,6 +43,9 @@ UniqueViolationError = asyncpg.UniqueViolationError
 
 # Errors after which the same transaction, run again, may well succeed.
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# Refusals that mean the server is no longer the primary (a demoted one
+# still answering): nothing was applied, and the connection is dropped.
+_NOT_PRIMARY = (asyncpg.ReadOnlySQLTransactionError,)
 # Errors that mean the server is gone or did not answer in time.
 _UNAVAILABLE = (
     OSError,
@@ -41,13 +54,38 @@ _UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    *_NOT_PRIMARY,
 )
+# Backoff between attempts to reach a primary (seconds).
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+
+
+class NoPrimary(ConnectionError):
+    """None of the DSN's hosts answered as a read-write primary."""
+
+
+class _NotApplied(Exception):
+    """A call failed and is known to have changed nothing: no connection
+    could be had, or a transaction was cut off before its COMMIT.
+    """
+
+
+class _InDoubt(Exception):
+    """A transaction's COMMIT was sent and its answer lost: it may have
+    committed. ``xid`` is its transaction id (``txid_current()``), whose
+    fate ``txid_status`` tells on any server that has its write-ahead log;
+    ``result`` is what its body returned.
+    """
+
+    def __init__(self, xid: int, result: Any) -> None:
+        super().__init__(xid)
+        self.xid = xid
+        self.result = result
 
 
 def redact_dsn(dsn: str) -> str:
     """Return ``dsn`` with any password replaced by ``***`` (for logs, fsname)."""
-    import re
-
     dsn = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
     return re.sub(r"(password=)\S+", r"\1***", dsn)
 
@@ -81,7 +119,10 @@ class _Connections:
                     await self._give_back(conn)
                     conn = None
             if conn is None:
-                conn = await trio_asyncio.aio_as_trio(self.pool.acquire)()
+                try:
+                    conn = await trio_asyncio.aio_as_trio(self.pool.acquire)()
+                except _UNAVAILABLE as exc:
+                    raise _NotApplied(exc) from exc
             try:
                 yield conn
             except BaseException as exc:
@@ -113,6 +154,15 @@ class _Connections:
                 )
             except Exception as exc:  # noqa: BLE001 - the pool replaces it either way
                 log.debug("releasing a broken connection: %s", exc)
+
+    async def discard_idle(self) -> None:
+        """Close every idle connection. After one connection failed, the
+        others (to the same server) are suspect: a server cut off by the
+        network leaves them open and silent, and each would cost a caller
+        a whole timeout to find out.
+        """
+        while self._idle:
+            await self._give_back(self._idle.pop(), close=True)
 
     async def close(self) -> None:
         while self._idle:
@@ -168,28 +218,87 @@ class Database:
         self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False
     ) -> T:
         """``fn(conn)``, run on the asyncio side with a connection of the
-        chosen pool; ``command_timeout`` bounds it all, getting a connection
-        (a new one, if the server went away) included.
+        chosen pool; ``command_timeout`` bounds it all, the attempts to reach
+        a primary included.
+
+        A call that did not reach the server, or reached one that is no
+        longer the primary, is tried again (backing off up to 1 s) until
+        the deadline. A transaction whose COMMIT went unanswered is looked
+        up by its transaction id on the primary found next: committed, its
+        result is returned; not committed, it runs again. Any other call
+        cut off mid-way may or may not have been applied: it raises.
         """
         # The deadline is kept here rather than by asyncpg's command_timeout,
         # whose asyncio timer per statement costs, through trio-asyncio, about
         # a fifth of a statement's CPU time (measured: ~340 -> ~270 us).
         metrics.PG_ROUND_TRIPS.inc()
+        connections = self._durable if durable else self._pool
+        in_doubt: _InDoubt | None = None
+        delay = _RETRY_FIRST
         try:
             with trio.fail_after(self.command_timeout):
-                async with (self._durable if durable else self._pool).connection() as conn:
-                    result = await trio_asyncio.aio_as_trio(fn)(conn)
+                while True:
+                    try:
+                        if in_doubt is not None:
+                            fate = await self._fate(connections, in_doubt.xid)
+                            if fate == "committed":
+                                result = in_doubt.result
+                                break
+                            if fate == "in progress":
+                                raise _NotApplied(f"transaction {in_doubt.xid} still in progress")
+                            in_doubt = None  # it did not commit: run it again
+                        async with connections.connection() as conn:
+                            result = await trio_asyncio.aio_as_trio(fn)(conn)
+                        break
+                    except _InDoubt as exc:
+                        in_doubt = exc
+                    except (_NotApplied, *_NOT_PRIMARY):
+                        pass
+                    except asyncpg.InterfaceError as exc:
+                        if "connection is closed" not in str(exc):
+                            raise
+                    await connections.discard_idle()
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, _RETRY_MAX)
+        except (_NotApplied, _InDoubt) as exc:
+            raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except _UNAVAILABLE as exc:
+            await connections.discard_idle()
             raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except trio.TooSlowError:
+            await connections.discard_idle()
+            doubt = " (a commit may or may not have been applied)" if in_doubt else ""
             raise self._down(
                 f"PostgreSQL at {redact_dsn(self.dsn)} did not answer within "
-                f"{self.command_timeout:g} s"
+                f"{self.command_timeout:g} s{doubt}"
             ) from None
         if self._unavailable:
             self._unavailable = False
             log.warning("PostgreSQL at %s answers again", redact_dsn(self.dsn))
         return result
+
+    @staticmethod
+    async def _fate(connections: _Connections, xid: int) -> str:
+        """What became of transaction ``xid`` on the primary: 'committed',
+        'aborted' or 'in progress' (a backend of a server that lost its
+        clients may still be finishing it). A transaction the server never
+        saw (its id is past the server's) did not commit there: 'aborted'.
+        Raises ``_NotApplied`` while no primary answers and
+        ``MetadataUnavailable`` when the server no longer knows (never, a
+        moment after the commit).
+        """
+
+        async def status(conn: Connection) -> str | None:
+            try:
+                return await conn.fetchval("SELECT txid_status($1)", xid)
+            except asyncpg.InvalidParameterValueError:
+                return "aborted"
+
+        async with connections.connection() as conn:
+            fate = await trio_asyncio.aio_as_trio(status)(conn)
+        if fate is None:
+            raise MetadataUnavailable(f"the outcome of transaction {xid} is no longer known")
+        return fate
 
     def _down(self, message: str) -> MetadataUnavailable:
         """The error for a call that found PostgreSQL unavailable; the first
@@ -247,19 +356,41 @@ class Database:
         """Run ``body(conn)`` in one transaction and return its result.
 
         The body runs on the asyncio side and may be run again (up to
-        ``retries`` times) after a serialization failure or deadlock, so it
-        must have no effect outside the database.
+        ``retries`` times) after a serialization failure or deadlock, and
+        after a lost connection when the transaction did not commit, so it
+        must have no effect outside the database. Each transaction asks
+        for its id first (one more statement), which is what tells, after a
+        COMMIT whose answer was lost, whether it committed.
         """
 
         async def run(conn: Connection) -> T:
             for attempt in range(retries):
+                tx = conn.transaction()
+                await tx.start()
                 try:
-                    async with conn.transaction():
-                        return await body(conn)
+                    xid = await conn.fetchval("SELECT txid_current()")
+                    result = await body(conn)
+                except asyncio.CancelledError:
+                    raise  # the connection is closed, which rolls back
+                except BaseException as exc:
+                    if _usable(conn):
+                        with contextlib.suppress(*_UNAVAILABLE):
+                            await tx.rollback()
+                    if isinstance(exc, _RETRYABLE) and attempt < retries - 1:
+                        log.debug("retrying transaction after conflict (%d)", attempt)
+                        continue
+                    if isinstance(exc, _UNAVAILABLE) and not isinstance(exc, _NOT_PRIMARY):
+                        raise _NotApplied(exc) from exc  # cut off before COMMIT
+                    raise
+                try:
+                    await tx.commit()
                 except _RETRYABLE:
                     if attempt == retries - 1:
                         raise
-                    log.debug("retrying transaction after conflict (%d)", attempt)
+                    continue
+                except _UNAVAILABLE as exc:
+                    raise _InDoubt(xid, result) from exc
+                return result
             raise AssertionError("unreachable")
 
         return await self._on_connection(run)
@@ -269,6 +400,64 @@ class Database:
         await self._pool.close()
         if self._durable is not self._pool:
             await self._durable.close()
+
+
+def host_dsns(dsn: str) -> list[str]:
+    """``dsn`` once per host it lists:
+    ``postgresql://u@h1:5432,h2:5433/db?x=y`` gives
+    ``[postgresql://u@h1:5432/db?x=y, postgresql://u@h2:5433/db?x=y]``.
+    A DSN with one host, or in ``key=value`` form, gives ``[dsn]``.
+    """
+    match = re.match(r"^(postgres(?:ql)?://)([^/?#]*)(.*)$", dsn, re.DOTALL)
+    if match is None:
+        return [dsn]
+    scheme, netloc, rest = match.groups()
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return [dsn]
+    return [f"{scheme}{userinfo}{at}{host}{rest}" for host in hosts.split(",")]
+
+
+async def _connect_primary(dsn: str, **kwargs: Any) -> Connection:
+    """asyncpg's ``connect`` for a DSN that may list several hosts: all of
+    them are tried at once, each within ``timeout``, and the first that
+    accepts the login and meets ``target_session_attrs`` (read-write: the
+    primary) wins; the others are closed. Tried one after another, as
+    asyncpg does, a host whose link is cut would use up the whole timeout
+    before the primary is asked. Raises ``NoPrimary`` naming each host's
+    error.
+    """
+    hosts = host_dsns(dsn)
+    if len(hosts) == 1:
+        return await asyncpg.connect(dsn, **kwargs)
+
+    def close_late(task: asyncio.Future[Connection]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            task.result().terminate()
+
+    tasks = {asyncio.ensure_future(asyncpg.connect(h, **kwargs)): h for h in hosts}
+    failures: list[str] = []
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is None:
+                    winner = task.result()
+                    for other in done - {task}:
+                        close_late(other)
+                    return winner
+                host = tasks[task].partition("://")[2].rpartition("@")[2].split("/")[0]
+                if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+                    failures.append(f"{host}: not as target_session_attrs asks (a standby?)")
+                else:
+                    failures.append(f"{host}: {exc or type(exc).__name__}")
+    finally:
+        for task in pending:
+            task.cancel()
+            task.add_done_callback(close_late)
+    raise NoPrimary("no host answered as a usable server: " + "; ".join(failures))
 
 
 async def _no_reset(conn: Connection) -> None:
@@ -307,6 +496,7 @@ async def open_database(
             settings = {"application_name": client, **settings}
             return await asyncpg.create_pool(
                 dsn,
+                connect=_connect_primary,
                 min_size=min(min_size, size),
                 max_size=size,
                 timeout=connect_timeout,

@@ -359,6 +359,33 @@ async def test_nodes_register_with_150_vnodes_and_stale_heartbeats_are_not_live(
     assert all(n.live for n in await meta.registry.nodes())
 
 
+async def test_heartbeats_nobody_could_send_do_not_make_nodes_stale(meta):
+    a, b, c = "00000000000000a1", "00000000000000a2", "00000000000000a3"
+    for node_id in (a, b, c):
+        await register(meta, node_id, capacity=10)
+    # Node c died a minute ago; 40 s ago PostgreSQL went away (a failover)
+    # and nobody could send a heartbeat until now.
+    await meta.db.execute(
+        "UPDATE storage_nodes SET last_heartbeat = now() - CASE node_id "
+        "WHEN $1 THEN interval '41 seconds' WHEN $2 THEN interval '40 seconds' "
+        "ELSE interval '60 seconds' END",
+        a,
+        b,
+    )
+    assert not any(n.live for n in await meta.registry.nodes())
+    # The first heartbeat after the gap records it: a and b were live when
+    # PostgreSQL went away and stay live; c had been stale long before.
+    await meta.registry.heartbeat(a, capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1)
+    ages = {n.node_id: n.heartbeat_age_s for n in await meta.registry.nodes()}
+    live = {n.node_id: n.live for n in await meta.registry.nodes()}
+    assert live == {a: True, b: True, c: False}
+    assert ages[a] < 1 and 0 <= ages[b] < 2 and 19 < ages[c] < 22
+    # A later heartbeat within the grace records no new gap.
+    await meta.registry.heartbeat(b, capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1)
+    assert {n.node_id: n.live for n in await meta.registry.nodes()} == live
+    assert await meta.db.fetchval("SELECT quiet_until < now() FROM settings")
+
+
 async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta):
     f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
     held, expired = hashlib.sha256(b"held").digest(), hashlib.sha256(b"gone").digest()
@@ -384,6 +411,8 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         await db.execute("ALTER TABLE chunks ALTER COLUMN chunk_id SET NOT NULL")
         await db.execute("ALTER TABLE settings DROP COLUMN cluster_id")
         await db.execute("ALTER TABLE storage_nodes DROP COLUMN zone")
+        await db.execute("DROP FUNCTION heartbeat_age")
+        await db.execute("ALTER TABLE settings DROP COLUMN quiet_since, DROP COLUMN quiet_until")
         await db.execute("UPDATE schema_version SET version = 1")
         with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):
             await meta.registry.settings()
@@ -391,7 +420,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         settings = await meta.registry.settings()
         assert settings.replicas == 2  # kept
         assert re.fullmatch("[0-9a-f]{32}", settings.cluster_id)  # made by the upgrade
-        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 5
+        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 6
         nullable = await db.fetchval(
             "SELECT is_nullable FROM information_schema.columns "
             "WHERE table_name = 'chunks' AND column_name = 'chunk_id'"
@@ -400,6 +429,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         renamed = await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b")
         assert renamed == Renamed(a.ino, None)
         assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == a.ino
+        assert await meta.registry.nodes() == []  # heartbeat ages: made by the upgrade
 
 
 async def test_fsck_accepts_both_layouts_and_flags_any_other_tiling(meta):

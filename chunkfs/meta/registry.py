@@ -13,10 +13,18 @@ from importlib import resources
 
 from .. import errors, ring
 from ..pg import Connection, Database
-from .records import HEARTBEAT_TIMEOUT_S, ROOT_INO, FsStats, NodeInfo, Settings, now_ns
+from .records import (
+    HEARTBEAT_QUIET_S,
+    HEARTBEAT_TIMEOUT_S,
+    ROOT_INO,
+    FsStats,
+    NodeInfo,
+    Settings,
+    now_ns,
+)
 
 # The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 async def _refuse_foreign_tables(conn: Connection, ddl: str) -> None:
@@ -144,7 +152,7 @@ class Registry:
             holder = await conn.fetchval(
                 """SELECT node_id FROM storage_nodes
                    WHERE base_url = $1 AND node_id <> $2 AND status = 'active'
-                     AND last_heartbeat > now() - make_interval(secs => $3)""",
+                     AND heartbeat_age(last_heartbeat) < $3""",
                 base_url,
                 node_id,
                 HEARTBEAT_TIMEOUT_S,
@@ -186,9 +194,19 @@ class Registry:
         free_bytes: int,
         chunk_count: int,
     ) -> None:
-        """Move the node's last_heartbeat to now and record its space (bytes)."""
+        """Move the node's last_heartbeat to now and record its space
+        (bytes). When no node had a heartbeat for ``HEARTBEAT_QUIET_S``
+        seconds (PostgreSQL was unreachable), that quiet period is recorded
+        first: heartbeat ages leave it out (schema.sql, version 6).
+        """
         await self.db.execute(
-            """UPDATE storage_nodes SET last_heartbeat = now(), status = 'active',
+            """WITH newest AS (
+                   SELECT max(last_heartbeat) AS t FROM storage_nodes WHERE status = 'active'
+               ), quiet AS (
+                   UPDATE settings SET quiet_since = newest.t, quiet_until = now()
+                   FROM newest WHERE newest.t < now() - make_interval(secs => $6)
+               )
+               UPDATE storage_nodes SET last_heartbeat = now(), status = 'active',
                    capacity_bytes = $2, used_bytes = $3, free_bytes = $4, chunk_count = $5
                WHERE node_id = $1""",
             node_id,
@@ -196,6 +214,7 @@ class Registry:
             used_bytes,
             free_bytes,
             chunk_count,
+            HEARTBEAT_QUIET_S,
         )
 
     async def node_stopped(self, node_id: str) -> None:
@@ -209,7 +228,7 @@ class Registry:
         rows = await self.db.fetch(
             """SELECT node_id, base_url, zone, status, capacity_bytes, used_bytes, free_bytes,
                       chunk_count, draining,
-                      extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s
+                      heartbeat_age(last_heartbeat) AS heartbeat_age_s
                FROM storage_nodes ORDER BY node_id"""
         )
         return [NodeInfo(**dict(r)) for r in rows]
@@ -234,8 +253,8 @@ class Registry:
 
         async def body(conn: Connection) -> int:
             row = await conn.fetchrow(
-                """SELECT draining, status = 'active' AND last_heartbeat
-                          > now() - make_interval(secs => $2) AS live
+                """SELECT draining,
+                          status = 'active' AND heartbeat_age(last_heartbeat) < $2 AS live
                    FROM storage_nodes WHERE node_id = $1 FOR UPDATE""",
                 node_id,
                 HEARTBEAT_TIMEOUT_S,
@@ -291,7 +310,7 @@ class Registry:
                       (SELECT replicas FROM settings) AS r
                FROM storage_nodes
                WHERE status = 'active'
-                 AND last_heartbeat > now() - make_interval(secs => $1)""",
+                 AND heartbeat_age(last_heartbeat) < $1""",
             HEARTBEAT_TIMEOUT_S,
         )
         assert row is not None  # an aggregate without GROUP BY gives one row

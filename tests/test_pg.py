@@ -1,0 +1,195 @@
+"""chunkfs.pg against real PostgreSQL servers of the test's own: a DSN that
+lists several hosts, and calls cut off by a lost server (retried when they
+cannot have committed, looked up when they may have, never applied twice).
+
+The failover of a replicated PostgreSQL under Patroni, with mounts under
+load, is tests/test_ha.py; these are the mechanisms it rests on.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+import cluster as cl
+from chunkfs import errors
+from chunkfs.pg import Connection, host_dsns, open_database
+
+
+def test_a_dsn_is_split_into_one_per_host() -> None:
+    assert host_dsns("postgresql://u:p@h1:1,h2,[::1]:3/db?target_session_attrs=read-write") == [
+        "postgresql://u:p@h1:1/db?target_session_attrs=read-write",
+        "postgresql://u:p@h2/db?target_session_attrs=read-write",
+        "postgresql://u:p@[::1]:3/db?target_session_attrs=read-write",
+    ]
+    assert host_dsns("postgres://h1:5432,h2:5432") == ["postgres://h1:5432", "postgres://h2:5432"]
+    for single in ("postgresql://u@h/db", "host=a,b dbname=x", "postgresql:///db?host=/tmp"):
+        assert host_dsns(single) == [single]
+
+
+@pytest.fixture
+def server() -> Iterator[cl.Postgres]:
+    with cl.Postgres() as pg:
+        cl.run_sql(pg.dsn, "CREATE TABLE t (id serial PRIMARY KEY, v text)")
+        yield pg
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections and never says a word, as a
+    host whose server hangs (or whose replies are lost) does.
+    """
+    with socket.socket() as s:
+        s.bind((cl.HOST, 0))
+        s.listen(16)
+        yield s.getsockname()[1]
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` (trio and trio-asyncio nest groups)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _multi(pg: cl.Postgres, *ports: int) -> str:
+    hosts = ",".join(f"{cl.HOST}:{p}" for p in ports)
+    return f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+
+
+async def test_the_primary_is_found_whichever_hosts_come_first(server, silent_port) -> None:
+    with cl.Postgres() as standby:
+        # A server that is up but read-only stands for a standby.
+        cl.run_sql(
+            standby.dsn,
+            "ALTER SYSTEM SET default_transaction_read_only = on",
+            "SELECT pg_reload_conf()",
+        )
+        refused = cl.free_ports(1)[0]
+        dsn = _multi(server, silent_port, refused, standby.port, server.port)
+        # Asked one after another, the silent host would use up the whole
+        # connect timeout before the primary was asked.
+        async with open_database(dsn, connect_timeout=5, command_timeout=10) as db:
+            assert await db.fetchval("SELECT inet_server_port()") == server.port
+            assert await db.fetchval("SELECT current_setting('transaction_read_only')") == "off"
+
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with open_database(_multi(server, refused, standby.port), connect_timeout=5):
+                pass
+        [refusal] = _leaves(info.value)
+        assert isinstance(refusal, errors.MetadataUnavailable)
+        message = str(refusal)
+        assert f"{refused}: [Errno 111]" in message
+        assert f"{standby.port}: not as target_session_attrs asks" in message
+
+
+async def test_a_call_made_while_no_server_answers_waits_for_one(server) -> None:
+    async with open_database(server.dsn, command_timeout=30) as db:
+        await trio.to_thread.run_sync(server.pause)
+        async with trio.open_nursery() as nursery:
+
+            async def bring_back() -> None:
+                await trio.sleep(2)
+                await trio.to_thread.run_sync(server.resume)
+
+            nursery.start_soon(bring_back)
+            # Started while the server is down: it is tried again until one answers.
+            assert await db.fetchval("INSERT INTO t (v) VALUES ('x') RETURNING id") == 1
+        assert await db.fetchval("SELECT count(*) FROM t") == 1
+
+
+async def test_no_server_for_longer_than_the_timeout_is_eio_and_then_it_works(server) -> None:
+    async with open_database(server.dsn, command_timeout=2) as db:
+        await trio.to_thread.run_sync(server.pause)
+        started = trio.current_time()
+        with pytest.raises(errors.MetadataUnavailable):
+            await db.fetchval("SELECT 1")
+        # Refused connections are tried again up to the timeout, not given up at once.
+        assert trio.current_time() - started >= 1.5
+        await trio.to_thread.run_sync(server.resume)
+        assert await db.fetchval("SELECT 1") == 1
+
+
+async def _terminate_when(db_admin: str, condition: str) -> int:
+    """Terminate the backend whose pg_stat_activity row meets ``condition``
+    (an SQL expression) once one does; return its pid.
+    """
+    for _ in range(200):
+        rows = await trio.to_thread.run_sync(
+            cl.run_sql,
+            db_admin,
+            f"SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE {condition}",
+        )
+        if rows[0]:
+            return rows[0][0]["pid"]
+        await trio.sleep(0.05)
+    raise AssertionError(f"no backend with {condition}")
+
+
+async def test_a_transaction_cut_off_before_its_commit_runs_again_once(server) -> None:
+    runs = 0
+
+    async def body(conn: Connection) -> int:
+        nonlocal runs
+        runs += 1
+        row_id = await conn.fetchval("INSERT INTO t (v) VALUES ('once') RETURNING id")
+        if runs == 1:
+            await conn.execute("SELECT pg_sleep(30)")
+        return row_id
+
+    async with open_database(server.dsn, command_timeout=20) as db:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_when, server.dsn, "wait_event = 'PgSleep'")
+            await db.transaction(body)
+        assert runs == 2
+        assert await db.fetchval("SELECT count(*) FROM t WHERE v = 'once'") == 1
+
+
+async def test_a_transaction_whose_commit_answer_is_lost_is_looked_up_not_repeated(
+    server,
+) -> None:
+    runs = 0
+
+    async def body(conn: Connection) -> int:
+        nonlocal runs
+        runs += 1
+        return await conn.fetchval("INSERT INTO t (v) VALUES ('in doubt') RETURNING id")
+
+    # With a synchronous standby that never comes, a COMMIT is written
+    # locally and then waits; ending that backend loses the answer to a
+    # COMMIT that did commit, as a primary dying at that moment would.
+    cl.run_sql(
+        server.dsn,
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "SELECT pg_reload_conf()",
+    )
+    async with open_database(server.dsn, command_timeout=20) as db:
+        async with trio.open_nursery() as nursery:
+
+            async def cut_off_and_heal() -> None:
+                await _terminate_when(server.dsn, "wait_event = 'SyncRep'")
+                await trio.to_thread.run_sync(
+                    cl.run_sql,
+                    server.dsn,
+                    "ALTER SYSTEM RESET synchronous_standby_names",
+                    "SELECT pg_reload_conf()",
+                )
+
+            nursery.start_soon(cut_off_and_heal)
+            row_id = await db.transaction(body)
+        assert runs == 1
+        assert await db.fetch("SELECT id, v FROM t") == [(row_id, "in doubt")]
+
+
+async def test_a_single_statement_cut_off_mid_way_is_eio_and_not_repeated(server) -> None:
+    async with open_database(server.dsn, command_timeout=20) as db:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_when, server.dsn, "wait_event = 'PgSleep'")
+            with pytest.raises(errors.MetadataUnavailable):
+                await db.fetchval("INSERT INTO t (v) SELECT 'cut' FROM pg_sleep(30) RETURNING id")
+        # Run again, it would have inserted a row: it was not.
+        assert await db.fetchval("SELECT count(*) FROM t") == 0
+        assert await db.fetchval("SELECT 1") == 1
