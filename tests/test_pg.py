@@ -55,7 +55,8 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _multi(pg: cl.Postgres, *ports: int) -> str:
+def _multi(*ports: int | None) -> str:
+    """A DSN listing these ports of 127.0.0.1, for a read-write server."""
     hosts = ",".join(f"{cl.HOST}:{p}" for p in ports)
     return f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
 
@@ -69,7 +70,7 @@ async def test_the_primary_is_found_whichever_hosts_come_first(server, silent_po
             "SELECT pg_reload_conf()",
         )
         refused = cl.free_ports(1)[0]
-        dsn = _multi(server, silent_port, refused, standby.port, server.port)
+        dsn = _multi(silent_port, refused, standby.port, server.port)
         # Asked one after another, the silent host would use up the whole
         # connect timeout before the primary was asked.
         async with open_database(dsn, connect_timeout=5, command_timeout=10) as db:
@@ -77,7 +78,7 @@ async def test_the_primary_is_found_whichever_hosts_come_first(server, silent_po
             assert await db.fetchval("SELECT current_setting('transaction_read_only')") == "off"
 
         with pytest.raises(BaseExceptionGroup) as info:
-            async with open_database(_multi(server, refused, standby.port), connect_timeout=5):
+            async with open_database(_multi(refused, standby.port), connect_timeout=5):
                 pass
         [refusal] = _leaves(info.value)
         assert isinstance(refusal, errors.MetadataUnavailable)
