@@ -349,5 +349,14 @@ LANGUAGE sql STABLE AS $fn$
     FROM settings s
 $fn$;
 
+-- Database.sync: a commit that must reach the disk (and the synchronous
+-- standby) needs a WAL record of its own; a transaction that only took a
+-- transaction id commits without waiting. Each backend bumps its own row,
+-- so syncs of different connections never wait on one another's lock.
+CREATE TABLE IF NOT EXISTS sync_marks (
+    pid integer PRIMARY KEY,
+    n bigint NOT NULL
+);
+
 INSERT INTO schema_version (version) VALUES (6)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 6);

@@ -213,6 +213,10 @@ class Database:
         self.dsn = dsn
         self.command_timeout = command_timeout
         self._unavailable = False  # the last call found PostgreSQL unavailable
+        # Times a call found the server gone or silent. What was committed
+        # asynchronously before may have been lost with it (a crash or a
+        # failover), so callers compare counts across such a change.
+        self.outages = 0
 
     async def _on_connection(
         self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False
@@ -257,15 +261,19 @@ class Database:
                     except asyncpg.InterfaceError as exc:
                         if "connection is closed" not in str(exc):
                             raise
+                    self.outages += 1
                     await connections.discard_idle()
                     await trio.sleep(delay)
                     delay = min(2 * delay, _RETRY_MAX)
         except (_NotApplied, _InDoubt) as exc:
+            self.outages += 1
             raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except _UNAVAILABLE as exc:
+            self.outages += 1
             await connections.discard_idle()
             raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except trio.TooSlowError:
+            self.outages += 1
             await connections.discard_idle()
             doubt = " (a commit may or may not have been applied)" if in_doubt else ""
             raise self._down(
@@ -327,10 +335,17 @@ class Database:
 
     async def sync(self) -> None:
         """Make every transaction committed so far durable: a synchronous
-        commit flushes the write-ahead log up to itself, so everything
-        committed before it too (txid_current() gives it a commit record).
+        commit flushes the write-ahead log up to itself (and waits for a
+        synchronous standby to have it), so everything committed before it
+        too. PostgreSQL waits only for a commit that wrote WAL, so it bumps
+        this backend's row of ``sync_marks`` (schema.sql).
         """
-        await self._call("fetchval", "SELECT txid_current()", durable=True)
+        await self._call(
+            "execute",
+            """INSERT INTO sync_marks (pid, n) VALUES (pg_backend_pid(), 1)
+               ON CONFLICT (pid) DO UPDATE SET n = sync_marks.n + 1""",
+            durable=True,
+        )
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Run a query; return the first column of its first row, or None."""

@@ -412,6 +412,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         await db.execute("ALTER TABLE settings DROP COLUMN cluster_id")
         await db.execute("ALTER TABLE storage_nodes DROP COLUMN zone")
         await db.execute("DROP FUNCTION heartbeat_age")
+        await db.execute("DROP TABLE sync_marks")
         await db.execute("ALTER TABLE settings DROP COLUMN quiet_since, DROP COLUMN quiet_until")
         await db.execute("UPDATE schema_version SET version = 1")
         with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):

@@ -194,3 +194,20 @@ async def test_a_single_statement_cut_off_mid_way_is_eio_and_not_repeated(server
         # Run again, it would have inserted a row: it was not.
         assert await db.fetchval("SELECT count(*) FROM t") == 0
         assert await db.fetchval("SELECT 1") == 1
+
+
+async def test_sync_waits_for_the_commits_before_it_to_be_durable(server) -> None:
+    await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", server.dsn)
+    # A synchronous standby that never comes: a commit that waits for its
+    # WAL to be safe waits for ever, one that does not returns at once.
+    async with open_database(server.dsn, async_commit=True, command_timeout=3) as db:
+        await db.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        await db.execute("SELECT pg_reload_conf()")
+        try:
+            await db.execute("INSERT INTO t VALUES (1)")  # asynchronous: returns
+            with pytest.raises(errors.MetadataUnavailable, match="did not answer"):
+                await db.sync()
+        finally:
+            await db.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            await db.execute("SELECT pg_reload_conf()")
+        await db.sync()

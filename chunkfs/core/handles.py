@@ -43,6 +43,7 @@ class OpenFile:
     ``uid``, ``gid``, ``atime_ns``, ``mtime_ns``) made while the file is dirty
     or open for writing (``writers`` handles), published at the next flush or
     when the last writer goes; later changes join them until then, in order.
+    ``outages`` is ``Database.outages`` when the file was opened.
     """
 
     ino: Ino
@@ -59,6 +60,7 @@ class OpenFile:
     mtime_ns: int | None = None
     ctime_ns: int | None = None
     pending: dict[str, int] = field(default_factory=dict)
+    outages: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -126,14 +128,23 @@ class OpenFiles:
             return f
         if f is not None:
             self.close_spool(f)
-        f = OpenFile(ino=ino, base=cmap, size=cmap.size, base_valid=cmap.size, held_from=cmap.size)
+        f = OpenFile(
+            ino=ino,
+            base=cmap,
+            size=cmap.size,
+            base_valid=cmap.size,
+            held_from=cmap.size,
+            outages=self._content.db.outages,
+        )
         self.files[ino] = f
         return f
 
     def new_file(self, ino: Ino) -> OpenFile:
         """The ``OpenFile`` of a file just created (empty, version 0)."""
         empty = ChunkMap(ino=ino, version=0, size=0, sha256=None, chunks=())
-        f = self.files[ino] = OpenFile(ino=ino, base=empty, size=0, base_valid=0, held_from=0)
+        f = self.files[ino] = OpenFile(
+            ino=ino, base=empty, size=0, base_valid=0, held_from=0, outages=self._content.db.outages
+        )
         return f
 
     def open(self, f: OpenFile, flags: int, *, privileged: bool) -> int:

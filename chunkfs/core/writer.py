@@ -164,6 +164,7 @@ class Writer:
             )
         except errors.NotFound:
             await self._fail_upload(session.session_id)
+            self._check_removed(f)
             f.dirty = False
             f.pending.clear()
             log.info("inode %d was removed elsewhere: its unflushed writes are dropped", f.ino)
@@ -287,6 +288,20 @@ class Writer:
         )
         return Delta(base, tuple(plan), data)
 
+    def _check_removed(self, f: OpenFile) -> None:
+        """Raise ``MetadataUnavailable`` when ``f``'s inode, found gone, may
+        not have been removed but lost: PostgreSQL went away since the file
+        was opened, and a crash or failover loses what was committed
+        asynchronously (its create, say) and not yet made durable. Such a
+        file's writes are not dropped as a removed file's are: its close or
+        fsync fails.
+        """
+        if self._meta.db.outages != f.outages:
+            raise errors.MetadataUnavailable(
+                f"inode {f.ino} is gone after PostgreSQL went away: its creation was "
+                "not yet durable, and its writes are not committed"
+            )
+
     async def _publish_pending(self, f: OpenFile) -> Attrs | None:
         """Commit the attribute changes waiting on a file with no unflushed writes."""
         if not f.pending:
@@ -296,6 +311,7 @@ class Writer:
                 f.ino, ctime_ns=f.ctime_ns, **f.pending
             )
         except errors.NotFound:
+            self._check_removed(f)
             log.info("inode %d was removed elsewhere: its attribute changes are dropped", f.ino)
             attrs = None
         f.pending.clear()

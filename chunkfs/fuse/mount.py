@@ -84,7 +84,10 @@ class MountOptions:
 
     def fuse_options(self, dsn: str) -> set[str]:
         """The option set for ``pyfuse3.init``; the DSN shows without its password."""
-        opts = {f"fsname={redact_dsn(dsn)}", "subtype=chunkfs", *self.fuse}
+        # libfuse splits options at commas, which a DSN listing several
+        # hosts has; a backslash keeps one in the value.
+        fsname = redact_dsn(dsn).replace("\\", "\\\\").replace(",", "\\,")
+        opts = {f"fsname={fsname}", "subtype=chunkfs", *self.fuse}
         if self.allow_other:
             opts.add("allow_other")
         if self.default_permissions:
