@@ -333,20 +333,23 @@ INSERT INTO schema_version (version) VALUES (5)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 5);
 
 -- Version 6: heartbeats through a metadata outage (a PostgreSQL failover).
--- When a heartbeat finds that no node managed one for HEARTBEAT_QUIET_S, it
--- records that quiet period: [the newest heartbeat before it, now()]. A
--- heartbeat's age leaves out the last quiet period after it, so the nodes
--- that were live when PostgreSQL went away are not judged by the heartbeats
--- they could not send meanwhile.
+-- While no node manages a heartbeat for quiet_s seconds (PostgreSQL is
+-- unreachable, or every node is down: nothing works then either way),
+-- heartbeat ages stop growing. The first heartbeat after such a gap records
+-- it as the quiet period [the newest heartbeat before it, now()], and ages
+-- leave it out, so the nodes that were live when PostgreSQL went away are
+-- not judged by the heartbeats they could not send meanwhile.
 ALTER TABLE settings ADD COLUMN IF NOT EXISTS quiet_since timestamptz;
 ALTER TABLE settings ADD COLUMN IF NOT EXISTS quiet_until timestamptz;
 
-CREATE OR REPLACE FUNCTION heartbeat_age(hb timestamptz) RETURNS float8
+CREATE OR REPLACE FUNCTION heartbeat_age(hb timestamptz, quiet_s float8) RETURNS float8
 LANGUAGE sql STABLE AS $fn$
-    SELECT extract(epoch FROM now() - hb - CASE
-               WHEN hb <= s.quiet_since THEN s.quiet_until - s.quiet_since
-               ELSE interval '0' END)::float8
-    FROM settings s
+    SELECT extract(epoch FROM
+               least(now(), n.newest + make_interval(secs => quiet_s)) - hb
+               - CASE WHEN hb <= s.quiet_since THEN s.quiet_until - s.quiet_since
+                      ELSE interval '0' END)::float8
+    FROM settings s,
+         (SELECT max(last_heartbeat) AS newest FROM storage_nodes WHERE status = 'active') n
 $fn$;
 
 -- Database.sync: a commit that must reach the disk (and the synchronous

@@ -56,6 +56,8 @@ _UNAVAILABLE = (
     asyncpg.AdminShutdownError,
     *_NOT_PRIMARY,
 )
+# asyncpg's refusals to send on a connection that is no longer usable.
+_UNUSABLE = re.compile("connection is closed|another operation .* is in progress")
 # Backoff between attempts to reach a primary (seconds).
 _RETRY_FIRST = 0.05
 _RETRY_MAX = 1.0
@@ -97,10 +99,9 @@ class _Connections:
     more than the statement itself (measured: ~0.9 ms against ~0.6 ms per
     primary-key SELECT across trio-asyncio), so a connection, once taken from
     the pool, stays here between statements; at most ``size`` are in use at
-    once. A connection that failed or was interrupted mid-statement goes back
-    to the pool, which waits up to ``release_timeout`` seconds for the
-    server to drop what it was doing, then closes it and makes a new one;
-    one whose call ran past its deadline is closed at once.
+    once. A connection that failed or was interrupted mid-statement is
+    closed and goes back to the pool, which makes a new one; one that was
+    refused a statement stays.
     """
 
     def __init__(self, pool: asyncpg.Pool, size: int, release_timeout: float) -> None:
@@ -130,19 +131,18 @@ class _Connections:
                 # connection, a timeout or a cancellation may not, and a
                 # server past its deadline is not asked to clean up.
                 refused = isinstance(exc, (ChunkfsError, asyncpg.PostgresError))
-                await self._put_back(
-                    conn,
-                    keep=refused and not isinstance(exc, _UNAVAILABLE),
-                    close=isinstance(exc, (trio.TooSlowError, trio.Cancelled)),
-                )
+                await self._put_back(conn, keep=refused and not isinstance(exc, _UNAVAILABLE))
                 raise
             await self._put_back(conn, keep=True)
 
-    async def _put_back(self, conn: Connection, *, keep: bool, close: bool = False) -> None:
+    async def _put_back(self, conn: Connection, *, keep: bool) -> None:
         if keep and _usable(conn):
             self._idle.append(conn)
         else:
-            await self._give_back(conn, close=close)
+            # Closed first: the pool would take back a connection still busy
+            # with the statement that failed (seen in a switchover: "another
+            # operation is in progress" at its next use).
+            await self._give_back(conn, close=True)
 
     async def _give_back(self, conn: Connection, *, close: bool = False) -> None:
         with trio.CancelScope(shield=True):
@@ -212,7 +212,8 @@ class Database:
         )
         self.dsn = dsn
         self.command_timeout = command_timeout
-        self._unavailable = False  # the last call found PostgreSQL unavailable
+        self._unavailable = False  # calls find PostgreSQL gone (logged once)
+        self._gave_up = False  # and some failed for it (logged once)
         # Times a call found the server gone or silent. What was committed
         # asynchronously before may have been lost with it (a crash or a
         # failover), so callers compare counts across such a change.
@@ -256,34 +257,50 @@ class Database:
                         break
                     except _InDoubt as exc:
                         in_doubt = exc
-                    except (_NotApplied, *_NOT_PRIMARY):
-                        pass
-                    except asyncpg.InterfaceError as exc:
-                        if "connection is closed" not in str(exc):
+                        await self._lost(exc.__cause__ or exc)
+                    except (_NotApplied, *_NOT_PRIMARY) as exc:
+                        await self._lost(exc)
+                    except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                        # Raised before anything is sent: the connection was
+                        # closed, or is still taking in the server's last
+                        # words (an idle connection the server ended).
+                        if not _UNUSABLE.search(str(exc)):
                             raise
-                    self.outages += 1
-                    await connections.discard_idle()
+                        await self._lost(exc)
                     await trio.sleep(delay)
                     delay = min(2 * delay, _RETRY_MAX)
-        except (_NotApplied, _InDoubt) as exc:
-            self.outages += 1
-            raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except _UNAVAILABLE as exc:
-            self.outages += 1
-            await connections.discard_idle()
+            await self._lost(exc)
             raise self._down(f"PostgreSQL unavailable at {redact_dsn(self.dsn)}: {exc}") from exc
         except trio.TooSlowError:
-            self.outages += 1
-            await connections.discard_idle()
+            await self._lost(None)
             doubt = " (a commit may or may not have been applied)" if in_doubt else ""
             raise self._down(
                 f"PostgreSQL at {redact_dsn(self.dsn)} did not answer within "
                 f"{self.command_timeout:g} s{doubt}"
             ) from None
         if self._unavailable:
-            self._unavailable = False
+            self._unavailable = self._gave_up = False
             log.warning("PostgreSQL at %s answers again", redact_dsn(self.dsn))
         return result
+
+    async def _lost(self, exc: BaseException | None) -> None:
+        """A call found the server gone or silent (``exc``; None: it did not
+        answer in time). Counted in ``outages``, logged once until a call
+        succeeds again, and the idle connections of both pools are closed:
+        they lead to the same server.
+        """
+        self.outages += 1
+        if not self._unavailable:
+            self._unavailable = True
+            log.warning(
+                "PostgreSQL at %s: %s: looking for the primary",
+                redact_dsn(self.dsn),
+                exc or "no answer",
+            )
+        await self._pool.discard_idle()
+        if self._durable is not self._pool:
+            await self._durable.discard_idle()
 
     @staticmethod
     async def _fate(connections: _Connections, xid: int) -> str:
@@ -309,11 +326,11 @@ class Database:
         return fate
 
     def _down(self, message: str) -> MetadataUnavailable:
-        """The error for a call that found PostgreSQL unavailable; the first
-        one of an outage is logged.
+        """The error for a call that gave up on PostgreSQL; the first of an
+        outage is logged.
         """
-        if not self._unavailable:
-            self._unavailable = True
+        if not self._gave_up:
+            self._gave_up = True
             log.warning("%s: operations fail with EIO until it answers", message)
         return MetadataUnavailable(message)
 

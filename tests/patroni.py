@@ -23,6 +23,7 @@ test passed. Uses the Debian packages ``patroni`` and ``etcd-server``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -188,6 +189,7 @@ class PatroniCluster:
             raise ClusterError(missing)
         account = _server_account()
         self.dir = Path(tempfile.mkdtemp(prefix="chunkfs-ha-", dir="/tmp"))
+        atexit.register(self.stop)  # after a crash of the process that started it
         try:
             if account:
                 os.chown(self.dir, account.pw_uid, account.pw_gid)
@@ -327,6 +329,7 @@ class PatroniCluster:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> PatroniCluster:
         return self.start()

@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +291,12 @@ def run_fault(ha: HaCluster, fault: Callable[[], None], what: str) -> None:
     fresh = ha.mount("check")
     acked, problems = check_files(load, fresh.path)
     failed = sum(len(c.failed) for c in load.clients)
+    errors_seen = Counter(
+        w.error.split(":")[0] + ": " + w.error.split("] ")[-1].split(":")[0]
+        for ws in load.written.values()
+        for w in ws
+        if w.error
+    )
     print(
         f"\n{what}: {old.name} -> {new.name}, promoted after {promoted_s:.1f} s; "
         f"{acked} acknowledged files, all checked; operations: "
@@ -299,6 +306,7 @@ def run_fault(ha: HaCluster, fault: Callable[[], None], what: str) -> None:
             f"longest {c.longest_s:.1f} s"
             for c in load.clients
         )
+        + f"; failed calls of the writers: {dict(errors_seen)}"
     )
     assert not problems, problems[:20]
     assert not [m for c in load.clients for m in c.mismatches]

@@ -372,7 +372,10 @@ async def test_heartbeats_nobody_could_send_do_not_make_nodes_stale(meta):
         a,
         b,
     )
-    assert not any(n.live for n in await meta.registry.nodes())
+    # Nobody had a heartbeat for 40 s: ages stopped growing 5 s after the last.
+    ages = {n.node_id: n.heartbeat_age_s for n in await meta.registry.nodes()}
+    assert 5.9 < ages[a] < 6.1 and 4.9 < ages[b] < 5.1 and 24.9 < ages[c] < 25.1
+    assert [n.live for n in await meta.registry.nodes()] == [True, True, False]
     # The first heartbeat after the gap records it: a and b were live when
     # PostgreSQL went away and stay live; c had been stale long before.
     await meta.registry.heartbeat(a, capacity_bytes=10, used_bytes=1, free_bytes=9, chunk_count=1)

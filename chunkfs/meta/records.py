@@ -25,9 +25,10 @@ XATTR_VALUE_MAX = 65536  # bytes in an extended attribute's value
 # A node is live while its last heartbeat is younger than this (seconds),
 # not counting a time when no node could send one (see HEARTBEAT_QUIET_S).
 HEARTBEAT_TIMEOUT_S = 15.0
-# No heartbeat from any node for this long (seconds) means PostgreSQL was
-# unreachable (a failover, an outage): that time is left out of heartbeat
-# ages. Nodes send one every 3 s by default.
+# No heartbeat from any node for this long (seconds) means PostgreSQL is
+# unreachable (a failover, an outage): heartbeat ages stop growing until
+# one comes, and that time is left out of them after. Nodes send one every
+# 3 s by default.
 HEARTBEAT_QUIET_S = 5.0
 
 # The file type bits of a mode and the types, for SQL built with f-strings.

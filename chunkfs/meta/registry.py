@@ -152,10 +152,11 @@ class Registry:
             holder = await conn.fetchval(
                 """SELECT node_id FROM storage_nodes
                    WHERE base_url = $1 AND node_id <> $2 AND status = 'active'
-                     AND heartbeat_age(last_heartbeat) < $3""",
+                     AND heartbeat_age(last_heartbeat, $4) < $3""",
                 base_url,
                 node_id,
                 HEARTBEAT_TIMEOUT_S,
+                HEARTBEAT_QUIET_S,
             )
             if holder is not None:
                 raise errors.ConfigError(
@@ -228,8 +229,9 @@ class Registry:
         rows = await self.db.fetch(
             """SELECT node_id, base_url, zone, status, capacity_bytes, used_bytes, free_bytes,
                       chunk_count, draining,
-                      heartbeat_age(last_heartbeat) AS heartbeat_age_s
-               FROM storage_nodes ORDER BY node_id"""
+                      heartbeat_age(last_heartbeat, $1) AS heartbeat_age_s
+               FROM storage_nodes ORDER BY node_id""",
+            HEARTBEAT_QUIET_S,
         )
         return [NodeInfo(**dict(r)) for r in rows]
 
@@ -254,10 +256,11 @@ class Registry:
         async def body(conn: Connection) -> int:
             row = await conn.fetchrow(
                 """SELECT draining,
-                          status = 'active' AND heartbeat_age(last_heartbeat) < $2 AS live
+                          status = 'active' AND heartbeat_age(last_heartbeat, $3) < $2 AS live
                    FROM storage_nodes WHERE node_id = $1 FOR UPDATE""",
                 node_id,
                 HEARTBEAT_TIMEOUT_S,
+                HEARTBEAT_QUIET_S,
             )
             if row is None:
                 raise errors.NotFound(f"no storage node {node_id}")
@@ -310,8 +313,9 @@ class Registry:
                       (SELECT replicas FROM settings) AS r
                FROM storage_nodes
                WHERE status = 'active'
-                 AND heartbeat_age(last_heartbeat) < $1""",
+                 AND heartbeat_age(last_heartbeat, $2) < $1""",
             HEARTBEAT_TIMEOUT_S,
+            HEARTBEAT_QUIET_S,
         )
         assert row is not None  # an aggregate without GROUP BY gives one row
         r = max(1, row["r"] or 1)

@@ -76,18 +76,25 @@ def advertised_url(host: str, port: int, advertise: str | None, tls: bool) -> st
 
 
 async def _heartbeats(meta: Meta, disk: ChunkDisk, interval: float) -> None:
-    """Every ``interval`` seconds, report space and chunk count; failures are logged."""
+    """Every ``interval`` seconds, report space and chunk count; failures are
+    logged. A heartbeat gives up after ``2 * interval`` seconds: one stuck on
+    a PostgreSQL that vanished (a primary whose host was cut off) would keep
+    the node silent long after a standby took over.
+    """
     while True:
         await trio.sleep(interval)
         try:
             stats = await disk.stats()
-            await meta.registry.heartbeat(
-                disk.node_id,
-                capacity_bytes=stats.capacity_bytes,
-                used_bytes=stats.used_bytes,
-                free_bytes=stats.free_bytes,
-                chunk_count=stats.chunk_count,
-            )
+            with trio.move_on_after(2 * interval) as scope:
+                await meta.registry.heartbeat(
+                    disk.node_id,
+                    capacity_bytes=stats.capacity_bytes,
+                    used_bytes=stats.used_bytes,
+                    free_bytes=stats.free_bytes,
+                    chunk_count=stats.chunk_count,
+                )
+            if scope.cancelled_caught:
+                log.warning("heartbeat of node %s: no answer in %g s", disk.node_id, 2 * interval)
         except Exception as exc:  # noqa: BLE001 - keep serving: PostgreSQL may come back
             log.warning("heartbeat of node %s failed: %s", disk.node_id, exc)
 
