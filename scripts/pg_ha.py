@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import cluster as cl
@@ -53,34 +54,32 @@ def main() -> int:
             print(f"pg-ha: {exc}", file=sys.stderr)
             return 2
         roles = ha.roles()
-        described = {
-            "dsn": ha.dsn_for(args.database),
-            "scope": ha.scope,
-            "members": [
-                {
-                    "name": m.name,
-                    "postgres": f"{m.address}:{m.pg_port}",
-                    "rest_api": m.api_url,
-                    "etcd": m.etcd_url,
-                    "role": roles.get(m.name, "?"),
-                    "data_dir": str(m.data_dir),
-                    "patroni_config": str(m.config_path),
-                    "postmaster_pid": m.postmaster_pid(),
-                }
-                for m in ha.members
-            ],
-        }
+        members: list[dict[str, Any]] = [
+            {
+                "name": m.name,
+                "postgres": f"{m.address}:{m.pg_port}",
+                "rest_api": m.api_url,
+                "etcd": m.etcd_url,
+                "role": roles.get(m.name, "?"),
+                "data_dir": str(m.data_dir),
+                "patroni_config": str(m.config_path),
+                "postmaster_pid": m.postmaster_pid(),
+            }
+            for m in ha.members
+        ]
+        dsn = ha.dsn_for(args.database)
         if args.json:
+            described = {"dsn": dsn, "scope": ha.scope, "members": members}
             print(json.dumps(described, indent=1), flush=True)
         else:
-            print(f"DSN: {described['dsn']}")
-            for m in described["members"]:
+            print(f"DSN: {dsn}")
+            for m in members:
                 print(
                     f"{m['name']}: {m['role']:24} postgres {m['postgres']}  "
                     f"api {m['rest_api']}  pid {m['postmaster_pid']}\n"
                     f"     data {m['data_dir']}  config {m['patroni_config']}"
                 )
-            first = described["members"][0]["patroni_config"]
+            first = members[0]["patroni_config"]
             print(f"patronictl -c {first} list | switchover {ha.scope} ...")
             print("Ctrl-C stops it.", flush=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None

@@ -314,6 +314,9 @@ class PatroniCluster:
             with contextlib.suppress(ClusterError):
                 if m.patroni is not None:
                     _wait_pids_gone([m.patroni.pid], 30.0, f"patroni {m.name}")
+            postmaster = m.postmaster_pid()
+            if postmaster is not None:  # left behind by a Patroni that went first
+                _signal(postmaster, signal.SIGINT)  # fast shutdown
             with contextlib.suppress(ClusterError):
                 _wait_pids_gone(m.server_pids(), 10.0, f"postgres {m.name}")
             if m.etcd is not None and m.etcd.poll() is None:
