@@ -520,7 +520,9 @@ async def open_database(
     tear a transaction), except those run with ``durable=True`` and
     ``Database.sync``, which use a second, small pool of synchronous
     connections. Timeouts are in seconds. Raises ``MetadataUnavailable``
-    with a one-line message when the server does not answer or refuses the login.
+    with a one-line message when the server does not answer or refuses the
+    login; with a DSN that lists several hosts, after ``command_timeout``
+    seconds of none of them answering as the primary.
     """
     async with trio_asyncio.open_loop():
 
@@ -544,20 +546,38 @@ async def open_database(
                 server_settings=settings,
             )
 
-        try:
-            with trio.fail_after(2 * connect_timeout + 1):
-                if async_commit:
-                    pool = await trio_asyncio.aio_as_trio(create)(
-                        max_size, {"synchronous_commit": "off"}
-                    )
-                    durable = await trio_asyncio.aio_as_trio(create)(
-                        2, {"synchronous_commit": "on"}
-                    )
-                else:
-                    pool = durable = await trio_asyncio.aio_as_trio(create)(max_size, {})
-        except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
+        async def create_pools() -> tuple[asyncpg.Pool, asyncpg.Pool]:
+            if not async_commit:
+                pool = await create(max_size, {})
+                return pool, pool
+            pool = await create(max_size, {"synchronous_commit": "off"})
+            try:
+                return pool, await create(2, {"synchronous_commit": "on"})
+            except BaseException:
+                pool.terminate()
+                raise
+
+        # A DSN that lists several hosts names a replicated PostgreSQL: while
+        # none of them is the primary (a failover), it is asked again, for up
+        # to command_timeout, as a call would be.
+        patience = trio.current_time() + (command_timeout if len(host_dsns(dsn)) > 1 else 0)
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                with trio.fail_after(2 * connect_timeout + 1):
+                    pool, durable = await trio_asyncio.aio_as_trio(create_pools)()
+                break
+            except NoPrimary as exc:
+                if trio.current_time() + delay < patience:
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, _RETRY_MAX)
+                    continue
+                failure: BaseException = exc
+            except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
+                failure = exc
             raise MetadataUnavailable(
-                f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {exc or type(exc).__name__}"
+                f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: "
+                f"{failure or type(failure).__name__}"
             ) from None
         db = Database(
             pool,

@@ -18,7 +18,8 @@ and pg_rewind so that a former primary rejoins as a standby.
 
 Every wait is bounded (seconds) and raises ``ClusterError``; ``stop`` kills
 whatever is left and removes the temporary directory, whether or not a
-test passed. Uses the Debian packages ``patroni`` and ``etcd-server``.
+test passed. Uses etcd from the Debian package ``etcd-server`` and
+Patroni 3.0.3 or later from ``PATRONI_BIN`` (scripts/setup installs both).
 """
 
 from __future__ import annotations
@@ -73,13 +74,25 @@ START_TIMEOUT = 120.0
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+# Patroni 3.0.3 or later, where scripts/setup installs it (Debian bookworm's
+# 3.0.2 lets a frozen leader that wakes up take the leadership back and
+# discard what the new primary acknowledged meanwhile: patroni#2689).
+PATRONI_BIN = Path(os.environ.get("CHUNKFS_PATRONI_BIN", "/opt/chunkfs/patroni/bin"))
+
+
 def patroni_available() -> str | None:
-    """None when the ``patroni`` and ``etcd`` commands are installed, else
-    what is missing (one line).
+    """None when Patroni (in ``PATRONI_BIN``) and ``etcd`` are installed,
+    else what is missing (one line).
     """
-    missing = [c for c in ("patroni", "patronictl", "etcd") if shutil.which(c) is None]
+    missing = [
+        str(PATRONI_BIN / c)
+        for c in ("patroni", "patronictl")
+        if not os.access(PATRONI_BIN / c, os.X_OK)
+    ]
+    if shutil.which("etcd") is None:
+        missing.append("etcd (Debian package etcd-server)")
     if missing:
-        return f"missing {', '.join(missing)}: install the Debian packages patroni and etcd-server"
+        return f"missing {', '.join(missing)}: run scripts/setup"
     return None
 
 
@@ -288,16 +301,17 @@ class PatroniCluster:
                 "parameters": {"unix_socket_directories": socket_dir},
                 "pg_hba": [
                     "local all all trust",
-                    f"host all all {self.clients} scram-sha-256",
-                    f"host replication replicator {self.clients} scram-sha-256",
-                    "host all all 127.0.0.1/32 scram-sha-256",
-                    "host replication replicator 127.0.0.1/32 scram-sha-256",
+                    *(
+                        f"host {db} {user} {net} scram-sha-256"
+                        for net in dict.fromkeys(["127.0.0.1/32", self.clients])
+                        for db, user in (("all", "all"), ("replication", "replicator"))
+                    ),
                 ],
             },
         }
 
     def _start_patroni(self, m: Member) -> None:
-        argv = ["patroni", str(m.config_path)]
+        argv = [str(PATRONI_BIN / "patroni"), str(m.config_path)]
         account = _server_account()
         if account:
             argv = ["runuser", "-u", account.pw_name, "--", *argv]
@@ -432,13 +446,33 @@ class PatroniCluster:
         for pid in pids:
             _signal(pid, signal.SIGKILL)
 
+    def _host_pids(self, m: Member) -> list[int]:
+        return [
+            *(p.pid for p in (m.patroni, m.etcd) if p is not None and p.poll() is None),
+            *m.server_pids(),
+        ]
+
+    def freeze(self, m: Member) -> None:
+        """Stop every process of ``m``'s host (Patroni, PostgreSQL, etcd)
+        where it stands, as a paused virtual machine; ``thaw`` lets them go on.
+        """
+        for pid in self._host_pids(m):
+            _signal(pid, signal.SIGSTOP)
+
+    def thaw(self, m: Member) -> None:
+        for pid in self._host_pids(m):
+            _signal(pid, signal.SIGCONT)
+
     def switchover(self, candidate: Member) -> None:
-        """``patronictl switchover`` to ``candidate`` (a planned, clean change)."""
+        """``patronictl switchover`` to ``candidate`` (a planned, clean
+        change; in synchronous mode only the synchronous standby may take
+        over); returns once it is the primary.
+        """
         leader = self.primary()
         if leader is None:
             raise ClusterError("no primary to switch over from")
         argv = [
-            "patronictl", "-c", str(leader.config_path), "switchover", self.scope,
+            str(PATRONI_BIN / "patronictl"), "-c", str(leader.config_path), "switchover", self.scope,
             "--leader", leader.name, "--candidate", candidate.name, "--force",
         ]  # fmt: skip
         proc = subprocess.run(
@@ -449,5 +483,15 @@ class PatroniCluster:
             stdin=subprocess.DEVNULL,
             env=_child_env(),
         )
+        output = (proc.stdout + proc.stderr).strip()
         if proc.returncode != 0:
-            raise ClusterError(f"patronictl switchover failed: {proc.stdout}{proc.stderr}")
+            raise ClusterError(f"patronictl switchover failed: {output}")
+        try:
+            wait_until(
+                lambda: getattr(self.primary(), "name", None) == candidate.name,
+                60,
+                f"{candidate.name} to be the primary",
+                interval=0.2,
+            )
+        except ClusterError as exc:
+            raise ClusterError(f"{exc}; patronictl said: {output}") from None

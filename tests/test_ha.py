@@ -1,7 +1,8 @@
 """chunkfs on a highly available PostgreSQL: three instances under Patroni
 (``patroni.py``) on simulated hosts, synchronous replication, and chunkfs
-riding through a crash of the primary, the loss of its host's link, and a
-planned switchover, under load.
+riding through a crash of the primary, the loss of its host's link (and
+its return), a freeze of its host (and its waking up), and a planned
+switchover, under load.
 
 The load: two mounts write files (fsync, close, rename into place, fsync
 of the directory), a third reads what they acknowledged. After each fault every acknowledged
@@ -30,13 +31,14 @@ import pytest
 
 import cluster as cl
 from hosts import Host, Network
-from patroni import PatroniCluster
+from patroni import Member, PatroniCluster
 
 # Bounds (seconds). Every loop below stops at one of them.
 LOAD_BEFORE_S = 4.0  # load before the fault
 LOAD_AFTER_S = 5.0  # load once every client succeeded again
 RECOVERY_BOUND_S = 120.0  # fault to every client working again
 MAX_FILE = 192 * 1024  # bytes per file, at most
+HEAL_SETTLE_S = 15.0  # load once a lost host is back (past Patroni's ttl)
 
 
 @dataclass
@@ -265,8 +267,15 @@ def ha(tmp_path: Path, fuse_ready: None) -> Iterator[HaCluster]:
         yield HaCluster(net, app, pg, dsn, tmp_path, stack)
 
 
-def run_fault(ha: HaCluster, fault: Callable[[], None], what: str) -> None:
-    """Load, ``fault()``, load until every client works again, then check."""
+def run_fault(
+    ha: HaCluster,
+    fault: Callable[[], None],
+    what: str,
+    heal: Callable[[], None] | None = None,
+) -> None:
+    """Load, ``fault()``, load until every client works again, ``heal()``
+    (the lost host comes back) and load a while longer, then check.
+    """
     mounts = [ha.mount(n) for n in ("w1", "w2", "r")]
     load = Load([mounts[0].path, mounts[1].path], mounts[2].path)
     load.start()
@@ -284,6 +293,9 @@ def run_fault(ha: HaCluster, fault: Callable[[], None], what: str) -> None:
             "every client working again",
         )
         time.sleep(LOAD_AFTER_S)
+        if heal is not None:
+            heal()
+            time.sleep(HEAL_SETTLE_S)  # the old primary rejoins, under load
     finally:
         load.stop()
     for m in mounts:
@@ -335,11 +347,36 @@ def test_the_primary_host_cut_off_loses_no_acknowledged_file(ha: HaCluster) -> N
         ha.net.cut(host)
         cut.append(host)
 
+    def restore() -> None:
+        while cut:
+            ha.net.restore(cut.pop())
+
     try:
-        run_fault(ha, cut_link, "primary's host cut off")
+        run_fault(ha, cut_link, "primary's host cut off, then back", heal=restore)
     finally:
-        for host in cut:
-            ha.net.restore(host)
+        restore()
+
+
+def test_a_frozen_primary_waking_up_loses_no_acknowledged_file(ha: HaCluster) -> None:
+    # A paused machine whose Patroni wakes up holding an old view must not
+    # take the leadership back (Patroni before 3.0.3 did, and the commits
+    # of the new primary were discarded).
+    frozen: list[Member] = []
+
+    def freeze() -> None:
+        primary = ha.pg.primary()
+        assert primary is not None
+        ha.pg.freeze(primary)
+        frozen.append(primary)
+
+    def thaw() -> None:
+        while frozen:
+            ha.pg.thaw(frozen.pop())
+
+    try:
+        run_fault(ha, freeze, "primary's host frozen, then woken", heal=thaw)
+    finally:
+        thaw()
 
 
 def test_a_switchover_loses_nothing(ha: HaCluster) -> None:

@@ -211,3 +211,18 @@ async def test_sync_waits_for_the_commits_before_it_to_be_durable(server) -> Non
             await db.execute("ALTER SYSTEM RESET synchronous_standby_names")
             await db.execute("SELECT pg_reload_conf()")
         await db.sync()
+
+
+async def test_opening_while_no_host_is_the_primary_waits_for_one(server) -> None:
+    dsn = _multi(cl.free_ports(1)[0], server.port)
+    await trio.to_thread.run_sync(server.pause)
+    async with trio.open_nursery() as nursery:
+
+        async def bring_back() -> None:
+            await trio.sleep(2)
+            await trio.to_thread.run_sync(server.resume)
+
+        nursery.start_soon(bring_back)
+        # A tool or a mount started mid-failover: it waits, as a call would.
+        async with open_database(dsn, command_timeout=30) as db:
+            assert await db.fetchval("SELECT count(*) FROM t") == 0
