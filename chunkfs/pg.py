@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,6 +59,8 @@ _UNAVAILABLE = (
 )
 # asyncpg's refusals to send on a connection that is no longer usable.
 _UNUSABLE = re.compile("connection is closed|another operation .* is in progress")
+# Connection errors that mean the network to the server is not up yet.
+_NO_ROUTE = (errno.EHOSTUNREACH, errno.ENETUNREACH)
 # Backoff between attempts to reach a primary (seconds).
 _RETRY_FIRST = 0.05
 _RETRY_MAX = 1.0
@@ -521,8 +524,8 @@ async def open_database(
     ``Database.sync``, which use a second, small pool of synchronous
     connections. Timeouts are in seconds. Raises ``MetadataUnavailable``
     with a one-line message when the server does not answer or refuses the
-    login; with a DSN that lists several hosts, after ``command_timeout``
-    seconds of none of them answering as the primary.
+    login; after ``command_timeout`` seconds of no host answering as the
+    primary (a DSN that lists several) or of no route to the server.
     """
     async with trio_asyncio.open_loop():
 
@@ -557,18 +560,20 @@ async def open_database(
                 pool.terminate()
                 raise
 
-        # A DSN that lists several hosts names a replicated PostgreSQL: while
-        # none of them is the primary (a failover), it is asked again, for up
-        # to command_timeout, as a call would be.
-        patience = trio.current_time() + (command_timeout if len(host_dsns(dsn)) > 1 else 0)
+        # While none of the hosts of a replicated PostgreSQL is the primary (a
+        # failover), or the network to the server is not up yet (no route),
+        # it is asked again, for up to command_timeout, as a call would be.
+        # A refusal (no server there, a wrong password) is final.
+        patience = trio.current_time() + command_timeout
         delay = _RETRY_FIRST
         while True:
             try:
                 with trio.fail_after(2 * connect_timeout + 1):
                     pool, durable = await trio_asyncio.aio_as_trio(create_pools)()
                 break
-            except NoPrimary as exc:
-                if trio.current_time() + delay < patience:
+            except OSError as exc:
+                transient = isinstance(exc, NoPrimary) or exc.errno in _NO_ROUTE
+                if transient and trio.current_time() + delay < patience:
                     await trio.sleep(delay)
                     delay = min(2 * delay, _RETRY_MAX)
                     continue
