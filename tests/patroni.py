@@ -396,17 +396,15 @@ class PatroniCluster:
                 return self.member(name)
         return None
 
-    def wait_healthy(self, timeout: float, exclude: Sequence[str] = ()) -> Member:
-        """Wait for a running leader and a streaming synchronous standby
-        (among the members not in ``exclude``); return the leader.
+    def wait_healthy(self, timeout: float) -> Member:
+        """Wait for a running leader and a streaming synchronous standby;
+        return the leader.
         """
         deadline = time.monotonic() + timeout
         while True:
-            roles = self.roles(exclude)
-            leader = self.primary(exclude)
-            sync = [
-                n for n, r in roles.items() if r.startswith("sync_standby:") and n not in exclude
-            ]
+            roles = self.roles()
+            leader = self.primary()
+            sync = [n for n, r in roles.items() if r.startswith("sync_standby:")]
             if leader is not None and sync and roles[sync[0]].endswith(("streaming", "running")):
                 return leader
             gone = [

@@ -238,6 +238,10 @@ class HaCluster:
     tmp: Path
     stack: contextlib.ExitStack
 
+    def host_of(self, member: Member) -> Host:
+        """The simulated host a PostgreSQL member runs on."""
+        return next(h for h in self.net.hosts.values() if h.netns == member.netns)
+
     def mount(self, name: str) -> cl.Mount:
         m = cl.Mount(
             self.dsn,
@@ -337,46 +341,44 @@ def test_the_primary_crashing_loses_no_acknowledged_file(ha: HaCluster) -> None:
     run_fault(ha, crash, "primary's PostgreSQL killed (SIGKILL)")
 
 
-def test_the_primary_host_cut_off_loses_no_acknowledged_file(ha: HaCluster) -> None:
-    cut: list[Host] = []
+def run_host_loss(
+    ha: HaCluster, lose: Callable[[Member], None], regain: Callable[[Member], None], what: str
+) -> None:
+    """``run_fault`` where the primary's host is lost (``lose(member)``) and
+    comes back under load (``regain(member)``, run also when the run fails).
+    """
+    lost: list[Member] = []
 
-    def cut_link() -> None:
+    def fault() -> None:
         primary = ha.pg.primary()
         assert primary is not None
-        host = next(h for h in ha.net.hosts.values() if h.netns == primary.netns)
-        ha.net.cut(host)
-        cut.append(host)
+        lose(primary)
+        lost.append(primary)
 
-    def restore() -> None:
-        while cut:
-            ha.net.restore(cut.pop())
+    def heal() -> None:
+        while lost:
+            regain(lost.pop())
 
     try:
-        run_fault(ha, cut_link, "primary's host cut off, then back", heal=restore)
+        run_fault(ha, fault, what, heal=heal)
     finally:
-        restore()
+        heal()
+
+
+def test_the_primary_host_cut_off_loses_no_acknowledged_file(ha: HaCluster) -> None:
+    run_host_loss(
+        ha,
+        lambda m: ha.net.cut(ha.host_of(m)),
+        lambda m: ha.net.restore(ha.host_of(m)),
+        "primary's host cut off, then back",
+    )
 
 
 def test_a_frozen_primary_waking_up_loses_no_acknowledged_file(ha: HaCluster) -> None:
     # A paused machine whose Patroni wakes up holding an old view must not
     # take the leadership back (Patroni before 3.0.3 did, and the commits
     # of the new primary were discarded).
-    frozen: list[Member] = []
-
-    def freeze() -> None:
-        primary = ha.pg.primary()
-        assert primary is not None
-        ha.pg.freeze(primary)
-        frozen.append(primary)
-
-    def thaw() -> None:
-        while frozen:
-            ha.pg.thaw(frozen.pop())
-
-    try:
-        run_fault(ha, freeze, "primary's host frozen, then woken", heal=thaw)
-    finally:
-        thaw()
+    run_host_loss(ha, ha.pg.freeze, ha.pg.thaw, "primary's host frozen, then woken")
 
 
 def test_a_switchover_loses_nothing(ha: HaCluster) -> None:

@@ -87,16 +87,17 @@ async def test_the_primary_is_found_whichever_hosts_come_first(server, silent_po
         assert f"{standby.port}: not as target_session_attrs asks" in message
 
 
+async def _resume_after(server: cl.Postgres, seconds: float) -> None:
+    """Start the paused ``server`` again after ``seconds``."""
+    await trio.sleep(seconds)
+    await trio.to_thread.run_sync(server.resume)
+
+
 async def test_a_call_made_while_no_server_answers_waits_for_one(server) -> None:
     async with open_database(server.dsn, command_timeout=30) as db:
         await trio.to_thread.run_sync(server.pause)
         async with trio.open_nursery() as nursery:
-
-            async def bring_back() -> None:
-                await trio.sleep(2)
-                await trio.to_thread.run_sync(server.resume)
-
-            nursery.start_soon(bring_back)
+            nursery.start_soon(_resume_after, server, 2)
             # Started while the server is down: it is tried again until one answers.
             assert await db.fetchval("INSERT INTO t (v) VALUES ('x') RETURNING id") == 1
         assert await db.fetchval("SELECT count(*) FROM t") == 1
@@ -217,12 +218,7 @@ async def test_opening_while_no_host_is_the_primary_waits_for_one(server) -> Non
     dsn = _multi(cl.free_ports(1)[0], server.port)
     await trio.to_thread.run_sync(server.pause)
     async with trio.open_nursery() as nursery:
-
-        async def bring_back() -> None:
-            await trio.sleep(2)
-            await trio.to_thread.run_sync(server.resume)
-
-        nursery.start_soon(bring_back)
+        nursery.start_soon(_resume_after, server, 2)
         # A tool or a mount started mid-failover: it waits, as a call would.
         async with open_database(dsn, command_timeout=30) as db:
             assert await db.fetchval("SELECT count(*) FROM t") == 0
