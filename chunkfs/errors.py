@@ -101,6 +101,14 @@ class DigestMismatch(StorageError):
     """Bytes do not match their SHA-256 (HTTP 422 from a node, or on read)."""
 
 
+class UploadLost(StorageError):
+    """The upload session a commit names is no longer live: it expired, or
+    a PostgreSQL failover or crash lost it (sessions commit asynchronously).
+    Reclamation may have taken the chunks it protected, so they are pushed
+    again under a new session before the commit is tried again.
+    """
+
+
 class NodeFull(StorageError):
     """The node has no room for the chunk (HTTP 507)."""
 

@@ -19,6 +19,7 @@ import trio
 
 import cluster as cl
 from chunkfs import errors, layout
+from chunkfs.admin import gc
 from chunkfs.core import ROOT, Caller, FileSystem, open_filesystem
 from chunkfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from chunkfs.meta import ROOT_INO, Attrs, Ino
@@ -167,6 +168,39 @@ async def test_a_failed_commit_reports_eio_keeps_the_old_version_and_retries(
     await fs.flush(opened.fh)  # the spool was kept: the retry commits it
     await fs.release(opened.fh)
     assert await read_all(other, ino) == new
+
+
+async def test_a_commit_whose_upload_session_was_lost_pushes_its_chunks_again(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest, monkeypatch
+) -> None:
+    fs, other = pair
+    d = await workdir(fs, request)
+    data = os.urandom(300_000)
+    content = fs.meta.content
+    commit_chunks = content.commit_chunks
+    reclaimed: list[int] = []
+
+    async def lose_the_first_session(ino: Ino, session_id: int | None, **kw: object) -> Attrs:
+        if not reclaimed:
+            # What a failover that lost the session's asynchronous commit
+            # leaves: no session, and a reclamation pass that takes the
+            # chunks it had protected before the file's commit.
+            await fs.meta.db.execute(
+                "DELETE FROM upload_sessions WHERE session_id = $1", session_id
+            )
+            reclaimed.append((await gc.collect(fs.meta)).deleted)
+        return await commit_chunks(ino, session_id, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(content, "commit_chunks", lose_the_first_session)
+    attrs = await write_file(fs, d, b"f", data)
+    assert reclaimed[0] >= 2 * 6  # the first upload's replicas were taken
+    cmap = await fs.meta.content.chunk_map(attrs.ino)
+    for c in cmap.chunks:
+        assert len(c.nodes) == 2
+        for node_id in c.nodes:  # pushed again: every recorded replica is there
+            got = await fs.files.store.client(node_id).get(c.chunk_id)
+            assert hashlib.sha256(got).digest() == c.chunk_id
+    assert await read_all(other, attrs.ino) == data
 
 
 async def test_posix_rules_hold_without_a_kernel(

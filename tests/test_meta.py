@@ -400,9 +400,71 @@ async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta
         "WHERE chunk_id = $1)",
         expired,
     )
-    assert await meta.maintenance.unneeded("00000000000000aa", [held, expired]) == {expired}
+    assert await meta.maintenance.take_unneeded("00000000000000aa", [held, expired]) == {expired}
     assert await meta.maintenance.expire_sessions() == 1
     assert await count(meta, "upload_sessions") == 1
+
+
+async def test_a_commit_needs_a_live_session_of_its_file_naming_every_chunk(meta):
+    settings = await meta.registry.settings()
+    await register(meta, "00000000000000aa")
+    f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
+    g = await meta.namespace.create(ROOT_INO, b"g", FILE, 0, 0)
+    data = [b"1", b"2", b"3", b"4", b"5", b"6"]
+    ids = [hashlib.sha256(x).digest() for x in data]
+
+    async def commit(session_id: int) -> Attrs:
+        return await meta.content.commit_chunks(
+            f.ino,
+            session_id,
+            size=6,
+            sha256=hashlib.sha256(b"".join(data)).digest(),
+            chunks=[ChunkRef(i, i, 1, c, ()) for i, c in enumerate(ids)],
+            placed={c: ["00000000000000aa"] for c in ids},
+            mtime_ns=1,
+            max_file_size=settings.max_file_size,
+        )
+
+    expired = await meta.content.begin_upload(f.ino, ids, 3600)
+    await meta.db.execute(
+        "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE session_id = $1",
+        expired,
+    )
+    failed = await meta.content.begin_upload(f.ino, ids, 3600)
+    await meta.content.fail_upload(failed)
+    partial = await meta.content.begin_upload(f.ino, ids[:5], 3600)
+    of_another_file = await meta.content.begin_upload(g.ino, ids, 3600)
+    lost = await meta.content.begin_upload(f.ino, ids, 3600)
+    await meta.db.execute("DELETE FROM upload_sessions WHERE session_id = $1", lost)
+    for session_id in (expired, failed, partial, of_another_file, lost):
+        with pytest.raises(errors.UploadLost):
+            await commit(session_id)
+    assert (await meta.namespace.getattr(f.ino)).version == 0  # nothing changed
+    assert (await meta.content.chunk_map(f.ino)).chunks == ()
+    assert await count(meta, "chunk_replicas") == 0
+    live = await meta.content.begin_upload(f.ino, ids, 3600)
+    assert (await commit(live)).version == 1
+    with pytest.raises(errors.UploadLost):  # a session completes once
+        await commit(live)
+    again = await meta.content.begin_upload(f.ino, ids, 3600)
+    await meta.namespace.unlink(ROOT_INO, b"f")
+    await meta.db.execute("DELETE FROM inodes WHERE ino = $1", f.ino)
+    with pytest.raises(errors.NotFound):
+        await commit(again)
+
+
+async def test_unneeded_chunks_lose_their_records_on_that_node_when_found(meta):
+    data = [b"u1", b"u2", b"u3", b"u4", b"u5", b"u6"]
+    ids = [hashlib.sha256(x).digest() for x in data]
+    a, b = "00000000000000c1", "00000000000000c2"
+    f = await committed_file(meta, b"gone", data, [[a, b]] * 6)
+    assert await meta.maintenance.take_unneeded(a, ids) == set()  # in use
+    await meta.db.execute("DELETE FROM chunks WHERE ino = $1", f.ino)  # superseded
+    assert await meta.maintenance.take_unneeded(a, ids) == set(ids)
+    held = await meta.db.fetch(
+        "SELECT DISTINCT node_id FROM chunk_replicas WHERE chunk_id = ANY($1::bytea[])", ids
+    )
+    assert [r["node_id"] for r in held] == [b]
 
 
 async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):

@@ -6,6 +6,10 @@ node for it (a copy a failed or superseded move left behind). A writer may
 reuse an identical object while gc runs; the node bumps an existing object's
 mtime on every PUT, and gc deletes with ``before_ns`` = the node's clock read
 before the reference check, so an object put again after that check survives.
+A commit names only chunks its still-live session protects (else it fails
+with ``UploadLost`` and the writer pushes them again), so a session that
+expired, or that a PostgreSQL failover lost, never lets a file name a chunk
+gc took.
 
 ``collect`` is one pass over every live node through its HTTP API (``chunkfs
 gc``); every node also runs ``collect_node`` on its own disk continuously
@@ -89,12 +93,10 @@ async def collect_node(
     for _ in range(MAX_PAGES):
         page = await chunks.list(after=after, limit=PAGE)
         ids, after = page.ids, page.after
-        dead = await meta.maintenance.unneeded(node_id, ids)
+        dead = await meta.maintenance.take_unneeded(node_id, ids)
         deleted = [c for c in sorted(dead) if await chunks.delete(c, before_ns=before_ns)]
         report.deleted += len(deleted)
         report.kept += len(ids) - len(deleted)
-        if deleted:
-            await meta.maintenance.drop_replicas(node_id, deleted)
         if dead:
             await meta.maintenance.forget_objects(sorted(dead))
         if after is None:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Files up to this size (bytes) are read and hashed at once on the commit.
 SMALL_COMMIT_MAX = 256 << 10
+# Uploads of one commit whose session was lost before the switch (each one
+# pushes the new chunks again, under a new session), before it fails.
+UPLOAD_ATTEMPTS = 3
 # A changed chunk goes to the nodes holding its base as its changed blocks
 # when those are at most this many bytes (held in memory for the upload).
 DELTA_MAX = 16 << 20
@@ -72,9 +75,16 @@ class Writer:
             t0 = time.perf_counter()
             new, content, deltas = await self._cut(f)
             t1 = time.perf_counter()
-            session, holders = await self._upload(f, new, content, deltas)
-            t2 = time.perf_counter()
-            attrs = await self._switch(f, new, session, holders)
+            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+                session, holders = await self._upload(f, new, content, deltas)
+                t2 = time.perf_counter()
+                try:
+                    attrs = await self._switch(f, new, session, holders)
+                    break
+                except errors.UploadLost as exc:
+                    if attempt == UPLOAD_ATTEMPTS:
+                        raise
+                    log.warning("%s: its chunks are pushed again", exc)
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
             log.debug(
                 "commit of inode %d: hash %.2f ms, upload %.2f ms, metadata %.2f ms",
@@ -88,7 +98,8 @@ class Writer:
     async def commit_shared(self, f: OpenFile, source: ChunkMap) -> Attrs | None:
         """Commit ``source``'s chunks as the new version of ``f`` (which has
         no unflushed writes), uploading nothing; None, changing nothing,
-        when some chunk is not recorded on R nodes. Raises
+        when some chunk is not recorded on R nodes or the session was lost
+        before the switch. Raises
         ``MetadataUnavailable`` and ``NotFound``.
         """
         async with f.lock:
@@ -99,11 +110,16 @@ class Writer:
             if any(chunk_id not in session.reusable for chunk_id in ids):
                 await self._fail_upload(session.session_id)
                 return None
-            self._files.close_spool(f)
-            f.size = f.base_valid = f.held_from = source.size
+            self._files.close_spool(f)  # it holds the old version's bytes
             f.loaded = set()
+            f.held_from = f.size
             new = replace(source, ino=f.ino, version=0)
-            return await self._switch(f, new, session, dict(session.reusable))
+            try:
+                attrs = await self._switch(f, new, session, dict(session.reusable))
+            except errors.UploadLost:
+                return None  # the caller copies the bytes instead
+            f.size = f.base_valid = f.held_from = source.size
+            return attrs
 
     async def _upload(
         self, f: OpenFile, new: ChunkMap, content: dict[int, bytes], deltas: dict[int, Delta]

@@ -121,29 +121,43 @@ class Content:
         ``{chunk_id: node ids}``), size, digest, times (ns; ctime, by
         default mtime, only moves forward) and the ``changes`` made meanwhile
         (``mode`` permission bits, ``uid``, ``gid``, ``atime_ns``); the version
-        is bumped and the upload session completed. Raises ``NotFound`` and
-        ``FileTooLarge``.
+        is bumped and the upload session completed.
+
+        The session (None: the chunks need no protection) must still be live
+        and name every chunk object of the version, else nothing changes:
+        reclamation spares only chunks a live session or a committed file
+        names, so a session that expired or that a failover lost (sessions
+        commit asynchronously) may have let it take them. Raises
+        ``NotFound``, ``UploadLost`` and ``FileTooLarge``.
         """
         if size > max_file_size:
             raise errors.FileTooLarge(f"{size} bytes is over the maximum of {max_file_size}")
         changes = changes or {}
         objects = {c.chunk_id: c for c in chunks if not c.hole}
         pairs = [(c, n) for c, nodes in placed.items() for n in nodes]
-        # One statement (one round trip, atomic): the inode row is updated
-        # first, which locks it against a concurrent commit of the same file;
-        # foreign keys are checked at the end of the statement.
+        # One statement (one round trip, atomic): the session row is locked
+        # (so expiry cannot remove it meanwhile), then the inode row, against
+        # a concurrent commit of the same file; foreign keys are checked at
+        # the end of the statement.
         row = await self.db.fetchrow(
-            f"""WITH i AS (
+            f"""WITH s AS (
+                    UPDATE upload_sessions SET status = 'completed'
+                    WHERE session_id = $5 AND ino = $1 AND status = 'uploading'
+                      AND expires_at >= now()
+                      AND NOT EXISTS (
+                        SELECT 1 FROM unnest($6::bytea[]) AS u(id) WHERE NOT EXISTS (
+                            SELECT 1 FROM upload_session_chunks k
+                            WHERE k.session_id = $5 AND k.chunk_id = u.id))
+                    RETURNING session_id),
+                i AS (
                     UPDATE inodes SET size = $2, sha256 = $3, mtime_ns = $4,
                         ctime_ns = greatest(ctime_ns, $16), version = version + 1,
                         mode = CASE WHEN $17::integer IS NULL THEN mode
                                     ELSE (mode & ~4095) | $17::integer END,
                         uid = coalesce($18::bigint, uid), gid = coalesce($19::bigint, gid),
                         atime_ns = coalesce($20::bigint, atime_ns)
-                    WHERE ino = $1 RETURNING {ATTR_COLUMNS}),
-                s AS (
-                    UPDATE upload_sessions SET status = 'completed'
-                    WHERE session_id = $5 AND EXISTS (SELECT 1 FROM i)),
+                    WHERE ino = $1 AND ($5::bigint IS NULL OR EXISTS (SELECT 1 FROM s))
+                    RETURNING {ATTR_COLUMNS}),
                 o AS (
                     INSERT INTO chunk_objects (chunk_id, length, block_sha256, ring_key)
                     SELECT * FROM unnest($6::bytea[], $7::bigint[], $14::bytea[], $15::bigint[])
@@ -183,6 +197,8 @@ class Content:
             durable=True,  # close() and fsync() return once this is on disk
         )
         if row is None:
+            if await self.db.fetchval("SELECT true FROM inodes WHERE ino = $1", ino):
+                raise errors.UploadLost(f"upload session {session_id} of inode {ino} is not live")
             raise errors.NotFound(f"no inode {ino}")
         return Attrs.from_row(row)
 

@@ -42,21 +42,28 @@ class Maintenance:
         )
         return int(status.split()[-1])
 
-    async def unneeded(self, node_id: str, chunk_ids: Sequence[bytes]) -> set[bytes]:
+    async def take_unneeded(self, node_id: str, chunk_ids: Sequence[bytes]) -> set[bytes]:
         """Those of ``chunk_ids``, held by ``node_id``, that no live upload
         session protects and that are either used by no committed chunk map
         or not recorded as a replica on that node (a copy left behind by a
-        failed or superseded move).
+        failed or superseded move); their replica records on that node are
+        dropped in the same statement, before any file is deleted. A record
+        dropped later could be one a commit made meanwhile, after pushing the
+        chunk again (a new file where gc had just deleted the old).
         """
         rows = await self.db.fetch(
-            """SELECT id FROM unnest($1::bytea[]) AS id
-               WHERE (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = id)
-                      OR NOT EXISTS (SELECT 1 FROM chunk_replicas r
-                                     WHERE r.chunk_id = id AND r.node_id = $2))
-                 AND NOT EXISTS (SELECT 1 FROM upload_session_chunks s
-                                 JOIN upload_sessions u USING (session_id)
-                                 WHERE s.chunk_id = id AND u.status IN ('pending', 'uploading')
-                                   AND u.expires_at >= now())""",
+            """WITH dead AS (
+                 SELECT id FROM unnest($1::bytea[]) AS id
+                 WHERE (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = id)
+                        OR NOT EXISTS (SELECT 1 FROM chunk_replicas r
+                                       WHERE r.chunk_id = id AND r.node_id = $2))
+                   AND NOT EXISTS (SELECT 1 FROM upload_session_chunks s
+                                   JOIN upload_sessions u USING (session_id)
+                                   WHERE s.chunk_id = id AND u.status IN ('pending', 'uploading')
+                                     AND u.expires_at >= now())),
+               d AS (DELETE FROM chunk_replicas r USING dead
+                     WHERE r.node_id = $2 AND r.chunk_id = dead.id)
+               SELECT id FROM dead""",
             list(chunk_ids),
             node_id,
         )
