@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 # Chunks up to this size are fetched whole (and verified) and cached.
 WHOLE_FETCH_MAX = 8 << 20
 # Larger chunks are fetched in aligned windows of this size (whole blocks):
-# a random read costs one. When a chunk is read window after window, a
-# missing window is fetched with the next READ_AHEAD ones, SPAN windows to a
-# request, the requests concurrently (measured, cold 512 MiB cat: one window
-# per request 275 MiB/s and 1.6 s of the mount's CPU; four, 305 and 1.35).
+# a random read costs one. When a chunk is read window after window, the
+# windows up to READ_AHEAD past the one read are fetched in the background,
+# SPAN windows to a request, the requests concurrently, so that the nodes
+# read ahead while the reader consumes (measured, cold 512 MiB cat: one
+# window per request 275 MiB/s and 1.6 s of the mount's CPU; four, 305 and
+# 1.35).
 WINDOW = 1 << 20
-READ_AHEAD = 8
-SPAN = 4
+READ_AHEAD = 32
+SPAN = 8
 # Fetched bytes up to this size are hashed on the event loop; more (a whole
 # window included), in a worker thread, so that two cores hash at once.
 HASH_INLINE_MAX = 256 << 10
@@ -169,9 +171,11 @@ class ChunkStore:
         self._ring = ring.Ring([])
         self._cache = _ChunkCache(cache_bytes)
         self._inflight: dict[object, trio.Event] = {}
-        self._next_window: dict[
-            bytes, int
-        ] = {}  # per chunk: the window a sequential reader wants next
+        # Per chunk: the window a sequential reader wants next, and the first
+        # window its read-ahead has not asked for yet.
+        self._next_window: dict[bytes, int] = {}
+        self._ahead: dict[bytes, int] = {}
+        self._background: set[trio.CancelScope] = set()
         self._limiter = trio.CapacityLimiter(max_requests)
         self._http = http_client(
             timeout, tls, httpx.Limits(max_connections=64, max_keepalive_connections=32)
@@ -192,6 +196,8 @@ class ChunkStore:
     async def aclose(self) -> None:
         """Close every node connection."""
         self._closed = True
+        for scope in list(self._background):
+            scope.cancel()
         for client in self._clients.values():
             await client.aclose()
         await self._http.aclose()
@@ -267,7 +273,24 @@ class ChunkStore:
             return
         log.warning("node %s is suspect until it answers a health probe: %s", node_id, exc)
         self._suspects.add(node_id)
-        trio.lowlevel.spawn_system_task(self._probe, node_id)
+        self._spawn(self._probe, node_id)
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run ``fn(*args)`` in the background until it returns or the store
+        closes; what it raises is logged.
+        """
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                self._background.add(scope)
+                try:
+                    await fn(*args)
+                except Exception:  # a background task must not raise
+                    log.exception("background task %s failed", fn.__name__)
+                finally:
+                    self._background.discard(scope)
+
+        trio.lowlevel.spawn_system_task(run)
 
     async def _probe(self, node_id: str) -> None:
         """Probe a suspect node's health until it answers (or the store closes)."""
@@ -277,9 +300,6 @@ class ChunkStore:
                 with trio.fail_after(PROBE_TIMEOUT_S):
                     await self.client(node_id).health()
             except (errors.ChunkfsError, trio.TooSlowError):
-                continue
-            except Exception as exc:  # noqa: BLE001 - a system task must not raise
-                log.warning("health probe of node %s failed: %s", node_id, exc)
                 continue
             log.info("node %s answers again", node_id)
             self._suspects.discard(node_id)
@@ -436,9 +456,11 @@ class ChunkStore:
 
     # --------------------------------------------------------------- get
 
-    async def read(self, ref: ChunkRef, start: int, end: int) -> Blob:
+    async def read(self, ref: ChunkRef, start: int, end: int, then: ChunkRef | None = None) -> Blob:
         """Bytes ``[start, end)`` of a chunk (offsets within the chunk); a
-        view of the cached window when they lie in one.
+        view of the cached window when they lie in one. ``then`` is the
+        chunk that follows in the file: a sequential reader nearing the end
+        of this one has its first windows read ahead.
 
         Tries each node holding the chunk in turn, and skips one whose bytes
         do not match their digests. Raises ``StorageError`` when no replica
@@ -465,12 +487,16 @@ class ChunkStore:
                 # The kernel's reads of a sequential reader arrive a little
                 # out of order: one within two windows of the last is one.
                 after = self._next_window.get(ref.chunk_id)
-                sequential = after is not None and after - 2 <= w <= after + 2
-                if sequential and not in_memory:
-                    await self._read_ahead(ref, w)
+                if after is not None and after - 2 <= w <= after + 2:
+                    self._read_ahead(ref, w, w + READ_AHEAD)
+                    past = w + READ_AHEAD - _windows(ref)
+                    if past >= 0 and then and not then.hole and then.length > WHOLE_FETCH_MAX:
+                        self._next_window.setdefault(then.chunk_id, 0)
+                        self._read_ahead(then, 0, past)
                 piece = (await self._window(ref, w, digest))[lo:hi]
             if len(self._next_window) > 4096:
                 self._next_window.clear()
+                self._ahead.clear()
             self._next_window[ref.chunk_id] = w + 1
             out.append(piece)
         return out[0] if len(out) == 1 else b"".join(out)
@@ -507,41 +533,42 @@ class ChunkStore:
             return None
         return data if data is not None and len(data) == hi - lo else None
 
-    async def _read_ahead(self, ref: ChunkRef, w: int) -> None:
-        """Fetch window ``w`` and the next ``READ_AHEAD`` ones concurrently
-        (a sequential reader needs them next); a failure shows when read.
+    def _read_ahead(self, ref: ChunkRef, w: int, last: int) -> None:
+        """Start fetching, in the background, the windows ``w`` to ``last``
+        of ``ref`` that no request has asked for yet (in spans of ``SPAN``);
+        a failure shows when the window is read.
         """
-        last = min(w + READ_AHEAD, (ref.length - 1) // WINDOW)
+        count = _windows(ref)
+        last = min(last, count - 1)
+        first = max(w, self._ahead.get(ref.chunk_id, w))
+        while first <= last:
+            stop = min(first + SPAN, count)
+            keys = []
+            for n in range(first, stop):
+                key = (ref.chunk_id, n)
+                if self._cache.get(key) is not None or key in self._inflight:
+                    break
+                keys.append(key)
+            if keys:
+                events = [trio.Event() for _ in keys]
+                self._inflight.update(zip(keys, events, strict=True))
+                self._spawn(self._span, ref, first, keys, events)
+            first += max(len(keys), 1)
+        self._ahead[ref.chunk_id] = first
 
-        async def span(first: int, stop: int) -> None:
-            with contextlib.suppress(errors.ChunkfsError):
-                await self._span(ref, first, stop)
-
-        async with trio.open_nursery() as nursery:
-            for first in range(w, last + 1, SPAN):
-                nursery.start_soon(span, first, min(first + SPAN, last + 1))
-
-    async def _span(self, ref: ChunkRef, first: int, stop: int) -> None:
-        """Bring windows ``[first, stop)`` into the cache in one request (a
-        window already cached or being fetched is left alone, and the span
-        stops short of it).
+    async def _span(
+        self, ref: ChunkRef, first: int, keys: list[tuple[bytes, int]], events: list[trio.Event]
+    ) -> None:
+        """Bring windows ``first`` on (``keys``, marked in flight with
+        ``events``) into the cache in one request.
         """
-        keys = []
-        for n in range(first, stop):
-            key = (ref.chunk_id, n)
-            if self._cache.get(key) is not None or key in self._inflight:
-                break
-            keys.append(key)
-        if not keys:
-            return
-        events = [trio.Event() for _ in keys]
-        self._inflight.update(zip(keys, events, strict=True))
         try:
             end = min((first + len(keys)) * WINDOW, ref.length)
-            data = await self._fetch(ref, first * WINDOW, end)
-            view = memoryview(data)  # a cached window keeps its whole span alive
-            for i, key in enumerate(keys):
-                self._cache.put(key, view[i * WINDOW : (i + 1) * WINDOW])
+            with contextlib.suppress(errors.ChunkfsError):
+                data = await self._fetch(ref, first * WINDOW, end)
+                view = memoryview(data)  # a cached window keeps its whole span alive
+                for i, key in enumerate(keys):
+                    self._cache.put(key, view[i * WINDOW : (i + 1) * WINDOW])
         finally:
             for key, event in zip(keys, events, strict=True):
                 del self._inflight[key]
@@ -674,6 +701,11 @@ class ChunkStore:
             turn = start // (SPAN * WINDOW) % len(up)
             up = up[turn:] + up[:turn]
         return up + [n for n in walk if n not in live and n not in self._suspects]
+
+
+def _windows(ref: ChunkRef) -> int:
+    """How many windows chunk ``ref`` has."""
+    return (ref.length + WINDOW - 1) // WINDOW
 
 
 def _verified(ref: ChunkRef, start: int, data: bytes | bytearray, whole: bool) -> bool:

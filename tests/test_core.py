@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import cluster as cl
-from chunkfs import errors, layout
+from chunkfs import errors, layout, metrics
 from chunkfs.admin import gc
 from chunkfs.core import ROOT, Caller, FileSystem, open_filesystem
 from chunkfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -201,6 +201,36 @@ async def test_a_commit_whose_upload_session_was_lost_pushes_its_chunks_again(
             got = await fs.files.store.client(node_id).get(c.chunk_id)
             assert hashlib.sha256(got).digest() == c.chunk_id
     assert await read_all(other, attrs.ino) == data
+
+
+async def test_a_sequential_reader_is_read_ahead_into_the_next_chunk_once(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
+) -> None:
+    writer, reader = pair
+    d = await workdir(writer, request)
+    data = os.urandom(64 * MiB)  # four chunks of 16 MiB, read in windows of 1 MiB
+    ino = (await write_file(writer, d, b"f", data)).ino
+
+    def fetched() -> float:
+        got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
+        return got or 0.0
+
+    before = fetched()
+    opened = await reader.open(ino, os.O_RDONLY, ROOT)
+    try:
+        assert await reader.read(opened.fh, 0, 128 << 10) == data[: 128 << 10]
+        assert await reader.read(opened.fh, MiB, 128 << 10) == data[MiB : MiB + (128 << 10)]
+        # In the background: the rest of the first chunk and the second one.
+        for _ in range(600):  # 30 s at most
+            if fetched() - before >= 32 * MiB:
+                break
+            await trio.sleep(0.05)
+        assert fetched() - before == 32 * MiB
+        got = b"".join([await reader.read(opened.fh, pos, MiB) for pos in range(0, 64 * MiB, MiB)])
+        assert got == data
+        assert fetched() - before == 64 * MiB  # no window fetched twice
+    finally:
+        await reader.release(opened.fh)
 
 
 async def test_posix_rules_hold_without_a_kernel(

@@ -288,7 +288,8 @@ class OpenFiles:
             _Piece(ref, start, end) for ref in cmap.chunks if ref.offset < end and start < ref.end
         ]
         if len(wanted) == 1:
-            return await wanted[0].fetch(self.store)
+            after = [c for c in cmap.chunks if c.index == wanted[0].ref.index + 1]
+            return await wanted[0].fetch(self.store, after[0] if after else None)
         await self.store.prefetch([p.ref for p in wanted])
         parts: list[Blob] = [b""] * len(wanted)
 
@@ -344,11 +345,17 @@ class _Piece:
     start: int
     end: int
 
-    async def fetch(self, store: ChunkStore) -> Blob:
-        """The covered bytes, read (and verified) through ``store``. Raises ``StorageError``."""
+    async def fetch(self, store: ChunkStore, then: ChunkRef | None = None) -> Blob:
+        """The covered bytes, read (and verified) through ``store``; ``then``
+        is the next chunk of the file (see ``ChunkStore.read``). Raises
+        ``StorageError``.
+        """
         ref = self.ref
         return await store.read(
-            ref, max(self.start, ref.offset) - ref.offset, min(self.end, ref.end) - ref.offset
+            ref,
+            max(self.start, ref.offset) - ref.offset,
+            min(self.end, ref.end) - ref.offset,
+            then,
         )
 
 
