@@ -363,3 +363,12 @@ CREATE TABLE IF NOT EXISTS sync_marks (
 
 INSERT INTO schema_version (version) VALUES (6)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 6);
+
+-- Version 7: inode numbers in blocks. A process reserves INODE_BLOCK (1024)
+-- numbers with one nextval, made durable before it uses any (creates commit
+-- asynchronously: a failover must not hand out again a number a mount
+-- still holds).
+ALTER SEQUENCE inode_seq INCREMENT BY 1024;
+
+INSERT INTO schema_version (version) VALUES (7)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 7);

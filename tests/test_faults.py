@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import cluster as cl
+from chunkfs.meta.maintenance import SESSION_GRACE_S
 
 MiB = 1 << 20
 NODE_TIMEOUT = "node_timeout=3"
@@ -259,8 +260,12 @@ def _writer(path: Path, size: int) -> subprocess.Popen[bytes]:
 
 
 def _expire_sessions_and_gc(cluster: cl.Cluster) -> None:
-    # As if the session TTL had passed.
-    cl.run_sql(cluster.dsn, "UPDATE upload_sessions SET expires_at = now() - interval '1 s'")
+    # As if the session TTL and gc's grace after it had passed.
+    cl.run_sql(
+        cluster.dsn,
+        "UPDATE upload_sessions SET expires_at = now() - "
+        f"make_interval(secs => {SESSION_GRACE_S + 1})",
+    )
     assert chunkfs("gc", cluster.dsn).returncode == 0
 
 

@@ -36,6 +36,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 import cluster as cl
+from chunkfs.meta.maintenance import SESSION_GRACE_S
 from hosts import make_certificates
 
 MIB = 1 << 20
@@ -519,6 +520,15 @@ def test_expired_uploads_are_collected_by_gc(cluster: cl.Cluster, tmp_path: Path
         assert holders(cluster, piece) == 2  # gc spares what a live upload protects
         time.sleep(3)
         assert error_code(s3.list_parts, Bucket=name, Key="k", UploadId=uid) == "NoSuchUpload"
+        cl.run_chunkfs("gc", cluster.dsn)
+        assert holders(cluster, piece) == 2  # within gc's grace after the expiry
+        cl.run_sql(  # as if the grace had passed
+            cluster.dsn,
+            "UPDATE upload_sessions SET expires_at = now() - "
+            f"make_interval(secs => {SESSION_GRACE_S + 1}) "
+            f"WHERE session_id IN (SELECT session_id FROM multipart_uploads "
+            f"WHERE upload_id = '{uid}')",
+        )
         cl.run_chunkfs("gc", cluster.dsn)
         assert holders(cluster, piece) == 0
         left = cl.run_sql(

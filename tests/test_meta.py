@@ -14,6 +14,8 @@ import trio
 import cluster as cl
 from chunkfs import errors, layout
 from chunkfs.meta import ROOT_INO, SCHEMA_VERSION, Attrs, ChunkRef, Meta, Renamed, now_ns
+from chunkfs.meta.maintenance import SESSION_GRACE_S
+from chunkfs.meta.namespace import INODE_BLOCK
 from chunkfs.pg import open_database
 
 FILE = stat.S_IFREG | 0o644
@@ -392,17 +394,22 @@ async def test_heartbeats_nobody_could_send_do_not_make_nodes_stale(meta):
 async def test_expired_upload_sessions_are_removed_and_release_their_chunks(meta):
     f = await meta.namespace.create(ROOT_INO, b"f", FILE, 0, 0)
     held, expired = hashlib.sha256(b"held").digest(), hashlib.sha256(b"gone").digest()
+    graced = hashlib.sha256(b"graced").digest()
     await meta.content.begin_upload(f.ino, [held], 3600)
-    await meta.content.begin_upload(f.ino, [expired], 1)
-    await meta.db.execute(
-        "UPDATE upload_sessions SET expires_at = now() - interval '1 second' "
-        "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
-        "WHERE chunk_id = $1)",
-        expired,
-    )
-    assert await meta.maintenance.take_unneeded("00000000000000aa", [held, expired]) == {expired}
+    for chunk_id, ago_s in ((expired, SESSION_GRACE_S + 1), (graced, SESSION_GRACE_S - 60)):
+        await meta.content.begin_upload(f.ino, [chunk_id], 1)
+        await meta.db.execute(
+            "UPDATE upload_sessions SET expires_at = now() - make_interval(secs => $2) "
+            "WHERE session_id IN (SELECT session_id FROM upload_session_chunks "
+            "WHERE chunk_id = $1)",
+            chunk_id,
+            float(ago_s),
+        )
+    # Expired within the grace: still protected (a commit may be under way).
+    unneeded = await meta.maintenance.take_unneeded("00000000000000aa", [held, expired, graced])
+    assert unneeded == {expired}
     assert await meta.maintenance.expire_sessions() == 1
-    assert await count(meta, "upload_sessions") == 1
+    assert await count(meta, "upload_sessions") == 2
 
 
 async def test_a_commit_needs_a_live_session_of_its_file_naming_every_chunk(meta):
@@ -479,6 +486,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         await db.execute("DROP FUNCTION heartbeat_age")
         await db.execute("DROP TABLE sync_marks")
         await db.execute("ALTER TABLE settings DROP COLUMN quiet_since, DROP COLUMN quiet_until")
+        await db.execute("ALTER SEQUENCE inode_seq INCREMENT BY 1")
         await db.execute("UPDATE schema_version SET version = 1")
         with pytest.raises(errors.ConfigError, match="run `chunkfs mkfs`"):
             await meta.registry.settings()
@@ -486,12 +494,14 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         settings = await meta.registry.settings()
         assert settings.replicas == 2  # kept
         assert re.fullmatch("[0-9a-f]{32}", settings.cluster_id)  # made by the upgrade
-        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 6
+        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 7
         nullable = await db.fetchval(
             "SELECT is_nullable FROM information_schema.columns "
             "WHERE table_name = 'chunks' AND column_name = 'chunk_id'"
         )
         assert nullable == "YES"  # holes can be recorded
+        step = "SELECT increment_by FROM pg_sequences WHERE sequencename = 'inode_seq'"
+        assert await db.fetchval(step) == INODE_BLOCK  # inode numbers in blocks
         renamed = await meta.namespace.rename(ROOT_INO, b"a", ROOT_INO, b"b")
         assert renamed == Renamed(a.ino, None)
         assert (await meta.namespace.lookup(ROOT_INO, b"b")).ino == a.ino

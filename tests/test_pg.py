@@ -9,6 +9,7 @@ load, is tests/test_ha.py; these are the mechanisms it rests on.
 from __future__ import annotations
 
 import socket
+import stat
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +17,11 @@ import trio
 
 import cluster as cl
 from chunkfs import errors
-from chunkfs.pg import Connection, host_dsns, open_database
+from chunkfs.meta import ROOT_INO, Meta
+from chunkfs.meta.namespace import INODE_BLOCK
+from chunkfs.pg import Connection, Database, host_dsns, open_database
+
+FILE = stat.S_IFREG | 0o644
 
 
 def test_a_dsn_is_split_into_one_per_host() -> None:
@@ -197,32 +202,59 @@ async def test_a_single_statement_cut_off_mid_way_is_eio_and_not_repeated(server
         assert await db.fetchval("SELECT 1") == 1
 
 
+async def _standby_that_never_comes(db: Database) -> None:
+    """Make every commit that waits for its WAL to be safe wait for ever (a
+    synchronous standby that never comes); return once one does. The reload
+    reaches the server's processes a moment after it returns (the
+    checkpointer publishes that a standby is now required).
+    """
+    await db.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    await db.execute("SELECT pg_reload_conf()")
+    for _ in range(100):
+        try:
+            await db.sync()
+        except errors.MetadataUnavailable as exc:
+            assert "did not answer" in str(exc)
+            return
+        await trio.sleep(0.1)
+    raise AssertionError("sync() never waited for the synchronous standby")
+
+
+async def _no_standby(db: Database) -> None:
+    await db.execute("ALTER SYSTEM RESET synchronous_standby_names")
+    await db.execute("SELECT pg_reload_conf()")
+
+
 async def test_sync_waits_for_the_commits_before_it_to_be_durable(server) -> None:
     await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", server.dsn)
-    # A synchronous standby that never comes: a commit that waits for its
-    # WAL to be safe waits for ever, one that does not returns at once.
     async with open_database(server.dsn, async_commit=True, command_timeout=3) as db:
-        await db.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-        await db.execute("SELECT pg_reload_conf()")
         try:
+            await _standby_that_never_comes(db)
             await db.execute("INSERT INTO t VALUES (1)")  # asynchronous: returns
-            # The reload reaches the server's processes a moment later (the
-            # checkpointer publishes that a standby is now required): a sync
-            # before then has nothing to wait for.
-            waited = False
-            for _ in range(100):
-                try:
-                    await db.sync()
-                except errors.MetadataUnavailable as exc:
-                    assert "did not answer" in str(exc)
-                    waited = True
-                    break
-                await trio.sleep(0.1)
-            assert waited, "sync() never waited for the synchronous standby"
+            with pytest.raises(errors.MetadataUnavailable, match="did not answer"):
+                await db.sync()
         finally:
-            await db.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            await db.execute("SELECT pg_reload_conf()")
+            await _no_standby(db)
         await db.sync()
+
+
+async def test_inode_numbers_are_reserved_durably_a_block_at_a_time(server) -> None:
+    await trio.to_thread.run_sync(cl.run_chunkfs, "mkfs", server.dsn)
+    async with open_database(server.dsn, async_commit=True, command_timeout=3) as db:
+        mount, other = Meta(db), Meta(db)  # two processes' namespaces
+        a = await mount.namespace.create(ROOT_INO, b"a", FILE, 0, 0)
+        try:
+            await _standby_that_never_comes(db)
+            # Creates commit asynchronously; numbers come from the reserved block.
+            b = await mount.namespace.create(ROOT_INO, b"b", FILE, 0, 0)
+            assert b.ino == a.ino + 1
+            # A block is reserved durably before any of it is used: this waits.
+            with pytest.raises(errors.MetadataUnavailable, match="did not answer"):
+                await other.namespace.create(ROOT_INO, b"c", FILE, 0, 0)
+        finally:
+            await _no_standby(db)
+        c = await other.namespace.create(ROOT_INO, b"c", FILE, 0, 0)
+        assert not a.ino <= c.ino < a.ino + INODE_BLOCK
 
 
 async def test_opening_while_no_host_is_the_primary_waits_for_one(server) -> None:

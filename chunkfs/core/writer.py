@@ -98,26 +98,30 @@ class Writer:
     async def commit_shared(self, f: OpenFile, source: ChunkMap) -> Attrs | None:
         """Commit ``source``'s chunks as the new version of ``f`` (which has
         no unflushed writes), uploading nothing; None, changing nothing,
-        when some chunk is not recorded on R nodes or the session was lost
-        before the switch. Raises
-        ``MetadataUnavailable`` and ``NotFound``.
+        when some chunk is not recorded on R nodes. Raises
+        ``MetadataUnavailable``, ``NotFound`` and, when the session is lost
+        before the switch ``UPLOAD_ATTEMPTS`` times, ``UploadLost``.
         """
         async with f.lock:
             ids = [c.chunk_id for c in source.chunks if not c.hole]
-            session = await self._meta.content.begin_commit(
-                f.ino, ids, self._settings.upload_ttl_s, self._store.replicas
-            )
-            if any(chunk_id not in session.reusable for chunk_id in ids):
-                await self._fail_upload(session.session_id)
-                return None
-            self._files.close_spool(f)  # it holds the old version's bytes
-            f.loaded = set()
-            f.held_from = f.size
             new = replace(source, ino=f.ino, version=0)
-            try:
-                attrs = await self._switch(f, new, session, dict(session.reusable))
-            except errors.UploadLost:
-                return None  # the caller copies the bytes instead
+            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+                session = await self._meta.content.begin_commit(
+                    f.ino, ids, self._settings.upload_ttl_s, self._store.replicas
+                )
+                if any(chunk_id not in session.reusable for chunk_id in ids):
+                    await self._fail_upload(session.session_id)
+                    return None
+                self._files.close_spool(f)  # it holds the old version's bytes
+                f.loaded = set()
+                f.held_from = f.size
+                try:
+                    attrs = await self._switch(f, new, session, dict(session.reusable))
+                    break
+                except errors.UploadLost as exc:
+                    if attempt == UPLOAD_ATTEMPTS:
+                        raise
+                    log.warning("%s: the commit is tried again", exc)
             f.size = f.base_valid = f.held_from = source.size
             return attrs
 

@@ -10,6 +10,12 @@ from .. import layout, ring
 from ..pg import Database
 from .records import S_IFDIR, S_IFMT, S_IFREG, FileTotals, InodeProblem, UsedObject
 
+# Seconds past its expiry that an upload session still protects its chunks
+# (and is kept): a commit that checked its session just before the expiry
+# may become visible after it (its statement began earlier: now() is the
+# transaction's start; and it waits for the disk or a standby).
+SESSION_GRACE_S = 600
+
 
 class Maintenance:
     """The queries of gc, fsck, repair and rebalance: replica records,
@@ -35,16 +41,21 @@ class Maintenance:
         return {r["node_id"]: r["n"] for r in rows}
 
     async def expire_sessions(self) -> int:
-        """Delete upload sessions past their expiry or finished; return how many."""
+        """Delete upload sessions finished, or past their expiry by
+        ``SESSION_GRACE_S``; return how many.
+        """
         status = await self.db.execute(
-            "DELETE FROM upload_sessions WHERE expires_at < now() "
-            "OR status IN ('completed', 'failed')"
+            "DELETE FROM upload_sessions "
+            "WHERE expires_at + make_interval(secs => $1) < now() "
+            "OR status IN ('completed', 'failed')",
+            float(SESSION_GRACE_S),
         )
         return int(status.split()[-1])
 
     async def take_unneeded(self, node_id: str, chunk_ids: Sequence[bytes]) -> set[bytes]:
-        """Those of ``chunk_ids``, held by ``node_id``, that no live upload
-        session protects and that are either used by no committed chunk map
+        """Those of ``chunk_ids``, held by ``node_id``, that no upload
+        session protects (one neither finished nor past its expiry by
+        ``SESSION_GRACE_S``) and that are either used by no committed chunk map
         or not recorded as a replica on that node (a copy left behind by a
         failed or superseded move); their replica records on that node are
         dropped in the same statement, before any file is deleted. A record
@@ -60,12 +71,13 @@ class Maintenance:
                    AND NOT EXISTS (SELECT 1 FROM upload_session_chunks s
                                    JOIN upload_sessions u USING (session_id)
                                    WHERE s.chunk_id = id AND u.status IN ('pending', 'uploading')
-                                     AND u.expires_at >= now())),
+                                     AND u.expires_at + make_interval(secs => $3) >= now())),
                d AS (DELETE FROM chunk_replicas r USING dead
                      WHERE r.node_id = $2 AND r.chunk_id = dead.id)
                SELECT id FROM dead""",
             list(chunk_ids),
             node_id,
+            float(SESSION_GRACE_S),
         )
         return {bytes(r["id"]) for r in rows}
 

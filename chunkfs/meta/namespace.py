@@ -11,6 +11,8 @@ from __future__ import annotations
 import stat
 from collections.abc import Mapping, Sequence
 
+import trio
+
 from .. import errors
 from ..pg import Connection, Database, Record, UniqueViolationError
 from .records import (
@@ -30,6 +32,10 @@ from .records import (
     now_ns,
 )
 
+# Inode numbers a process reserves at a time (schema.sql's inode_seq steps
+# by as many): see Namespace.new_ino.
+INODE_BLOCK = 1024
+
 
 class Namespace:
     """Names and inodes: lookup, create, link, unlink, rename, attributes,
@@ -37,6 +43,25 @@ class Namespace:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._free_inos = range(0)
+        self._reserving = trio.Lock()
+
+    async def new_ino(self) -> Ino:
+        """An inode number no one has had or will have.
+
+        Numbers come from a block of ``INODE_BLOCK`` this process reserved,
+        durably, before using any: creates commit asynchronously, so a
+        failover may lose one a mount still holds open, and a number handed
+        out again would make two files of one in that mount's tables.
+        Raises ``MetadataUnavailable``.
+        """
+        async with self._reserving:
+            if not self._free_inos:
+                first = await self.db.fetchval("SELECT nextval('inode_seq')")
+                await self.db.sync()
+                self._free_inos = range(first, first + INODE_BLOCK)
+            ino, self._free_inos = self._free_inos[0], self._free_inos[1:]
+        return Ino(ino)
 
     async def getattr(self, ino: Ino) -> Attrs:
         """The inode's attributes. Raises ``NotFound``."""
@@ -100,7 +125,7 @@ class Namespace:
                     ), i AS (
                         INSERT INTO inodes (ino, mode, uid, gid, nlink, size, rdev,
                                             atime_ns, mtime_ns, ctime_ns)
-                        SELECT nextval('inode_seq'),
+                        SELECT $11::bigint,
                                CASE WHEN p.mode & {stat.S_ISGID} <> 0 AND $10::boolean
                                     THEN $3::integer | {stat.S_ISGID} ELSE $3::integer END,
                                $4::bigint,
@@ -130,6 +155,7 @@ class Namespace:
                 now_ns() if now is None else now,
                 target,
                 is_dir,
+                await self.new_ino(),
             )
         except UniqueViolationError:
             raise errors.Exists(name.decode(errors="replace")) from None

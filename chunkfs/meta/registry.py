@@ -24,7 +24,7 @@ from .records import (
 )
 
 # The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 async def _refuse_foreign_tables(conn: Connection, ddl: str) -> None:
