@@ -497,15 +497,7 @@ class ChunkStore:
                 # out of order: one within two windows of the last is one.
                 after = self._next_window.get(ref.chunk_id)
                 if after is not None and after - 2 <= w <= after + 2:
-                    # Drop behind: the reader does not come back (the
-                    # kernel's page cache has the bytes), and windows it
-                    # has yet to read must not be the ones evicted.
-                    self._cache.discard((ref.chunk_id, w - 2))
-                    self._read_ahead(ref, w, w + READ_AHEAD)
-                    past = w + READ_AHEAD - _windows(ref)
-                    if past >= 0 and then and not then.hole and then.length > WHOLE_FETCH_MAX:
-                        self._next_window[then.chunk_id] = 0
-                        self._read_ahead(then, 0, past)
+                    self._sequential(ref, w, then)
                 piece = (await self._window(ref, w, digest))[lo:hi]
             if len(self._next_window) > 4096:
                 self._next_window.clear()
@@ -544,6 +536,20 @@ class ChunkStore:
             log.warning("kept block %s unreadable: %s", digest.hex()[:16], exc)
             return None
         return data if data is not None and len(data) == hi - lo else None
+
+    def _sequential(self, ref: ChunkRef, w: int, then: ChunkRef | None) -> None:
+        """A sequential reader is at window ``w`` of ``ref`` (``then`` the
+        chunk after it): drop behind it, read ahead of it (into ``then``
+        when near the end).
+        """
+        # The reader does not come back (the kernel's page cache has the
+        # bytes), and the windows it has yet to read must not be the ones evicted.
+        self._cache.discard((ref.chunk_id, w - 2))
+        self._read_ahead(ref, w, w + READ_AHEAD)
+        past = w + READ_AHEAD - _windows(ref)
+        if past >= 0 and then and not then.hole and then.length > WHOLE_FETCH_MAX:
+            self._next_window[then.chunk_id] = 0
+            self._read_ahead(then, 0, past)
 
     def _read_ahead(self, ref: ChunkRef, w: int, last: int) -> None:
         """Start fetching, in the background, the windows ``w`` to ``last``

@@ -458,6 +458,7 @@ class PatroniCluster:
             _signal(pid, signal.SIGSTOP)
 
     def thaw(self, m: Member) -> None:
+        """Let the processes ``freeze`` stopped on ``m``'s host go on."""
         for pid in self._host_pids(m):
             _signal(pid, signal.SIGCONT)
 

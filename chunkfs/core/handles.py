@@ -288,8 +288,8 @@ class OpenFiles:
             _Piece(ref, start, end) for ref in cmap.chunks if ref.offset < end and start < ref.end
         ]
         if len(wanted) == 1:
-            after = [c for c in cmap.chunks if c.index == wanted[0].ref.index + 1]
-            return await wanted[0].fetch(self.store, after[0] if after else None)
+            then = next((c for c in cmap.chunks if c.index == wanted[0].ref.index + 1), None)
+            return await wanted[0].fetch(self.store, then)
         await self.store.prefetch([p.ref for p in wanted])
         parts: list[Blob] = [b""] * len(wanted)
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import trio
 
@@ -28,6 +29,7 @@ from .handles import OpenFile, OpenFiles
 from .spool import extent_digests
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Files up to this size (bytes) are read and hashed at once on the commit.
 SMALL_COMMIT_MAX = 256 << 10
@@ -74,17 +76,15 @@ class Writer:
                 return await self._publish_pending(f)
             t0 = time.perf_counter()
             new, content, deltas = await self._cut(f)
-            t1 = time.perf_counter()
-            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            t1 = t2 = time.perf_counter()
+
+            async def upload_and_switch() -> Attrs | None:
+                nonlocal t2
                 session, holders = await self._upload(f, new, content, deltas)
                 t2 = time.perf_counter()
-                try:
-                    attrs = await self._switch(f, new, session, holders)
-                    break
-                except errors.UploadLost as exc:
-                    if attempt == UPLOAD_ATTEMPTS:
-                        raise
-                    log.warning("%s: its chunks are pushed again", exc)
+                return await self._switch(f, new, session, holders)
+
+            attrs = await _until_not_lost(upload_and_switch)
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
             log.debug(
                 "commit of inode %d: hash %.2f ms, upload %.2f ms, metadata %.2f ms",
@@ -105,7 +105,8 @@ class Writer:
         async with f.lock:
             ids = [c.chunk_id for c in source.chunks if not c.hole]
             new = replace(source, ino=f.ino, version=0)
-            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+
+            async def share() -> Attrs | None:
                 session = await self._meta.content.begin_commit(
                     f.ino, ids, self._settings.upload_ttl_s, self._store.replicas
                 )
@@ -115,15 +116,11 @@ class Writer:
                 self._files.close_spool(f)  # it holds the old version's bytes
                 f.loaded = set()
                 f.held_from = f.size
-                try:
-                    attrs = await self._switch(f, new, session, dict(session.reusable))
-                    break
-                except errors.UploadLost as exc:
-                    if attempt == UPLOAD_ATTEMPTS:
-                        raise
-                    log.warning("%s: the commit is tried again", exc)
-            f.size = f.base_valid = f.held_from = source.size
-            return attrs
+                attrs = await self._switch(f, new, session, dict(session.reusable))
+                f.size = f.base_valid = f.held_from = source.size
+                return attrs
+
+            return await _until_not_lost(share)
 
     async def _upload(
         self, f: OpenFile, new: ChunkMap, content: dict[int, bytes], deltas: dict[int, Delta]
@@ -363,6 +360,19 @@ class Writer:
             await self._meta.content.fail_upload(session_id)
         except errors.ChunkfsError as exc:
             log.warning("could not mark upload session %d failed: %s", session_id, exc)
+
+
+async def _until_not_lost(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` (an upload session and a switch), again while it raises
+    ``UploadLost``, ``UPLOAD_ATTEMPTS`` times at most; the last one's
+    ``UploadLost`` is raised.
+    """
+    for _ in range(UPLOAD_ATTEMPTS - 1):
+        try:
+            return await attempt()
+        except errors.UploadLost as exc:
+            log.warning("%s: tried again under a new session", exc)
+    return await attempt()
 
 
 def _plan(
