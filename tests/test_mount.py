@@ -34,7 +34,8 @@ def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
     report = info(path)
     assert report["size"] == len(data)
     chunks = report["chunks"]
-    ids = [bytes.fromhex(c["sha256"]) for c in chunks]
+    # (A chunk of zeros only, which random bytes sometimes are, is a hole: no object.)
+    ids = [layout.HOLE if c["hole"] else bytes.fromhex(c["sha256"]) for c in chunks]
     assert report["digest"] == layout.file_digest(len(data), ids).hex()
     assert [c["index"] for c in chunks] == list(range(6))
     node_ids = {n.node_id for n in cluster.nodes}
@@ -42,8 +43,11 @@ def assert_six_chunks(path: Path, data: bytes, cluster: cl.Cluster) -> dict:
     for c in chunks:
         piece = data[c["offset"] : c["offset"] + c["length"]]
         assert c["offset"] == offset and len(piece) == c["length"]
-        assert c["sha256"] == layout.chunk_id_of(layout.block_digests(piece)).hex()
-        assert len(set(c["nodes"])) == 2 and set(c["nodes"]) <= node_ids
+        if c["hole"]:
+            assert piece and piece == bytes(len(piece)) and c["sha256"] is None
+        else:
+            assert c["sha256"] == layout.chunk_id_of(layout.block_digests(piece)).hex()
+            assert len(set(c["nodes"])) == 2 and set(c["nodes"]) <= node_ids
         offset += c["length"]
     assert offset == len(data)
     return report
@@ -92,6 +96,17 @@ def test_files_read_back_byte_for_byte_in_six_chunks(mounted, cluster, size):
         assert len(holders) >= 3, holders  # a large file's chunks spread over the nodes
     elif size >= 6 * 16:  # (chunks of a few bytes may be objects other files made)
         assert len(holders) == 2, holders  # a small file's chunks share their R nodes
+
+
+def test_a_chunk_of_zeros_only_is_a_hole_that_reads_back_as_zeros(mounted, cluster):
+    unit = layout.MIN_UNIT  # six chunks of one unit each: 0 and 3 are zeros
+    data = bytes(unit) + os.urandom(2 * unit) + bytes(unit) + os.urandom(2 * unit)
+    path = mounted / "zeros"
+    path.write_bytes(data)
+    assert path.read_bytes() == data
+    report = assert_six_chunks(path, data, cluster)
+    assert [c["hole"] for c in report["chunks"]] == [True, False, False, True, False, False]
+    assert all(c["nodes"] == [] for c in report["chunks"] if c["hole"])
 
 
 def test_cp_rsync_and_tar_copies_are_identical(mounted, cluster, tmp_path):
