@@ -591,9 +591,20 @@ class ChunkStore:
                 del self._inflight[key]
                 event.set()
 
+    def holds(self, ref: ChunkRef) -> bool:
+        """Whether reading chunk ``ref`` whole needs no new request: a hole,
+        an empty chunk, or one whole in memory or being fetched.
+        """
+        return (
+            ref.hole
+            or not ref.length
+            or ref.chunk_id in self._cache
+            or ref.chunk_id in self._inflight
+        )
+
     async def prefetch(self, refs: Sequence[ChunkRef]) -> None:
         """Bring small chunks into the cache with as few requests as possible:
-        one batch request per node, the nodes chosen so that few cover all
+        one batch request per node (per ``wire.BATCH_GET_MAX`` chunks), the nodes chosen so that few cover all
         the chunks (greedy set cover). Chunks a batch does not bring back
         good are left for ``read`` to fetch one by one, from any replica.
         """
@@ -624,7 +635,10 @@ class ChunkStore:
             return  # a single chunk: read() fetches it as cheaply
         async with trio.open_nursery() as nursery:
             for node_id, batch in plan.items():
-                nursery.start_soon(self._get_batch, node_id, batch)
+                for at in range(0, len(batch), wire.BATCH_GET_MAX):
+                    nursery.start_soon(
+                        self._get_batch, node_id, batch[at : at + wire.BATCH_GET_MAX]
+                    )
 
     async def _get_batch(self, node_id: str, batch: list[ChunkRef]) -> None:
         try:

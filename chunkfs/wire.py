@@ -32,6 +32,8 @@ DIGEST_SIZE = 32
 ID_PATTERN = "[0-9a-f]{64}"
 _ID_RE = re.compile(ID_PATTERN + r"\Z")
 _ENTRY_HEADER = struct.Struct(">64sQ")
+# The most chunks one batch GET (``/v1/chunks:batch?ids=...``) may name.
+BATCH_GET_MAX = 64
 
 
 class MalformedBatch(ValueError):

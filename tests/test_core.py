@@ -253,6 +253,53 @@ async def test_a_sequential_reader_is_read_ahead_into_the_next_chunk_once(
         await store.aclose()
 
 
+async def test_the_small_files_of_a_directory_gone_through_are_fetched_ahead_in_batches(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    writer, _ = pair
+    d = await workdir(writer, request)
+    contents = [os.urandom(8192 + n) for n in range(12)]
+    inos = [(await write_file(writer, d, b"f%d" % n, data)).ino for n, data in enumerate(contents)]
+    store = ChunkStore(writer.meta, writer.settings.cluster_token, writer.settings.replicas)
+    (tmp_path / "reader").mkdir()
+    reader = FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader"))
+
+    async def held(ino: Ino) -> bool:
+        cmap = await writer.meta.content.chunk_map(ino)
+        return all(map(store.holds, cmap.chunks))
+
+    def fetched() -> float:
+        got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
+        return got or 0.0
+
+    try:
+        await store.refresh(force=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.scans.run)
+            assert len(await reader.readdir(d, 0, 100)) == 12
+            assert await read_all(reader, inos[0]) == contents[0]
+            await trio.sleep(0.5)
+            # One file read says nothing of the next: nothing else is fetched.
+            assert [await held(ino) for ino in inos[1:]] == [False] * 11
+            assert await read_all(reader, inos[1]) == contents[1]
+            for _ in range(300):  # 30 s at most: the batch comes in the background
+                if all([await held(ino) for ino in inos[2:]]):
+                    break
+                await trio.sleep(0.1)
+            assert [await held(ino) for ino in inos[2:]] == [True] * 10
+            # A file changed after its chunks were fetched ahead reads in its new version.
+            contents[5] = os.urandom(9000)
+            await write_at(writer, inos[5], 0, contents[5])
+            before = fetched()
+            for ino, data in zip(inos[2:], contents[2:], strict=True):
+                assert await read_all(reader, ino) == data
+            assert 0 < fetched() - before <= 2 * len(contents[5])  # file 5's new chunks only
+            nursery.cancel_scope.cancel()
+    finally:
+        await reader.close()
+        await store.aclose()
+
+
 async def test_posix_rules_hold_without_a_kernel(
     pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
 ) -> None:

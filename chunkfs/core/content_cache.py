@@ -154,6 +154,10 @@ class ContentCache:
         self._evict()
         return digest in self._sizes
 
+    def holds(self, digest: bytes | None) -> bool:
+        """Whether the content ``digest`` is cached."""
+        return digest is not None and digest in self._sizes
+
     def pread(self, digest: bytes | None, offset: int, length: int) -> bytes | None:
         """Up to ``length`` bytes at ``offset`` (both in bytes) of the cached
         content ``digest``, or None when it is not held. Raises OSError.

@@ -37,6 +37,7 @@ from ..store import Blob, ChunkStore
 from .caches import TtlCache
 from .content_cache import ContentCache
 from .handles import OpenFile, OpenFiles
+from .scan import SCAN_FILE_MAX, DirectoryScans
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class FileSystem:
         self.settings = settings
         self.files = OpenFiles(meta.content, store, cache or ContentCache.disabled(), cache_dir)
         self.writer = Writer(meta, self.files, settings, on_commit)
+        self.scans = DirectoryScans(meta.content, store)
         # Inodes that lost their last name here; purged when nothing uses them,
         # in batches (one statement for many: rm -rf forgets one per file).
         self._unlinked: set[Ino] = set()
@@ -484,6 +486,9 @@ class FileSystem:
         opened = Opened(
             self.files.open(f, flags, privileged=caller.privileged), f.base.version, f.dirty
         )
+        reading = flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC
+        if reading and f.size <= SCAN_FILE_MAX and self.files.cold(f):
+            self.scans.opened_cold(ino)
         if flags & os.O_TRUNC:
             # Linux truncates even with O_RDONLY (the caller checked write access).
             try:
@@ -678,6 +683,7 @@ class FileSystem:
         page = await self.meta.namespace.readdir(ino, after, limit)
         for e in page:
             self._xattrs.put(e.attrs.ino, dict(e.xattrs))
+        self.scans.listed(ino, page, first_page=after == 0)
         return [replace(e, attrs=self._overlay(e.attrs)) for e in page]
 
     async def statfs(self) -> StatFs:

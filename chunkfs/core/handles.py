@@ -276,6 +276,14 @@ class OpenFiles:
                 await self.load(f, offset, end)
         return await trio.to_thread.run_sync(f.spool.pread, offset, end - offset)
 
+    def cold(self, f: OpenFile) -> bool:
+        """Whether reading ``f`` needs the nodes: it holds committed bytes
+        that neither its spool, the content cache nor the store's memory has.
+        """
+        if f.spool is not None or not f.base.size or self.cache.holds(f.base.sha256):
+            return False
+        return not all(map(self.store.holds, f.base.chunks))
+
     async def read_base(self, cmap: ChunkMap, start: int, end: int) -> Blob:
         """Bytes ``[start, end)`` of a committed version; the chunks it spans
         are fetched concurrently, unless the local content cache holds it.

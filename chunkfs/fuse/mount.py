@@ -242,6 +242,7 @@ async def serve(dsn: str, mountpoint: str, opts: MountOptions, ready: Callable[[
 
                 nursery.start_soon(on_signal)
                 nursery.start_soon(fs.run_purger)
+                nursery.start_soon(fs.scans.run)
                 nursery.start_soon(settle)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

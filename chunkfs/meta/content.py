@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import errors, ring
 from ..layout import HOLE
-from ..pg import Database
+from ..pg import Database, Record
 from .records import ATTR_COLUMNS, Attrs, ChunkMap, ChunkRef, Ino, UploadSession
 
 
@@ -27,9 +27,17 @@ class Content:
         """The committed version of a file: size, digest and its chunks with
         the nodes holding each. Raises ``NotFound``.
         """
-        # One statement, so the inode row and its chunk rows come from one snapshot.
+        found = await self.chunk_maps([ino])
+        if not found:
+            raise errors.NotFound(f"no inode {ino}")
+        return found[0]
+
+    async def chunk_maps(self, inos: Sequence[Ino]) -> list[ChunkMap]:
+        """``chunk_map`` of each of ``inos`` that exists, in one statement
+        (so every row comes from one snapshot), in no set order.
+        """
         rows = await self.db.fetch(
-            """SELECT i.version, i.size, i.sha256,
+            """SELECT i.ino, i.version, i.size, i.sha256,
                       c.chunk_index, c."offset", c.length, c.chunk_id, o.block_sha256, o.ring_key,
                       coalesce(array_agg(r.node_id ORDER BY r.node_id)
                                FILTER (WHERE r.node_id IS NOT NULL), '{}') AS nodes
@@ -37,32 +45,35 @@ class Content:
                LEFT JOIN chunks c ON c.ino = i.ino
                LEFT JOIN chunk_objects o ON o.chunk_id = c.chunk_id
                LEFT JOIN chunk_replicas r ON r.chunk_id = c.chunk_id
-               WHERE i.ino = $1 GROUP BY i.ino, c.ino, c.chunk_index, o.chunk_id
-               ORDER BY c.chunk_index""",
-            ino,
+               WHERE i.ino = ANY($1::bigint[]) GROUP BY i.ino, c.ino, c.chunk_index, o.chunk_id
+               ORDER BY i.ino, c.chunk_index""",
+            list(inos),
         )
-        if not rows:
-            raise errors.NotFound(f"no inode {ino}")
-        head = rows[0]
-        return ChunkMap(
-            ino=ino,
-            version=head["version"],
-            size=head["size"],
-            sha256=head["sha256"],
-            chunks=tuple(
-                ChunkRef(
-                    r["chunk_index"],
-                    r["offset"],
-                    r["length"],
-                    HOLE if r["chunk_id"] is None else bytes(r["chunk_id"]),
-                    tuple(r["nodes"]),
-                    r["block_sha256"],
-                    0 if r["ring_key"] is None else ring.to_unsigned(r["ring_key"]),
-                )
-                for r in rows
-                if r["chunk_index"] is not None
-            ),
-        )
+        per_ino: dict[int, list[Record]] = {}
+        for r in rows:
+            per_ino.setdefault(r["ino"], []).append(r)
+        return [
+            ChunkMap(
+                ino=Ino(ino),
+                version=group[0]["version"],
+                size=group[0]["size"],
+                sha256=group[0]["sha256"],
+                chunks=tuple(
+                    ChunkRef(
+                        r["chunk_index"],
+                        r["offset"],
+                        r["length"],
+                        HOLE if r["chunk_id"] is None else bytes(r["chunk_id"]),
+                        tuple(r["nodes"]),
+                        r["block_sha256"],
+                        0 if r["ring_key"] is None else ring.to_unsigned(r["ring_key"]),
+                    )
+                    for r in group
+                    if r["chunk_index"] is not None
+                ),
+            )
+            for ino, group in per_ino.items()
+        ]
 
     async def begin_upload(self, ino: Ino, chunk_ids: Sequence[bytes], ttl_s: int) -> int:
         """Open an upload session protecting ``chunk_ids`` from gc for

@@ -401,8 +401,8 @@ class NodeApp:
     async def get_batch(self, request: Request) -> Response:
         """GET /v1/chunks:batch?ids=...: several whole chunks in one answer."""
         ids = [i for i in request.query_params.get("ids", "").split(",") if i]
-        if not ids or len(ids) > _BATCH_GET_MAX:
-            return _error(400, f"ids must name 1 to {_BATCH_GET_MAX} chunks")
+        if not ids or len(ids) > wire.BATCH_GET_MAX:
+            return _error(400, f"ids must name 1 to {wire.BATCH_GET_MAX} chunks")
         try:
             chunks = await self.disk.read_many(ids, self.max_batch_bytes)
         except ChunkMissing as exc:
@@ -427,9 +427,6 @@ async def _read_exactly(stream: AsyncIterator[bytes], length: int) -> bytes:
     if len(buf) != length:
         raise LengthMismatch(length, len(buf))
     return bytes(buf)
-
-
-_BATCH_GET_MAX = 64
 
 
 def create_app(
