@@ -40,9 +40,9 @@ SCAN_BYTES = 4 << 20
 # Cold opens in one directory before its files are read ahead: one alone
 # says nothing of the next.
 SCAN_AFTER = 2
-# Directories and files remembered from listings; batches waiting.
-_DIRS_KEPT = 256
-_FILES_KEPT = 1 << 17
+# Small files remembered from listings, in all (the least recently listed
+# directories are forgotten first), and batches waiting.
+FILES_KEPT = 1 << 16
 _WAITING = 8
 
 
@@ -68,35 +68,42 @@ class DirectoryScans:
     def __init__(self, content: Content, store: ChunkStore) -> None:
         self._content = content
         self._store = store
-        self._listings: LRUCache[Ino, _Listing] = LRUCache(_DIRS_KEPT)
-        self._parents: LRUCache[Ino, Ino] = LRUCache(_FILES_KEPT)
+        self._listings: LRUCache[Ino, _Listing] = LRUCache(
+            FILES_KEPT, getsizeof=lambda listing: len(listing.files) + 1
+        )
+        self._parents: LRUCache[Ino, Ino] = LRUCache(FILES_KEPT)
         self._send, self._receive = trio.open_memory_channel[list[Ino]](_WAITING)
 
     def listed(self, parent: Ino, entries: Sequence[DirEntry], *, first_page: bool) -> None:
         """A page of directory ``parent``'s listing was served; the first
-        page starts the listing afresh.
+        page starts the listing afresh. At most ``FILES_KEPT`` files are
+        remembered in all: a directory with more has only its first ones.
         """
-        if first_page or parent not in self._listings:
-            self._listings[parent] = _Listing()
-        listing = self._listings[parent]
+        listing = self._listings.get(parent)
+        if first_page or listing is None:
+            listing = _Listing()
         for e in entries:
             a = e.attrs
+            if len(listing.files) >= FILES_KEPT - 1:
+                break
             if stat.S_ISREG(a.mode) and 0 < a.size <= SCAN_FILE_MAX:
                 listing.files.append((a.ino, a.size))
                 self._parents[a.ino] = parent
+        self._listings[parent] = listing  # its new size makes older listings go
 
-    def opened_cold(self, ino: Ino) -> None:
+    def opened_cold(self, ino: Ino) -> list[Ino]:
         """A small file was opened whose bytes only the nodes have: from the
         second such open in its directory on, queue the next batch of the
-        directory's small files (a full queue drops it).
+        directory's small files (a full queue drops it). Returns the batch
+        (empty: none).
         """
         parent = self._parents.get(ino)
         listing = None if parent is None else self._listings.get(parent)
         if listing is None:
-            return
+            return []
         listing.cold_opens += 1
         if listing.cold_opens < SCAN_AFTER:
-            return
+            return []
         batch: list[Ino] = []
         size = 0
         while (
@@ -111,6 +118,7 @@ class DirectoryScans:
         if batch:
             with contextlib.suppress(trio.WouldBlock):
                 self._send.send_nowait(batch)
+        return batch
 
     async def run(self) -> None:
         """Fetch the queued batches, one at a time, until cancelled; a batch
