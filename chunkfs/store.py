@@ -40,6 +40,10 @@ WHOLE_FETCH_MAX = 8 << 20
 # 16, 358-601; 48 and 8, 246-365, its windows evicted before being read).
 WINDOW = 1 << 20
 READ_AHEAD = 32
+# Reads in a row, each within two windows of where the last one ended, that
+# make a reader sequential: a random reader's next read lands that near now
+# and then (5 windows of a chunk's), rarely this many times running.
+SEQUENTIAL_AFTER = 4
 SPAN = 8
 # Fetched bytes up to this size are hashed on the event loop; more (a whole
 # window included), in a worker thread, so that two cores hash at once.
@@ -135,6 +139,16 @@ class _ChunkCache:
         return key in self._blobs
 
 
+@dataclass(slots=True)
+class _Stream:
+    """A reader of one chunk: the window it wants next, and how many of its
+    reads in a row went near there.
+    """
+
+    next_window: int
+    streak: int
+
+
 class ChunkStore:
     """Chunk I/O against the cluster's storage nodes.
 
@@ -179,8 +193,9 @@ class ChunkStore:
         self._ring = ring.Ring([])
         self._cache = _ChunkCache(cache_bytes)
         self._inflight: dict[object, trio.Event] = {}
-        # Per chunk: the window a sequential reader wants next.
-        self._next_window: dict[bytes, int] = {}
+        # Per chunk: the window its last reader wants next, and how many of
+        # its reads in a row went near there.
+        self._streams: dict[bytes, _Stream] = {}
         self._background: set[trio.CancelScope] = set()
         self._limiter = trio.CapacityLimiter(max_requests)
         self._http = http_client(
@@ -492,16 +507,18 @@ class ChunkStore:
             piece: Blob | None = None
             if digest is not None and not in_memory:
                 piece = self._kept_piece(digest, lo, hi)
+            # The kernel's reads of a sequential reader arrive a little out
+            # of order: one within two windows of the last is in sequence.
+            stream = self._streams.get(ref.chunk_id)
+            near = stream is not None and stream.next_window - 2 <= w <= stream.next_window + 2
+            streak = stream.streak + 1 if stream is not None and near else 0
             if piece is None:
-                # The kernel's reads of a sequential reader arrive a little
-                # out of order: one within two windows of the last is one.
-                after = self._next_window.get(ref.chunk_id)
-                if after is not None and after - 2 <= w <= after + 2:
+                if streak >= SEQUENTIAL_AFTER:
                     self._sequential(ref, w, then)
                 piece = (await self._window(ref, w, digest))[lo:hi]
-            if len(self._next_window) > 4096:
-                self._next_window.clear()
-            self._next_window[ref.chunk_id] = w + 1
+            if len(self._streams) > 4096:
+                self._streams.clear()
+            self._streams[ref.chunk_id] = _Stream(w + 1, streak)
             out.append(piece)
         return out[0] if len(out) == 1 else b"".join(out)
 
@@ -548,7 +565,7 @@ class ChunkStore:
         self._read_ahead(ref, w, w + READ_AHEAD)
         past = w + READ_AHEAD - _windows(ref)
         if past >= 0 and then and not then.hole and then.length > WHOLE_FETCH_MAX:
-            self._next_window[then.chunk_id] = 0
+            self._streams[then.chunk_id] = _Stream(0, SEQUENTIAL_AFTER)
             self._read_ahead(then, 0, past)
 
     def _read_ahead(self, ref: ChunkRef, w: int, last: int) -> None:

@@ -23,7 +23,7 @@ from chunkfs.admin import gc
 from chunkfs.core import ROOT, Caller, FileSystem, open_filesystem
 from chunkfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from chunkfs.meta import ROOT_INO, Attrs, Ino
-from chunkfs.store import PROBE_INTERVAL_S, ChunkStore
+from chunkfs.store import PROBE_INTERVAL_S, SEQUENTIAL_AFTER, ChunkStore
 
 FILE = stat.S_IFREG | 0o644
 MiB = 1 << 20
@@ -223,20 +223,23 @@ async def test_a_sequential_reader_is_read_ahead_into_the_next_chunk_once(
         return got or 0.0
 
     async def read_through(least_ahead: int) -> float:
-        """Read the file twice as a sequential reader starts, wait for at
-        least ``least_ahead`` bytes fetched, then read it all; the bytes fetched.
+        """Read the file from the start up to the window that makes the reader
+        sequential, wait for at least ``least_ahead`` bytes fetched, then
+        read the rest; the bytes fetched.
         """
         before = fetched()
         opened = await reader.open(ino, os.O_RDONLY, ROOT)
+        start = (SEQUENTIAL_AFTER + 1) * MiB
         try:
-            assert await reader.read(opened.fh, 0, 128 << 10) == data[: 128 << 10]
-            assert await reader.read(opened.fh, MiB, 128 << 10) == data[MiB : MiB + (128 << 10)]
+            pieces = [await reader.read(opened.fh, pos, MiB) for pos in range(0, start, MiB)]
             for _ in range(600):  # 30 s at most: read ahead in the background
                 if fetched() - before >= least_ahead:
                     break
                 await trio.sleep(0.05)
             assert fetched() - before >= least_ahead
-            pieces = [await reader.read(opened.fh, pos, MiB) for pos in range(0, 64 * MiB, MiB)]
+            pieces += [
+                await reader.read(opened.fh, pos, MiB) for pos in range(start, 64 * MiB, MiB)
+            ]
             assert b"".join(pieces) == data
         finally:
             await reader.release(opened.fh)
@@ -247,7 +250,43 @@ async def test_a_sequential_reader_is_read_ahead_into_the_next_chunk_once(
         # The rest of the first chunk and all of the second are read ahead.
         assert await read_through(32 * MiB) == 64 * MiB  # no window fetched twice
         # Read again (what was read is not kept in memory): read ahead again.
-        assert 56 * MiB <= await read_through(24 * MiB) <= 64 * MiB
+        assert 48 * MiB <= await read_through(24 * MiB) <= 64 * MiB
+    finally:
+        await reader.close()
+        await store.aclose()
+
+
+async def test_a_random_reader_is_not_read_ahead(
+    pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    writer, _ = pair
+    d = await workdir(writer, request)
+    data = os.urandom(64 * MiB)  # four chunks of 16 MiB
+    ino = (await write_file(writer, d, b"f", data)).ino
+    store = ChunkStore(writer.meta, writer.settings.cluster_token, writer.settings.replicas)
+    (tmp_path / "reader").mkdir()
+    reader = FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader"))
+
+    def fetched() -> float:
+        got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
+        return got or 0.0
+
+    # Near the last read now and then, never SEQUENTIAL_AFTER times running:
+    # 4 KiB from windows 0, 1, 2, 10, 11, 12, 5 ... of each chunk.
+    order = [0, 1, 2, 10, 11, 12, 5, 6, 7, 14, 15]
+    offsets = [c * 16 * MiB + w * MiB + 4096 * w for c in range(4) for w in order]
+    try:
+        await store.refresh(force=True)
+        before = fetched()
+        opened = await reader.open(ino, os.O_RDONLY, ROOT)
+        try:
+            for pos in offsets:
+                assert await reader.read(opened.fh, pos, 4096) == data[pos : pos + 4096]
+        finally:
+            await reader.release(opened.fh)
+        await trio.sleep(1)  # a read-ahead would have been started by now
+        windows = len({pos // MiB for pos in offsets})
+        assert fetched() - before == windows * MiB  # each window once, nothing else
     finally:
         await reader.close()
         await store.aclose()
