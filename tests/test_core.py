@@ -76,6 +76,29 @@ async def read_all(fs: FileSystem, ino: Ino) -> bytes:
         await fs.release(opened.fh)
 
 
+def cold_reader(
+    writer: FileSystem, tmp_path: Path, cache_bytes: int = 128 * MiB
+) -> tuple[FileSystem, ChunkStore]:
+    """Another mount's ``FileSystem`` on ``writer``'s cluster with a store
+    of its own (an empty memory cache of ``cache_bytes``); the caller
+    refreshes the store and closes both.
+    """
+    store = ChunkStore(
+        writer.meta,
+        writer.settings.cluster_token,
+        writer.settings.replicas,
+        cache_bytes=cache_bytes,
+    )
+    (tmp_path / "reader").mkdir()
+    return FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader")), store
+
+
+def fetched() -> float:
+    """The chunk bytes this process has fetched from nodes so far."""
+    got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
+    return got or 0.0
+
+
 async def test_a_closed_file_is_six_chunks_on_two_nodes_and_reads_back_elsewhere(
     pair: tuple[FileSystem, FileSystem], request: pytest.FixtureRequest
 ) -> None:
@@ -212,15 +235,7 @@ async def test_a_sequential_reader_is_read_ahead_into_the_next_chunk_once(
     ino = (await write_file(writer, d, b"f", data)).ino
     # A memory cache smaller than the file: windows read must make room for
     # those read ahead, not the reverse.
-    store = ChunkStore(
-        writer.meta, writer.settings.cluster_token, writer.settings.replicas, cache_bytes=56 * MiB
-    )
-    (tmp_path / "reader").mkdir()
-    reader = FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader"))
-
-    def fetched() -> float:
-        got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
-        return got or 0.0
+    reader, store = cold_reader(writer, tmp_path, cache_bytes=56 * MiB)
 
     async def read_through(least_ahead: int) -> float:
         """Read the file from the start up to the window that makes the reader
@@ -263,13 +278,7 @@ async def test_a_random_reader_is_not_read_ahead(
     d = await workdir(writer, request)
     data = os.urandom(64 * MiB)  # four chunks of 16 MiB
     ino = (await write_file(writer, d, b"f", data)).ino
-    store = ChunkStore(writer.meta, writer.settings.cluster_token, writer.settings.replicas)
-    (tmp_path / "reader").mkdir()
-    reader = FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader"))
-
-    def fetched() -> float:
-        got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
-        return got or 0.0
+    reader, store = cold_reader(writer, tmp_path)
 
     # Near the last read now and then, never SEQUENTIAL_AFTER times running:
     # 4 KiB from windows 0, 1, 2, 10, 11, 12, 5 ... of each chunk.
@@ -299,17 +308,11 @@ async def test_the_small_files_of_a_directory_gone_through_are_fetched_ahead_in_
     d = await workdir(writer, request)
     contents = [os.urandom(8192 + n) for n in range(12)]
     inos = [(await write_file(writer, d, b"f%d" % n, data)).ino for n, data in enumerate(contents)]
-    store = ChunkStore(writer.meta, writer.settings.cluster_token, writer.settings.replicas)
-    (tmp_path / "reader").mkdir()
-    reader = FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader"))
+    reader, store = cold_reader(writer, tmp_path)
 
     async def held(ino: Ino) -> bool:
         cmap = await writer.meta.content.chunk_map(ino)
         return all(map(store.holds, cmap.chunks))
-
-    def fetched() -> float:
-        got = metrics.REGISTRY.get_sample_value("chunkfs_node_bytes_total", {"direction": "down"})
-        return got or 0.0
 
     try:
         await store.refresh(force=True)
