@@ -372,3 +372,18 @@ ALTER SEQUENCE inode_seq INCREMENT BY 1024;
 
 INSERT INTO schema_version (version) VALUES (7)
     ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 7);
+
+-- Version 8: commit marks. Database.transaction records each transaction's
+-- id in its connection's row (conn: a random key per connection) as its
+-- first statement; after a COMMIT whose answer was lost, the row tells
+-- whether that transaction committed. Its id alone cannot: a standby
+-- promoted before it had the transaction hands the same id out again.
+-- Rows of connections gone for a day are deleted by the nodes' reclamation.
+CREATE TABLE IF NOT EXISTS commit_marks (
+    conn uuid PRIMARY KEY,
+    xid bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO schema_version (version) VALUES (8)
+    ON CONFLICT (singleton) DO UPDATE SET version = greatest(schema_version.version, 8);

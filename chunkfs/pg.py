@@ -21,8 +21,10 @@ import contextlib
 import errno
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -44,6 +46,8 @@ UniqueViolationError = asyncpg.UniqueViolationError
 
 # Errors after which the same transaction, run again, may well succeed.
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# Runs of one statement in all, while it keeps meeting those errors.
+_STATEMENT_RETRIES = 8
 # Refusals that mean the server is no longer the primary (a demoted one
 # still answering): nothing was applied, and the connection is dropped.
 _NOT_PRIMARY = (asyncpg.ReadOnlySQLTransactionError,)
@@ -78,21 +82,47 @@ class _NotApplied(Exception):
 
 class _InDoubt(Exception):
     """A transaction's COMMIT was sent and its answer lost: it may have
-    committed. ``xid`` is its transaction id (``txid_current()``), whose
-    fate ``txid_status`` tells on any server that has its write-ahead log;
-    ``result`` is what its body returned.
+    committed. ``xid`` is its transaction id (``txid_current()``), which it
+    recorded in its connection's row of ``commit_marks``, keyed by ``mark``
+    (see ``Database._fate``); ``result`` is what its body returned.
     """
 
-    def __init__(self, xid: int, result: Any) -> None:
+    def __init__(self, xid: int, mark: uuid.UUID, result: Any) -> None:
         super().__init__(xid)
         self.xid = xid
+        self.mark = mark
         self.result = result
+
+
+# A transaction's first statement: its id, recorded in its connection's row
+# of commit_marks (schema.sql), which commits or vanishes with it.
+_MARK = """INSERT INTO commit_marks (conn, xid) VALUES ($1, txid_current())
+           ON CONFLICT (conn) DO UPDATE SET xid = EXCLUDED.xid, at = now()
+           RETURNING xid"""
 
 
 def redact_dsn(dsn: str) -> str:
     """Return ``dsn`` with any password replaced by ``***`` (for logs, fsname)."""
     dsn = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
     return re.sub(r"(password=)\S+", r"\1***", dsn)
+
+
+# What tells one running PostgreSQL server from another, or from itself
+# restarted: what was committed asynchronously on one is made durable only
+# by a synchronous commit on the same.
+_SERVER = """SELECT concat_ws(' ', inet_server_addr(), inet_server_port(),
+                              pg_postmaster_start_time())"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A connection taken from the pool: ``mark``, its key in
+    ``commit_marks`` (new for each, so never shared by two connections on
+    any server), and ``server``, the server it reached (``_SERVER``).
+    """
+
+    mark: uuid.UUID
+    server: str
 
 
 class _Connections:
@@ -112,6 +142,9 @@ class _Connections:
         self._release_timeout = release_timeout
         self._idle: list[Connection] = []
         self._slots = trio.Semaphore(size)
+        self.leases: dict[Connection, Lease] = {}
+        # Idle connections found closed by the server: it may have gone.
+        self.found_closed = 0
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -120,11 +153,12 @@ class _Connections:
             while self._idle and conn is None:
                 conn = self._idle.pop()
                 if not _usable(conn):
+                    self.found_closed += 1
                     await self._give_back(conn)
                     conn = None
             if conn is None:
                 try:
-                    conn = await trio_asyncio.aio_as_trio(self.pool.acquire)()
+                    conn = await trio_asyncio.aio_as_trio(self._acquire)()
                 except _UNAVAILABLE as exc:
                     raise _NotApplied(exc) from exc
             try:
@@ -138,6 +172,18 @@ class _Connections:
                 raise
             await self._put_back(conn, keep=True)
 
+    async def _acquire(self) -> Connection:
+        """A connection from the pool, with its ``Lease`` (asyncio side)."""
+        conn = await self.pool.acquire()
+        try:
+            server = await conn.fetchval(_SERVER)
+        except BaseException:
+            conn.terminate()
+            await self.pool.release(conn)
+            raise
+        self.leases[conn] = Lease(uuid.uuid4(), server)
+        return conn
+
     async def _put_back(self, conn: Connection, *, keep: bool) -> None:
         if keep and _usable(conn):
             self._idle.append(conn)
@@ -148,6 +194,7 @@ class _Connections:
             await self._give_back(conn, close=True)
 
     async def _give_back(self, conn: Connection, *, close: bool = False) -> None:
+        self.leases.pop(conn, None)
         with trio.CancelScope(shield=True):
             try:
                 if close:
@@ -217,17 +264,38 @@ class Database:
         self.command_timeout = command_timeout
         self._unavailable = False  # calls find PostgreSQL gone (logged once)
         self._gave_up = False  # and some failed for it (logged once)
-        # Times a call found the server gone or silent. What was committed
-        # asynchronously before may have been lost with it (a crash or a
-        # failover), so callers compare counts across such a change.
-        self.outages = 0
+        self._lost_calls = 0
+        # Asynchronous calls that may have written, numbered; and per server
+        # (Lease.server) the number of the last one there that no
+        # synchronous commit on that server has made durable since.
+        self._async_writes = 0
+        self._undurable: dict[str, int] = {}
+
+    @property
+    def outages(self) -> int:
+        """Times a call found the server gone or silent, or an idle
+        connection closed by it. What was committed asynchronously before
+        may have been lost with it (a crash or a failover), so callers
+        compare counts across such a change.
+        """
+        return (
+            self._lost_calls
+            + self._pool.found_closed
+            + (self._durable.found_closed if self._durable is not self._pool else 0)
+        )
 
     async def _on_connection(
-        self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False
+        self,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        durable: bool = False,
+        read: bool = False,
     ) -> T:
         """``fn(conn)``, run on the asyncio side with a connection of the
         chosen pool; ``command_timeout`` bounds it all, the attempts to reach
-        a primary included.
+        a primary included. ``read``: ``fn`` writes nothing. With
+        ``durable``, a result other than None means ``fn`` wrote, so its
+        synchronous commit made durable all that went to that server before.
 
         A call that did not reach the server, or reached one that is no
         longer the primary, is tried again (backing off up to 1 s) until
@@ -241,6 +309,7 @@ class Database:
         # a fifth of a statement's CPU time (measured: ~340 -> ~270 us).
         metrics.PG_ROUND_TRIPS.inc()
         connections = self._durable if durable else self._pool
+        began = self._async_writes
         in_doubt: _InDoubt | None = None
         delay = _RETRY_FIRST
         try:
@@ -248,15 +317,18 @@ class Database:
                 while True:
                     try:
                         if in_doubt is not None:
-                            fate = await self._fate(connections, in_doubt.xid)
+                            fate, server = await self._fate(connections, in_doubt)
                             if fate == "committed":
                                 result = in_doubt.result
+                                self._account(connections, server, result, began, read)
                                 break
                             if fate == "in progress":
                                 raise _NotApplied(f"transaction {in_doubt.xid} still in progress")
                             in_doubt = None  # it did not commit: run it again
                         async with connections.connection() as conn:
                             result = await trio_asyncio.aio_as_trio(fn)(conn)
+                            server = connections.leases[conn].server
+                        self._account(connections, server, result, began, read)
                         break
                     except _InDoubt as exc:
                         in_doubt = exc
@@ -287,13 +359,27 @@ class Database:
             log.warning("PostgreSQL at %s answers again", redact_dsn(self.dsn))
         return result
 
+    def _account(
+        self, connections: _Connections, server: str, result: object, began: int, read: bool
+    ) -> None:
+        """Keep ``_undurable`` after a call that succeeded on ``server``
+        (see ``_on_connection``); ``began``: ``_async_writes`` when it began.
+        """
+        if self._durable is self._pool or read:
+            return  # every commit is synchronous, or this one wrote nothing
+        if connections is self._pool:
+            self._async_writes += 1
+            self._undurable[server] = self._async_writes
+        elif result is not None and self._undurable.get(server, began + 1) <= began:
+            del self._undurable[server]
+
     async def _lost(self, exc: BaseException | None) -> None:
         """A call found the server gone or silent (``exc``; None: it did not
         answer in time). Counted in ``outages``, logged once until a call
         succeeds again, and the idle connections of both pools are closed:
         they lead to the same server.
         """
-        self.outages += 1
+        self._lost_calls += 1
         if not self._unavailable:
             self._unavailable = True
             log.warning(
@@ -306,27 +392,33 @@ class Database:
             await self._durable.discard_idle()
 
     @staticmethod
-    async def _fate(connections: _Connections, xid: int) -> str:
-        """What became of transaction ``xid`` on the primary: 'committed',
-        'aborted' or 'in progress' (a backend of a server that lost its
-        clients may still be finishing it). A transaction the server never
-        saw (its id is past the server's) did not commit there: 'aborted'.
-        Raises ``_NotApplied`` while no primary answers and
-        ``MetadataUnavailable`` when the server no longer knows (never, a
-        moment after the commit).
+    async def _fate(connections: _Connections, doubt: _InDoubt) -> tuple[str, str]:
+        """What became of the transaction ``doubt`` on the primary:
+        'committed', 'aborted' or 'in progress' (a backend of a server that
+        lost its clients may still be finishing it), and that primary's
+        ``Lease.server``. Raises ``_NotApplied`` while no primary answers.
+
+        ``txid_status`` alone cannot tell: a standby promoted before the
+        transaction's WAL reached it hands the same id out again, and
+        another client's transaction may commit under it. Only the
+        transaction's own row of ``commit_marks`` holding its id says it
+        committed; FOR SHARE waits for a writer of that row still running.
         """
 
-        async def status(conn: Connection) -> str | None:
+        async def fate(conn: Connection) -> str:
             try:
-                return await conn.fetchval("SELECT txid_status($1)", xid)
+                status = await conn.fetchval("SELECT txid_status($1)", doubt.xid)
             except asyncpg.InvalidParameterValueError:
-                return "aborted"
+                return "aborted"  # an id past the server's: it never saw it
+            if status == "in progress":
+                return status
+            mark = await conn.fetchval(
+                "SELECT xid FROM commit_marks WHERE conn = $1 FOR SHARE", doubt.mark
+            )
+            return "committed" if mark == doubt.xid else "aborted"
 
         async with connections.connection() as conn:
-            fate = await trio_asyncio.aio_as_trio(status)(conn)
-        if fate is None:
-            raise MetadataUnavailable(f"the outcome of transaction {xid} is no longer known")
-        return fate
+            return await trio_asyncio.aio_as_trio(fate)(conn), connections.leases[conn].server
 
     def _down(self, message: str) -> MetadataUnavailable:
         """The error for a call that gave up on PostgreSQL; the first of an
@@ -337,21 +429,43 @@ class Database:
             log.warning("%s: operations fail with EIO until it answers", message)
         return MetadataUnavailable(message)
 
-    async def _call(self, method: str, *args: Any, durable: bool = False) -> Any:
-        """``Connection.<method>(*args)``."""
-        return await self._on_connection(lambda conn: getattr(conn, method)(*args), durable=durable)
+    async def _call(
+        self, method: str, *args: Any, durable: bool = False, read: bool = False
+    ) -> Any:
+        """``Connection.<method>(*args)``: one statement, run again (up to
+        ``_STATEMENT_RETRIES`` times in all) after a serialization failure
+        or deadlock, which rolled all of it back.
+        """
+
+        async def call(conn: Connection) -> Any:
+            for attempt in range(_STATEMENT_RETRIES):
+                try:
+                    return await getattr(conn, method)(*args)
+                except _RETRYABLE:
+                    if attempt == _STATEMENT_RETRIES - 1:
+                        raise
+                    log.debug("running a statement again after a conflict (%d)", attempt)
+            raise AssertionError("unreachable")
+
+        return await self._on_connection(call, durable=durable, read=read)
 
     # A single statement is atomic on its own: it needs no BEGIN / COMMIT.
 
-    async def fetch(self, sql: str, *args: Any) -> list[Record]:
-        """Run a query; return all its rows."""
-        return await self._call("fetch", sql, *args)
+    # ``read=True`` says a statement writes nothing, so a failover after it
+    # cannot lose it (see ``sync``); a statement that may write leaves it out.
 
-    async def fetchrow(self, sql: str, *args: Any, durable: bool = False) -> Record | None:
+    async def fetch(self, sql: str, *args: Any, read: bool = False) -> list[Record]:
+        """Run a query; return all its rows."""
+        return await self._call("fetch", sql, *args, read=read)
+
+    async def fetchrow(
+        self, sql: str, *args: Any, durable: bool = False, read: bool = False
+    ) -> Record | None:
         """Run a query; return its first row or None. With ``durable``, its
-        commit is on disk when this returns, whatever the pool's commit mode.
+        commit is on disk when this returns, whatever the pool's commit mode,
+        and a row returned must mean that it wrote (see ``_on_connection``).
         """
-        return await self._call("fetchrow", sql, *args, durable=durable)
+        return await self._call("fetchrow", sql, *args, durable=durable, read=read)
 
     async def sync(self) -> None:
         """Make every transaction committed so far durable: a synchronous
@@ -359,17 +473,35 @@ class Database:
         synchronous standby to have it), so everything committed before it
         too. PostgreSQL waits only for a commit that wrote WAL, so it bumps
         this backend's row of ``sync_marks`` (schema.sql).
-        """
-        await self._call(
-            "execute",
-            """INSERT INTO sync_marks (pid, n) VALUES (pg_backend_pid(), 1)
-               ON CONFLICT (pid) DO UPDATE SET n = sync_marks.n + 1""",
-            durable=True,
-        )
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
+        That holds on one server only. When asynchronous commits went to
+        another (the primary before a failover, or this one before a
+        restart), they may be lost, and this raises ``MetadataUnavailable``
+        once, as fsync(2) reports a lost write once.
+        """
+        began = self._async_writes
+
+        async def bump(conn: Connection) -> str:
+            await conn.execute(
+                """INSERT INTO sync_marks (pid, n) VALUES (pg_backend_pid(), 1)
+                   ON CONFLICT (pid) DO UPDATE SET n = sync_marks.n + 1"""
+            )
+            return self._durable.leases[conn].server
+
+        await self._on_connection(bump, durable=True)
+        # What is left from before it went to servers this sync did not reach.
+        lost = [server for server, n in self._undurable.items() if n <= began]
+        for server in lost:
+            del self._undurable[server]
+        if lost:
+            raise MetadataUnavailable(
+                "PostgreSQL's primary changed (a failover or a restart): changes "
+                "committed asynchronously before it may have been lost"
+            )
+
+    async def fetchval(self, sql: str, *args: Any, read: bool = False) -> Any:
         """Run a query; return the first column of its first row, or None."""
-        return await self._call("fetchval", sql, *args)
+        return await self._call("fetchval", sql, *args, read=read)
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run a statement; return its status tag (e.g. ``'UPDATE 1'``)."""
@@ -393,17 +525,19 @@ class Database:
         The body runs on the asyncio side and may be run again (up to
         ``retries`` times) after a serialization failure or deadlock, and
         after a lost connection when the transaction did not commit, so it
-        must have no effect outside the database. Each transaction asks
-        for its id first (one more statement), which is what tells, after a
-        COMMIT whose answer was lost, whether it committed.
+        must have no effect outside the database. Each transaction first
+        records its id in its connection's row of ``commit_marks`` (one more
+        statement), which is what tells, after a COMMIT whose answer was
+        lost, whether it committed.
         """
 
         async def run(conn: Connection) -> T:
+            mark = self._pool.leases[conn].mark
             for attempt in range(retries):
                 tx = conn.transaction()
                 await tx.start()
                 try:
-                    xid = await conn.fetchval("SELECT txid_current()")
+                    xid = await conn.fetchval(_MARK, mark)
                     result = await body(conn)
                 except asyncio.CancelledError:
                     raise  # the connection is closed, which rolls back
@@ -424,7 +558,7 @@ class Database:
                         raise
                     continue
                 except _UNAVAILABLE as exc:
-                    raise _InDoubt(xid, result) from exc
+                    raise _InDoubt(xid, mark, result) from exc
                 return result
             raise AssertionError("unreachable")
 

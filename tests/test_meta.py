@@ -485,6 +485,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         await db.execute("ALTER TABLE storage_nodes DROP COLUMN zone")
         await db.execute("DROP FUNCTION heartbeat_age")
         await db.execute("DROP TABLE sync_marks")
+        await db.execute("DROP TABLE commit_marks")
         await db.execute("ALTER TABLE settings DROP COLUMN quiet_since, DROP COLUMN quiet_until")
         await db.execute("ALTER SEQUENCE inode_seq INCREMENT BY 1")
         await db.execute("UPDATE schema_version SET version = 1")
@@ -494,7 +495,7 @@ async def test_an_older_schema_is_refused_until_mkfs_upgrades_it(pg_dsn):
         settings = await meta.registry.settings()
         assert settings.replicas == 2  # kept
         assert re.fullmatch("[0-9a-f]{32}", settings.cluster_id)  # made by the upgrade
-        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 7
+        assert await db.fetchval("SELECT version FROM schema_version") == SCHEMA_VERSION == 8
         nullable = await db.fetchval(
             "SELECT is_nullable FROM information_schema.columns "
             "WHERE table_name = 'chunks' AND column_name = 'chunk_id'"

@@ -19,7 +19,7 @@ import cluster as cl
 from chunkfs import errors
 from chunkfs.meta import ROOT_INO, Meta
 from chunkfs.meta.namespace import INODE_BLOCK
-from chunkfs.pg import Connection, Database, host_dsns, open_database
+from chunkfs.pg import Connection, Database, _InDoubt, host_dsns, open_database
 
 FILE = stat.S_IFREG | 0o644
 
@@ -38,6 +38,7 @@ def test_a_dsn_is_split_into_one_per_host() -> None:
 @pytest.fixture
 def server() -> Iterator[cl.Postgres]:
     with cl.Postgres() as pg:
+        cl.run_chunkfs("mkfs", pg.dsn)  # transactions record their ids in commit_marks
         cl.run_sql(pg.dsn, "CREATE TABLE t (id serial PRIMARY KEY, v text)")
         yield pg
 
@@ -191,6 +192,59 @@ async def test_a_transaction_whose_commit_answer_is_lost_is_looked_up_not_repeat
         assert await db.fetch("SELECT id, v FROM t") == [(row_id, "in doubt")]
 
 
+async def test_a_lost_commit_is_not_taken_for_another_transaction_with_its_id(server) -> None:
+    # A standby promoted before a transaction's WAL reached it hands that
+    # transaction's id out again, and another client's transaction may
+    # commit under it. Here the id of a committed transaction of another
+    # connection stands in for such a reused id.
+    async with open_database(server.dsn, command_timeout=20) as db:
+        await db.transaction(lambda conn: conn.execute("INSERT INTO t (v) VALUES ('ours')"))
+        [(mark, ours)] = await db.fetch("SELECT conn, xid FROM commit_marks")
+        theirs = await db.fetchval("SELECT txid_current()")  # committed, not ours
+        assert await db.fetchval("SELECT txid_status($1)", theirs) == "committed"
+
+        async def fate(xid: int) -> str:
+            fate, _ = await db._fate(db._pool, _InDoubt(xid, mark, None))
+            return fate
+
+        assert await fate(theirs) == "aborted"
+        assert await fate(ours) == "committed"
+        assert await fate(theirs + 1_000_000) == "aborted"  # an id the server never gave
+
+        async def running() -> None:
+            # A transaction still open (its backend finishing a commit).
+            await db.transaction(lambda conn: conn.execute("SELECT pg_sleep(2)"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running)
+            for _ in range(100):
+                xid = await db.fetchval(
+                    "SELECT backend_xid::text::bigint FROM pg_stat_activity "
+                    "WHERE wait_event = 'PgSleep'"
+                )
+                if xid is not None:
+                    break
+                await trio.sleep(0.02)
+            assert xid is not None
+            assert await fate(xid) == "in progress"
+
+
+async def test_a_conflict_of_single_statements_is_run_again(server) -> None:
+    # Two statements that lock the same two rows in opposite orders: one of
+    # them is chosen as the deadlock's victim, rolled back whole, and run again.
+    cl.run_sql(server.dsn, "INSERT INTO t (id, v) VALUES (1, 'a'), (2, 'b')")
+    both = (
+        "WITH first AS (UPDATE t SET v = v || '+' WHERE id = $1 RETURNING id), "
+        "pause AS (SELECT pg_sleep(0.5) FROM first) "
+        "UPDATE t SET v = v || '+' WHERE id = $2 AND EXISTS (SELECT 1 FROM pause)"
+    )
+    async with open_database(server.dsn, command_timeout=20) as db:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db.execute, both, 1, 2)
+            nursery.start_soon(db.execute, both, 2, 1)
+        assert await db.fetch("SELECT id, v FROM t ORDER BY id") == [(1, "a++"), (2, "b++")]
+
+
 async def test_a_single_statement_cut_off_mid_way_is_eio_and_not_repeated(server) -> None:
     async with open_database(server.dsn, command_timeout=20) as db:
         async with trio.open_nursery() as nursery:
@@ -236,6 +290,46 @@ async def test_sync_waits_for_the_commits_before_it_to_be_durable(server) -> Non
         finally:
             await _no_standby(db)
         await db.sync()
+
+
+async def _sync_after_a_crash(server: cl.Postgres, db: Database) -> list[str]:
+    """Stop ``server`` as a power cut would, start it again, and ``sync``
+    until it succeeds (at most three times); return the errors it gave.
+    """
+    await trio.to_thread.run_sync(lambda: server.pause(crash=True))
+    await trio.to_thread.run_sync(server.resume)
+    failures = []
+    for _ in range(3):
+        try:
+            await db.sync()
+            return failures
+        except errors.MetadataUnavailable as exc:
+            failures.append(str(exc))  # a statement cut off by the restart, or a loss
+    raise AssertionError(failures)
+
+
+async def test_a_sync_after_the_server_changed_says_once_what_it_cannot_promise(server) -> None:
+    async with open_database(server.dsn, async_commit=True, command_timeout=10) as db:
+        await db.execute("INSERT INTO t (v) VALUES ('kept')")  # asynchronous
+        await db.sync()  # the same server: now durable
+        # A restart after a power cut (a failover would do the same): the
+        # asynchronous commit may be gone, and no sync on the server now
+        # running can make it durable.
+        await db.execute("INSERT INTO t (v) VALUES ('maybe lost')")
+        failures = await _sync_after_a_crash(server, db)
+        assert any("primary changed" in f for f in failures), failures
+        await db.execute("INSERT INTO t (v) VALUES ('new')")
+        await db.sync()  # reported once; new changes are durable again
+        assert "kept" in [r["v"] for r in await db.fetch("SELECT v FROM t")]
+
+        # A synchronous commit that wrote makes what went before it to the
+        # same server durable too, and reads write nothing: a restart after
+        # them costs nothing.
+        await db.execute("INSERT INTO t (v) VALUES ('made durable by the next')")
+        await db.fetchrow("INSERT INTO t (v) VALUES ('durable') RETURNING id", durable=True)
+        await db.fetchval("SELECT count(*) FROM t", read=True)
+        failures = await _sync_after_a_crash(server, db)
+        assert not any("primary changed" in f for f in failures), failures
 
 
 async def test_inode_numbers_are_reserved_durably_a_block_at_a_time(server) -> None:

@@ -67,6 +67,7 @@ class NodeChunks(Protocol):
 async def collect(meta: Meta) -> GcReport:
     """Run one gc pass over every active node; see the module doc."""
     report = GcReport(sessions=await meta.maintenance.expire_sessions())
+    await meta.maintenance.forget_commit_marks()
     store = await ChunkStore.for_maintenance(meta)
     try:
         for node_id in sorted(store.live_nodes()):

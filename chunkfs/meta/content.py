@@ -48,6 +48,7 @@ class Content:
                WHERE i.ino = ANY($1::bigint[]) GROUP BY i.ino, c.ino, c.chunk_index, o.chunk_id
                ORDER BY i.ino, c.chunk_index""",
             list(inos),
+            read=True,
         )
         per_ino: dict[int, list[Record]] = {}
         for r in rows:
@@ -208,7 +209,7 @@ class Content:
             durable=True,  # close() and fsync() return once this is on disk
         )
         if row is None:
-            if await self.db.fetchval("SELECT true FROM inodes WHERE ino = $1", ino):
+            if await self.db.fetchval("SELECT true FROM inodes WHERE ino = $1", ino, read=True):
                 raise errors.UploadLost(f"upload session {session_id} of inode {ino} is not live")
             raise errors.NotFound(f"no inode {ino}")
         return Attrs.from_row(row)

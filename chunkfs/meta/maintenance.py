@@ -15,6 +15,10 @@ from .records import S_IFDIR, S_IFMT, S_IFREG, FileTotals, InodeProblem, UsedObj
 # may become visible after it (its statement began earlier: now() is the
 # transaction's start; and it waits for the disk or a standby).
 SESSION_GRACE_S = 600
+# Seconds a connection's commit mark is kept after its last transaction: a
+# mark is read only just after a lost COMMIT, and a live connection that
+# lost its row writes it again with its next transaction.
+COMMIT_MARK_KEEP_S = 86_400
 
 
 class Maintenance:
@@ -49,6 +53,16 @@ class Maintenance:
             "WHERE expires_at + make_interval(secs => $1) < now() "
             "OR status IN ('completed', 'failed')",
             float(SESSION_GRACE_S),
+        )
+        return int(status.split()[-1])
+
+    async def forget_commit_marks(self) -> int:
+        """Delete the commit marks (``pg.Database.transaction``) of
+        connections idle for ``COMMIT_MARK_KEEP_S``; return how many.
+        """
+        status = await self.db.execute(
+            "DELETE FROM commit_marks WHERE at < now() - make_interval(secs => $1)",
+            float(COMMIT_MARK_KEEP_S),
         )
         return int(status.split()[-1])
 

@@ -65,7 +65,9 @@ class Namespace:
 
     async def getattr(self, ino: Ino) -> Attrs:
         """The inode's attributes. Raises ``NotFound``."""
-        row = await self.db.fetchrow(f"SELECT {ATTR_COLUMNS} FROM inodes WHERE ino = $1", ino)
+        row = await self.db.fetchrow(
+            f"SELECT {ATTR_COLUMNS} FROM inodes WHERE ino = $1", ino, read=True
+        )
         if row is None:
             raise errors.NotFound(f"no inode {ino}")
         return Attrs.from_row(row)
@@ -81,6 +83,7 @@ class Namespace:
             "WHERE d.parent = $1 AND d.name = $2",
             parent,
             name,
+            read=True,
         )
         if row is None:
             raise errors.NotFound(name.decode(errors="replace"))
@@ -166,7 +169,7 @@ class Namespace:
 
     async def _check_dir(self, ino: Ino) -> None:
         """Raise ``NotFound`` or ``NotADirectory`` unless ``ino`` is a directory."""
-        row = await self.db.fetchrow("SELECT mode FROM inodes WHERE ino = $1", ino)
+        row = await self.db.fetchrow("SELECT mode FROM inodes WHERE ino = $1", ino, read=True)
         if row is None:
             raise errors.NotFound(f"no directory {ino}")
         if not stat.S_ISDIR(row["mode"]):
@@ -374,7 +377,9 @@ class Namespace:
 
     async def readlink(self, ino: Ino) -> bytes:
         """A symlink's target. Raises ``InvalidArgument`` for a non-symlink."""
-        target = await self.db.fetchval("SELECT target FROM symlinks WHERE ino = $1", ino)
+        target = await self.db.fetchval(
+            "SELECT target FROM symlinks WHERE ino = $1", ino, read=True
+        )
         if target is None:
             raise errors.InvalidArgument(f"inode {ino} is not a symlink")
         return target
@@ -394,6 +399,7 @@ class Namespace:
             parent,
             after,
             limit,
+            read=True,
         )
         return [_dir_entry(r, r["cookie"]) for r in rows]
 
@@ -418,6 +424,7 @@ class Namespace:
                 WHERE w.depth > 0 ORDER BY w.depth""",
             start,
             list(names),
+            read=True,
         )
         return [_dir_entry(r, 0) for r in rows]
 
@@ -425,14 +432,16 @@ class Namespace:
         """The parent directory of directory ``ino`` (the root is its own)."""
         if ino == ROOT_INO:
             return ROOT_INO
-        parent = await self.db.fetchval("SELECT parent FROM dentries WHERE ino = $1 LIMIT 1", ino)
+        parent = await self.db.fetchval(
+            "SELECT parent FROM dentries WHERE ino = $1 LIMIT 1", ino, read=True
+        )
         if parent is None:
             raise errors.NotFound(f"no directory {ino}")
         return Ino(parent)
 
     async def xattrs(self, ino: Ino) -> dict[bytes, bytes]:
         """All extended attributes of ``ino``, name -> value."""
-        rows = await self.db.fetch("SELECT name, value FROM xattrs WHERE ino = $1", ino)
+        rows = await self.db.fetch("SELECT name, value FROM xattrs WHERE ino = $1", ino, read=True)
         return {r["name"]: r["value"] for r in rows}
 
     async def setxattr(

@@ -24,7 +24,7 @@ from .records import (
 )
 
 # The schema_version this code needs (schema.sql sets it; mkfs upgrades to it).
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 async def _refuse_foreign_tables(conn: Connection, ddl: str) -> None:
@@ -76,6 +76,10 @@ class Registry:
         ddl = resources.files("chunkfs").joinpath("schema.sql").read_text()
 
         async def body(conn: Connection) -> bool:
+            async with conn.transaction():
+                return await make(conn)
+
+        async def make(conn: Connection) -> bool:
             # Serialize concurrent mkfs runs on the same database.
             await conn.execute("SELECT pg_advisory_xact_lock(727274)")
             await _refuse_foreign_tables(conn, ddl)
@@ -100,7 +104,10 @@ class Registry:
             )
             return bool(made)
 
-        return await self.db.transaction(body)
+        # Its own transaction rather than Database.transaction, whose first
+        # statement needs commit_marks, which this may create. Cut off
+        # mid-way, it raises; run again, it finishes what is missing.
+        return await self.db.run(body)
 
     async def settings(self) -> Settings:
         """The cluster settings. Raises ``ConfigError`` when mkfs never ran
@@ -110,7 +117,8 @@ class Registry:
             # The whole row as JSON: an older schema lacks some columns.
             row = await self.db.fetchrow(
                 "SELECT to_jsonb(settings) AS settings, "
-                "(SELECT version FROM schema_version) AS schema_version FROM settings"
+                "(SELECT version FROM schema_version) AS schema_version FROM settings",
+                read=True,
             )
         except Exception as exc:  # undefined table: not a chunkfs database
             if isinstance(exc, errors.ChunkfsError):
@@ -232,6 +240,7 @@ class Registry:
                       heartbeat_age(last_heartbeat, $1) AS heartbeat_age_s
                FROM storage_nodes ORDER BY node_id""",
             HEARTBEAT_QUIET_S,
+            read=True,
         )
         return [NodeInfo(**dict(r)) for r in rows]
 
@@ -299,7 +308,7 @@ class Registry:
 
     async def ring_vnodes(self) -> list[ring.Vnode]:
         """Every vnode of the ring."""
-        rows = await self.db.fetch("SELECT hash, node_id FROM hash_ring_vnodes")
+        rows = await self.db.fetch("SELECT hash, node_id FROM hash_ring_vnodes", read=True)
         return [ring.Vnode(ring.to_unsigned(r["hash"]), r["node_id"]) for r in rows]
 
     async def statfs(self) -> FsStats:
@@ -316,6 +325,7 @@ class Registry:
                  AND heartbeat_age(last_heartbeat, $2) < $1""",
             HEARTBEAT_TIMEOUT_S,
             HEARTBEAT_QUIET_S,
+            read=True,
         )
         assert row is not None  # an aggregate without GROUP BY gives one row
         r = max(1, row["r"] or 1)

@@ -67,6 +67,7 @@ async def reclaim_forever(meta: Meta, disk: ChunkDisk, interval_s: float) -> Non
         report = GcReport()
         try:
             report.sessions = await meta.maintenance.expire_sessions()
+            await meta.maintenance.forget_commit_marks()
             await collect_node(meta, chunks, disk.node_id, report, pause_s=PAUSE_S)
         except errors.ChunkfsError as exc:
             log.warning("reclamation on node %s stopped early: %s", disk.node_id, exc)
