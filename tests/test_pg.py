@@ -298,7 +298,7 @@ async def _sync_after_a_crash(server: cl.Postgres, db: Database) -> list[str]:
     """
     await trio.to_thread.run_sync(lambda: server.pause(crash=True))
     await trio.to_thread.run_sync(server.resume)
-    failures = []
+    failures: list[str] = []
     for _ in range(3):
         try:
             await db.sync()
