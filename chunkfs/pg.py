@@ -450,9 +450,8 @@ class Database:
         return await self._on_connection(call, durable=durable, read=read)
 
     # A single statement is atomic on its own: it needs no BEGIN / COMMIT.
-
-    # ``read=True`` says a statement writes nothing, so a failover after it
-    # cannot lose it (see ``sync``); a statement that may write leaves it out.
+    # ``read=True`` says it writes nothing, so a failover after it cannot
+    # lose it (see ``sync``); a statement that may write leaves it out.
 
     async def fetch(self, sql: str, *args: Any, read: bool = False) -> list[Record]:
         """Run a query; return all its rows."""

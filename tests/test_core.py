@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,13 @@ async def read_all(fs: FileSystem, ino: Ino) -> bytes:
         await fs.release(opened.fh)
 
 
-def cold_reader(
+@asynccontextmanager
+async def cold_reader(
     writer: FileSystem, tmp_path: Path, cache_bytes: int = 128 * MiB
-) -> tuple[FileSystem, ChunkStore]:
+) -> AsyncIterator[tuple[FileSystem, ChunkStore]]:
     """Another mount's ``FileSystem`` on ``writer``'s cluster with a store
-    of its own (an empty memory cache of ``cache_bytes``); the caller
-    refreshes the store and closes both.
+    of its own (an empty memory cache of ``cache_bytes``), its node list
+    fetched; both are closed on the way out.
     """
     store = ChunkStore(
         writer.meta,
@@ -90,7 +92,13 @@ def cold_reader(
         cache_bytes=cache_bytes,
     )
     (tmp_path / "reader").mkdir()
-    return FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader")), store
+    reader = FileSystem(writer.meta, store, writer.settings, str(tmp_path / "reader"))
+    try:
+        await store.refresh(force=True)
+        yield reader, store
+    finally:
+        await reader.close()
+        await store.aclose()
 
 
 def fetched() -> float:
@@ -235,40 +243,35 @@ async def test_a_sequential_reader_is_read_ahead_into_the_next_chunk_once(
     ino = (await write_file(writer, d, b"f", data)).ino
     # A memory cache smaller than the file: windows read must make room for
     # those read ahead, not the reverse.
-    reader, store = cold_reader(writer, tmp_path, cache_bytes=56 * MiB)
+    async with cold_reader(writer, tmp_path, cache_bytes=56 * MiB) as (reader, _):
 
-    async def read_through(least_ahead: int) -> float:
-        """Read the file from the start up to the window that makes the reader
-        sequential, wait for at least ``least_ahead`` bytes fetched, then
-        read the rest; the bytes fetched.
-        """
-        before = fetched()
-        opened = await reader.open(ino, os.O_RDONLY, ROOT)
-        start = (SEQUENTIAL_AFTER + 1) * MiB
-        try:
-            pieces = [await reader.read(opened.fh, pos, MiB) for pos in range(0, start, MiB)]
-            for _ in range(600):  # 30 s at most: read ahead in the background
-                if fetched() - before >= least_ahead:
-                    break
-                await trio.sleep(0.05)
-            assert fetched() - before >= least_ahead
-            pieces += [
-                await reader.read(opened.fh, pos, MiB) for pos in range(start, 64 * MiB, MiB)
-            ]
-            assert b"".join(pieces) == data
-        finally:
-            await reader.release(opened.fh)
-        return fetched() - before
+        async def read_through(least_ahead: int) -> float:
+            """Read the file from the start up to the window that makes the reader
+            sequential, wait for at least ``least_ahead`` bytes fetched, then
+            read the rest; the bytes fetched.
+            """
+            before = fetched()
+            opened = await reader.open(ino, os.O_RDONLY, ROOT)
+            start = (SEQUENTIAL_AFTER + 1) * MiB
+            try:
+                pieces = [await reader.read(opened.fh, pos, MiB) for pos in range(0, start, MiB)]
+                for _ in range(600):  # 30 s at most: read ahead in the background
+                    if fetched() - before >= least_ahead:
+                        break
+                    await trio.sleep(0.05)
+                assert fetched() - before >= least_ahead
+                pieces += [
+                    await reader.read(opened.fh, pos, MiB) for pos in range(start, 64 * MiB, MiB)
+                ]
+                assert b"".join(pieces) == data
+            finally:
+                await reader.release(opened.fh)
+            return fetched() - before
 
-    try:
-        await store.refresh(force=True)
         # The rest of the first chunk and all of the second are read ahead.
         assert await read_through(32 * MiB) == 64 * MiB  # no window fetched twice
         # Read again (what was read is not kept in memory): read ahead again.
         assert 48 * MiB <= await read_through(24 * MiB) <= 64 * MiB
-    finally:
-        await reader.close()
-        await store.aclose()
 
 
 async def test_a_random_reader_is_not_read_ahead(
@@ -278,14 +281,11 @@ async def test_a_random_reader_is_not_read_ahead(
     d = await workdir(writer, request)
     data = os.urandom(64 * MiB)  # four chunks of 16 MiB
     ino = (await write_file(writer, d, b"f", data)).ino
-    reader, store = cold_reader(writer, tmp_path)
-
-    # Near the last read now and then, never SEQUENTIAL_AFTER times running:
-    # 4 KiB from windows 0, 1, 2, 10, 11, 12, 5 ... of each chunk.
-    order = [0, 1, 2, 10, 11, 12, 5, 6, 7, 14, 15]
-    offsets = [c * 16 * MiB + w * MiB + 4096 * w for c in range(4) for w in order]
-    try:
-        await store.refresh(force=True)
+    async with cold_reader(writer, tmp_path) as (reader, _):
+        # Near the last read now and then, never SEQUENTIAL_AFTER times running:
+        # 4 KiB from windows 0, 1, 2, 10, 11, 12, 5 ... of each chunk.
+        order = [0, 1, 2, 10, 11, 12, 5, 6, 7, 14, 15]
+        offsets = [c * 16 * MiB + w * MiB + 4096 * w for c in range(4) for w in order]
         before = fetched()
         opened = await reader.open(ino, os.O_RDONLY, ROOT)
         try:
@@ -296,9 +296,6 @@ async def test_a_random_reader_is_not_read_ahead(
         await trio.sleep(1)  # a read-ahead would have been started by now
         windows = len({pos // MiB for pos in offsets})
         assert fetched() - before == windows * MiB  # each window once, nothing else
-    finally:
-        await reader.close()
-        await store.aclose()
 
 
 async def test_the_small_files_of_a_directory_gone_through_are_fetched_ahead_in_batches(
@@ -308,14 +305,12 @@ async def test_the_small_files_of_a_directory_gone_through_are_fetched_ahead_in_
     d = await workdir(writer, request)
     contents = [os.urandom(8192 + n) for n in range(12)]
     inos = [(await write_file(writer, d, b"f%d" % n, data)).ino for n, data in enumerate(contents)]
-    reader, store = cold_reader(writer, tmp_path)
+    async with cold_reader(writer, tmp_path) as (reader, store):
 
-    async def held(ino: Ino) -> bool:
-        cmap = await writer.meta.content.chunk_map(ino)
-        return all(map(store.holds, cmap.chunks))
+        async def held(ino: Ino) -> bool:
+            cmap = await writer.meta.content.chunk_map(ino)
+            return all(map(store.holds, cmap.chunks))
 
-    try:
-        await store.refresh(force=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader.scans.run)
             assert len(await reader.readdir(d, 0, 100)) == 12
@@ -337,9 +332,6 @@ async def test_the_small_files_of_a_directory_gone_through_are_fetched_ahead_in_
                 assert await read_all(reader, ino) == data
             assert 0 < fetched() - before <= 2 * len(contents[5])  # file 5's new chunks only
             nursery.cancel_scope.cancel()
-    finally:
-        await reader.close()
-        await store.aclose()
 
 
 async def test_posix_rules_hold_without_a_kernel(
