@@ -5,7 +5,9 @@ README.md documents for a real deployment).
 
 Prints the DSN that lists the three hosts (for ``chunkfs mkfs``, mounts,
 nodes, the gateway) and each member's address, REST API, data directory,
-Patroni configuration (for ``patronictl -c``) and postmaster pid, then
+Patroni configuration (for ``patronictl -c``) and postmaster pid at start
+(after a failover, a member's ``DATA/postmaster.pid`` has the current one),
+and the ``patronictl`` commands for this cluster, then
 serves until Ctrl-C or SIGTERM (or ``--for SECONDS``), and stops and
 removes everything it started. Exit status: 0 stopped as asked, 2 the
 cluster did not come up.
@@ -26,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import cluster as cl
-from patroni import PatroniCluster
+from patroni import PATRONI_BIN, PatroniCluster
 
 
 class _Stop(Exception):
@@ -69,7 +71,12 @@ def main() -> int:
         ]
         dsn = ha.dsn_for(args.database)
         if args.json:
-            described = {"dsn": dsn, "scope": ha.scope, "members": members}
+            described = {
+                "dsn": dsn,
+                "scope": ha.scope,
+                "patronictl": str(PATRONI_BIN / "patronictl"),
+                "members": members,
+            }
             print(json.dumps(described, indent=1), flush=True)
         else:
             print(f"DSN: {dsn}")
@@ -79,8 +86,9 @@ def main() -> int:
                     f"api {m['rest_api']}  pid {m['postmaster_pid']}\n"
                     f"     data {m['data_dir']}  config {m['patroni_config']}"
                 )
-            first = members[0]["patroni_config"]
-            print(f"patronictl -c {first} list | switchover {ha.scope} ...")
+            ctl = f"{PATRONI_BIN / 'patronictl'} -c {members[0]['patroni_config']}"
+            print(f"{ctl} list")
+            print(f"{ctl} switchover {ha.scope} --leader NAME --candidate NAME --force")
             print("Ctrl-C stops it.", flush=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while deadline is None or time.monotonic() < deadline:

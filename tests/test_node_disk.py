@@ -23,7 +23,14 @@ from chunkfs.errors import (
     InvalidArgument,
     NodeFull,
 )
-from chunkfs.node.disk import DIRECT_MIN, PIECE_SIZE, ChunkDisk, DeleteRefused, LengthMismatch
+from chunkfs.node.disk import (
+    DIRECT_MIN,
+    PIECE_SIZE,
+    READ_PIECE_SIZE,
+    ChunkDisk,
+    DeleteRefused,
+    LengthMismatch,
+)
 from chunkfs.wire import BatchEntry
 
 
@@ -229,7 +236,7 @@ async def test_malformed_ids_are_refused(tmp_path: Path, bad: str) -> None:
 
 async def test_read_ranges(tmp_path: Path) -> None:
     disk = await ChunkDisk.open(tmp_path)
-    data = os.urandom(2 * PIECE_SIZE + 99)
+    data = os.urandom(2 * READ_PIECE_SIZE + 99)
     await put(disk, data)
     c = cid(data)
     f = await disk.open_chunk(c)
@@ -237,7 +244,7 @@ async def test_read_ranges(tmp_path: Path) -> None:
     assert await f.read(10, 20) == data[10:20]
     assert await f.read(len(data) - 5, len(data) + 5) == data[-5:]  # fewer past the end
     got = [piece async for piece in f.iter_range(7, len(data) - 7)]
-    assert len(got) == 3 and all(len(p) <= PIECE_SIZE for p in got)
+    assert len(got) == 3 and all(len(p) <= READ_PIECE_SIZE for p in got)
     assert b"".join(got) == data[7:-7]
     assert await disk.size(c) == len(data)
 
