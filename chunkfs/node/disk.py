@@ -122,7 +122,9 @@ class ChunkFile:
         return await trio.to_thread.run_sync(_pread_all, fd, start, end)
 
     async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Yield bytes ``[start, end)`` in pieces; closes the file when done."""
+        """Yield bytes ``[start, end)`` in pieces of at most ``READ_PIECE_SIZE``
+        bytes; closes the file when done. Raises OSError from the disk.
+        """
         try:
             if end - start > READ_PIECE_SIZE:
                 # The disk reads the whole range at once, not a piece per
