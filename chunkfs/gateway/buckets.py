@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
+from cachetools import LRUCache
 
 from .. import errors
 from ..core import ROOT, Caller, FileSystem, permitted
@@ -49,6 +50,8 @@ WRITE_PIECE = 1 << 20
 READ_PIECE = 4 << 20
 # ETags computed at once while listing files that lack a current one.
 ETAG_WORKERS = 4
+# ETags this gateway has recorded or read, by (inode, version).
+ETAG_CACHE_SIZE = 65_536
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 # HTTP headers S3 stores with an object, besides Content-Type.
 STORED_HEADERS = (
@@ -146,6 +149,10 @@ class Buckets:
     def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self._staging: Ino | None = None
+        # An ETag describes one version of one inode, and neither is ever
+        # used again: an entry never goes stale, so a GET or HEAD of an
+        # object this gateway has seen needs no query for its ETag.
+        self._etag_cache: LRUCache[tuple[Ino, int], str] = LRUCache(ETAG_CACHE_SIZE)
 
     # ------------------------------------------------------------ paths
 
@@ -276,9 +283,11 @@ class Buckets:
         entry = (await self._entry(caller, bucket, key))[-1]
         self._allow(entry.attrs, os.R_OK, caller)
         if entry.attrs.is_reg:
-            tag = (await self.fs.meta.objects.etags([entry.attrs.ino])).get(entry.attrs.ino)
-            if tag is not None and tag.version == entry.attrs.version:
-                return ObjectInfo(key, entry.attrs, tag.etag, xattrs_to_headers(entry.xattrs))
+            tag = (await self._recorded_etags({entry.attrs.ino: entry.attrs.version})).get(
+                entry.attrs.ino
+            )
+            if tag is not None:
+                return ObjectInfo(key, entry.attrs, tag, xattrs_to_headers(entry.xattrs))
         info, fh = await self.open(caller, bucket, key)
         await self.fs.release(fh)
         return info
@@ -300,13 +309,13 @@ class Buckets:
             if opened.version != attrs.version:  # committed elsewhere since the walk
                 attrs = replace(await self.fs.getattr(attrs.ino), version=opened.version)
                 xattrs = await self.fs.xattrs(attrs.ino)
-            tag = (await self.fs.meta.objects.etags([attrs.ino])).get(attrs.ino)
-            if tag is None or tag.version != opened.version:
+            tag = (await self._recorded_etags({attrs.ino: opened.version})).get(attrs.ino)
+            if tag is None:
                 tag = await self._compute_etag(opened.fh, attrs.size, opened.version)
         except BaseException:
             await self.fs.release(opened.fh)
             raise
-        return ObjectInfo(key, attrs, tag.etag, xattrs_to_headers(xattrs)), opened.fh
+        return ObjectInfo(key, attrs, tag, xattrs_to_headers(xattrs)), opened.fh
 
     async def read(self, fh: int, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` of an open object, in pieces of at most ``READ_PIECE``."""
@@ -316,16 +325,34 @@ class Buckets:
                 return
             yield bytes(data)
 
-    async def _compute_etag(self, fh: int, size: int, version: int) -> ETag:
+    async def _compute_etag(self, fh: int, size: int, version: int) -> str:
         """The ETag of the version open as ``fh`` (the MD5 of its bytes),
         recorded for the next request.
         """
         md5 = hashlib.md5(usedforsecurity=False)
         async for piece in self.read(fh, 0, size):
             md5.update(piece)
-        tag = ETag(version, f'"{md5.hexdigest()}"')
-        await self.fs.meta.objects.set_etag(self.fs.files.handle(fh).ino, tag)
+        tag = f'"{md5.hexdigest()}"'
+        await self._record_etag(self.fs.files.handle(fh).ino, version, tag)
         return tag
+
+    async def _recorded_etags(self, versions: Mapping[Ino, int]) -> dict[Ino, str]:
+        """The ETags recorded for these versions (``{ino: version}``), from
+        the cache or, for the others, in one query; a file without one for
+        its version is left out.
+        """
+        tags = {ino: self._etag_cache.get((ino, v)) for ino, v in versions.items()}
+        wanted = [ino for ino, tag in tags.items() if tag is None]
+        if wanted:
+            for ino, t in (await self.fs.meta.objects.etags(wanted)).items():
+                if t.version == versions[ino]:
+                    tags[ino] = self._etag_cache[ino, t.version] = t.etag
+        return {ino: tag for ino, tag in tags.items() if tag is not None}
+
+    async def _record_etag(self, ino: Ino, version: int, etag: str) -> None:
+        """Record the ETag of a version, in PostgreSQL and in the cache."""
+        await self.fs.meta.objects.set_etag(ino, ETag(version, etag))
+        self._etag_cache[ino, version] = etag
 
     # ----------------------------------------------------------- writes
 
@@ -423,7 +450,7 @@ class Buckets:
             xattrs = headers_to_xattrs(headers)
             if xattrs:
                 await self.fs.set_xattrs(attrs.ino, xattrs)
-            await self.fs.meta.objects.set_etag(attrs.ino, ETag(attrs.version, etag))
+            await self._record_etag(attrs.ino, attrs.version, etag)
             await self._rename_into_place(caller, found, names, key, staging, name)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -641,9 +668,7 @@ class Buckets:
         """The current ETag of each listed file, computed (a few at once)
         for those without one.
         """
-        versions = {e.attrs.ino: e.attrs.version for e in entries}
-        recorded = await self.fs.meta.objects.etags(list(versions))
-        tags = {ino: t.etag for ino, t in recorded.items() if t.version == versions[ino]}
+        tags = await self._recorded_etags({e.attrs.ino: e.attrs.version for e in entries})
         missing = [e.attrs.ino for e in entries if e.attrs.ino not in tags]
         limiter = trio.CapacityLimiter(ETAG_WORKERS)
 
@@ -656,7 +681,7 @@ class Buckets:
                     return
                 try:
                     size = (await self.fs.getattr(ino)).size
-                    tags[ino] = (await self._compute_etag(opened.fh, size, opened.version)).etag
+                    tags[ino] = await self._compute_etag(opened.fh, size, opened.version)
                 finally:
                     await self.fs.release(opened.fh)
 
