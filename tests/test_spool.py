@@ -6,6 +6,9 @@ import hashlib
 import os
 
 import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chunkfs import layout
 from chunkfs.core.spool import Spool, extent_digests
@@ -91,3 +94,44 @@ def test_hole_blocks_are_found_without_reading(tmp_path):
         assert spool.hole_blocks(4 * block, 6 * block) == [4 * block, 5 * block]
     finally:
         spool.close()
+
+
+_KiB = 1 << 10
+_op = st.tuples(
+    st.sampled_from(["write", "truncate"]),
+    st.integers(0, 600 * _KiB),
+    st.integers(0, 200 * _KiB),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(_op, max_size=12))
+def test_a_spool_in_memory_holds_what_a_spool_file_holds(tmp_path_factory, ops):
+    # The same writes and truncates, some crossing the memory bound, on a
+    # spool that starts in memory and on a spool file: the same bytes, the
+    # same digests, and no disk used while the content stays in memory.
+    where = str(tmp_path_factory.mktemp("spools"))
+    bound = 256 * _KiB
+    memory, disk = Spool(where, memory_max=bound), Spool(where)
+    size, moved = 0, False  # moved: the content grew past the bound once
+    try:
+        for kind, offset, length in ops:
+            if kind == "write":
+                data = os.urandom(length)
+                memory.pwrite(offset, data)
+                disk.pwrite(offset, data)
+                size = max(size, offset + length) if length else size
+                moved = moved or (length > 0 and offset + length > bound)
+            else:
+                memory.truncate(offset)
+                disk.truncate(offset)
+                size = offset
+                moved = moved or offset > bound
+            assert memory.pread(0, size + 1) == disk.pread(0, size + 1)
+            if not moved:
+                assert memory.disk_bytes() == 0
+        exts = layout.extents(size)
+        assert trio.run(memory.digests, exts) == trio.run(disk.digests, exts)
+    finally:
+        memory.close()
+        disk.close()

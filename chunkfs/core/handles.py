@@ -26,6 +26,10 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
+# Bytes a spool keeps in memory, when no content cache keeps spools, before
+# it moves to a file.
+MEMORY_SPOOL_MAX = 256 << 10
+
 
 @dataclass(eq=False)
 class OpenFile:
@@ -200,8 +204,11 @@ class OpenFiles:
         Raises ``NoSpace`` or ``ChunkfsError`` when it cannot be made.
         """
         if f.spool is None:
+            # Without a content cache to keep it, a small file's spool needs
+            # no file: making and freeing one costs more than the file's bytes.
+            memory_max = 0 if self.cache.budget else MEMORY_SPOOL_MAX
             try:
-                f.spool = Spool(self.cache_dir)
+                f.spool = Spool(self.cache_dir, memory_max)
                 f.spool.truncate(f.size)
             except OSError as exc:
                 raise os_error(exc, "cannot create a spool file") from exc
@@ -209,11 +216,7 @@ class OpenFiles:
 
     def spool_bytes(self) -> int:
         """Bytes the spools of open files take on local disk (allocated blocks)."""
-        return sum(
-            os.fstat(f.spool.fileno()).st_blocks * 512
-            for f in list(self.files.values())
-            if f.spool is not None
-        )
+        return sum(f.spool.disk_bytes() for f in list(self.files.values()) if f.spool is not None)
 
     def close_spool(self, f: OpenFile) -> None:
         """Free the spool, keeping it in the content cache when it holds
@@ -256,7 +259,10 @@ class OpenFiles:
         """Cut or extend the spooled content to ``size`` bytes (committed later)."""
         async with f.lock:
             spool = self.spool(f)
-            await trio.to_thread.run_sync(spool.truncate, size)
+            try:
+                await trio.to_thread.run_sync(spool.truncate, size)
+            except OSError as exc:
+                raise os_error(exc, "spool truncate failed") from exc
             f.base_valid = min(f.base_valid, size)
             f.held_from = min(f.held_from, size)
             f.size = size

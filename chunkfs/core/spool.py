@@ -1,8 +1,11 @@
-"""A spool file: the local, on-disk buffer of one open file's content.
+"""A spool: the local buffer of one open file's content.
 
 Writes land here while a file is open, so memory stays bounded whatever the
-file's size. The file is unlinked at creation; it lives as long as its
-descriptor. Offsets and lengths are bytes.
+file's size: in a temporary file, unlinked at creation, that lives as long
+as its descriptor. A spool made with ``memory_max`` keeps the content in
+memory while it fits in that many bytes and moves it to the file when it
+grows past them: a small file then costs no file of its own. Offsets and
+lengths are bytes.
 """
 
 from __future__ import annotations
@@ -20,34 +23,67 @@ _ZEROS = bytes(BLOCK_SIZE)
 
 
 class Spool:
-    """A sparse temporary file in ``cache_dir``; holes read as zeros."""
+    """A sparse temporary file in ``cache_dir``, holes reading as zeros; or,
+    with ``memory_max``, a buffer in memory until the content grows past
+    ``memory_max`` bytes. Raises OSError (e.g. ENOSPC) where a file is made
+    or written.
+    """
 
-    def __init__(self, cache_dir: str) -> None:
-        self._fd = (
-            os.open(cache_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
-            if hasattr(os, "O_TMPFILE")
-            else _unlinked_tempfile(cache_dir)
-        )
+    def __init__(self, cache_dir: str, memory_max: int = 0) -> None:
+        self._dir = cache_dir
+        self._memory_max = memory_max
+        self._memory: bytearray | None = bytearray() if memory_max else None
+        self._fd = -1 if memory_max else _open_file(cache_dir)
 
     def fileno(self) -> int:
-        """The spool's file descriptor."""
+        """The spool file's descriptor (the content moves to the file first)."""
+        self._to_file()
         return self._fd
+
+    def disk_bytes(self) -> int:
+        """Bytes the spool takes on local disk (the file's allocated blocks)."""
+        return 0 if self._memory is not None else os.fstat(self._fd).st_blocks * 512
+
+    def _to_file(self) -> None:
+        """Move the content from memory to a new spool file."""
+        if self._memory is None:
+            return
+        fd = _open_file(self._dir)
+        try:
+            _pwrite_all(fd, 0, self._memory)
+            os.ftruncate(fd, len(self._memory))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._memory = fd, None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` (short past the end)."""
+        memory = self._memory  # once: a worker thread may read as the content moves
+        if memory is not None:
+            return bytes(memory[offset : offset + length])
         return os.pread(self._fd, length, offset)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``; raises OSError (e.g. ENOSPC)."""
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        end = offset + len(data)
+        if self._memory is not None and end > self._memory_max:
+            self._to_file()
+        if self._memory is not None and data:
+            if offset > len(self._memory):
+                self._memory.extend(bytes(offset - len(self._memory)))
+            self._memory[offset:end] = data
+        elif self._memory is None:
+            _pwrite_all(self._fd, offset, data)
 
     def has_data(self, offset: int, length: int) -> bool:
         """Whether ``[offset, offset + length)`` may hold a non-zero byte:
-        False only where the spool file has a hole (SEEK_DATA finds none).
+        False only where the spool file has a hole (SEEK_DATA finds none)
+        or past the content in memory.
         """
+        memory = self._memory
+        if memory is not None:
+            return length > 0 and offset < len(memory)
         try:
             return os.lseek(self._fd, offset, os.SEEK_DATA) < offset + length
         except OSError:  # ENXIO: no data at or past offset
@@ -56,8 +92,11 @@ class Spool:
     def hole_blocks(self, start: int, end: int) -> list[int]:
         """The offsets of the ``BLOCK_SIZE`` blocks of ``[start, end)`` (from
         ``start``; the last may end at ``end``) that lie in a hole of the
-        spool file, found with SEEK_DATA / SEEK_HOLE, without reading.
+        spool file, found with SEEK_DATA / SEEK_HOLE, without reading (none
+        for content in memory).
         """
+        if self._memory is not None:
+            return []
         found: list[int] = []
         pos = start
         while pos < end:
@@ -76,7 +115,14 @@ class Spool:
 
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the spool to ``size`` bytes."""
-        os.ftruncate(self._fd, size)
+        if self._memory is not None and size > self._memory_max:
+            self._to_file()
+        if self._memory is None:
+            os.ftruncate(self._fd, size)
+        elif size < len(self._memory):
+            del self._memory[size:]
+        else:
+            self._memory.extend(bytes(size - len(self._memory)))
 
     async def digests(
         self, extents: Sequence[Extent], known: Mapping[int, bytes] | None = None
@@ -115,7 +161,8 @@ class Spool:
         return [ids[e.index] for e in extents], [blocks[e.index] for e in extents]
 
     def close(self) -> None:
-        """Release the spool's disk space."""
+        """Release the spool's memory or disk space."""
+        self._memory = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -152,6 +199,20 @@ def extent_digests(
         ids.append(HOLE if zeros else chunk_id_of(per_block))
         blocks.append(b"".join(per_block) if len(per_block) > 1 and not zeros else None)
     return ids, blocks
+
+
+def _open_file(cache_dir: str) -> int:
+    """A new spool file in ``cache_dir``, already unlinked: its descriptor."""
+    if hasattr(os, "O_TMPFILE"):
+        return os.open(cache_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+    return _unlinked_tempfile(cache_dir)
+
+
+def _pwrite_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _unlinked_tempfile(cache_dir: str) -> int:
