@@ -66,15 +66,16 @@ class Spool:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``; raises OSError (e.g. ENOSPC)."""
+        if not data:
+            return
         end = offset + len(data)
-        if self._memory is not None and end > self._memory_max:
-            self._to_file()
-        if self._memory is not None and data:
-            if offset > len(self._memory):
-                self._memory.extend(bytes(offset - len(self._memory)))
-            self._memory[offset:end] = data
-        elif self._memory is None:
-            _pwrite_all(self._fd, offset, data)
+        memory = self._memory
+        if memory is not None and end <= self._memory_max:
+            memory.extend(bytes(max(0, offset - len(memory))))
+            memory[offset:end] = data
+            return
+        self._to_file()
+        _pwrite_all(self._fd, offset, data)
 
     def has_data(self, offset: int, length: int) -> bool:
         """Whether ``[offset, offset + length)`` may hold a non-zero byte:
@@ -115,14 +116,13 @@ class Spool:
 
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the spool to ``size`` bytes."""
-        if self._memory is not None and size > self._memory_max:
-            self._to_file()
-        if self._memory is None:
-            os.ftruncate(self._fd, size)
-        elif size < len(self._memory):
-            del self._memory[size:]
-        else:
-            self._memory.extend(bytes(size - len(self._memory)))
+        memory = self._memory
+        if memory is not None and size <= self._memory_max:
+            del memory[size:]
+            memory.extend(bytes(size - len(memory)))
+            return
+        self._to_file()
+        os.ftruncate(self._fd, size)
 
     async def digests(
         self, extents: Sequence[Extent], known: Mapping[int, bytes] | None = None
