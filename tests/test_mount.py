@@ -250,6 +250,42 @@ def test_unknown_xattr_namespaces_are_not_supported(mounted):
         assert exc.value.errno == errno.EOPNOTSUPP
 
 
+def _getxattr_requests(port: int) -> float:
+    text = urllib.request.urlopen(f"http://{cl.HOST}:{port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "chunkfs_fuse_request_seconds_count" and s.labels == {"op": "getxattr"}:
+                return s.value
+    return 0.0
+
+
+def test_selinux_labels_are_not_kept_so_ls_l_asks_once(cluster, mount_factory):
+    port = cl.free_ports(1)[0]
+    mount = mount_factory(cluster.dsn, [f"metrics={cl.HOST}:{port}"])
+    d = mount / "labels"
+    d.mkdir()
+    for i in range(40):
+        (d / f"f{i}").write_bytes(b"x")
+    f = d / "f0"
+    os.setxattr(f, "security.other", b"kept")  # the rest of security.* is kept
+    assert os.getxattr(f, "security.other") == b"kept"
+    for call in (
+        lambda: os.setxattr(f, "security.selinux", b"system_u:object_r:tmp_t:s0"),
+        lambda: os.getxattr(f, "security.selinux"),
+        lambda: os.removexattr(f, "security.selinux"),
+    ):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EOPNOTSUPP
+    assert os.listxattr(f) == ["security.other"]
+    # ls -l asks each file for its label until one answer says the mount
+    # keeps none; then it stops asking for the rest of the device.
+    before = _getxattr_requests(port)
+    listing = subprocess.run(["ls", "-l", os.fspath(d)], capture_output=True, text=True, check=True)
+    assert len(listing.stdout.splitlines()) == 41  # "total" and the 40 files
+    assert _getxattr_requests(port) - before <= 2
+
+
 def test_append_and_partial_overwrite(mounted):
     p = mounted / "log"
     p.write_bytes(b"one\n")

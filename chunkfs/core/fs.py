@@ -52,6 +52,11 @@ RENAME_EXCHANGE = 2
 # The xattr namespaces kept, as ext4 keeps them. POSIX ACLs (system.*) are
 # not supported, as on ext4 mounted noacl: cp -a then falls back to chmod.
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# Names in those namespaces that are not kept: SELinux labels a FUSE mount
+# by policy (genfscon), never from an xattr. Answering "not supported"
+# lets ls -l stop asking for it after one file of the mount (coreutils
+# remembers the device), where each answer costs a FUSE request per file.
+XATTR_UNKEPT = frozenset({b"security.selinux"})
 # Timestamps are 64-bit nanoseconds (years 1677 to 2262).
 _NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1
 # Inodes are rows in PostgreSQL: statfs reports this many free.
@@ -621,7 +626,7 @@ class FileSystem:
         """The names of the inode's extended attributes that ``caller`` may
         see (as ext4: ``trusted.*`` only for the privileged).
         """
-        names = sorted(await self._xattr_map(ino))
+        names = sorted(n for n in await self._xattr_map(ino) if n not in XATTR_UNKEPT)
         if not caller.privileged:
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
@@ -780,12 +785,15 @@ async def open_filesystem(
 
 def check_xattr_name(name: bytes) -> None:
     """Raise ``InvalidArgument`` for a namespace with no name in it and
-    ``NotSupported`` outside the kept namespaces (``XATTR_NAMESPACES``).
+    ``NotSupported`` outside the kept namespaces (``XATTR_NAMESPACES``) or
+    for a name not kept (``XATTR_UNKEPT``).
     """
     if name in XATTR_NAMESPACES:
         raise errors.InvalidArgument("an xattr name needs more than its namespace")
     if not name.startswith(XATTR_NAMESPACES):
         raise errors.NotSupported("xattr namespace not supported")
+    if name in XATTR_UNKEPT:
+        raise errors.NotSupported(f"{name.decode()} is not kept (SELinux labels a mount by policy)")
 
 
 def permitted(attrs: Attrs, want: int, caller: Caller) -> bool:
