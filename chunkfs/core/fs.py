@@ -682,8 +682,8 @@ class FileSystem:
         """Up to ``limit`` entries of directory ``ino`` with a cookie above
         ``after`` (0: from the start), in cookie order; ``.`` and ``..`` are
         not listed (``lookup`` answers them).
-        The entries' extended attributes are cached on the way: ``ls -l``
-        asks for some of every file it lists.
+        The entries' extended attributes are cached on the way (the kernel
+        asks a file for ``security.capability`` before each write to it).
         """
         page = await self.meta.namespace.readdir(ino, after, limit)
         for e in page:

@@ -386,8 +386,9 @@ class Namespace:
 
     async def readdir(self, parent: Ino, after: int, limit: int) -> list[DirEntry]:
         """Up to ``limit`` entries of ``parent`` whose cookie is above ``after``,
-        in cookie order, with their extended attributes (``ls -l`` asks for
-        some of every file it lists): one statement.
+        in cookie order, with their extended attributes (the kernel asks a
+        file for ``security.capability`` before each write to it): one
+        statement.
         """
         rows = await self.db.fetch(
             f"""SELECT d.name, d.cookie, {ATTR_COLUMNS_I}, x.names, x.values
