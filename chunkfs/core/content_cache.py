@@ -111,7 +111,7 @@ class ContentCache:
         ``size`` bytes whose SHA-256 is ``digest``) into the cache. The
         caller must not write to it afterwards. Returns whether it was kept.
         """
-        if not self._fits(digest, size):
+        if not self.fits(digest, size):
             return False
         try:
             link_open_file(fd, self._path(digest))
@@ -126,7 +126,7 @@ class ContentCache:
         """Keep ``data``, bytes named by ``digest`` (a block's SHA-256), as
         an entry of its own. Returns whether it was kept.
         """
-        if not self._fits(digest, len(data)):
+        if not self.fits(digest, len(data)):
             return False
         path = self._path(digest)
         try:
@@ -143,7 +143,7 @@ class ContentCache:
             return False
         return self._admit(digest, len(data))
 
-    def _fits(self, digest: bytes, size: int) -> bool:
+    def fits(self, digest: bytes, size: int) -> bool:
         """Whether a new entry of ``size`` bytes named ``digest`` may be made."""
         return bool(self.budget) and size <= self.budget and digest not in self._sizes
 

@@ -229,6 +229,8 @@ class OpenFiles:
             and f.base.sha256 is not None
             and f.base_valid == f.base.size == f.size
             and not self._unloaded(f, 0, f.size)
+            # Before fileno(), which moves a spool held in memory to a file.
+            and self.cache.fits(f.base.sha256, f.size)
         ):
             self.cache.adopt(f.spool.fileno(), f.base.sha256, f.size)
         f.spool.close()
